@@ -1,0 +1,227 @@
+//! The training-throughput benchmark of the seed's NMT model (`bench/run nmt-train`):
+//! fixed-shape batches from Multi30k written to a file the PyTorch peer reads, and
+//! shoal's own timed training on the same batches.
+
+use crate::error::io_err;
+use crate::nmt::{encode_pairs, Learner, Tokenizers};
+use crate::Result;
+use serde::Serialize;
+use shoal_data::{load_parallel, Batch, Batcher, EmptyLines, SubwordTokenizer, BOS, EOS, PAD};
+use shoal_model::{AttentionKind, CellKind, CpuTrain, NmtConfig};
+use shoal_optim::{Optimizer, OptimizerConfig};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Benchmark settings (defaults: the seed's model, batch 32, length 20, vocab 8000).
+#[derive(Debug, Clone)]
+pub struct NmtBenchOptions {
+    pub data_dir: PathBuf,
+    pub steps: usize,
+    pub warmup: usize,
+    pub batch: usize,
+    pub len: usize,
+    pub vocab: usize,
+    pub dump_batches: Option<PathBuf>,
+    pub cell: CellKind,
+    pub layer_norm: bool,
+}
+
+impl Default for NmtBenchOptions {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("../shared/data/multi30k"),
+            steps: 60,
+            warmup: 5,
+            batch: 32,
+            len: 20,
+            vocab: 8000,
+            dump_batches: None,
+            cell: CellKind::Gru,
+            layer_norm: false,
+        }
+    }
+}
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct NmtBenchResult {
+    pub words_per_s: f64,
+    pub steps_timed: usize,
+    pub seconds: f64,
+    pub loss_first: f32,
+    pub loss_last: f32,
+    pub peak_rss_mb: f64,
+    pub threads: usize,
+    /// Trainable parameters.
+    pub params: usize,
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 if unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Fixed-shape `[batch, len]` batches: each pair truncated (source to `len`, target to
+/// `len - 1` so that `y EOS` fits) and padded to exactly `len`.
+fn fixed_batches(batcher: &Batcher, steps: usize, batch: usize, len: usize) -> Vec<Batch> {
+    let ex = batcher.examples();
+    let mut out = Vec::with_capacity(steps);
+    let mut epoch = 0;
+    'outer: loop {
+        for idx in batcher.epoch_plan(epoch) {
+            if idx.len() < batch {
+                continue;
+            }
+            let mut b = Batch {
+                batch_size: batch,
+                src_len: len,
+                tgt_len: len,
+                src: vec![PAD; batch * len],
+                src_lens: Vec::with_capacity(batch),
+                tgt_in: vec![PAD; batch * len],
+                tgt_out: vec![PAD; batch * len],
+                tgt_tokens: 0,
+            };
+            for (r, &i) in idx.iter().enumerate() {
+                let s = &ex[i].src[..ex[i].src.len().min(len)];
+                let t = &ex[i].tgt[..ex[i].tgt.len().min(len - 1)];
+                b.src[r * len..r * len + s.len()].copy_from_slice(s);
+                b.src_lens.push(s.len());
+                b.tgt_in[r * len] = BOS;
+                b.tgt_in[r * len + 1..r * len + 1 + t.len()].copy_from_slice(t);
+                b.tgt_out[r * len..r * len + t.len()].copy_from_slice(t);
+                b.tgt_out[r * len + t.len()] = EOS;
+                b.tgt_tokens += t.len() + 1;
+            }
+            out.push(b);
+            if out.len() == steps {
+                break 'outer;
+            }
+        }
+        epoch += 1;
+    }
+    out
+}
+
+fn write_batches(path: &Path, batches: &[Batch], vocab: (usize, usize)) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let b0 = &batches[0];
+    let mut buf = Vec::new();
+    buf.extend_from_slice(b"SHOALNB1");
+    for v in [
+        batches.len(),
+        b0.batch_size,
+        b0.src_len,
+        b0.tgt_len,
+        vocab.0,
+        vocab.1,
+    ] {
+        buf.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    for b in batches {
+        for ids in [&b.src, &b.tgt_in, &b.tgt_out] {
+            for id in ids.iter() {
+                buf.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(&buf).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Runs the benchmark: builds the batches (and writes them for the peer if asked),
+/// trains `warmup` untimed and `steps` timed updates, and reports target tokens/s.
+pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<NmtBenchResult> {
+    let c = load_parallel(
+        &opts.data_dir.join("train.en"),
+        &opts.data_dir.join("train.de"),
+        EmptyLines::Skip,
+    )?;
+    log(&format!(
+        "learning {}-token BPE vocabularies on {} pairs",
+        opts.vocab,
+        c.len()
+    ));
+    let tok = Tokenizers {
+        src: SubwordTokenizer::train(&c.src, opts.vocab)?,
+        tgt: SubwordTokenizer::train(&c.tgt, opts.vocab)?,
+    };
+    let examples = encode_pairs(&tok, &c.src, &c.tgt)?;
+    let batcher = Batcher::new(examples, opts.batch, 1000, 1);
+    let total = opts.warmup + opts.steps;
+    let batches = fixed_batches(&batcher, total, opts.batch, opts.len);
+    let vocab = (tok.src.vocab_size(), tok.tgt.vocab_size());
+    if let Some(p) = &opts.dump_batches {
+        write_batches(p, &batches, vocab)?;
+        log(&format!(
+            "wrote {} batches to {}",
+            batches.len(),
+            p.display()
+        ));
+    }
+    let cfg = NmtConfig {
+        src_vocab: vocab.0,
+        tgt_vocab: vocab.1,
+        embed: 128,
+        hidden: 128,
+        layers: 3,
+        cell: opts.cell,
+        attention: AttentionKind::None,
+        layer_norm: opts.layer_norm,
+        dropout: 0.0,
+    };
+    use burn::tensor::backend::Backend;
+    CpuTrain::seed(&Default::default(), 0);
+    let model = cfg.init::<CpuTrain>(&Default::default())?;
+    let n = shoal_model::FlatLayout::of(&model).total;
+    let opt = Optimizer::new(OptimizerConfig::default(), n)?;
+    let mut learner = Learner::fresh(model, opt, 1.0)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(threads);
+    log(&format!(
+        "shoal: {} params, {} warm-up + {} timed steps, batch {} x len {}, {threads} threads",
+        n, opts.warmup, opts.steps, opts.batch, opts.len
+    ));
+    let mut losses = Vec::with_capacity(total);
+    let mut start = Instant::now();
+    let mut words = 0usize;
+    for (i, b) in batches.iter().enumerate() {
+        if i == opts.warmup {
+            start = Instant::now();
+            words = 0;
+        }
+        let s = learner.step(b, 1e-3, i as u64, &mut None)?;
+        losses.push(s.loss);
+        words += b.tgt_tokens;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(NmtBenchResult {
+        words_per_s: words as f64 / seconds.max(1e-9),
+        steps_timed: opts.steps,
+        seconds,
+        loss_first: losses.first().copied().unwrap_or(f32::NAN),
+        loss_last: losses.last().copied().unwrap_or(f32::NAN),
+        peak_rss_mb: peak_rss_mb(),
+        threads,
+        params: n,
+    })
+}

@@ -1,0 +1,37 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong configuring, running or checkpointing training.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A bad configuration file, key or value.
+    #[error("config: {0}")]
+    Config(String),
+    /// A checkpoint that cannot be loaded, and why.
+    #[error("checkpoint {path}: {why}")]
+    Checkpoint { path: PathBuf, why: String },
+    #[error(transparent)]
+    Data(#[from] shoal_data::Error),
+    #[error(transparent)]
+    Model(#[from] shoal_model::Error),
+    #[error(transparent)]
+    Optim(#[from] shoal_optim::Error),
+    /// Training diverged (loss is not finite).
+    #[error("training diverged at step {step}: loss is {loss}")]
+    Diverged { step: u64, loss: f32 },
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}

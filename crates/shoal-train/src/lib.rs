@@ -1,0 +1,14 @@
+//! Training for shoal: configuration, the single-process NMT training loop, atomic
+//! checkpoints with exact resume, the progress display, and the training-throughput
+//! benchmark.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod nmt;
+pub mod progress;
+
+pub use config::NmtTrainConfig;
+pub use error::{Error, Result};
+pub use nmt::{Event, NmtTrainer, RunSummary, StopReason, Translator};

@@ -1,0 +1,689 @@
+//! Single-process NMT training: data preparation (tokenizers learned from the training
+//! side), the update loop (engine forward/backward, gradients out through the flat
+//! adapter, clipping and the optimizer on flat buffers, parameters written back),
+//! checkpoints with exact resume, validation loss, and BLEU of the final model.
+
+use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
+use crate::config::NmtTrainConfig;
+use crate::{Error, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use shoal_data::{
+    corpus_bleu, load_parallel, Batch, Batcher, Bleu, EmptyLines, Example, SubwordTokenizer, BOS,
+    EOS, PAD,
+};
+use shoal_model::decode::{beam_search, greedy, Specials};
+use shoal_model::nmt::DropoutRng;
+use shoal_model::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
+use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const SPECIALS: Specials = Specials {
+    pad: PAD,
+    bos: BOS,
+    eos: EOS,
+};
+
+/// What one update did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f32,
+    pub grad_norm: f32,
+    pub lr: f32,
+    pub tgt_tokens: usize,
+}
+
+/// Progress reports from [`NmtTrainer::run`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started {
+        total_steps: u64,
+        start_step: u64,
+        batches_per_epoch: usize,
+        params: usize,
+    },
+    Step {
+        step: u64,
+        epoch: u64,
+        stats: StepStats,
+        tokens_per_s: f64,
+    },
+    EpochEnd {
+        epoch: u64,
+        valid_loss: f32,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+/// Why training stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Epochs,
+    MaxSteps,
+    MaxMinutes,
+}
+
+/// The outcome of [`NmtTrainer::run`].
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub stop: StopReason,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub last_checkpoint: PathBuf,
+}
+
+/// Source and target tokenizers.
+#[derive(Debug, Clone)]
+pub struct Tokenizers {
+    pub src: SubwordTokenizer,
+    pub tgt: SubwordTokenizer,
+}
+
+/// Encodes parallel lines into examples.
+pub fn encode_pairs(tok: &Tokenizers, src: &[String], tgt: &[String]) -> Result<Vec<Example>> {
+    src.iter()
+        .zip(tgt)
+        .map(|(s, t)| {
+            Ok(Example {
+                src: tok.src.encode(s)?,
+                tgt: tok.tgt.encode(t)?,
+            })
+        })
+        .collect()
+}
+
+/// A model ready for inference, with its tokenizers.
+#[derive(Debug, Clone)]
+pub struct Translator {
+    pub model: Seq2Seq<Cpu>,
+    pub tok: Tokenizers,
+}
+
+impl Translator {
+    /// Loads the model saved in a checkpoint or run directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let dir = checkpoint::resolve(path)?;
+        let ckpt = Checkpoint::load(&dir)?;
+        let (_, model, _, tok) = restore_model::<Cpu>(&dir, &ckpt)?;
+        Ok(Self { model, tok })
+    }
+
+    /// Translates `lines` (beam 1 = greedy, batched; beam > 1 = beam search per line).
+    pub fn translate(&self, lines: &[String], beam: usize, alpha: f32) -> Result<Vec<String>> {
+        let device = Default::default();
+        let sources: Vec<Vec<u32>> = lines
+            .iter()
+            .map(|l| self.tok.src.encode(l))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); lines.len()];
+        if beam <= 1 {
+            // Batches of similar length.
+            let mut order: Vec<usize> = (0..sources.len()).collect();
+            order.sort_by_key(|&i| sources[i].len());
+            for chunk in order.chunks(64) {
+                let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| sources[i].clone()).collect();
+                let res = greedy(&self.model, &srcs, SPECIALS, &device)?;
+                for (&i, r) in chunk.iter().zip(res) {
+                    outs[i] = r;
+                }
+            }
+        } else {
+            for (i, s) in sources.iter().enumerate() {
+                outs[i] = beam_search(&self.model, s, beam, alpha, SPECIALS, &device)?;
+            }
+        }
+        outs.iter().map(|o| Ok(self.tok.tgt.decode(o)?)).collect()
+    }
+}
+
+fn restore_model<B: Backend>(
+    dir: &Path,
+    ckpt: &Checkpoint,
+) -> Result<(NmtTrainConfig, Seq2Seq<B>, FlatLayout, Tokenizers)> {
+    let fail = |why: String| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        why,
+    };
+    if ckpt.meta.kind != "nmt" {
+        return Err(fail(format!(
+            "holds a '{}' model, not an NMT model",
+            ckpt.meta.kind
+        )));
+    }
+    let cfg: NmtTrainConfig = toml::from_str(&ckpt.meta.config_toml)
+        .map_err(|e| fail(format!("its configuration: {e}")))?;
+    let tok = Tokenizers {
+        src: SubwordTokenizer::from_json(&ckpt.meta.src_tokenizer)
+            .map_err(|e| fail(format!("source tokenizer: {e}")))?,
+        tgt: SubwordTokenizer::from_json(&ckpt.meta.tgt_tokenizer)
+            .map_err(|e| fail(format!("target tokenizer: {e}")))?,
+    };
+    let model = cfg
+        .model_config(tok.src.vocab_size(), tok.tgt.vocab_size())
+        .init::<B>(&Default::default())?;
+    let layout = FlatLayout::of(&model);
+    let want: Vec<(String, Vec<usize>)> = layout
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
+    if want != ckpt.meta.params {
+        return Err(fail(
+            "its parameters do not match the model its configuration describes".into(),
+        ));
+    }
+    let model = layout.write_params(model, &ckpt.params)?;
+    Ok((cfg, model, layout, tok))
+}
+
+/// The model with its flat parameter, gradient and optimizer buffers: one update is
+/// engine forward/backward, gradients out through the flat adapter, clipping, the
+/// optimizer on flat buffers, and the parameters written back.
+pub struct Learner {
+    pub model: Seq2Seq<CpuTrain>,
+    pub layout: FlatLayout,
+    pub params: Vec<f32>,
+    grads: Vec<f32>,
+    pub opt: Optimizer,
+    pub clip_norm: f32,
+}
+
+impl Learner {
+    /// Wraps `model` (whose current parameters are `params`, in layout order).
+    pub fn new(
+        model: Seq2Seq<CpuTrain>,
+        layout: FlatLayout,
+        params: Vec<f32>,
+        opt: Optimizer,
+        clip_norm: f32,
+    ) -> Self {
+        let grads = vec![0.0; layout.total];
+        Self {
+            model,
+            layout,
+            params,
+            grads,
+            opt,
+            clip_norm,
+        }
+    }
+
+    /// A learner for a freshly initialised `model`.
+    pub fn fresh(model: Seq2Seq<CpuTrain>, opt: Optimizer, clip_norm: f32) -> Result<Self> {
+        let layout = FlatLayout::of(&model);
+        let mut params = vec![0.0; layout.total];
+        layout.read_params(&model, &mut params)?;
+        Ok(Self::new(model, layout, params, opt, clip_norm))
+    }
+
+    /// One update on `batch` with learning rate `lr`. `step` numbers the update (it
+    /// seeds the dropout masks and names it in errors).
+    pub fn step(
+        &mut self,
+        batch: &Batch,
+        lr: f32,
+        step: u64,
+        rng: &mut Option<DropoutRng>,
+    ) -> Result<StepStats> {
+        let device = Default::default();
+        let loss = self.model.loss(
+            &batch.src,
+            &batch.tgt_in,
+            &batch.tgt_out,
+            batch.batch_size,
+            batch.src_len,
+            batch.tgt_len,
+            PAD,
+            rng,
+            &device,
+        );
+        let value: f32 = loss.clone().into_scalar();
+        if !value.is_finite() {
+            return Err(Error::Diverged { step, loss: value });
+        }
+        let grads = loss.backward();
+        self.layout
+            .read_grads(&self.model, &grads, &mut self.grads)?;
+        let grad_norm = if self.clip_norm > 0.0 {
+            clip_grad_norm(&mut self.grads, self.clip_norm)
+        } else {
+            shoal_optim::global_norm(&self.grads)
+        };
+        self.opt.step(lr, &mut self.params, &self.grads)?;
+        self.model = self.layout.write_params(self.model.clone(), &self.params)?;
+        Ok(StepStats {
+            loss: value,
+            grad_norm,
+            lr,
+            tgt_tokens: batch.tgt_tokens,
+        })
+    }
+}
+
+/// Position in the data and in the optimisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub step: u64,
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// One training process.
+pub struct NmtTrainer {
+    cfg: NmtTrainConfig,
+    run_dir: PathBuf,
+    learner: Learner,
+    sched: LrSchedule,
+    tok: Tokenizers,
+    batcher: Batcher,
+    plan: Vec<Vec<usize>>,
+    plan_epoch: Option<u64>,
+    pos: Position,
+    losses: Vec<f32>,
+    train_seconds: f64,
+    batch: Batch,
+}
+
+impl NmtTrainer {
+    /// A fresh run: reads the data, learns the tokenizers, initialises the model.
+    /// Checkpoints go to `run_dir`.
+    pub fn new(cfg: NmtTrainConfig, run_dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        let corpus = Self::train_corpus(&cfg)?;
+        let tok = Tokenizers {
+            src: SubwordTokenizer::train(&corpus.0, cfg.data.src_vocab)?,
+            tgt: SubwordTokenizer::train(&corpus.1, cfg.data.tgt_vocab)?,
+        };
+        let mcfg = cfg.model_config(tok.src.vocab_size(), tok.tgt.vocab_size());
+        // Parameter initialisation is drawn from the engine's seeded generator.
+        CpuTrain::seed(&Default::default(), cfg.train.seed);
+        let model = mcfg.init::<CpuTrain>(&Default::default())?;
+        let layout = FlatLayout::of(&model);
+        let mut params = vec![0.0; layout.total];
+        layout.read_params(&model, &mut params)?;
+        Self::assemble(cfg, run_dir, model, layout, params, tok, &corpus, None)
+    }
+
+    /// Continues the run saved at `path` (a checkpoint or run directory). `adjust` may
+    /// change the loaded configuration's stopping rules (epochs, steps, minutes) and
+    /// checkpoint cadence; other changes are refused since they would not continue the
+    /// same run.
+    pub fn resume(
+        path: &Path,
+        adjust: impl FnOnce(&NmtTrainConfig) -> Result<NmtTrainConfig>,
+    ) -> Result<Self> {
+        let dir = checkpoint::resolve(path)?;
+        let ckpt = Checkpoint::load(&dir)?;
+        let (saved, model, layout, tok) = restore_model::<CpuTrain>(&dir, &ckpt)?;
+        let cfg = adjust(&saved)?;
+        let mut same = cfg.clone();
+        same.train.epochs = saved.train.epochs;
+        same.train.max_steps = saved.train.max_steps;
+        same.train.max_minutes = saved.train.max_minutes;
+        same.train.checkpoint_every = saved.train.checkpoint_every;
+        same.train.keep_checkpoints = saved.train.keep_checkpoints;
+        same.train.threads = saved.train.threads;
+        same.eval = saved.eval.clone();
+        if same != saved {
+            return Err(Error::Config(
+                "--resume continues a run with its saved configuration; only epochs, max_steps, max_minutes, checkpoint_every, keep_checkpoints, threads and eval settings may change".into(),
+            ));
+        }
+        cfg.validate()?;
+        let corpus = Self::train_corpus(&cfg)?;
+        let run_dir = dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let params = ckpt.params.clone();
+        Self::assemble(
+            cfg,
+            &run_dir,
+            model,
+            layout,
+            params,
+            tok,
+            &corpus,
+            Some(&ckpt),
+        )
+    }
+
+    fn train_corpus(cfg: &NmtTrainConfig) -> Result<(Vec<String>, Vec<String>)> {
+        let empty = if cfg.data.skip_empty {
+            EmptyLines::Skip
+        } else {
+            EmptyLines::Error
+        };
+        let mut c = load_parallel(&cfg.data.train_src, &cfg.data.train_tgt, empty)?;
+        if cfg.data.train_limit > 0 {
+            c.src.truncate(cfg.data.train_limit);
+            c.tgt.truncate(cfg.data.train_limit);
+        }
+        Ok((c.src, c.tgt))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: NmtTrainConfig,
+        run_dir: &Path,
+        model: Seq2Seq<CpuTrain>,
+        layout: FlatLayout,
+        params: Vec<f32>,
+        tok: Tokenizers,
+        corpus: &(Vec<String>, Vec<String>),
+        ckpt: Option<&Checkpoint>,
+    ) -> Result<Self> {
+        let examples = encode_pairs(&tok, &corpus.0, &corpus.1)?;
+        let batcher = Batcher::new(
+            examples,
+            cfg.train.batch_size,
+            cfg.data.max_len,
+            cfg.train.seed,
+        );
+        if batcher.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no usable training pairs",
+                cfg.data.train_src.display()
+            )));
+        }
+        let mut opt = Optimizer::new(cfg.train.optimizer_config(), layout.total)?;
+        let per_epoch = batcher.num_batches() as u64;
+        let planned = match (cfg.train.epochs, cfg.train.max_steps) {
+            (0, s) => s,
+            (e, 0) => e * per_epoch,
+            (e, s) => (e * per_epoch).min(s),
+        };
+        let sched = LrSchedule {
+            kind: cfg.train.schedule,
+            base: cfg.train.lr,
+            warmup_steps: cfg.train.warmup_steps,
+            total_steps: planned,
+            min_ratio: cfg.train.min_lr_ratio,
+        };
+        let mut pos = Position::default();
+        let mut losses = Vec::new();
+        let mut train_seconds = 0.0;
+        if let Some(c) = ckpt {
+            let bufs: Vec<(&str, &[f32])> = c
+                .optimizer
+                .iter()
+                .map(|(n, d)| (n.as_str(), d.as_slice()))
+                .collect();
+            opt.load_state(c.meta.optimizer_steps, &bufs)?;
+            pos = Position {
+                step: c.meta.step,
+                epoch: c.meta.epoch,
+                batch: c.meta.batch,
+            };
+            losses = c.meta.losses.clone();
+            train_seconds = c.meta.train_seconds;
+        }
+        let clip = cfg.train.clip_norm;
+        Ok(Self {
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            learner: Learner::new(model, layout, params, opt, clip),
+            sched,
+            tok,
+            batcher,
+            plan: Vec::new(),
+            plan_epoch: None,
+            pos,
+            losses,
+            train_seconds,
+            batch: Batch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &NmtTrainConfig {
+        &self.cfg
+    }
+
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    /// Loss of every update so far (across resumes).
+    pub fn losses(&self) -> &[f32] {
+        &self.losses
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.learner.layout.total
+    }
+
+    pub fn tokenizers(&self) -> &Tokenizers {
+        &self.tok
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.batcher.num_batches()
+    }
+
+    /// The planned number of updates.
+    pub fn total_steps(&self) -> u64 {
+        self.sched.total_steps
+    }
+
+    /// One update on `batch`: forward, backward, gradients to the flat buffer, clip,
+    /// optimizer step, parameters back into the model.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
+        let p = self.cfg.model.dropout;
+        let step = self.pos.step;
+        let mut rng = (p > 0.0).then(|| DropoutRng::new(self.cfg.train.seed, step, p));
+        let lr = self.sched.lr(step);
+        let stats = self.learner.step(batch, lr, step, &mut rng)?;
+        self.pos.step += 1;
+        self.losses.push(stats.loss);
+        Ok(stats)
+    }
+
+    /// Saves a checkpoint of the current state into the run directory and makes it the
+    /// latest one.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let mut ckpt = Checkpoint {
+            meta: Meta {
+                format_version: FORMAT_VERSION,
+                kind: "nmt".into(),
+                config_toml: self.cfg.to_toml(),
+                src_tokenizer: self.tok.src.to_json()?,
+                tgt_tokenizer: self.tok.tgt.to_json()?,
+                step: self.pos.step,
+                epoch: self.pos.epoch,
+                batch: self.pos.batch,
+                optimizer_steps: self.learner.opt.steps(),
+                train_seconds: self.train_seconds,
+                losses: self.losses.clone(),
+                params: self
+                    .learner
+                    .layout
+                    .params
+                    .iter()
+                    .map(|p| (p.name.clone(), p.shape.clone()))
+                    .collect(),
+                crc32: Default::default(),
+            },
+            params: self.learner.params.clone(),
+            optimizer: self
+                .learner
+                .opt
+                .state()
+                .into_iter()
+                .map(|(n, d)| (n.to_string(), d.to_vec()))
+                .collect(),
+        };
+        let dir = checkpoint::step_dir(&self.run_dir, self.pos.step);
+        ckpt.save(&dir)?;
+        checkpoint::publish(&self.run_dir, &dir, self.cfg.train.keep_checkpoints)?;
+        Ok(dir)
+    }
+
+    /// Trains until the configured epochs, steps or minutes are used up, writing
+    /// checkpoints on the way and at the end.
+    pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<RunSummary> {
+        let t = &self.cfg.train;
+        let max_steps = if t.max_steps > 0 {
+            t.max_steps
+        } else {
+            u64::MAX
+        };
+        let max_secs = if t.max_minutes > 0.0 {
+            t.max_minutes * 60.0
+        } else {
+            f64::INFINITY
+        };
+        let epochs = if t.epochs > 0 { t.epochs } else { u64::MAX };
+        let every = t.checkpoint_every;
+        on_event(&Event::Started {
+            total_steps: self.total_steps(),
+            start_step: self.pos.step,
+            batches_per_epoch: self.batcher.num_batches(),
+            params: self.learner.layout.total,
+        });
+        let start = Instant::now();
+        let base_seconds = self.train_seconds;
+        let start_step = self.pos.step;
+        let mut tokens = 0usize;
+        let mut last_ckpt = None;
+        let stop = loop {
+            if self.pos.step >= max_steps {
+                break StopReason::MaxSteps;
+            }
+            if self.pos.epoch >= epochs {
+                break StopReason::Epochs;
+            }
+            if base_seconds + start.elapsed().as_secs_f64() >= max_secs {
+                break StopReason::MaxMinutes;
+            }
+            if self.plan_epoch != Some(self.pos.epoch) {
+                self.plan = self.batcher.epoch_plan(self.pos.epoch);
+                self.plan_epoch = Some(self.pos.epoch);
+            }
+            let Some(indices) = self.plan.get(self.pos.batch as usize) else {
+                let valid_loss = self.valid_loss()?;
+                on_event(&Event::EpochEnd {
+                    epoch: self.pos.epoch,
+                    valid_loss,
+                });
+                self.pos.epoch += 1;
+                self.pos.batch = 0;
+                continue;
+            };
+            let mut batch = std::mem::take(&mut self.batch);
+            self.batcher.fill_batch(indices, &mut batch)?;
+            let stats = self.train_step(&batch);
+            self.batch = batch;
+            let stats = stats?;
+            self.pos.batch += 1;
+            tokens += stats.tgt_tokens;
+            let elapsed = start.elapsed().as_secs_f64();
+            self.train_seconds = base_seconds + elapsed;
+            on_event(&Event::Step {
+                step: self.pos.step,
+                epoch: self.pos.epoch,
+                stats,
+                tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            });
+            if every > 0 && self.pos.step % every == 0 {
+                let path = self.save_checkpoint()?;
+                on_event(&Event::Checkpoint {
+                    step: self.pos.step,
+                    path: path.clone(),
+                });
+                last_ckpt = Some(path);
+            }
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let last_checkpoint = match last_ckpt {
+            Some(p) if p == checkpoint::step_dir(&self.run_dir, self.pos.step) => p,
+            _ => {
+                let path = self.save_checkpoint()?;
+                on_event(&Event::Checkpoint {
+                    step: self.pos.step,
+                    path: path.clone(),
+                });
+                path
+            }
+        };
+        Ok(RunSummary {
+            steps: self.pos.step - start_step,
+            stop,
+            seconds,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            last_checkpoint,
+        })
+    }
+
+    /// The inference copy of the current model.
+    pub fn translator(&self) -> Translator {
+        Translator {
+            model: self.learner.model.valid(),
+            tok: self.tok.clone(),
+        }
+    }
+
+    /// Mean per-token loss of the validation set (teacher forcing, no dropout).
+    pub fn valid_loss(&self) -> Result<f32> {
+        let c = &self.cfg.data;
+        let empty = if c.skip_empty {
+            EmptyLines::Skip
+        } else {
+            EmptyLines::Error
+        };
+        let v = load_parallel(&c.valid_src, &c.valid_tgt, empty)?;
+        let ex = encode_pairs(&self.tok, &v.src, &v.tgt)?;
+        let b = Batcher::new(ex, 64, c.max_len, 0);
+        let model = self.learner.model.valid();
+        let device = Default::default();
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for idx in b.epoch_plan(0) {
+            let batch = b.make_batch(&idx);
+            let l: f32 = model
+                .loss(
+                    &batch.src,
+                    &batch.tgt_in,
+                    &batch.tgt_out,
+                    batch.batch_size,
+                    batch.src_len,
+                    batch.tgt_len,
+                    PAD,
+                    &mut None,
+                    &device,
+                )
+                .into_scalar();
+            sum += l as f64 * batch.tgt_tokens as f64;
+            n += batch.tgt_tokens;
+        }
+        Ok((sum / n.max(1) as f64) as f32)
+    }
+
+    /// Translates the validation source with the eval settings and scores it with BLEU.
+    /// Returns the score, and (source, reference, hypothesis) triples.
+    pub fn valid_bleu(&self) -> Result<(Bleu, Vec<(String, String, String)>)> {
+        let c = &self.cfg.data;
+        let empty = if c.skip_empty {
+            EmptyLines::Skip
+        } else {
+            EmptyLines::Error
+        };
+        let mut v = load_parallel(&c.valid_src, &c.valid_tgt, empty)?;
+        if self.cfg.eval.valid_limit > 0 {
+            v.src.truncate(self.cfg.eval.valid_limit);
+            v.tgt.truncate(self.cfg.eval.valid_limit);
+        }
+        let hyps = self
+            .translator()
+            .translate(&v.src, self.cfg.eval.beam, self.cfg.eval.alpha)?;
+        let bleu = corpus_bleu(&hyps, &v.tgt)?;
+        let triples = v
+            .src
+            .into_iter()
+            .zip(v.tgt)
+            .zip(hyps)
+            .map(|((s, r), h)| (s, r, h))
+            .collect();
+        Ok((bleu, triples))
+    }
+}

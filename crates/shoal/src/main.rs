@@ -1,0 +1,404 @@
+//! The `shoal` command: a thin shell over the library crates (parse, validate, run).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shoal_train::config::NmtTrainConfig;
+use shoal_train::progress::Progress;
+use shoal_train::{NmtTrainer, Translator};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// shoal: a deep-learning training platform.
+#[derive(Parser)]
+#[command(name = "shoal", version, about)]
+struct Cli {
+    /// Threads for the tensor engine (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model.
+    #[command(subcommand)]
+    Train(TrainCmd),
+    /// Translate lines from stdin with a trained NMT checkpoint.
+    Translate(TranslateArgs),
+    /// Score translations with BLEU (sacreBLEU-compatible, 13a tokenisation).
+    Eval(EvalArgs),
+    /// Benchmarks (see bench/run, which runs them against their peers).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum TrainCmd {
+    /// The seed's NMT model (GRU encoder-decoder) on a parallel corpus.
+    Nmt(NmtArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Cell {
+    Gru,
+    Lstm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Attn {
+    None,
+    Luong,
+    Bahdanau,
+}
+
+#[derive(Args)]
+struct NmtArgs {
+    /// TOML configuration file (sections [model], [data], [train], [eval]).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any configuration field, e.g. --set model.hidden=256 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run directory for checkpoints.
+    #[arg(long, default_value = "runs/nmt")]
+    out: PathBuf,
+    /// Continue the run saved in this run or checkpoint directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Directory with train.{en,de} and val.{en,de} (sets the four data paths).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// train.epochs
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// train.max_steps (0 = no limit)
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// train.max_minutes (0 = no limit)
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// train.batch_size
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// train.lr
+    #[arg(long)]
+    lr: Option<f32>,
+    /// train.seed
+    #[arg(long)]
+    seed: Option<u64>,
+    /// train.checkpoint_every (updates; 0 = only at the end)
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// model.cell
+    #[arg(long, value_enum)]
+    cell: Option<Cell>,
+    /// model.attention
+    #[arg(long, value_enum)]
+    attention: Option<Attn>,
+    /// model.layer_norm: Layer Normalization inside the recurrent cell.
+    #[arg(long)]
+    layer_norm: bool,
+    /// model.dropout
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// eval.beam for the final BLEU (1 = greedy)
+    #[arg(long)]
+    beam: Option<usize>,
+    /// Skip the BLEU evaluation at the end.
+    #[arg(long)]
+    no_eval: bool,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TranslateArgs {
+    /// A checkpoint directory or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Beam width (1 = greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    /// Length-penalty exponent for beam search.
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f32,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Hypothesis file, one translation per line (or use --checkpoint and --src).
+    #[arg(long)]
+    hyp: Option<PathBuf>,
+    /// Reference file, one line per hypothesis.
+    #[arg(long = "ref")]
+    reference: PathBuf,
+    /// Translate --src with this checkpoint, then score.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Source file to translate (with --checkpoint).
+    #[arg(long)]
+    src: Option<PathBuf>,
+    /// Beam width when translating (1 = greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    #[arg(long, default_value_t = 0.6)]
+    alpha: f32,
+    /// Also write the translations here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the score as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// NMT training throughput (seed model, no attention), on fixed batches.
+    NmtTrain {
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Write the batches here for the PyTorch peer.
+        #[arg(long)]
+        dump_batches: Option<PathBuf>,
+        #[arg(long, default_value = "../shared/data/multi30k")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "gru")]
+        cell: Cell,
+        #[arg(long)]
+        layer_norm: bool,
+    },
+}
+
+fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
+    let mut o = Vec::new();
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        o.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut put = |k: &str, v: String| o.push((k.to_string(), v));
+    if let Some(d) = &a.data_dir {
+        for (k, f) in [
+            ("data.train_src", "train.en"),
+            ("data.train_tgt", "train.de"),
+            ("data.valid_src", "val.en"),
+            ("data.valid_tgt", "val.de"),
+        ] {
+            put(k, format!("{:?}", d.join(f).display().to_string()));
+        }
+    }
+    if let Some(v) = a.epochs {
+        put("train.epochs", v.to_string());
+    }
+    if let Some(v) = a.max_steps {
+        put("train.max_steps", v.to_string());
+    }
+    if let Some(v) = a.max_minutes {
+        put("train.max_minutes", format!("{v:?}"));
+    }
+    if let Some(v) = a.batch_size {
+        put("train.batch_size", v.to_string());
+    }
+    if let Some(v) = a.lr {
+        put("train.lr", format!("{v:?}"));
+    }
+    if let Some(v) = a.seed {
+        put("train.seed", v.to_string());
+    }
+    if let Some(v) = a.checkpoint_every {
+        put("train.checkpoint_every", v.to_string());
+    }
+    if let Some(c) = a.cell {
+        put("model.cell", format!("{:?}", cell_name(c)));
+    }
+    if let Some(at) = a.attention {
+        let n = match at {
+            Attn::None => "none",
+            Attn::Luong => "luong",
+            Attn::Bahdanau => "bahdanau",
+        };
+        put("model.attention", format!("{n:?}"));
+    }
+    if a.layer_norm {
+        put("model.layer_norm", "true".into());
+    }
+    if let Some(v) = a.dropout {
+        put("model.dropout", format!("{v:?}"));
+    }
+    if let Some(v) = a.beam {
+        put("eval.beam", v.to_string());
+    }
+    Ok(o)
+}
+
+fn cell_name(c: Cell) -> &'static str {
+    match c {
+        Cell::Gru => "gru",
+        Cell::Lstm => "lstm",
+    }
+}
+
+fn train_nmt(a: NmtArgs) -> Result<()> {
+    let ov = overrides(&a)?;
+    let mut trainer = match &a.resume {
+        Some(dir) => {
+            if a.config.is_some() {
+                bail!("--resume continues with the run's saved configuration; drop --config");
+            }
+            NmtTrainer::resume(dir, |saved| saved.with_overrides(&ov))?
+        }
+        None => {
+            let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+            eprintln!("preparing data and learning subword vocabularies...");
+            NmtTrainer::new(cfg, &a.out)?
+        }
+    };
+    let epochs = trainer.config().train.epochs;
+    let mut progress = Progress::new(epochs, false);
+    let summary = trainer.run(|e| progress.on_event(e));
+    progress.finish();
+    let summary = summary?;
+    eprintln!(
+        "trained {} steps in {:.0} s ({:.0} target tokens/s); stopped: {:?}; checkpoint {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        summary.stop,
+        summary.last_checkpoint.display()
+    );
+    let valid_loss = trainer.valid_loss()?;
+    let mut out = serde_json::json!({
+        "steps": trainer.position().step,
+        "seconds": summary.seconds,
+        "tokens_per_s": summary.tokens_per_s,
+        "valid_loss": valid_loss,
+        "checkpoint": summary.last_checkpoint,
+    });
+    println!(
+        "validation loss {valid_loss:.3} (perplexity {:.1})",
+        valid_loss.exp()
+    );
+    if !a.no_eval {
+        let (bleu, triples) = trainer.valid_bleu()?;
+        println!("validation {bleu}");
+        let n = trainer.config().eval.samples;
+        for (s, r, h) in triples.iter().take(n) {
+            println!("  src: {s}\n  ref: {r}\n  hyp: {h}\n");
+        }
+        out["bleu"] = serde_json::json!(bleu.score);
+    }
+    if a.json {
+        println!("{out}");
+    }
+    Ok(())
+}
+
+fn translate(a: TranslateArgs) -> Result<()> {
+    let t = Translator::load(&a.checkpoint)?;
+    let stdin = std::io::stdin();
+    let mut lines = Vec::new();
+    for (i, l) in stdin.lock().lines().enumerate() {
+        lines.push(l.with_context(|| format!("stdin line {}", i + 1))?);
+    }
+    let outs = t.translate(&lines, a.beam, a.alpha)?;
+    let mut so = std::io::stdout().lock();
+    for o in outs {
+        writeln!(so, "{o}")?;
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let refs = shoal_data::read_lines(&a.reference)?;
+    let hyps = match (&a.hyp, &a.checkpoint, &a.src) {
+        (Some(h), None, None) => shoal_data::read_lines(h)?,
+        (None, Some(c), Some(s)) => {
+            let t = Translator::load(c)?;
+            let src = shoal_data::read_lines(s)?;
+            let outs = t.translate(&src, a.beam, a.alpha)?;
+            if let Some(o) = &a.out {
+                std::fs::write(o, outs.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", o.display()))?;
+            }
+            outs
+        }
+        _ => bail!("give either --hyp FILE, or --checkpoint DIR and --src FILE"),
+    };
+    let bleu = shoal_data::corpus_bleu(&hyps, &refs)
+        .with_context(|| format!("scoring against {}", a.reference.display()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"bleu": bleu.score, "precisions": bleu.precisions, "bp": bleu.bp,
+                "sys_len": bleu.sys_len, "ref_len": bleu.ref_len})
+        );
+    } else {
+        println!("{bleu}");
+    }
+    Ok(())
+}
+
+fn bench(b: BenchCmd) -> Result<()> {
+    match b {
+        BenchCmd::NmtTrain {
+            steps,
+            warmup,
+            dump_batches,
+            data_dir,
+            cell,
+            layer_norm,
+        } => {
+            let opts = shoal_train::bench::NmtBenchOptions {
+                data_dir,
+                steps,
+                warmup,
+                dump_batches,
+                cell: if matches!(cell, Cell::Lstm) {
+                    shoal_model::CellKind::Lstm
+                } else {
+                    shoal_model::CellKind::Gru
+                },
+                layer_norm,
+                ..Default::default()
+            };
+            let r = shoal_train::bench::nmt_train(&opts, |l| eprintln!("{l}"))?;
+            eprintln!(
+                "shoal: {:.0} target tokens/s over {} steps ({:.1} s), loss {:.3} -> {:.3}, peak RSS {:.0} MiB",
+                r.words_per_s, r.steps_timed, r.seconds, r.loss_first, r.loss_last, r.peak_rss_mb
+            );
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::from(2);
+        }
+        // The engine's thread pool reads this when it starts (nothing has run yet).
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let r = match cli.cmd {
+        Cmd::Train(TrainCmd::Nmt(a)) => train_nmt(a),
+        Cmd::Translate(a) => translate(a),
+        Cmd::Eval(a) => eval(a),
+        Cmd::Bench(b) => bench(b),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
