@@ -3,7 +3,7 @@
 //! shoal's own timed training on the same batches.
 
 use crate::error::io_err;
-use crate::nmt::{encode_pairs, Learner, Tokenizers};
+use crate::nmt::{encode_pairs, Learner, PhaseTimes, Tokenizers};
 use crate::Result;
 use serde::Serialize;
 use shoal_data::{load_parallel, Batch, Batcher, EmptyLines, SubwordTokenizer, BOS, EOS, PAD};
@@ -55,6 +55,9 @@ pub struct NmtBenchResult {
     pub threads: usize,
     /// Trainable parameters.
     pub params: usize,
+    /// Milliseconds per timed step in each phase (forward, backward, gradients out,
+    /// optimizer, parameters in).
+    pub ms_per_step: PhaseTimes,
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 if unknown.
@@ -208,13 +211,24 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         if i == opts.warmup {
             start = Instant::now();
             words = 0;
+            learner.timing = PhaseTimes::default();
         }
         let s = learner.step(b, 1e-3, i as u64, &mut None)?;
         losses.push(s.loss);
         words += b.tgt_tokens;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let per = 1000.0 / opts.steps.max(1) as f64;
+    let t = learner.timing;
+    let ms_per_step = PhaseTimes {
+        forward: t.forward * per,
+        backward: t.backward * per,
+        grads_out: t.grads_out * per,
+        optimizer: t.optimizer * per,
+        params_in: t.params_in * per,
+    };
     Ok(NmtBenchResult {
+        ms_per_step,
         words_per_s: words as f64 / seconds.max(1e-9),
         steps_timed: opts.steps,
         seconds,

@@ -11,4 +11,4 @@ pub mod progress;
 
 pub use config::NmtTrainConfig;
 pub use error::{Error, Result};
-pub use nmt::{Event, NmtTrainer, RunSummary, StopReason, Translator};
+pub use nmt::{Event, Learner, NmtTrainer, PhaseTimes, RunSummary, StopReason, Translator};

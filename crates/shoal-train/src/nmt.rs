@@ -191,6 +191,23 @@ pub struct Learner {
     grads: Vec<f32>,
     pub opt: Optimizer,
     pub clip_norm: f32,
+    /// Seconds spent in each phase of the updates so far.
+    pub timing: PhaseTimes,
+}
+
+/// Where the time of the updates went, in seconds summed over steps.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PhaseTimes {
+    /// Engine forward pass (up to the loss value).
+    pub forward: f64,
+    /// Engine backward pass.
+    pub backward: f64,
+    /// Gradients out to the flat buffer, and clipping.
+    pub grads_out: f64,
+    /// Optimizer update on the flat buffers.
+    pub optimizer: f64,
+    /// Parameters written back into the engine.
+    pub params_in: f64,
 }
 
 impl Learner {
@@ -210,6 +227,7 @@ impl Learner {
             grads,
             opt,
             clip_norm,
+            timing: PhaseTimes::default(),
         }
     }
 
@@ -231,6 +249,7 @@ impl Learner {
         rng: &mut Option<DropoutRng>,
     ) -> Result<StepStats> {
         let device = Default::default();
+        let t0 = Instant::now();
         let loss = self.model.loss(
             &batch.src,
             &batch.tgt_in,
@@ -246,7 +265,9 @@ impl Learner {
         if !value.is_finite() {
             return Err(Error::Diverged { step, loss: value });
         }
+        let t1 = Instant::now();
         let grads = loss.backward();
+        let t2 = Instant::now();
         self.layout
             .read_grads(&self.model, &grads, &mut self.grads)?;
         let grad_norm = if self.clip_norm > 0.0 {
@@ -254,8 +275,17 @@ impl Learner {
         } else {
             shoal_optim::global_norm(&self.grads)
         };
+        let t3 = Instant::now();
         self.opt.step(lr, &mut self.params, &self.grads)?;
+        let t4 = Instant::now();
         self.model = self.layout.write_params(self.model.clone(), &self.params)?;
+        let t5 = Instant::now();
+        let tm = &mut self.timing;
+        tm.forward += (t1 - t0).as_secs_f64();
+        tm.backward += (t2 - t1).as_secs_f64();
+        tm.grads_out += (t3 - t2).as_secs_f64();
+        tm.optimizer += (t4 - t3).as_secs_f64();
+        tm.params_in += (t5 - t4).as_secs_f64();
         Ok(StepStats {
             loss: value,
             grad_norm,
@@ -390,10 +420,11 @@ impl NmtTrainer {
         }
         let mut opt = Optimizer::new(cfg.train.optimizer_config(), layout.total)?;
         let per_epoch = batcher.num_batches() as u64;
-        let planned = match (cfg.train.epochs, cfg.train.max_steps) {
-            (0, s) => s,
-            (e, 0) => e * per_epoch,
-            (e, s) => (e * per_epoch).min(s),
+        // The schedule spans the planned epochs; max_steps and max_minutes only stop the
+        // run early (so a run stopped and resumed gets the same learning rates).
+        let planned = match cfg.train.epochs {
+            0 => cfg.train.max_steps,
+            e => e * per_epoch,
         };
         let sched = LrSchedule {
             kind: cfg.train.schedule,

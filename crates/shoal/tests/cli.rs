@@ -1,0 +1,252 @@
+//! The real `shoal` binary, run in fresh temp directories: the train -> translate ->
+//! eval flow, resume, and bad input (each a clear error naming what and where, never a
+//! panic).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/multi30k");
+
+fn shoal(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    c.current_dir(dir)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    if let Some(s) = stdin {
+        // The command may fail (and close stdin) before reading it all.
+        let _ = child.stdin.take().unwrap().write_all(s.as_bytes());
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+/// A failure with a message containing every one of `needles`, and no panic.
+fn assert_clear_error(o: &Output, needles: &[&str]) {
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "'{n}' not in error: {err}");
+    }
+}
+
+fn slice(dir: &Path, n: usize) {
+    for f in ["train.en", "train.de", "val.en", "val.de"] {
+        let t = std::fs::read_to_string(Path::new(DATA).join(f)).unwrap();
+        let lines: Vec<&str> = t.lines().take(n).collect();
+        std::fs::write(dir.join(f), lines.join("\n") + "\n").unwrap();
+    }
+}
+
+const TINY: &[&str] = &[
+    "--set",
+    "data.src_vocab=200",
+    "--set",
+    "data.tgt_vocab=200",
+    "--set",
+    "model.embed=16",
+    "--set",
+    "model.hidden=16",
+    "--set",
+    "model.layers=1",
+    "--batch-size",
+    "16",
+    "--set",
+    "eval.samples=1",
+];
+
+fn train(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "nmt", "--data-dir", ".", "--out", "run"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    shoal(dir, &args, None)
+}
+
+#[test]
+fn train_translate_eval_and_resume() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 64);
+    let o = train(d.path(), &["--max-steps", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("validation BLEU"), "{out}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["steps"], 3);
+
+    // Translate: one output line per input line, greedy and beam.
+    for beam in ["1", "3"] {
+        let o = shoal(
+            d.path(),
+            &["translate", "--checkpoint", "run", "--beam", beam],
+            Some("A man.\nTwo dogs run.\n\n"),
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout).lines().count(), 3);
+    }
+
+    // Resume continues from step 3.
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "nmt",
+            "--resume",
+            "run",
+            "--max-steps",
+            "5",
+            "--no-eval",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["steps"], 5);
+    assert!(text(&o.stderr).contains("resuming at step 3"));
+
+    // eval: identical files score 100; translating val with the checkpoint works.
+    let o = shoal(
+        d.path(),
+        &["eval", "--hyp", "val.de", "--ref", "val.de", "--json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert!((v["bleu"].as_f64().unwrap() - 100.0).abs() < 1e-9);
+    let o = shoal(
+        d.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            "run",
+            "--src",
+            "val.en",
+            "--ref",
+            "val.de",
+            "--out",
+            "hyp.txt",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).starts_with("BLEU = "));
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("hyp.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        64
+    );
+}
+
+#[test]
+fn missing_file_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 8);
+    std::fs::remove_file(d.path().join("train.de")).unwrap();
+    assert_clear_error(&train(d.path(), &["--max-steps", "1"]), &["train.de"]);
+}
+
+#[test]
+fn mismatched_line_counts_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 8);
+    std::fs::write(d.path().join("train.de"), "eins\nzwei\n").unwrap();
+    assert_clear_error(
+        &train(d.path(), &["--max-steps", "1"]),
+        &["train.en", "train.de", "8", "2"],
+    );
+}
+
+#[test]
+fn empty_line_is_named_with_its_line_number() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 8);
+    let t = std::fs::read_to_string(d.path().join("train.de")).unwrap();
+    let mut lines: Vec<&str> = t.lines().collect();
+    lines[4] = "";
+    std::fs::write(d.path().join("train.de"), lines.join("\n") + "\n").unwrap();
+    assert_clear_error(&train(d.path(), &["--max-steps", "1"]), &["train.de", "5"]);
+    // ... and skipped on request.
+    let o = train(
+        d.path(),
+        &[
+            "--max-steps",
+            "1",
+            "--set",
+            "data.skip_empty=true",
+            "--no-eval",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn invalid_utf8_is_named_with_its_line_number() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 8);
+    let mut bytes = b"one\ntwo\nthr\xffee\n".to_vec();
+    bytes.extend(b"4\n5\n6\n7\n8\n");
+    std::fs::write(d.path().join("train.en"), bytes).unwrap();
+    assert_clear_error(&train(d.path(), &["--max-steps", "1"]), &["train.en", "3"]);
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("c.toml"),
+        "[train]\nbatch_size = 8\nlearnin_rate = 0.1\n",
+    )
+    .unwrap();
+    let o = shoal(d.path(), &["train", "nmt", "--config", "c.toml"], None);
+    assert_clear_error(&o, &["c.toml", "learnin_rate"]);
+    let o = shoal(d.path(), &["train", "nmt", "--set", "model.hiden=3"], None);
+    assert_clear_error(&o, &["hiden"]);
+}
+
+#[test]
+fn corrupt_and_truncated_checkpoints_say_why() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 32);
+    let o = train(d.path(), &["--max-steps", "1", "--no-eval"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ck = d.path().join("run/ckpt-00000001");
+    let model = ck.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "run"],
+        Some("A man.\n"),
+    );
+    assert_clear_error(&o, &["model.safetensors", "truncated"]);
+    std::fs::write(ck.join("meta.json"), "{").unwrap();
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "run"],
+        Some("A man.\n"),
+    );
+    assert_clear_error(&o, &["meta.json"]);
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "nowhere"],
+        Some("A man.\n"),
+    );
+    assert_clear_error(&o, &["nowhere"]);
+}
