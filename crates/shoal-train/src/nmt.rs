@@ -295,6 +295,14 @@ impl Learner {
     }
 }
 
+/// One validation sentence with its translation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub source: String,
+    pub reference: String,
+    pub hypothesis: String,
+}
+
 /// Position in the data and in the optimisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Position {
@@ -617,7 +625,7 @@ impl NmtTrainer {
                 stats,
                 tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             });
-            if every > 0 && self.pos.step % every == 0 {
+            if every > 0 && self.pos.step.is_multiple_of(every) {
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint {
                     step: self.pos.step,
@@ -691,8 +699,8 @@ impl NmtTrainer {
     }
 
     /// Translates the validation source with the eval settings and scores it with BLEU.
-    /// Returns the score, and (source, reference, hypothesis) triples.
-    pub fn valid_bleu(&self) -> Result<(Bleu, Vec<(String, String, String)>)> {
+    /// Returns the score and every sentence's source, reference and translation.
+    pub fn valid_bleu(&self) -> Result<(Bleu, Vec<Sample>)> {
         let c = &self.cfg.data;
         let empty = if c.skip_empty {
             EmptyLines::Skip
@@ -708,13 +716,17 @@ impl NmtTrainer {
             .translator()
             .translate(&v.src, self.cfg.eval.beam, self.cfg.eval.alpha)?;
         let bleu = corpus_bleu(&hyps, &v.tgt)?;
-        let triples = v
+        let samples = v
             .src
             .into_iter()
             .zip(v.tgt)
             .zip(hyps)
-            .map(|((s, r), h)| (s, r, h))
+            .map(|((source, reference), hypothesis)| Sample {
+                source,
+                reference,
+                hypothesis,
+            })
             .collect();
-        Ok((bleu, triples))
+        Ok((bleu, samples))
     }
 }

@@ -285,11 +285,14 @@ fn train_nmt(a: NmtArgs) -> Result<()> {
         valid_loss.exp()
     );
     if !a.no_eval {
-        let (bleu, triples) = trainer.valid_bleu()?;
+        let (bleu, samples) = trainer.valid_bleu()?;
         println!("validation {bleu}");
         let n = trainer.config().eval.samples;
-        for (s, r, h) in triples.iter().take(n) {
-            println!("  src: {s}\n  ref: {r}\n  hyp: {h}\n");
+        for s in samples.iter().take(n) {
+            println!(
+                "  src: {}\n  ref: {}\n  hyp: {}\n",
+                s.source, s.reference, s.hypothesis
+            );
         }
         out["bleu"] = serde_json::json!(bleu.score);
     }
