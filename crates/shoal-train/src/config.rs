@@ -17,7 +17,7 @@ pub struct ModelSection {
     pub cell: CellKind,
     pub attention: AttentionKind,
     pub layer_norm: bool,
-    pub dropout: f32,
+    pub dropout: f64,
 }
 
 impl Default for ModelSection {
@@ -81,19 +81,19 @@ pub struct TrainSection {
     /// Stop (with a checkpoint) after this many minutes of training (0 = no limit).
     pub max_minutes: f64,
     pub seed: u64,
-    pub lr: f32,
+    pub lr: f64,
     pub schedule: ScheduleKind,
     pub warmup_steps: u64,
     /// Final learning rate of the cosine schedule, as a fraction of `lr`.
-    pub min_lr_ratio: f32,
+    pub min_lr_ratio: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
-    pub clip_norm: f32,
+    pub clip_norm: f64,
     pub optimizer: OptimizerKind,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
     /// Write a checkpoint every N updates (0 = only at the end).
     pub checkpoint_every: u64,
     /// How many checkpoints to keep.
@@ -106,7 +106,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             batch_size: 32,
-            epochs: 3,
+            epochs: 2,
             max_steps: 0,
             max_minutes: 0.0,
             seed: 1,
@@ -132,11 +132,11 @@ impl TrainSection {
     pub fn optimizer_config(&self) -> OptimizerConfig {
         OptimizerConfig {
             kind: self.optimizer,
-            momentum: self.momentum,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
+            momentum: self.momentum as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
         }
     }
 }
@@ -148,7 +148,7 @@ pub struct EvalSection {
     /// Beam width for the final BLEU (1 = greedy).
     pub beam: usize,
     /// GNMT length-penalty exponent for beam search.
-    pub alpha: f32,
+    pub alpha: f64,
     /// Score only the first N validation pairs (0 = all).
     pub valid_limit: usize,
     /// Sample translations to print.
@@ -307,7 +307,7 @@ impl NmtTrainConfig {
             cell: m.cell,
             attention: m.attention,
             layer_norm: m.layer_norm,
-            dropout: m.dropout,
+            dropout: m.dropout as f32,
         }
     }
 }

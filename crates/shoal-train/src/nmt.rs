@@ -436,10 +436,10 @@ impl NmtTrainer {
         };
         let sched = LrSchedule {
             kind: cfg.train.schedule,
-            base: cfg.train.lr,
+            base: cfg.train.lr as f32,
             warmup_steps: cfg.train.warmup_steps,
             total_steps: planned,
-            min_ratio: cfg.train.min_lr_ratio,
+            min_ratio: cfg.train.min_lr_ratio as f32,
         };
         let mut pos = Position::default();
         let mut losses = Vec::new();
@@ -463,7 +463,7 @@ impl NmtTrainer {
         Ok(Self {
             cfg,
             run_dir: run_dir.to_path_buf(),
-            learner: Learner::new(model, layout, params, opt, clip),
+            learner: Learner::new(model, layout, params, opt, clip as f32),
             sched,
             tok,
             batcher,
@@ -511,7 +511,7 @@ impl NmtTrainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let p = self.cfg.model.dropout;
         let step = self.pos.step;
-        let mut rng = (p > 0.0).then(|| DropoutRng::new(self.cfg.train.seed, step, p));
+        let mut rng = (p > 0.0).then(|| DropoutRng::new(self.cfg.train.seed, step, p as f32));
         let lr = self.sched.lr(step);
         let stats = self.learner.step(batch, lr, step, &mut rng)?;
         self.pos.step += 1;
@@ -712,9 +712,9 @@ impl NmtTrainer {
             v.src.truncate(self.cfg.eval.valid_limit);
             v.tgt.truncate(self.cfg.eval.valid_limit);
         }
-        let hyps = self
-            .translator()
-            .translate(&v.src, self.cfg.eval.beam, self.cfg.eval.alpha)?;
+        let hyps =
+            self.translator()
+                .translate(&v.src, self.cfg.eval.beam, self.cfg.eval.alpha as f32)?;
         let bleu = corpus_bleu(&hyps, &v.tgt)?;
         let samples = v
             .src

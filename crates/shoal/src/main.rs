@@ -112,6 +112,9 @@ struct NmtArgs {
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args)]
@@ -255,6 +258,15 @@ fn train_nmt(a: NmtArgs) -> Result<()> {
         }
         None => {
             let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+            if a.print_config {
+                print!("{}", cfg.to_toml());
+                return Ok(());
+            }
+            let threads = cfg.train.threads;
+            if threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                // The thread pool starts with the first parallel operation, after this.
+                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            }
             eprintln!("preparing data and learning subword vocabularies...");
             NmtTrainer::new(cfg, &a.out)?
         }
