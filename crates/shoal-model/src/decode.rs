@@ -1,5 +1,6 @@
 //! Inference: greedy decoding of a batch and beam search with a GNMT length penalty.
 
+use crate::fused::FusedRnnBackend;
 use crate::nmt::{ids_tensor, pad_mask, Seq2Seq};
 use crate::{Error, Result};
 use burn::tensor::backend::Backend;
@@ -43,7 +44,7 @@ fn pad_batch(sources: &[Vec<u32>], pad: u32) -> (Vec<u32>, usize) {
 
 /// Greedy decoding of a batch of sources (ids without BOS/EOS). Returns the output ids
 /// of each sentence, without BOS/EOS. An empty source gives an empty output.
-pub fn greedy<B: Backend>(
+pub fn greedy<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     sources: &[Vec<u32>],
     sp: Specials,
@@ -102,7 +103,7 @@ pub fn greedy<B: Backend>(
 
 /// Beam search for one source sentence with beam width `k` and the GNMT length
 /// penalty `((5 + len) / 6)^alpha`. Returns the best hypothesis without BOS/EOS.
-pub fn beam_search<B: Backend>(
+pub fn beam_search<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     source: &[u32],
     k: usize,

@@ -4,6 +4,8 @@
 
 pub mod decode;
 pub mod error;
+pub mod fused;
+pub mod kernels;
 pub mod nmt;
 pub mod params;
 pub mod rnn;

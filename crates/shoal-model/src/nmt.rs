@@ -2,6 +2,7 @@
 //! Luong (global, general score) or Bahdanau (additive) attention, and a softmax over
 //! the target vocabulary, trained with teacher forcing and a padding-masked loss.
 
+use crate::fused::FusedRnnBackend;
 use crate::rnn::{CellKind, RecurrentLayer, RnnState};
 use crate::{Error, Result};
 use burn::module::{Module, Param};
@@ -40,6 +41,9 @@ pub struct NmtConfig {
     pub layer_norm: bool,
     /// Dropout on embeddings, between layers and before the output projection.
     pub dropout: f32,
+    /// Fused whole-sequence recurrent operations where supported (see
+    /// [`crate::fused`]); `false` runs the step-by-step reference path.
+    pub fused: bool,
 }
 
 impl Default for NmtConfig {
@@ -54,6 +58,7 @@ impl Default for NmtConfig {
             attention: AttentionKind::Luong,
             layer_norm: false,
             dropout: 0.0,
+            fused: true,
         }
     }
 }
@@ -106,6 +111,7 @@ impl NmtConfig {
                 .map(|l| {
                     let input = if l == 0 { first } else { h };
                     RecurrentLayer::new(self.cell, input, h, self.layer_norm, device)
+                        .with_fused(self.fused)
                 })
                 .collect::<Vec<_>>()
         };
@@ -292,7 +298,7 @@ pub fn pad_mask<B: Backend>(
     Tensor::from_data(TensorData::new(v, [rows, cols]), device)
 }
 
-impl<B: Backend> Seq2Seq<B> {
+impl<B: FusedRnnBackend> Seq2Seq<B> {
     pub fn config(&self) -> &NmtConfig {
         &self.config
     }

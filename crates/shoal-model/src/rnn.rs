@@ -6,11 +6,13 @@
 //! `[G*H, in]`, `weight_hh` `[G*H, H]`, `bias_ih`, `bias_hh`, gate order r,z,n for GRU
 //! and i,f,g,o for LSTM), so weights can be compared with or loaded from PyTorch.
 
+use crate::fused::{gru_sequence, FusedRnnBackend};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Which recurrent cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -94,6 +96,9 @@ pub struct RecurrentLayer<B: Backend> {
     kind: CellKind,
     input: usize,
     hidden: usize,
+    /// Run the whole-sequence recurrence as one fused operation where supported
+    /// (GRU without LayerNorm on the recurrent product); otherwise step by step.
+    fused: bool,
 }
 
 impl<B: Backend> RecurrentLayer<B> {
@@ -120,7 +125,20 @@ impl<B: Backend> RecurrentLayer<B> {
             kind,
             input,
             hidden,
+            fused: false,
         }
+    }
+
+    /// Chooses the fused whole-sequence operation (where supported) or the step-by-step
+    /// reference path for [`RecurrentLayer::forward`].
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
+    }
+
+    /// Whether [`RecurrentLayer::forward`] runs the fused operation.
+    pub fn is_fused(&self) -> bool {
+        self.fused && self.kind == CellKind::Gru && self.norm_hh.is_none()
     }
 
     pub fn kind(&self) -> CellKind {
@@ -200,11 +218,9 @@ impl<B: Backend> RecurrentLayer<B> {
         self.cell(self.project_input(x), state)
     }
 
-    /// The whole sequence. `x`: `[B, T, in]`; `mask`: optional `[B, T]` of 1.0 (real
-    /// token) / 0.0 (padding): where it is 0 the state is carried over unchanged, so the
-    /// final state is the state after each sequence's last real token.
-    /// Returns the outputs `[B, T, H]` and the final state.
-    pub fn forward(
+    /// The whole sequence, step by step with engine operations (the reference path).
+    /// Same contract as [`RecurrentLayer::forward`].
+    pub fn forward_unfused(
         &self,
         x: Tensor<B, 3>,
         mask: Option<&Tensor<B, 2>>,
@@ -237,5 +253,43 @@ impl<B: Backend> RecurrentLayer<B> {
             outputs.push(state.h.clone());
         }
         (Tensor::stack(outputs, 1), state)
+    }
+}
+
+impl<B: FusedRnnBackend> RecurrentLayer<B> {
+    /// The whole sequence. `x`: `[B, T, in]`; `mask`: optional `[B, T]` of 1.0 (real
+    /// token) / 0.0 (padding): where it is 0 the state is carried over unchanged, so the
+    /// final state is the state after each sequence's last real token.
+    /// Returns the outputs `[B, T, H]` and the final state.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 2>>,
+        init: RnnState<B>,
+    ) -> (Tensor<B, 3>, RnnState<B>) {
+        if !self.is_fused() {
+            return self.forward_unfused(x, mask, init);
+        }
+        let [b, t, d] = x.dims();
+        let g = 3 * self.hidden;
+        let xp = self.project_input(x.reshape([b * t, d])).reshape([b, t, g]);
+        let host_mask: Option<Arc<[f32]>> = mask.map(|m| {
+            let v: Vec<f32> = m
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_else(|_| vec![1.0; b * t]);
+            Arc::from(v)
+        });
+        let out = gru_sequence(
+            xp,
+            init.h,
+            self.weight_hh.val(),
+            self.bias_hh.val(),
+            host_mask,
+        );
+        let last = out.clone().narrow(1, t - 1, 1).reshape([b, self.hidden]);
+        (out, RnnState { h: last, c: None })
     }
 }

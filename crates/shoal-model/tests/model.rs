@@ -30,6 +30,7 @@ fn tiny(cell: CellKind, attention: AttentionKind, layer_norm: bool) -> NmtConfig
         attention,
         layer_norm,
         dropout: 0.0,
+        fused: true,
     }
 }
 
@@ -289,5 +290,117 @@ fn learns_to_copy_and_decodes() {
             assert_eq!(&b1, s);
             assert_eq!(&b4, s);
         }
+    }
+}
+
+/// The fused GRU operation gives the outputs and every gradient of the step-by-step
+/// engine path, for random shapes, lengths and masks, and for the whole model.
+#[test]
+fn fused_gru_equals_unfused_reference() {
+    let mut seed = 7u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for _ in 0..6 {
+        let (b, t, d, h) = (
+            1 + next() % 4,
+            1 + next() % 6,
+            1 + next() % 7,
+            1 + next() % 9,
+        );
+        let layer = RecurrentLayer::<B>::new(CellKind::Gru, d, h, false, &dev());
+        let x = Tensor::<B, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &dev())
+            .require_grad();
+        let h0 =
+            Tensor::<B, 2>::random([b, h], Distribution::Normal(0.0, 1.0), &dev()).require_grad();
+        let lens: Vec<usize> = (0..b).map(|_| 1 + next() % t).collect();
+        let mask_v: Vec<f32> = (0..b * t)
+            .map(|i| if i % t < lens[i / t] { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_v, [b, t]), &dev());
+        let coef = Tensor::<B, 3>::random([b, t, h], Distribution::Normal(0.0, 1.0), &dev());
+        let run = |fused: bool| {
+            let l = layer.clone().with_fused(fused);
+            let init = RnnState {
+                h: h0.clone(),
+                c: None,
+            };
+            let (out, st) = if fused {
+                l.forward(x.clone(), Some(&mask), init)
+            } else {
+                l.forward_unfused(x.clone(), Some(&mask), init)
+            };
+            let loss = (out.clone() * coef.clone()).sum() + st.h.sum() * 0.5;
+            let grads = loss.backward();
+            let layout = FlatLayout::of(&l);
+            let mut g = vec![0.0; layout.total];
+            layout.read_grads(&l, &grads, &mut g).unwrap();
+            let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            let gh: Vec<f32> = h0.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            let o: Vec<f32> = out.into_data().to_vec().unwrap();
+            (o, g, gx, gh)
+        };
+        let a = run(true);
+        let r = run(false);
+        let close = |name: &str, x: &[f32], y: &[f32]| {
+            assert_eq!(x.len(), y.len());
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                    "{name}[{i}] (b{b} t{t} d{d} h{h}): fused {p} vs reference {q}"
+                );
+            }
+        };
+        close("output", &a.0, &r.0);
+        close("param grads", &a.1, &r.1);
+        close("input grad", &a.2, &r.2);
+        close("h0 grad", &a.3, &r.3);
+    }
+    // The whole model: same loss and same flat gradient.
+    for att in [
+        AttentionKind::None,
+        AttentionKind::Luong,
+        AttentionKind::Bahdanau,
+    ] {
+        let cfg = tiny(CellKind::Gru, att, false);
+        let fused = NmtConfig {
+            fused: true,
+            ..cfg.clone()
+        }
+        .init::<B>(&dev())
+        .unwrap();
+        let layout = FlatLayout::of(&fused);
+        let mut p = vec![0.0; layout.total];
+        layout.read_params(&fused, &mut p).unwrap();
+        let reference = layout
+            .write_params(
+                NmtConfig {
+                    fused: false,
+                    ..cfg
+                }
+                .init::<B>(&dev())
+                .unwrap(),
+                &p,
+            )
+            .unwrap();
+        let mut ga = vec![0.0; layout.total];
+        let mut gb = vec![0.0; layout.total];
+        let la = loss_of(&fused);
+        let lb = loss_of(&reference);
+        let (va, vb) = (la.clone().into_scalar(), lb.clone().into_scalar());
+        assert!((va - vb).abs() < 1e-5, "{att:?}: {va} vs {vb}");
+        layout.read_grads(&fused, &la.backward(), &mut ga).unwrap();
+        layout
+            .read_grads(&reference, &lb.backward(), &mut gb)
+            .unwrap();
+        let max = ga
+            .iter()
+            .zip(&gb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(max < 1e-5, "{att:?}: max gradient difference {max}");
     }
 }

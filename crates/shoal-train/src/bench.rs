@@ -25,6 +25,8 @@ pub struct NmtBenchOptions {
     pub dump_batches: Option<PathBuf>,
     pub cell: CellKind,
     pub layer_norm: bool,
+    /// Fused recurrent operations (false: the engine's step-by-step path).
+    pub fused: bool,
 }
 
 impl Default for NmtBenchOptions {
@@ -39,6 +41,7 @@ impl Default for NmtBenchOptions {
             dump_batches: None,
             cell: CellKind::Gru,
             layer_norm: false,
+            fused: true,
         }
     }
 }
@@ -186,6 +189,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         attention: AttentionKind::None,
         layer_norm: opts.layer_norm,
         dropout: 0.0,
+        fused: opts.fused,
     };
     use burn::tensor::backend::Backend;
     CpuTrain::seed(&Default::default(), 0);
@@ -201,8 +205,13 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         .and_then(|s| s.parse().ok())
         .unwrap_or(threads);
     log(&format!(
-        "shoal: {} params, {} warm-up + {} timed steps, batch {} x len {}, {threads} threads",
-        n, opts.warmup, opts.steps, opts.batch, opts.len
+        "shoal: {} params, {} warm-up + {} timed steps, batch {} x len {}, {threads} threads, {} recurrence",
+        n,
+        opts.warmup,
+        opts.steps,
+        opts.batch,
+        opts.len,
+        if opts.fused { "fused" } else { "step-by-step" }
     ));
     let mut losses = Vec::with_capacity(total);
     let mut start = Instant::now();

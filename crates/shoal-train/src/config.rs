@@ -18,6 +18,8 @@ pub struct ModelSection {
     pub attention: AttentionKind,
     pub layer_norm: bool,
     pub dropout: f64,
+    /// Fused whole-sequence recurrent operations (false: the step-by-step reference).
+    pub fused: bool,
 }
 
 impl Default for ModelSection {
@@ -30,6 +32,7 @@ impl Default for ModelSection {
             attention: AttentionKind::Luong,
             layer_norm: false,
             dropout: 0.2,
+            fused: true,
         }
     }
 }
@@ -308,6 +311,7 @@ impl NmtTrainConfig {
             attention: m.attention,
             layer_norm: m.layer_norm,
             dropout: m.dropout as f32,
+            fused: m.fused,
         }
     }
 }

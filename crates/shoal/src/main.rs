@@ -174,6 +174,9 @@ enum BenchCmd {
         cell: Cell,
         #[arg(long)]
         layer_norm: bool,
+        /// Run the engine's step-by-step recurrence instead of the fused operation.
+        #[arg(long)]
+        unfused: bool,
     },
 }
 
@@ -368,6 +371,7 @@ fn bench(b: BenchCmd) -> Result<()> {
             data_dir,
             cell,
             layer_norm,
+            unfused,
         } => {
             let opts = shoal_train::bench::NmtBenchOptions {
                 data_dir,
@@ -380,6 +384,7 @@ fn bench(b: BenchCmd) -> Result<()> {
                     shoal_model::CellKind::Gru
                 },
                 layer_norm,
+                fused: !unfused,
                 ..Default::default()
             };
             let r = shoal_train::bench::nmt_train(&opts, |l| eprintln!("{l}"))?;

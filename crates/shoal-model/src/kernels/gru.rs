@@ -1,0 +1,290 @@
+//! The fused GRU recurrence (PyTorch's gate layout r, z, n) over a whole sequence, and
+//! its backward pass through time.
+//!
+//! The input projections `xp = x W_ih^T + b_ih` of all steps are computed beforehand in
+//! one large product; each step here does one `[B, H] x [H, 3H]` product and one pass of
+//! gate arithmetic. The backward pass does one `[B, 3H] x [3H, H]` product per step and
+//! accumulates the recurrent weight gradient in a single `[3H, T*B] x [T*B, H]` product
+//! at the end. All buffers are allocated once per call.
+//!
+//! Padding: where `mask[b, t]` is 0 the state is carried over unchanged, so the output
+//! at the last step is each sequence's state after its last real token.
+
+use super::sgemm;
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GruDims {
+    pub batch: usize,
+    pub steps: usize,
+    pub hidden: usize,
+}
+
+/// What the forward pass keeps for the backward pass, time-major (`[T, B, H]`).
+#[derive(Debug, Clone, Default)]
+pub struct GruSaved {
+    pub r: Vec<f32>,
+    pub z: Vec<f32>,
+    pub n: Vec<f32>,
+    /// `h W_hn^T + b_hn`, the hidden part of the candidate's pre-activation.
+    pub ghn: Vec<f32>,
+    /// The state entering each step.
+    pub h_prev: Vec<f32>,
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Forward. `xp`: `[B, T, 3H]`; `h0`: `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`;
+/// `mask`: optional `[B, T]`; `out`: `[B, T, H]`. Fills `saved` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    d: GruDims,
+    xp: &[f32],
+    h0: &[f32],
+    w_hh: &[f32],
+    b_hh: &[f32],
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+    mut saved: Option<&mut GruSaved>,
+    threads: usize,
+) {
+    let GruDims {
+        batch: bs,
+        steps: t_len,
+        hidden: h,
+    } = d;
+    let g = 3 * h;
+    assert_eq!(xp.len(), bs * t_len * g);
+    assert_eq!(h0.len(), bs * h);
+    assert_eq!(w_hh.len(), g * h);
+    assert_eq!(b_hh.len(), g);
+    assert_eq!(out.len(), bs * t_len * h);
+    if let Some(m) = mask {
+        assert_eq!(m.len(), bs * t_len);
+    }
+    if let Some(s) = saved.as_deref_mut() {
+        let n = t_len * bs * h;
+        for v in [&mut s.r, &mut s.z, &mut s.n, &mut s.ghn, &mut s.h_prev] {
+            v.clear();
+            v.resize(n, 0.0);
+        }
+    }
+    let mut hcur = h0.to_vec();
+    let mut gh = vec![0.0f32; bs * g];
+    for t in 0..t_len {
+        // gh = h W_hh^T: W_hh^T element (p, j) = w_hh[j * h + p].
+        sgemm(
+            bs, g, h, &hcur, h, 1, w_hh, 1, h, &mut gh, g, false, threads,
+        );
+        for b in 0..bs {
+            let m = mask.map_or(1.0, |m| m[b * t_len + t]);
+            let x = &xp[(b * t_len + t) * g..(b * t_len + t + 1) * g];
+            let ghb = &gh[b * g..(b + 1) * g];
+            let hb = &mut hcur[b * h..(b + 1) * h];
+            let o = &mut out[(b * t_len + t) * h..(b * t_len + t + 1) * h];
+            let base = (t * bs + b) * h;
+            for j in 0..h {
+                let r = sigmoid(x[j] + ghb[j] + b_hh[j]);
+                let z = sigmoid(x[h + j] + ghb[h + j] + b_hh[h + j]);
+                let ghn = ghb[2 * h + j] + b_hh[2 * h + j];
+                let n = (x[2 * h + j] + r * ghn).tanh();
+                let hp = hb[j];
+                let hn = n + z * (hp - n);
+                let hnew = hp + m * (hn - hp);
+                if let Some(s) = saved.as_deref_mut() {
+                    s.r[base + j] = r;
+                    s.z[base + j] = z;
+                    s.n[base + j] = n;
+                    s.ghn[base + j] = ghn;
+                    s.h_prev[base + j] = hp;
+                }
+                hb[j] = hnew;
+                o[j] = hnew;
+            }
+        }
+    }
+}
+
+/// Gradients of one call.
+#[derive(Debug, Clone, Default)]
+pub struct GruGrads {
+    /// `[B, T, 3H]`
+    pub dxp: Vec<f32>,
+    /// `[B, H]`
+    pub dh0: Vec<f32>,
+    /// `[3H, H]`
+    pub dw_hh: Vec<f32>,
+    /// `[3H]`
+    pub db_hh: Vec<f32>,
+}
+
+/// Backward through time given `dout` (`[B, T, H]`, the gradient of every output).
+pub fn backward(
+    d: GruDims,
+    w_hh: &[f32],
+    mask: Option<&[f32]>,
+    saved: &GruSaved,
+    dout: &[f32],
+    threads: usize,
+) -> GruGrads {
+    let GruDims {
+        batch: bs,
+        steps: t_len,
+        hidden: h,
+    } = d;
+    let g = 3 * h;
+    assert_eq!(dout.len(), bs * t_len * h);
+    assert_eq!(saved.r.len(), t_len * bs * h);
+    let mut dxp = vec![0.0f32; bs * t_len * g];
+    // All steps' gate gradients, time-major [T*B, 3H], for the weight gradient.
+    let mut dgh = vec![0.0f32; t_len * bs * g];
+    let mut dh = vec![0.0f32; bs * h];
+    for t in (0..t_len).rev() {
+        for b in 0..bs {
+            let m = mask.map_or(1.0, |m| m[b * t_len + t]);
+            let base = (t * bs + b) * h;
+            let dx = &mut dxp[(b * t_len + t) * g..(b * t_len + t + 1) * g];
+            let dg = &mut dgh[(t * bs + b) * g..(t * bs + b + 1) * g];
+            let dhb = &mut dh[b * h..(b + 1) * h];
+            let dob = &dout[(b * t_len + t) * h..(b * t_len + t + 1) * h];
+            for j in 0..h {
+                let gsum = dhb[j] + dob[j];
+                let dhn = m * gsum;
+                let (r, z, n) = (saved.r[base + j], saved.z[base + j], saved.n[base + j]);
+                let (ghn, hp) = (saved.ghn[base + j], saved.h_prev[base + j]);
+                let dn = dhn * (1.0 - z);
+                let dz = dhn * (hp - n);
+                let dan = dn * (1.0 - n * n);
+                let dr = dan * ghn;
+                let dar = dr * r * (1.0 - r);
+                let daz = dz * z * (1.0 - z);
+                dx[j] = dar;
+                dx[h + j] = daz;
+                dx[2 * h + j] = dan;
+                dg[j] = dar;
+                dg[h + j] = daz;
+                dg[2 * h + j] = dan * r;
+                // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
+                dhb[j] = (1.0 - m) * gsum + dhn * z;
+            }
+        }
+        // dh += dgh_t W_hh  ([B, 3H] x [3H, H]).
+        let dg_t = &dgh[t * bs * g..(t + 1) * bs * g];
+        sgemm(bs, h, g, dg_t, g, 1, w_hh, h, 1, &mut dh, h, true, threads);
+    }
+    // dW_hh = dgh^T h_prev: [3H, T*B] x [T*B, H], one product.
+    let rows = t_len * bs;
+    let mut dw_hh = vec![0.0f32; g * h];
+    sgemm(
+        g,
+        h,
+        rows,
+        &dgh,
+        1,
+        g,
+        &saved.h_prev,
+        h,
+        1,
+        &mut dw_hh,
+        h,
+        false,
+        threads,
+    );
+    let mut db_hh = vec![0.0f32; g];
+    for row in dgh.chunks_exact(g) {
+        for (acc, v) in db_hh.iter_mut().zip(row) {
+            *acc += v;
+        }
+    }
+    GruGrads {
+        dxp,
+        dh0: dh,
+        dw_hh,
+        db_hh,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The loss `sum(out * c)` for fixed random `c`, in f64 for finite differences.
+    fn loss(
+        d: GruDims,
+        xp: &[f32],
+        h0: &[f32],
+        w: &[f32],
+        b: &[f32],
+        mask: Option<&[f32]>,
+        c: &[f32],
+    ) -> f64 {
+        let mut out = vec![0.0; d.batch * d.steps * d.hidden];
+        forward(d, xp, h0, w, b, mask, &mut out, None, 1);
+        out.iter().zip(c).map(|(o, c)| *o as f64 * *c as f64).sum()
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let d = GruDims {
+            batch: 3,
+            steps: 4,
+            hidden: 5,
+        };
+        let g = 3 * d.hidden;
+        let xp = rand(d.batch * d.steps * g, 1);
+        let h0 = rand(d.batch * d.hidden, 2);
+        let w: Vec<f32> = rand(g * d.hidden, 3).iter().map(|x| x * 0.5).collect();
+        let b = rand(g, 4);
+        let mask = vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0];
+        let c = rand(d.batch * d.steps * d.hidden, 5);
+        let mut out = vec![0.0; c.len()];
+        let mut saved = GruSaved::default();
+        forward(
+            d,
+            &xp,
+            &h0,
+            &w,
+            &b,
+            Some(&mask),
+            &mut out,
+            Some(&mut saved),
+            1,
+        );
+        let gr = backward(d, &w, Some(&mask), &saved, &c, 1);
+        let eps = 1e-3f32;
+        let check = |name: &str, analytic: &[f32], which: usize| {
+            for i in 0..analytic.len() {
+                let mut args = [xp.clone(), h0.clone(), w.clone(), b.clone()];
+                args[which][i] += eps;
+                let up = loss(d, &args[0], &args[1], &args[2], &args[3], Some(&mask), &c);
+                args[which][i] -= 2.0 * eps;
+                let down = loss(d, &args[0], &args[1], &args[2], &args[3], Some(&mask), &c);
+                let fd = (up - down) / (2.0 * eps as f64);
+                let an = analytic[i] as f64;
+                assert!(
+                    (fd - an).abs() < 1e-3 + 1e-2 * fd.abs(),
+                    "{name}[{i}]: analytic {an} fd {fd}"
+                );
+            }
+        };
+        check("xp", &gr.dxp, 0);
+        check("h0", &gr.dh0, 1);
+        check("w_hh", &gr.dw_hh, 2);
+        check("b_hh", &gr.db_hh, 3);
+    }
+}
