@@ -1,16 +1,19 @@
-//! Fused recurrent layers as engine operations: the GRU recurrence over a whole
-//! sequence is one operation with its own backward pass (host kernels in
-//! [`crate::kernels`]), registered with burn's autodiff as a single graph node instead
-//! of about fifteen small operations per time step.
+//! Fused operations registered with the engine: the GRU recurrence over a whole
+//! sequence and the softmax cross-entropy over the vocabulary are each one operation
+//! with its own backward pass (host kernels in [`crate::kernels`]) and a single autodiff
+//! graph node, instead of many small operations (about fifteen per time step for the
+//! GRU; several vocabulary-sized intermediates for the loss).
 
 use crate::kernels::gru::{self, GruDims, GruSaved};
+use crate::kernels::lstm::{self, LstmSaved};
+use crate::kernels::xent;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
@@ -25,6 +28,25 @@ pub trait FusedRnnBackend: Backend {
         w_hh: FloatTensor<Self>,
         b_hh: FloatTensor<Self>,
         mask: Option<Arc<[f32]>>,
+    ) -> FloatTensor<Self>;
+
+    /// The LSTM recurrence. `xp`: `[B, T, 4H]`; `h0`, `c0`: `[B, H]`; `w_hh`:
+    /// `[4H, H]`; `b_hh`: `[4H]`. Returns every step's `h` and `c`, `[B, T, 2H]`.
+    fn lstm_sequence(
+        xp: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        w_hh: FloatTensor<Self>,
+        b_hh: FloatTensor<Self>,
+        mask: Option<Arc<[f32]>>,
+    ) -> FloatTensor<Self>;
+
+    /// Mean negative log-likelihood of `targets` under `softmax(logits)` over the rows
+    /// whose weight is 1. `logits`: `[N, V]`; `targets`, `weights`: `[N]`. Returns `[1]`.
+    fn masked_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: Arc<[u32]>,
+        weights: Arc<[f32]>,
     ) -> FloatTensor<Self>;
 }
 
@@ -79,7 +101,48 @@ fn gru_host<B: Backend>(
     (device_tensor::<B, 3>(out, [bs, t, d.hidden], &device), d, w)
 }
 
+/// Runs the LSTM forward kernel on host copies of the inputs.
+fn lstm_host<B: Backend>(
+    xp: FloatTensor<B>,
+    h0: FloatTensor<B>,
+    c0: FloatTensor<B>,
+    w_hh: FloatTensor<B>,
+    b_hh: FloatTensor<B>,
+    mask: Option<&[f32]>,
+    saved: Option<&mut LstmSaved>,
+) -> (FloatTensor<B>, GruDims, Vec<f32>) {
+    let device = B::float_device(&xp);
+    let (xp, [bs, t, g]) = host::<B, 3>(xp);
+    let (h0, _) = host::<B, 2>(h0);
+    let (c0, _) = host::<B, 2>(c0);
+    let (w, _) = host::<B, 2>(w_hh);
+    let (b, _) = host::<B, 1>(b_hh);
+    let d = GruDims {
+        batch: bs,
+        steps: t,
+        hidden: g / 4,
+    };
+    let mut out = vec![0.0f32; bs * t * 2 * d.hidden];
+    lstm::forward(d, &xp, &h0, &c0, &w, &b, mask, &mut out, saved, threads());
+    (
+        device_tensor::<B, 3>(out, [bs, t, 2 * d.hidden], &device),
+        d,
+        w,
+    )
+}
+
 impl FusedRnnBackend for burn::backend::Flex {
+    fn lstm_sequence(
+        xp: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        w_hh: FloatTensor<Self>,
+        b_hh: FloatTensor<Self>,
+        mask: Option<Arc<[f32]>>,
+    ) -> FloatTensor<Self> {
+        lstm_host::<Self>(xp, h0, c0, w_hh, b_hh, mask.as_deref(), None).0
+    }
+
     fn gru_sequence(
         xp: FloatTensor<Self>,
         h0: FloatTensor<Self>,
@@ -88,6 +151,108 @@ impl FusedRnnBackend for burn::backend::Flex {
         mask: Option<Arc<[f32]>>,
     ) -> FloatTensor<Self> {
         gru_host::<Self>(xp, h0, w_hh, b_hh, mask.as_deref(), None).0
+    }
+
+    fn masked_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: Arc<[u32]>,
+        weights: Arc<[f32]>,
+    ) -> FloatTensor<Self> {
+        let device = Self::float_device(&logits);
+        let (l, [_, v]) = host::<Self, 2>(logits);
+        let (loss, _) = xent::forward(&l, v, &targets, &weights);
+        device_tensor::<Self, 1>(vec![loss], [1], &device)
+    }
+}
+
+/// What the LSTM node keeps for its backward pass.
+#[derive(Debug, Clone)]
+struct LstmState<D> {
+    dims: GruDims,
+    w_hh: Arc<Vec<f32>>,
+    mask: Option<Arc<[f32]>>,
+    saved: Arc<LstmSaved>,
+    device: D,
+}
+
+#[derive(Debug)]
+struct LstmBackward;
+
+impl<B: Backend> Backward<B, 5> for LstmBackward {
+    type State = LstmState<B::Device>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 5>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let s = ops.state;
+        let d = s.dims;
+        let (dout, _) = host::<B, 3>(grads.consume::<B>(&ops.node));
+        let gr = lstm::backward(d, &s.w_hh, s.mask.as_deref(), &s.saved, &dout, threads());
+        let [p_xp, p_h0, p_c0, p_w, p_b] = ops.parents;
+        let g = 4 * d.hidden;
+        let dev = &s.device;
+        if let Some(n) = p_xp {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], dev),
+            );
+        }
+        if let Some(n) = p_h0 {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], dev),
+            );
+        }
+        if let Some(n) = p_c0 {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 2>(gr.dc0, [d.batch, d.hidden], dev),
+            );
+        }
+        if let Some(n) = p_w {
+            grads.register::<B>(n.id, device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev));
+        }
+        if let Some(n) = p_b {
+            grads.register::<B>(n.id, device_tensor::<B, 1>(gr.db_hh, [g], dev));
+        }
+    }
+}
+
+/// What the cross-entropy node keeps: the logits (host copy, turned into the gradient
+/// in place) and each row's log-sum-exp.
+#[derive(Debug, Clone)]
+struct XentState<D> {
+    logits: Arc<Vec<f32>>,
+    vocab: usize,
+    targets: Arc<[u32]>,
+    weights: Arc<[f32]>,
+    lse: Arc<Vec<f32>>,
+    device: D,
+}
+
+#[derive(Debug)]
+struct XentBackward;
+
+impl<B: Backend> Backward<B, 1> for XentBackward {
+    type State = XentState<B::Device>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let s = ops.state;
+        let (g, _) = host::<B, 1>(grads.consume::<B>(&ops.node));
+        let [parent] = ops.parents;
+        let Some(parent) = parent else { return };
+        let n = s.targets.len();
+        let logits = Arc::try_unwrap(s.logits).unwrap_or_else(|shared| (*shared).clone());
+        let d = xent::backward(logits, s.vocab, &s.targets, &s.weights, &s.lse, g[0]);
+        grads.register::<B>(parent.id, device_tensor::<B, 2>(d, [n, s.vocab], &s.device));
     }
 }
 
@@ -192,6 +357,106 @@ impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
             }
         }
     }
+
+    fn lstm_sequence(
+        xp: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        w_hh: FloatTensor<Self>,
+        b_hh: FloatTensor<Self>,
+        mask: Option<Arc<[f32]>>,
+    ) -> FloatTensor<Self> {
+        let nodes = [
+            xp.node.clone(),
+            h0.node.clone(),
+            c0.node.clone(),
+            w_hh.node.clone(),
+            b_hh.node.clone(),
+        ];
+        let (p, h, c, w, b) = (
+            xp.primitive,
+            h0.primitive,
+            c0.primitive,
+            w_hh.primitive,
+            b_hh.primitive,
+        );
+        match LstmBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let device = B::float_device(&p);
+                let mut saved = LstmSaved::default();
+                let (out, dims, w) =
+                    lstm_host::<B>(p, h, c, w, b, mask.as_deref(), Some(&mut saved));
+                let state = LstmState {
+                    dims,
+                    w_hh: Arc::new(w),
+                    mask,
+                    saved: Arc::new(saved),
+                    device,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(lstm_host::<B>(p, h, c, w, b, mask.as_deref(), None).0)
+            }
+        }
+    }
+
+    fn masked_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: Arc<[u32]>,
+        weights: Arc<[f32]>,
+    ) -> FloatTensor<Self> {
+        let device = B::float_device(&logits.primitive);
+        let node = logits.node.clone();
+        let (l, [_, v]) = host::<B, 2>(logits.primitive);
+        let (loss, lse) = xent::forward(&l, v, &targets, &weights);
+        let out = device_tensor::<B, 1>(vec![loss], [1], &device);
+        match XentBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(
+                XentState {
+                    logits: Arc::new(l),
+                    vocab: v,
+                    targets,
+                    weights,
+                    lse: Arc::new(lse),
+                    device,
+                },
+                out,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// Fused masked cross-entropy on engine tensors (see
+/// [`FusedRnnBackend::masked_cross_entropy`]).
+pub fn masked_cross_entropy<B: FusedRnnBackend>(
+    logits: Tensor<B, 2>,
+    targets: Arc<[u32]>,
+    weights: Arc<[f32]>,
+) -> Tensor<B, 1> {
+    let out = B::masked_cross_entropy(logits.into_primitive().tensor(), targets, weights);
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The LSTM recurrence on engine tensors (see [`FusedRnnBackend::lstm_sequence`]).
+pub fn lstm_sequence<B: FusedRnnBackend>(
+    xp: Tensor<B, 3>,
+    h0: Tensor<B, 2>,
+    c0: Tensor<B, 2>,
+    w_hh: Tensor<B, 2>,
+    b_hh: Tensor<B, 1>,
+    mask: Option<Arc<[f32]>>,
+) -> Tensor<B, 3> {
+    let out = B::lstm_sequence(
+        xp.into_primitive().tensor(),
+        h0.into_primitive().tensor(),
+        c0.into_primitive().tensor(),
+        w_hh.into_primitive().tensor(),
+        b_hh.into_primitive().tensor(),
+        mask,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// The GRU recurrence on engine tensors (see [`FusedRnnBackend::gru_sequence`]).

@@ -2,7 +2,7 @@
 //! Luong (global, general score) or Bahdanau (additive) attention, and a softmax over
 //! the target vocabulary, trained with teacher forcing and a padding-masked loss.
 
-use crate::fused::FusedRnnBackend;
+use crate::fused::{masked_cross_entropy, FusedRnnBackend};
 use crate::rnn::{CellKind, RecurrentLayer, RnnState};
 use crate::{Error, Result};
 use burn::module::{Module, Param};
@@ -10,6 +10,7 @@ use burn::tensor::activation::{log_softmax, softmax, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Attention variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -474,6 +475,14 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         let enc = self.encode(src_t, mask, rng);
         let logits = self.decode_train(&enc, ids_tensor(tgt_in, batch, tgt_len, device), rng);
         let n = batch * tgt_len;
+        if self.config.fused {
+            let targets: Arc<[u32]> = Arc::from(tgt_out);
+            let weights: Arc<[f32]> = tgt_out
+                .iter()
+                .map(|&t| if t == pad { 0.0 } else { 1.0 })
+                .collect();
+            return masked_cross_entropy(logits, targets, weights);
+        }
         let targets = ids_tensor::<B>(tgt_out, 1, n, device).reshape([n]);
         let weights = pad_mask::<B>(tgt_out, 1, n, pad, device).reshape([n]);
         Self::masked_nll(logits, targets, weights)

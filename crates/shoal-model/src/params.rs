@@ -60,9 +60,13 @@ impl<B: Backend> ModuleVisitor<B> for LayoutVisitor {
 }
 
 fn copy_into(data: TensorData, out: &mut [f32], name: &str) -> Result<()> {
+    let data = if data.dtype == burn::tensor::DType::F32 {
+        data
+    } else {
+        data.convert::<f32>()
+    };
     let vals = data
-        .convert::<f32>()
-        .into_vec::<f32>()
+        .as_slice::<f32>()
         .map_err(|e| Error::Engine(format!("reading '{name}': {e:?}")))?;
     if vals.len() != out.len() {
         return Err(Error::Layout(format!(
@@ -71,7 +75,7 @@ fn copy_into(data: TensorData, out: &mut [f32], name: &str) -> Result<()> {
             out.len()
         )));
     }
-    out.copy_from_slice(&vals);
+    out.copy_from_slice(vals);
     Ok(())
 }
 

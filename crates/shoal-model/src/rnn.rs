@@ -6,7 +6,7 @@
 //! `[G*H, in]`, `weight_hh` `[G*H, H]`, `bias_ih`, `bias_hh`, gate order r,z,n for GRU
 //! and i,f,g,o for LSTM), so weights can be compared with or loaded from PyTorch.
 
-use crate::fused::{gru_sequence, FusedRnnBackend};
+use crate::fused::{gru_sequence, lstm_sequence, FusedRnnBackend};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, tanh};
 use burn::tensor::backend::Backend;
@@ -97,7 +97,7 @@ pub struct RecurrentLayer<B: Backend> {
     input: usize,
     hidden: usize,
     /// Run the whole-sequence recurrence as one fused operation where supported
-    /// (GRU without LayerNorm on the recurrent product); otherwise step by step.
+    /// (no LayerNorm on the recurrent product); otherwise step by step.
     fused: bool,
 }
 
@@ -138,7 +138,7 @@ impl<B: Backend> RecurrentLayer<B> {
 
     /// Whether [`RecurrentLayer::forward`] runs the fused operation.
     pub fn is_fused(&self) -> bool {
-        self.fused && self.kind == CellKind::Gru && self.norm_hh.is_none()
+        self.fused && self.norm_hh.is_none()
     }
 
     pub fn kind(&self) -> CellKind {
@@ -271,7 +271,8 @@ impl<B: FusedRnnBackend> RecurrentLayer<B> {
             return self.forward_unfused(x, mask, init);
         }
         let [b, t, d] = x.dims();
-        let g = 3 * self.hidden;
+        let hs = self.hidden;
+        let g = self.kind.gates() * hs;
         let xp = self.project_input(x.reshape([b * t, d])).reshape([b, t, g]);
         let host_mask: Option<Arc<[f32]>> = mask.map(|m| {
             let v: Vec<f32> = m
@@ -282,14 +283,36 @@ impl<B: FusedRnnBackend> RecurrentLayer<B> {
                 .unwrap_or_else(|_| vec![1.0; b * t]);
             Arc::from(v)
         });
-        let out = gru_sequence(
-            xp,
-            init.h,
-            self.weight_hh.val(),
-            self.bias_hh.val(),
-            host_mask,
-        );
-        let last = out.clone().narrow(1, t - 1, 1).reshape([b, self.hidden]);
-        (out, RnnState { h: last, c: None })
+        match self.kind {
+            CellKind::Gru => {
+                let out = gru_sequence(
+                    xp,
+                    init.h,
+                    self.weight_hh.val(),
+                    self.bias_hh.val(),
+                    host_mask,
+                );
+                let last = out.clone().narrow(1, t - 1, 1).reshape([b, hs]);
+                (out, RnnState { h: last, c: None })
+            }
+            CellKind::Lstm => {
+                let c0 = init
+                    .c
+                    .unwrap_or_else(|| Tensor::zeros([b, hs], &init.h.device()));
+                let both = lstm_sequence(
+                    xp,
+                    init.h,
+                    c0,
+                    self.weight_hh.val(),
+                    self.bias_hh.val(),
+                    host_mask,
+                );
+                let out = both.clone().narrow(2, 0, hs);
+                let last = both.narrow(1, t - 1, 1);
+                let h = last.clone().narrow(2, 0, hs).reshape([b, hs]);
+                let c = last.narrow(2, hs, hs).reshape([b, hs]);
+                (out, RnnState { h, c: Some(c) })
+            }
+        }
     }
 }

@@ -293,10 +293,11 @@ fn learns_to_copy_and_decodes() {
     }
 }
 
-/// The fused GRU operation gives the outputs and every gradient of the step-by-step
-/// engine path, for random shapes, lengths and masks, and for the whole model.
+/// The fused GRU and LSTM operations (and the fused cross-entropy) give the outputs
+/// and every gradient of the step-by-step engine path, for random shapes, lengths and
+/// masks, and for the whole model.
 #[test]
-fn fused_gru_equals_unfused_reference() {
+fn fused_recurrence_equals_unfused_reference() {
     let mut seed = 7u64;
     let mut next = || {
         seed = seed
@@ -304,14 +305,19 @@ fn fused_gru_equals_unfused_reference() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) as usize
     };
-    for _ in 0..6 {
+    for case in 0..12 {
+        let cell = if case % 2 == 0 {
+            CellKind::Gru
+        } else {
+            CellKind::Lstm
+        };
         let (b, t, d, h) = (
             1 + next() % 4,
             1 + next() % 6,
             1 + next() % 7,
             1 + next() % 9,
         );
-        let layer = RecurrentLayer::<B>::new(CellKind::Gru, d, h, false, &dev());
+        let layer = RecurrentLayer::<B>::new(cell, d, h, false, &dev());
         let x = Tensor::<B, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &dev())
             .require_grad();
         let h0 =
@@ -324,16 +330,20 @@ fn fused_gru_equals_unfused_reference() {
         let coef = Tensor::<B, 3>::random([b, t, h], Distribution::Normal(0.0, 1.0), &dev());
         let run = |fused: bool| {
             let l = layer.clone().with_fused(fused);
+            let c0 = (cell == CellKind::Lstm).then(|| h0.clone() * 0.5);
             let init = RnnState {
                 h: h0.clone(),
-                c: None,
+                c: c0,
             };
             let (out, st) = if fused {
                 l.forward(x.clone(), Some(&mask), init)
             } else {
                 l.forward_unfused(x.clone(), Some(&mask), init)
             };
-            let loss = (out.clone() * coef.clone()).sum() + st.h.sum() * 0.5;
+            let mut loss = (out.clone() * coef.clone()).sum() + st.h.sum() * 0.5;
+            if let Some(c) = st.c {
+                loss = loss + (c.clone() * c).sum() * 0.3;
+            }
             let grads = loss.backward();
             let layout = FlatLayout::of(&l);
             let mut g = vec![0.0; layout.total];
@@ -350,7 +360,7 @@ fn fused_gru_equals_unfused_reference() {
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
                 assert!(
                     (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
-                    "{name}[{i}] (b{b} t{t} d{d} h{h}): fused {p} vs reference {q}"
+                    "{cell:?} {name}[{i}] (b{b} t{t} d{d} h{h}): fused {p} vs reference {q}"
                 );
             }
         };
@@ -360,12 +370,13 @@ fn fused_gru_equals_unfused_reference() {
         close("h0 grad", &a.3, &r.3);
     }
     // The whole model: same loss and same flat gradient.
-    for att in [
-        AttentionKind::None,
-        AttentionKind::Luong,
-        AttentionKind::Bahdanau,
+    for (cell, att) in [
+        (CellKind::Gru, AttentionKind::None),
+        (CellKind::Gru, AttentionKind::Luong),
+        (CellKind::Gru, AttentionKind::Bahdanau),
+        (CellKind::Lstm, AttentionKind::Luong),
     ] {
-        let cfg = tiny(CellKind::Gru, att, false);
+        let cfg = tiny(cell, att, false);
         let fused = NmtConfig {
             fused: true,
             ..cfg.clone()
@@ -391,7 +402,7 @@ fn fused_gru_equals_unfused_reference() {
         let la = loss_of(&fused);
         let lb = loss_of(&reference);
         let (va, vb) = (la.clone().into_scalar(), lb.clone().into_scalar());
-        assert!((va - vb).abs() < 1e-5, "{att:?}: {va} vs {vb}");
+        assert!((va - vb).abs() < 1e-5, "{cell:?}/{att:?}: {va} vs {vb}");
         layout.read_grads(&fused, &la.backward(), &mut ga).unwrap();
         layout
             .read_grads(&reference, &lb.backward(), &mut gb)
@@ -401,6 +412,9 @@ fn fused_gru_equals_unfused_reference() {
             .zip(&gb)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
-        assert!(max < 1e-5, "{att:?}: max gradient difference {max}");
+        assert!(
+            max < 1e-5,
+            "{cell:?}/{att:?}: max gradient difference {max}"
+        );
     }
 }

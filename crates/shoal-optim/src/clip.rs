@@ -1,12 +1,21 @@
 //! Gradient-norm clipping, computed as PyTorch's `clip_grad_norm_` does.
 
-/// The L2 norm of all values in `grads` (accumulated in f64).
+/// The L2 norm of all values in `grads`. Sums run in f32 over 16 independent lanes (so
+/// they vectorise) per block of 4096 values, and the blocks are added in f64.
 pub fn global_norm(grads: &[f32]) -> f32 {
-    grads
-        .iter()
-        .map(|&g| (g as f64) * (g as f64))
-        .sum::<f64>()
-        .sqrt() as f32
+    let mut total = 0.0f64;
+    for block in grads.chunks(4096) {
+        let mut lanes = [0.0f32; 16];
+        let mut it = block.chunks_exact(16);
+        for c in &mut it {
+            for (l, g) in lanes.iter_mut().zip(c) {
+                *l += g * g;
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|g| g * g).sum();
+        total += lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64;
+    }
+    total.sqrt() as f32
 }
 
 /// Scales `grads` in place so that their global L2 norm is at most `max_norm`, and

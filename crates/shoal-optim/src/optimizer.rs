@@ -1,7 +1,11 @@
 //! SGD with momentum, Adam and Adagrad over flat buffers, with PyTorch's update rules.
 
 use crate::{Error, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Values per parallel block of an element-wise update.
+const BLOCK: usize = 1 << 16;
 
 /// Which update rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,18 +158,21 @@ impl Optimizer {
                 let bc2 = 1.0 - (c.beta2 as f64).powi(t);
                 let step_size = (lr as f64 / bc1) as f32;
                 let bc2_sqrt = bc2.sqrt() as f32;
-                for (((p, &g), m), v) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(self.m.iter_mut())
-                    .zip(self.v.iter_mut())
-                {
-                    let g = g + wd * *p;
-                    *m = c.beta1 * *m + (1.0 - c.beta1) * g;
-                    *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + c.eps;
-                    *p -= step_size * *m / denom;
-                }
+                // Blocks in parallel: the update is element-wise.
+                params
+                    .par_chunks_mut(BLOCK)
+                    .zip(grads.par_chunks(BLOCK))
+                    .zip(self.m.par_chunks_mut(BLOCK))
+                    .zip(self.v.par_chunks_mut(BLOCK))
+                    .for_each(|(((p, g), m), v)| {
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                            let g = g + wd * *p;
+                            *m = c.beta1 * *m + (1.0 - c.beta1) * g;
+                            *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
+                            let denom = v.sqrt() / bc2_sqrt + c.eps;
+                            *p -= step_size * *m / denom;
+                        }
+                    });
             }
             OptimizerKind::Adagrad => {
                 for ((p, &g), s) in params.iter_mut().zip(grads).zip(self.m.iter_mut()) {

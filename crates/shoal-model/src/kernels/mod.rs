@@ -2,6 +2,8 @@
 //! recurrence forward and backward through time, and the matrix-product helper they use.
 
 pub mod gru;
+pub mod lstm;
+pub mod xent;
 
 /// `c = a * b` (or `c += a * b` when `accumulate`), all row-major with the given
 /// row strides; `a` is `m x k` with element `(i, p)` at `i * a_rs + p * a_cs`, `b` is
