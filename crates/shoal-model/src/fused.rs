@@ -97,6 +97,8 @@ fn gru_host<B: Backend>(
         hidden: g / 3,
     };
     let mut out = vec![0.0f32; bs * t * d.hidden];
+    let mut scratch = GruSaved::default();
+    let saved = saved.unwrap_or(&mut scratch);
     gru::forward(d, &xp, &h0, &w, &b, mask, &mut out, saved, threads());
     (device_tensor::<B, 3>(out, [bs, t, d.hidden], &device), d, w)
 }

@@ -10,7 +10,7 @@
 //! Padding: where `mask[b, t]` is 0 the state is carried over unchanged, so the output
 //! at the last step is each sequence's state after its last real token.
 
-use super::sgemm;
+use super::{math, sgemm};
 
 /// Sizes of one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,13 +32,8 @@ pub struct GruSaved {
     pub h_prev: Vec<f32>,
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// Forward. `xp`: `[B, T, 3H]`; `h0`: `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`;
-/// `mask`: optional `[B, T]`; `out`: `[B, T, H]`. Fills `saved` when given.
+/// `mask`: optional `[B, T]`; `out`: `[B, T, H]`. Fills `saved` (reused across calls).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     d: GruDims,
@@ -48,7 +43,7 @@ pub fn forward(
     b_hh: &[f32],
     mask: Option<&[f32]>,
     out: &mut [f32],
-    mut saved: Option<&mut GruSaved>,
+    s: &mut GruSaved,
     threads: usize,
 ) {
     let GruDims {
@@ -65,12 +60,10 @@ pub fn forward(
     if let Some(m) = mask {
         assert_eq!(m.len(), bs * t_len);
     }
-    if let Some(s) = saved.as_deref_mut() {
-        let n = t_len * bs * h;
-        for v in [&mut s.r, &mut s.z, &mut s.n, &mut s.ghn, &mut s.h_prev] {
-            v.clear();
-            v.resize(n, 0.0);
-        }
+    let n_all = t_len * bs * h;
+    for v in [&mut s.r, &mut s.z, &mut s.n, &mut s.ghn, &mut s.h_prev] {
+        v.clear();
+        v.resize(n_all, 0.0);
     }
     let mut hcur = h0.to_vec();
     let mut gh = vec![0.0f32; bs * g];
@@ -83,26 +76,30 @@ pub fn forward(
             let m = mask.map_or(1.0, |m| m[b * t_len + t]);
             let x = &xp[(b * t_len + t) * g..(b * t_len + t + 1) * g];
             let ghb = &gh[b * g..(b + 1) * g];
-            let hb = &mut hcur[b * h..(b + 1) * h];
-            let o = &mut out[(b * t_len + t) * h..(b * t_len + t + 1) * h];
             let base = (t * bs + b) * h;
+            let r = &mut s.r[base..base + h];
+            let z = &mut s.z[base..base + h];
+            let n = &mut s.n[base..base + h];
+            let ghn = &mut s.ghn[base..base + h];
+            let hp = &mut s.h_prev[base..base + h];
+            let hb = &mut hcur[b * h..(b + 1) * h];
+            // Element-wise passes over the row, each simple enough to vectorise.
             for j in 0..h {
-                let r = sigmoid(x[j] + ghb[j] + b_hh[j]);
-                let z = sigmoid(x[h + j] + ghb[h + j] + b_hh[h + j]);
-                let ghn = ghb[2 * h + j] + b_hh[2 * h + j];
-                let n = (x[2 * h + j] + r * ghn).tanh();
-                let hp = hb[j];
-                let hn = n + z * (hp - n);
-                let hnew = hp + m * (hn - hp);
-                if let Some(s) = saved.as_deref_mut() {
-                    s.r[base + j] = r;
-                    s.z[base + j] = z;
-                    s.n[base + j] = n;
-                    s.ghn[base + j] = ghn;
-                    s.h_prev[base + j] = hp;
-                }
-                hb[j] = hnew;
-                o[j] = hnew;
+                r[j] = math::sigmoid(x[j] + ghb[j] + b_hh[j]);
+                z[j] = math::sigmoid(x[h + j] + ghb[h + j] + b_hh[h + j]);
+                ghn[j] = ghb[2 * h + j] + b_hh[2 * h + j];
+            }
+            for j in 0..h {
+                n[j] = math::tanh(x[2 * h + j] + r[j] * ghn[j]);
+            }
+            let o = &mut out[(b * t_len + t) * h..(b * t_len + t + 1) * h];
+            for j in 0..h {
+                let p = hb[j];
+                hp[j] = p;
+                let hn = n[j] + z[j] * (p - n[j]);
+                let v = p + m * (hn - p);
+                hb[j] = v;
+                o[j] = v;
             }
         }
     }
@@ -234,7 +231,7 @@ mod tests {
         c: &[f32],
     ) -> f64 {
         let mut out = vec![0.0; d.batch * d.steps * d.hidden];
-        forward(d, xp, h0, w, b, mask, &mut out, None, 1);
+        forward(d, xp, h0, w, b, mask, &mut out, &mut GruSaved::default(), 1);
         out.iter().zip(c).map(|(o, c)| *o as f64 * *c as f64).sum()
     }
 
@@ -254,17 +251,7 @@ mod tests {
         let c = rand(d.batch * d.steps * d.hidden, 5);
         let mut out = vec![0.0; c.len()];
         let mut saved = GruSaved::default();
-        forward(
-            d,
-            &xp,
-            &h0,
-            &w,
-            &b,
-            Some(&mask),
-            &mut out,
-            Some(&mut saved),
-            1,
-        );
+        forward(d, &xp, &h0, &w, &b, Some(&mask), &mut out, &mut saved, 1);
         let gr = backward(d, &w, Some(&mask), &saved, &c, 1);
         let eps = 1e-3f32;
         let check = |name: &str, analytic: &[f32], which: usize| {

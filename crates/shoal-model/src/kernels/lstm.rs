@@ -22,10 +22,7 @@ pub struct LstmSaved {
     pub h_prev: Vec<f32>,
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+use super::math::{sigmoid, tanh};
 
 /// Forward. `xp`: `[B, T, 4H]`; `h0`, `c0`: `[B, H]`; `w_hh`: `[4H, H]`; `b_hh`:
 /// `[4H]`; `mask`: optional `[B, T]`; `out`: `[B, T, 2H]`.
@@ -83,10 +80,10 @@ pub fn forward(
             let base = (t * bs + b) * h;
             for j in 0..h {
                 let a = |k: usize| x[k * h + j] + ghb[k * h + j] + b_hh[k * h + j];
-                let (ig, fg, gg, og) = (sigmoid(a(0)), sigmoid(a(1)), a(2).tanh(), sigmoid(a(3)));
+                let (ig, fg, gg, og) = (sigmoid(a(0)), sigmoid(a(1)), tanh(a(2)), sigmoid(a(3)));
                 let (hp, cp) = (hcur[b * h + j], ccur[b * h + j]);
                 let cn = fg * cp + ig * gg;
-                let tc = cn.tanh();
+                let tc = tanh(cn);
                 let hn = og * tc;
                 let hnew = hp + m * (hn - hp);
                 let cnew = cp + m * (cn - cp);

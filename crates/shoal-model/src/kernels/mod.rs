@@ -3,6 +3,7 @@
 
 pub mod gru;
 pub mod lstm;
+pub mod math;
 pub mod xent;
 
 /// `c = a * b` (or `c += a * b` when `accumulate`), all row-major with the given

@@ -3,6 +3,7 @@
 //! `w_i / count * (softmax(x_i) - onehot(t_i))` computed in one pass over the logits,
 //! rows in parallel.
 
+use super::math;
 use rayon::prelude::*;
 
 /// Forward. `logits`: `[N, V]` row-major; `targets`, `weights`: `[N]`. Returns the mean
@@ -14,9 +15,8 @@ pub fn forward(logits: &[f32], v: usize, targets: &[u32], weights: &[f32]) -> (f
     let lse: Vec<f32> = logits
         .par_chunks(v)
         .map(|row| {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
-            m + s.ln()
+            let m = math::max(row);
+            m + math::sum_exp(row, m).ln()
         })
         .collect();
     let count: f32 = weights.iter().sum::<f32>().max(1.0);
@@ -48,7 +48,7 @@ pub fn backward(
         }
         let l = lse[i];
         for x in row.iter_mut() {
-            *x = scale * (*x - l).exp();
+            *x = scale * math::exp(*x - l);
         }
         let t = (targets[i] as usize).min(v - 1);
         row[t] -= scale;
