@@ -41,10 +41,13 @@ pub trait FusedRnnBackend: Backend {
         mask: Option<Arc<[f32]>>,
     ) -> FloatTensor<Self>;
 
-    /// Mean negative log-likelihood of `targets` under `softmax(logits)` over the rows
-    /// whose weight is 1. `logits`: `[N, V]`; `targets`, `weights`: `[N]`. Returns `[1]`.
-    fn masked_cross_entropy(
-        logits: FloatTensor<Self>,
+    /// The output projection fused with the mean negative log-likelihood of `targets`
+    /// over the rows whose weight is 1: `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`;
+    /// `targets`, `weights`: `[N]`. Returns `[1]`.
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
     ) -> FloatTensor<Self>;
@@ -54,6 +57,11 @@ fn threads() -> usize {
     // Per-step products are small ([32, 128] x [128, 384]); splitting them across
     // threads costs more than it saves, so the kernels run on the calling thread.
     1
+}
+
+/// Threads for the large products (the output projection: `[N, H] x [H, V]`).
+fn big_threads() -> usize {
+    rayon::current_num_threads()
 }
 
 fn host<B: Backend, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D]) {
@@ -155,15 +163,81 @@ impl FusedRnnBackend for burn::backend::Flex {
         gru_host::<Self>(xp, h0, w_hh, b_hh, mask.as_deref(), None).0
     }
 
-    fn masked_cross_entropy(
-        logits: FloatTensor<Self>,
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
     ) -> FloatTensor<Self> {
-        let device = Self::float_device(&logits);
-        let (l, [_, v]) = host::<Self, 2>(logits);
-        let (loss, _) = xent::forward(&l, v, &targets, &weights);
+        let device = Self::float_device(&x);
+        let (x, [_, h]) = host::<Self, 2>(x);
+        let (w, _) = host::<Self, 2>(w);
+        let (b, _) = host::<Self, 1>(b);
+        let mut logits = Vec::new();
+        let (loss, _) = xent::linear_forward(
+            &x,
+            &w,
+            &b,
+            h,
+            &targets,
+            &weights,
+            &mut logits,
+            big_threads(),
+        );
         device_tensor::<Self, 1>(vec![loss], [1], &device)
+    }
+}
+
+/// What the GRU node keeps for its backward pass.
+#[derive(Debug, Clone)]
+struct GruState<D> {
+    dims: GruDims,
+    w_hh: Arc<Vec<f32>>,
+    mask: Option<Arc<[f32]>>,
+    saved: Arc<GruSaved>,
+    device: D,
+}
+
+#[derive(Debug)]
+struct GruBackward;
+
+impl<B: Backend> Backward<B, 4> for GruBackward {
+    type State = GruState<B::Device>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let s = ops.state;
+        let d = s.dims;
+        let (dout, _) = host::<B, 3>(grads.consume::<B>(&ops.node));
+        let gr = gru::backward(d, &s.w_hh, s.mask.as_deref(), &s.saved, &dout, threads());
+        let [p_xp, p_h0, p_w, p_b] = ops.parents;
+        let g = 3 * d.hidden;
+        if let Some(n) = p_xp {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], &s.device),
+            );
+        }
+        if let Some(n) = p_h0 {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], &s.device),
+            );
+        }
+        if let Some(n) = p_w {
+            grads.register::<B>(
+                n.id,
+                device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], &s.device),
+            );
+        }
+        if let Some(n) = p_b {
+            grads.register::<B>(n.id, device_tensor::<B, 1>(gr.db_hh, [g], &s.device));
+        }
     }
 }
 
@@ -223,11 +297,14 @@ impl<B: Backend> Backward<B, 5> for LstmBackward {
     }
 }
 
-/// What the cross-entropy node keeps: the logits (host copy, turned into the gradient
-/// in place) and each row's log-sum-exp.
+/// What the projection + cross-entropy node keeps: the logits (turned into their
+/// gradient in place), each row's log-sum-exp, and host copies of `x` and `W`.
 #[derive(Debug, Clone)]
 struct XentState<D> {
     logits: Arc<Vec<f32>>,
+    x: Arc<Vec<f32>>,
+    w: Arc<Vec<f32>>,
+    hidden: usize,
     vocab: usize,
     targets: Arc<[u32]>,
     weights: Arc<[f32]>,
@@ -238,74 +315,42 @@ struct XentState<D> {
 #[derive(Debug)]
 struct XentBackward;
 
-impl<B: Backend> Backward<B, 1> for XentBackward {
+impl<B: Backend> Backward<B, 3> for XentBackward {
     type State = XentState<B::Device>;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 1>,
+        ops: Ops<Self::State, 3>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
         let s = ops.state;
         let (g, _) = host::<B, 1>(grads.consume::<B>(&ops.node));
-        let [parent] = ops.parents;
-        let Some(parent) = parent else { return };
         let n = s.targets.len();
         let logits = Arc::try_unwrap(s.logits).unwrap_or_else(|shared| (*shared).clone());
-        let d = xent::backward(logits, s.vocab, &s.targets, &s.weights, &s.lse, g[0]);
-        grads.register::<B>(parent.id, device_tensor::<B, 2>(d, [n, s.vocab], &s.device));
-    }
-}
-
-/// What the GRU node keeps for its backward pass.
-#[derive(Debug, Clone)]
-struct GruState<D> {
-    dims: GruDims,
-    w_hh: Arc<Vec<f32>>,
-    mask: Option<Arc<[f32]>>,
-    saved: Arc<GruSaved>,
-    device: D,
-}
-
-#[derive(Debug)]
-struct GruBackward;
-
-impl<B: Backend> Backward<B, 4> for GruBackward {
-    type State = GruState<B::Device>;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 4>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let s = ops.state;
-        let d = s.dims;
-        let (dout, _) = host::<B, 3>(grads.consume::<B>(&ops.node));
-        let gr = gru::backward(d, &s.w_hh, s.mask.as_deref(), &s.saved, &dout, threads());
-        let [p_xp, p_h0, p_w, p_b] = ops.parents;
-        let g = 3 * d.hidden;
-        if let Some(n) = p_xp {
+        let (dx, dw, db) = xent::linear_backward(
+            logits,
+            &s.x,
+            &s.w,
+            s.hidden,
+            &s.targets,
+            &s.weights,
+            &s.lse,
+            g[0],
+            big_threads(),
+        );
+        let [p_x, p_w, p_b] = ops.parents;
+        if let Some(p) = p_x {
+            grads.register::<B>(p.id, device_tensor::<B, 2>(dx, [n, s.hidden], &s.device));
+        }
+        if let Some(p) = p_w {
             grads.register::<B>(
-                n.id,
-                device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], &s.device),
+                p.id,
+                device_tensor::<B, 2>(dw, [s.vocab, s.hidden], &s.device),
             );
         }
-        if let Some(n) = p_h0 {
-            grads.register::<B>(
-                n.id,
-                device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], &s.device),
-            );
-        }
-        if let Some(n) = p_w {
-            grads.register::<B>(
-                n.id,
-                device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], &s.device),
-            );
-        }
-        if let Some(n) = p_b {
-            grads.register::<B>(n.id, device_tensor::<B, 1>(gr.db_hh, [g], &s.device));
+        if let Some(p) = p_b {
+            grads.register::<B>(p.id, device_tensor::<B, 1>(db, [s.vocab], &s.device));
         }
     }
 }
@@ -403,20 +448,37 @@ impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
         }
     }
 
-    fn masked_cross_entropy(
-        logits: FloatTensor<Self>,
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
     ) -> FloatTensor<Self> {
-        let device = B::float_device(&logits.primitive);
-        let node = logits.node.clone();
-        let (l, [_, v]) = host::<B, 2>(logits.primitive);
-        let (loss, lse) = xent::forward(&l, v, &targets, &weights);
+        let device = B::float_device(&x.primitive);
+        let nodes = [x.node.clone(), w.node.clone(), b.node.clone()];
+        let (xh, [_, h]) = host::<B, 2>(x.primitive);
+        let (wh, [v, _]) = host::<B, 2>(w.primitive);
+        let (bh, _) = host::<B, 1>(b.primitive);
+        let mut logits = Vec::new();
+        let (loss, lse) = xent::linear_forward(
+            &xh,
+            &wh,
+            &bh,
+            h,
+            &targets,
+            &weights,
+            &mut logits,
+            big_threads(),
+        );
         let out = device_tensor::<B, 1>(vec![loss], [1], &device);
-        match XentBackward.prepare::<C>([node]).compute_bound().stateful() {
+        match XentBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(
                 XentState {
-                    logits: Arc::new(l),
+                    logits: Arc::new(logits),
+                    x: Arc::new(xh),
+                    w: Arc::new(wh),
+                    hidden: h,
                     vocab: v,
                     targets,
                     weights,
@@ -430,14 +492,22 @@ impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
     }
 }
 
-/// Fused masked cross-entropy on engine tensors (see
-/// [`FusedRnnBackend::masked_cross_entropy`]).
-pub fn masked_cross_entropy<B: FusedRnnBackend>(
-    logits: Tensor<B, 2>,
+/// Output projection and masked cross-entropy in one operation (see
+/// [`FusedRnnBackend::linear_cross_entropy`]).
+pub fn linear_cross_entropy<B: FusedRnnBackend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 1>,
     targets: Arc<[u32]>,
     weights: Arc<[f32]>,
 ) -> Tensor<B, 1> {
-    let out = B::masked_cross_entropy(logits.into_primitive().tensor(), targets, weights);
+    let out = B::linear_cross_entropy(
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        targets,
+        weights,
+    );
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

@@ -2,7 +2,7 @@
 //! Luong (global, general score) or Bahdanau (additive) attention, and a softmax over
 //! the target vocabulary, trained with teacher forcing and a padding-masked loss.
 
-use crate::fused::{masked_cross_entropy, FusedRnnBackend};
+use crate::fused::{linear_cross_entropy, FusedRnnBackend};
 use crate::rnn::{CellKind, RecurrentLayer, RnnState};
 use crate::{Error, Result};
 use burn::module::{Module, Param};
@@ -391,6 +391,18 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         tgt_in: Tensor<B, 2, Int>,
         rng: &mut Option<DropoutRng>,
     ) -> Tensor<B, 2> {
+        let top = self.decode_train_hidden(enc, tgt_in, rng);
+        self.project(top)
+    }
+
+    /// Teacher-forced decoder up to the output projection: `tgt_in` `[B, T]` -> the
+    /// vectors fed to the projection, `[B*T, H]` (dropout applied).
+    pub fn decode_train_hidden(
+        &self,
+        enc: &Encoded<B>,
+        tgt_in: Tensor<B, 2, Int>,
+        rng: &mut Option<DropoutRng>,
+    ) -> Tensor<B, 2> {
         let [b, t] = tgt_in.dims();
         let h = self.config.hidden;
         let emb = dropout(Self::embed(&self.tgt_embed, tgt_in), rng);
@@ -417,7 +429,7 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
                 outs.push(Self::combine(a, ctx, x));
             }
             let comb = Tensor::stack::<3>(outs, 1).reshape([b * t, h]);
-            return self.project(dropout(comb, rng));
+            return dropout(comb, rng);
         }
         let mut x = emb;
         for (l, layer) in self.decoder.iter().enumerate() {
@@ -437,7 +449,7 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
             }
             None => x.reshape([b * t, h]),
         };
-        self.project(dropout(top, rng))
+        dropout(top, rng)
     }
 
     /// Mean cross-entropy over non-padding target tokens. `logits` `[N, V]`,
@@ -473,16 +485,24 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         let src_t = ids_tensor::<B>(src, batch, src_len, device);
         let mask = pad_mask::<B>(src, batch, src_len, pad, device);
         let enc = self.encode(src_t, mask, rng);
-        let logits = self.decode_train(&enc, ids_tensor(tgt_in, batch, tgt_len, device), rng);
+        let tgt = ids_tensor(tgt_in, batch, tgt_len, device);
         let n = batch * tgt_len;
         if self.config.fused {
+            let top = self.decode_train_hidden(&enc, tgt, rng);
             let targets: Arc<[u32]> = Arc::from(tgt_out);
             let weights: Arc<[f32]> = tgt_out
                 .iter()
                 .map(|&t| if t == pad { 0.0 } else { 1.0 })
                 .collect();
-            return masked_cross_entropy(logits, targets, weights);
+            return linear_cross_entropy(
+                top,
+                self.out_weight.val(),
+                self.out_bias.val(),
+                targets,
+                weights,
+            );
         }
+        let logits = self.decode_train(&enc, tgt, rng);
         let targets = ids_tensor::<B>(tgt_out, 1, n, device).reshape([n]);
         let weights = pad_mask::<B>(tgt_out, 1, n, pad, device).reshape([n]);
         Self::masked_nll(logits, targets, weights)

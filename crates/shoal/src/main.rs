@@ -398,7 +398,20 @@ fn bench(b: BenchCmd) -> Result<()> {
     Ok(())
 }
 
+/// Keeps large buffers (a step's logits are tens of MB) in the heap for reuse instead of
+/// mapping fresh pages from the kernel for every allocation: with glibc's defaults the
+/// page faults of those first touches cost about a tenth of a training step.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         if t == 0 {

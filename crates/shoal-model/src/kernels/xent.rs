@@ -61,6 +61,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn linear_version_matches_finite_differences() {
+        let (n, h, v) = (3, 4, 6);
+        let x: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3)
+            .collect();
+        let w: Vec<f32> = (0..v * h)
+            .map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.2)
+            .collect();
+        let b: Vec<f32> = (0..v).map(|i| i as f32 * 0.1).collect();
+        let targets = [1u32, 5, 2];
+        let weights = [1.0, 0.0, 1.0];
+        let f = |x: &[f32], w: &[f32], b: &[f32]| {
+            let mut l = Vec::new();
+            linear_forward(x, w, b, h, &targets, &weights, &mut l, 1).0
+        };
+        let mut logits = Vec::new();
+        let (_, lse) = linear_forward(&x, &w, &b, h, &targets, &weights, &mut logits, 1);
+        let (dx, dw, db) = linear_backward(logits, &x, &w, h, &targets, &weights, &lse, 1.0, 1);
+        let eps = 1e-2f32;
+        let fd = |which: usize, i: usize| {
+            let mut a = [x.clone(), w.clone(), b.clone()];
+            a[which][i] += eps;
+            let up = f(&a[0], &a[1], &a[2]);
+            a[which][i] -= 2.0 * eps;
+            let down = f(&a[0], &a[1], &a[2]);
+            (up - down) / (2.0 * eps)
+        };
+        for (which, an) in [&dx, &dw, &db].iter().enumerate() {
+            for i in 0..an.len() {
+                let g = fd(which, i);
+                assert!(
+                    (g - an[i]).abs() < 2e-3,
+                    "arg {which}[{i}]: analytic {} fd {g}",
+                    an[i]
+                );
+            }
+        }
+    }
+
+    #[test]
     fn matches_direct_formula_and_finite_differences() {
         let (n, v) = (4, 7);
         let logits: Vec<f32> = (0..n * v)
@@ -89,4 +129,64 @@ mod tests {
             assert!((fd - g[k]).abs() < 1e-3, "[{k}]: analytic {} fd {fd}", g[k]);
         }
     }
+}
+
+/// Output projection fused with the cross-entropy: `logits = x W^T + b` computed into
+/// `logits` (`[N, V]`, reused by the backward pass), then [`forward`].
+/// `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    h: usize,
+    targets: &[u32],
+    weights: &[f32],
+    logits: &mut Vec<f32>,
+    threads: usize,
+) -> (f32, Vec<f32>) {
+    let n = targets.len();
+    let v = b.len();
+    assert_eq!(x.len(), n * h);
+    assert_eq!(w.len(), v * h);
+    logits.clear();
+    logits.resize(n * v, 0.0);
+    logits
+        .par_chunks_mut(v)
+        .for_each(|row| row.copy_from_slice(b));
+    // logits += x W^T: W^T element (p, j) = w[j * h + p].
+    super::sgemm(n, v, h, x, h, 1, w, 1, h, logits, v, true, threads);
+    forward(logits, v, targets, weights)
+}
+
+/// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
+/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    logits: Vec<f32>,
+    x: &[f32],
+    w: &[f32],
+    h: usize,
+    targets: &[u32],
+    weights: &[f32],
+    lse: &[f32],
+    grad: f32,
+    threads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = targets.len();
+    let v = logits.len() / n.max(1);
+    let dl = backward(logits, v, targets, weights, lse, grad);
+    let mut dx = vec![0.0f32; n * h];
+    // dx = dl W  ([N, V] x [V, H]).
+    super::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
+    let mut dw = vec![0.0f32; v * h];
+    // dW = dl^T x  ([V, N] x [N, H]).
+    super::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
+    let mut db = vec![0.0f32; v];
+    for row in dl.chunks_exact(v) {
+        for (acc, g) in db.iter_mut().zip(row) {
+            *acc += g;
+        }
+    }
+    (dx, dw, db)
 }
