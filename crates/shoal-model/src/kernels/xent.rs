@@ -56,6 +56,66 @@ pub fn backward(
     logits
 }
 
+/// Output projection fused with the cross-entropy: `logits = x W^T + b` computed into
+/// `logits` (`[N, V]`, reused by the backward pass), then [`forward`].
+/// `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    h: usize,
+    targets: &[u32],
+    weights: &[f32],
+    logits: &mut Vec<f32>,
+    threads: usize,
+) -> (f32, Vec<f32>) {
+    let n = targets.len();
+    let v = b.len();
+    assert_eq!(x.len(), n * h);
+    assert_eq!(w.len(), v * h);
+    logits.clear();
+    logits.resize(n * v, 0.0);
+    logits
+        .par_chunks_mut(v)
+        .for_each(|row| row.copy_from_slice(b));
+    // logits += x W^T: W^T element (p, j) = w[j * h + p].
+    super::sgemm(n, v, h, x, h, 1, w, 1, h, logits, v, true, threads);
+    forward(logits, v, targets, weights)
+}
+
+/// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
+/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    logits: Vec<f32>,
+    x: &[f32],
+    w: &[f32],
+    h: usize,
+    targets: &[u32],
+    weights: &[f32],
+    lse: &[f32],
+    grad: f32,
+    threads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = targets.len();
+    let v = logits.len() / n.max(1);
+    let dl = backward(logits, v, targets, weights, lse, grad);
+    let mut dx = vec![0.0f32; n * h];
+    // dx = dl W  ([N, V] x [V, H]).
+    super::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
+    let mut dw = vec![0.0f32; v * h];
+    // dW = dl^T x  ([V, N] x [N, H]).
+    super::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
+    let mut db = vec![0.0f32; v];
+    for row in dl.chunks_exact(v) {
+        for (acc, g) in db.iter_mut().zip(row) {
+            *acc += g;
+        }
+    }
+    (dx, dw, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,64 +189,4 @@ mod tests {
             assert!((fd - g[k]).abs() < 1e-3, "[{k}]: analytic {} fd {fd}", g[k]);
         }
     }
-}
-
-/// Output projection fused with the cross-entropy: `logits = x W^T + b` computed into
-/// `logits` (`[N, V]`, reused by the backward pass), then [`forward`].
-/// `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_forward(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    h: usize,
-    targets: &[u32],
-    weights: &[f32],
-    logits: &mut Vec<f32>,
-    threads: usize,
-) -> (f32, Vec<f32>) {
-    let n = targets.len();
-    let v = b.len();
-    assert_eq!(x.len(), n * h);
-    assert_eq!(w.len(), v * h);
-    logits.clear();
-    logits.resize(n * v, 0.0);
-    logits
-        .par_chunks_mut(v)
-        .for_each(|row| row.copy_from_slice(b));
-    // logits += x W^T: W^T element (p, j) = w[j * h + p].
-    super::sgemm(n, v, h, x, h, 1, w, 1, h, logits, v, true, threads);
-    forward(logits, v, targets, weights)
-}
-
-/// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
-/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward(
-    logits: Vec<f32>,
-    x: &[f32],
-    w: &[f32],
-    h: usize,
-    targets: &[u32],
-    weights: &[f32],
-    lse: &[f32],
-    grad: f32,
-    threads: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = targets.len();
-    let v = logits.len() / n.max(1);
-    let dl = backward(logits, v, targets, weights, lse, grad);
-    let mut dx = vec![0.0f32; n * h];
-    // dx = dl W  ([N, V] x [V, H]).
-    super::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
-    let mut dw = vec![0.0f32; v * h];
-    // dW = dl^T x  ([V, N] x [N, H]).
-    super::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
-    let mut db = vec![0.0f32; v];
-    for row in dl.chunks_exact(v) {
-        for (acc, g) in db.iter_mut().zip(row) {
-            *acc += g;
-        }
-    }
-    (dx, dw, db)
 }
