@@ -248,3 +248,71 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         params: n,
     })
 }
+
+/// One recurrent layer, forward and backward (`bench/run gru-layer`).
+#[derive(Debug, Clone)]
+pub struct RnnLayerOptions {
+    pub cell: CellKind,
+    pub batch: usize,
+    pub hidden: usize,
+    pub input: usize,
+    pub len: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub fused: bool,
+}
+
+/// Timing of one recurrent layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct RnnLayerResult {
+    pub ms_per_iter: f64,
+    /// Matrix-product FLOPs of forward + backward (3x the forward's), per second.
+    pub gflops: f64,
+    pub flops_per_iter: f64,
+    pub checksum: f64,
+}
+
+/// Times `iters` forward+backward passes of one layer on random input (the loss is
+/// `sum(out * c)` for a fixed random `c`; gradients of the input and all weights).
+pub fn rnn_layer(o: &RnnLayerOptions) -> Result<RnnLayerResult> {
+    use burn::tensor::{backend::Backend, Distribution, Tensor};
+    type B = CpuTrain;
+    let device = Default::default();
+    B::seed(&device, 0);
+    let layer = shoal_model::RecurrentLayer::<B>::new(o.cell, o.input, o.hidden, false, &device)
+        .with_fused(o.fused);
+    let x = Tensor::<B, 3>::random(
+        [o.batch, o.len, o.input],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    )
+    .require_grad();
+    let coef = Tensor::<B, 3>::random(
+        [o.batch, o.len, o.hidden],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let mut start = Instant::now();
+    let mut checksum = 0.0;
+    for i in 0..o.warmup + o.iters {
+        if i == o.warmup {
+            start = Instant::now();
+        }
+        let (out, _) = layer.forward(x.clone(), None, layer.zero_state(o.batch, &device));
+        let loss = (out * coef.clone()).sum();
+        let grads = loss.backward();
+        if let Some(g) = x.grad(&grads) {
+            checksum = g.sum().into_scalar() as f64;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64() / o.iters.max(1) as f64;
+    let g = o.cell.gates() * o.hidden;
+    let fwd = 2.0 * (o.batch * o.len) as f64 * ((o.input * g) + (o.hidden * g)) as f64;
+    let flops = 3.0 * fwd;
+    Ok(RnnLayerResult {
+        ms_per_iter: secs * 1000.0,
+        gflops: flops / secs / 1e9,
+        flops_per_iter: flops,
+        checksum,
+    })
+}

@@ -178,6 +178,27 @@ enum BenchCmd {
         #[arg(long)]
         unfused: bool,
     },
+    /// One recurrent layer, forward + backward, on random input.
+    RnnLayer {
+        #[arg(long, value_enum, default_value = "gru")]
+        cell: Cell,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        hidden: usize,
+        /// Input size (default: the hidden size).
+        #[arg(long)]
+        input: Option<usize>,
+        #[arg(long, default_value_t = 20)]
+        len: usize,
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Run the engine's step-by-step recurrence instead of the fused operation.
+        #[arg(long)]
+        unfused: bool,
+    },
 }
 
 fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
@@ -392,6 +413,33 @@ fn bench(b: BenchCmd) -> Result<()> {
                 "shoal: {:.0} target tokens/s over {} steps ({:.1} s), loss {:.3} -> {:.3}, peak RSS {:.0} MiB",
                 r.words_per_s, r.steps_timed, r.seconds, r.loss_first, r.loss_last, r.peak_rss_mb
             );
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        BenchCmd::RnnLayer {
+            cell,
+            batch,
+            hidden,
+            input,
+            len,
+            iters,
+            warmup,
+            unfused,
+        } => {
+            let o = shoal_train::bench::RnnLayerOptions {
+                cell: if matches!(cell, Cell::Lstm) {
+                    shoal_model::CellKind::Lstm
+                } else {
+                    shoal_model::CellKind::Gru
+                },
+                batch,
+                hidden,
+                input: input.unwrap_or(hidden),
+                len,
+                iters,
+                warmup,
+                fused: !unfused,
+            };
+            let r = shoal_train::bench::rnn_layer(&o)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }
