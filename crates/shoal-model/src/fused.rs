@@ -20,13 +20,15 @@ use std::sync::Arc;
 /// Backends that run the fused recurrent operations.
 pub trait FusedRnnBackend: Backend {
     /// The GRU recurrence. `xp`: `[B, T, 3H]` input projections (with `b_ih`); `h0`:
-    /// `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`; `mask`: optional `[B*T]` of 1/0.
-    /// Returns every step's state, `[B, T, H]`.
+    /// `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`; `norm`: optional per-gate LayerNorm
+    /// `(gamma, beta)` (`[3H]` each) of the recurrent product; `mask`: optional `[B*T]`
+    /// of 1/0. Returns every step's state, `[B, T, H]`.
     fn gru_sequence(
         xp: FloatTensor<Self>,
         h0: FloatTensor<Self>,
         w_hh: FloatTensor<Self>,
         b_hh: FloatTensor<Self>,
+        norm: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         mask: Option<Arc<[f32]>>,
     ) -> FloatTensor<Self>;
 
@@ -85,20 +87,30 @@ fn device_tensor<B: Backend, const D: usize>(
         .tensor()
 }
 
+/// Host copies of a GRU call's weights, kept for its backward pass.
+#[derive(Debug)]
+struct GruWeights {
+    w_hh: Vec<f32>,
+    /// LayerNorm `(gamma, beta)`.
+    norm: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 /// Runs the forward kernel on host copies of the inputs.
 fn gru_host<B: Backend>(
     xp: FloatTensor<B>,
     h0: FloatTensor<B>,
     w_hh: FloatTensor<B>,
     b_hh: FloatTensor<B>,
+    norm: Option<(FloatTensor<B>, FloatTensor<B>)>,
     mask: Option<&[f32]>,
     saved: Option<&mut GruSaved>,
-) -> (FloatTensor<B>, GruDims, Vec<f32>) {
+) -> (FloatTensor<B>, GruDims, GruWeights) {
     let device = B::float_device(&xp);
     let (xp, [bs, t, g]) = host::<B, 3>(xp);
     let (h0, _) = host::<B, 2>(h0);
     let (w, _) = host::<B, 2>(w_hh);
     let (b, _) = host::<B, 1>(b_hh);
+    let norm = norm.map(|(gm, bt)| (host::<B, 1>(gm).0, host::<B, 1>(bt).0));
     let d = GruDims {
         batch: bs,
         steps: t,
@@ -107,8 +119,16 @@ fn gru_host<B: Backend>(
     let mut out = vec![0.0f32; bs * t * d.hidden];
     let mut scratch = GruSaved::default();
     let saved = saved.unwrap_or(&mut scratch);
-    gru::forward(d, &xp, &h0, &w, &b, mask, &mut out, saved, threads());
-    (device_tensor::<B, 3>(out, [bs, t, d.hidden], &device), d, w)
+    let ln = norm
+        .as_ref()
+        .map(|(gamma, beta)| gru::GateNorm { gamma, beta });
+    gru::forward(d, &xp, &h0, &w, &b, mask, ln, &mut out, saved, threads());
+    let weights = GruWeights { w_hh: w, norm };
+    (
+        device_tensor::<B, 3>(out, [bs, t, d.hidden], &device),
+        d,
+        weights,
+    )
 }
 
 /// Runs the LSTM forward kernel on host copies of the inputs.
@@ -158,9 +178,10 @@ impl FusedRnnBackend for burn::backend::Flex {
         h0: FloatTensor<Self>,
         w_hh: FloatTensor<Self>,
         b_hh: FloatTensor<Self>,
+        norm: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         mask: Option<Arc<[f32]>>,
     ) -> FloatTensor<Self> {
-        gru_host::<Self>(xp, h0, w_hh, b_hh, mask.as_deref(), None).0
+        gru_host::<Self>(xp, h0, w_hh, b_hh, norm, mask.as_deref(), None).0
     }
 
     fn linear_cross_entropy(
@@ -193,50 +214,77 @@ impl FusedRnnBackend for burn::backend::Flex {
 #[derive(Debug, Clone)]
 struct GruState<D> {
     dims: GruDims,
-    w_hh: Arc<Vec<f32>>,
+    weights: Arc<GruWeights>,
     mask: Option<Arc<[f32]>>,
     saved: Arc<GruSaved>,
     device: D,
 }
 
+impl<D> GruState<D> {
+    /// Runs the backward kernel and returns the gradients in parent order:
+    /// xp, h0, w_hh, b_hh, then gamma, beta with LayerNorm.
+    fn grads<B: Backend<Device = D>>(&self, dout: FloatTensor<B>) -> Vec<FloatTensor<B>> {
+        let d = self.dims;
+        let (dout, _) = host::<B, 3>(dout);
+        let ln = self
+            .weights
+            .norm
+            .as_ref()
+            .map(|(gamma, beta)| gru::GateNorm { gamma, beta });
+        let gr = gru::backward(
+            d,
+            &self.weights.w_hh,
+            self.mask.as_deref(),
+            ln,
+            &self.saved,
+            &dout,
+            threads(),
+        );
+        let g = 3 * d.hidden;
+        let dev = &self.device;
+        let mut out = vec![
+            device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], dev),
+            device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], dev),
+            device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev),
+            device_tensor::<B, 1>(gr.db_hh, [g], dev),
+        ];
+        if ln.is_some() {
+            out.push(device_tensor::<B, 1>(gr.dgamma, [g], dev));
+            out.push(device_tensor::<B, 1>(gr.dbeta, [g], dev));
+        }
+        out
+    }
+}
+
+/// The GRU node without LayerNorm (4 parents) and with it (6 parents).
 #[derive(Debug)]
 struct GruBackward;
+
+#[derive(Debug)]
+struct GruLnBackward;
 
 impl<B: Backend> Backward<B, 4> for GruBackward {
     type State = GruState<B::Device>;
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 4>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let s = ops.state;
-        let d = s.dims;
-        let (dout, _) = host::<B, 3>(grads.consume::<B>(&ops.node));
-        let gr = gru::backward(d, &s.w_hh, s.mask.as_deref(), &s.saved, &dout, threads());
-        let [p_xp, p_h0, p_w, p_b] = ops.parents;
-        let g = 3 * d.hidden;
-        if let Some(n) = p_xp {
-            grads.register::<B>(
-                n.id,
-                device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], &s.device),
-            );
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _c: &mut Checkpointer) {
+        let values = ops.state.grads::<B>(grads.consume::<B>(&ops.node));
+        for (p, v) in ops.parents.into_iter().zip(values) {
+            if let Some(p) = p {
+                grads.register::<B>(p.id, v);
+            }
         }
-        if let Some(n) = p_h0 {
-            grads.register::<B>(
-                n.id,
-                device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], &s.device),
-            );
-        }
-        if let Some(n) = p_w {
-            grads.register::<B>(
-                n.id,
-                device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], &s.device),
-            );
-        }
-        if let Some(n) = p_b {
-            grads.register::<B>(n.id, device_tensor::<B, 1>(gr.db_hh, [g], &s.device));
+    }
+}
+
+impl<B: Backend> Backward<B, 6> for GruLnBackward {
+    type State = GruState<B::Device>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _c: &mut Checkpointer) {
+        let values = ops.state.grads::<B>(grads.consume::<B>(&ops.node));
+        for (p, v) in ops.parents.into_iter().zip(values) {
+            if let Some(p) = p {
+                grads.register::<B>(p.id, v);
+            }
         }
     }
 }
@@ -361,46 +409,58 @@ impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
         h0: FloatTensor<Self>,
         w_hh: FloatTensor<Self>,
         b_hh: FloatTensor<Self>,
+        norm: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         mask: Option<Arc<[f32]>>,
     ) -> FloatTensor<Self> {
-        let nodes = [
+        let device = B::float_device(&xp.primitive);
+        let mut nodes = vec![
             xp.node.clone(),
             h0.node.clone(),
             w_hh.node.clone(),
             b_hh.node.clone(),
         ];
-        match GruBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let device = B::float_device(&xp.primitive);
-                let mut saved = GruSaved::default();
-                let (out, dims, w) = gru_host::<B>(
-                    xp.primitive,
-                    h0.primitive,
-                    w_hh.primitive,
-                    b_hh.primitive,
-                    mask.as_deref(),
-                    Some(&mut saved),
-                );
-                let state = GruState {
-                    dims,
-                    w_hh: Arc::new(w),
-                    mask,
-                    saved: Arc::new(saved),
-                    device,
-                };
-                prep.finish(state, out)
+        let inner_norm = norm.map(|(gm, bt)| {
+            nodes.push(gm.node.clone());
+            nodes.push(bt.node.clone());
+            (gm.primitive, bt.primitive)
+        });
+        let run = |saved: Option<&mut GruSaved>| {
+            gru_host::<B>(
+                xp.primitive,
+                h0.primitive,
+                w_hh.primitive,
+                b_hh.primitive,
+                inner_norm,
+                mask.as_deref(),
+                saved,
+            )
+        };
+        let state = |saved: GruSaved, dims, weights| GruState {
+            dims,
+            weights: Arc::new(weights),
+            mask: mask.clone(),
+            saved: Arc::new(saved),
+            device,
+        };
+        if nodes.len() == 6 {
+            let nodes: [_; 6] = nodes.try_into().expect("six nodes");
+            match GruLnBackward.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let mut saved = GruSaved::default();
+                    let (out, dims, weights) = run(Some(&mut saved));
+                    prep.finish(state(saved, dims, weights), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(run(None).0),
             }
-            OpsKind::UnTracked(prep) => {
-                let out = gru_host::<B>(
-                    xp.primitive,
-                    h0.primitive,
-                    w_hh.primitive,
-                    b_hh.primitive,
-                    mask.as_deref(),
-                    None,
-                )
-                .0;
-                prep.finish(out)
+        } else {
+            let nodes: [_; 4] = nodes.try_into().expect("four nodes");
+            match GruBackward.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let mut saved = GruSaved::default();
+                    let (out, dims, weights) = run(Some(&mut saved));
+                    prep.finish(state(saved, dims, weights), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(run(None).0),
             }
         }
     }
@@ -537,6 +597,7 @@ pub fn gru_sequence<B: FusedRnnBackend>(
     h0: Tensor<B, 2>,
     w_hh: Tensor<B, 2>,
     b_hh: Tensor<B, 1>,
+    norm: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
     mask: Option<Arc<[f32]>>,
 ) -> Tensor<B, 3> {
     let out = B::gru_sequence(
@@ -544,6 +605,7 @@ pub fn gru_sequence<B: FusedRnnBackend>(
         h0.into_primitive().tensor(),
         w_hh.into_primitive().tensor(),
         b_hh.into_primitive().tensor(),
+        norm.map(|(g, b)| (g.into_primitive().tensor(), b.into_primitive().tensor())),
         mask,
     );
     Tensor::from_primitive(TensorPrimitive::Float(out))

@@ -97,7 +97,7 @@ pub struct RecurrentLayer<B: Backend> {
     input: usize,
     hidden: usize,
     /// Run the whole-sequence recurrence as one fused operation where supported
-    /// (no LayerNorm on the recurrent product); otherwise step by step.
+    /// (see [`RecurrentLayer::is_fused`]); otherwise step by step.
     fused: bool,
 }
 
@@ -136,9 +136,10 @@ impl<B: Backend> RecurrentLayer<B> {
         self
     }
 
-    /// Whether [`RecurrentLayer::forward`] runs the fused operation.
+    /// Whether [`RecurrentLayer::forward`] runs the fused operation (GRU with or
+    /// without LayerNorm; LSTM without).
     pub fn is_fused(&self) -> bool {
-        self.fused && self.norm_hh.is_none()
+        self.fused && (self.kind == CellKind::Gru || self.norm_hh.is_none())
     }
 
     pub fn kind(&self) -> CellKind {
@@ -285,11 +286,13 @@ impl<B: FusedRnnBackend> RecurrentLayer<B> {
         });
         match self.kind {
             CellKind::Gru => {
+                let norm = self.norm_hh.as_ref().map(|n| (n.gamma.val(), n.beta.val()));
                 let out = gru_sequence(
                     xp,
                     init.h,
                     self.weight_hh.val(),
                     self.bias_hh.val(),
+                    norm,
                     host_mask,
                 );
                 let last = out.clone().narrow(1, t - 1, 1).reshape([b, hs]);

@@ -30,7 +30,22 @@ pub struct GruSaved {
     pub ghn: Vec<f32>,
     /// The state entering each step.
     pub h_prev: Vec<f32>,
+    /// LayerNorm only: the normalised recurrent product `[T, B, 3H]` and each gate's
+    /// reciprocal standard deviation `[T, B, 3]`.
+    pub ghat: Vec<f32>,
+    pub rstd: Vec<f32>,
 }
+
+/// Per-gate LayerNorm of the recurrent product, `y = (g - mean) / sqrt(var + eps) * gamma
+/// + beta` over each gate's `H` values; `gamma`, `beta`: `[3H]`.
+#[derive(Debug, Clone, Copy)]
+pub struct GateNorm<'a> {
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+}
+
+/// The epsilon of the LayerNorm (as in the step-by-step path).
+pub const LN_EPS: f32 = 1e-5;
 
 /// Forward. `xp`: `[B, T, 3H]`; `h0`: `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`;
 /// `mask`: optional `[B, T]`; `out`: `[B, T, H]`. Fills `saved` (reused across calls).
@@ -42,6 +57,7 @@ pub fn forward(
     w_hh: &[f32],
     b_hh: &[f32],
     mask: Option<&[f32]>,
+    ln: Option<GateNorm>,
     out: &mut [f32],
     s: &mut GruSaved,
     threads: usize,
@@ -65,6 +81,12 @@ pub fn forward(
         v.clear();
         v.resize(n_all, 0.0);
     }
+    if ln.is_some() {
+        s.ghat.clear();
+        s.ghat.resize(t_len * bs * g, 0.0);
+        s.rstd.clear();
+        s.rstd.resize(t_len * bs * 3, 0.0);
+    }
     let mut hcur = h0.to_vec();
     let mut gh = vec![0.0f32; bs * g];
     for t in 0..t_len {
@@ -72,6 +94,27 @@ pub fn forward(
         sgemm(
             bs, g, h, &hcur, h, 1, w_hh, 1, h, &mut gh, g, false, threads,
         );
+        if let Some(norm) = ln {
+            for b in 0..bs {
+                let row = &mut gh[b * g..(b + 1) * g];
+                let at = (t * bs + b) * g;
+                for k in 0..3 {
+                    let seg = &mut row[k * h..(k + 1) * h];
+                    let mean = seg.iter().sum::<f32>() / h as f32;
+                    let var = seg.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / h as f32;
+                    let rstd = 1.0 / (var + LN_EPS).sqrt();
+                    s.rstd[(t * bs + b) * 3 + k] = rstd;
+                    let xhat = &mut s.ghat[at + k * h..at + (k + 1) * h];
+                    let gm = &norm.gamma[k * h..(k + 1) * h];
+                    let bt = &norm.beta[k * h..(k + 1) * h];
+                    for j in 0..h {
+                        let xh = (seg[j] - mean) * rstd;
+                        xhat[j] = xh;
+                        seg[j] = xh * gm[j] + bt[j];
+                    }
+                }
+            }
+        }
         for b in 0..bs {
             let m = mask.map_or(1.0, |m| m[b * t_len + t]);
             let x = &xp[(b * t_len + t) * g..(b * t_len + t + 1) * g];
@@ -116,6 +159,9 @@ pub struct GruGrads {
     pub dw_hh: Vec<f32>,
     /// `[3H]`
     pub db_hh: Vec<f32>,
+    /// LayerNorm only: `[3H]` each (empty otherwise).
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
 }
 
 /// Backward through time given `dout` (`[B, T, H]`, the gradient of every output).
@@ -123,6 +169,7 @@ pub fn backward(
     d: GruDims,
     w_hh: &[f32],
     mask: Option<&[f32]>,
+    ln: Option<GateNorm>,
     saved: &GruSaved,
     dout: &[f32],
     threads: usize,
@@ -139,6 +186,11 @@ pub fn backward(
     // All steps' gate gradients, time-major [T*B, 3H], for the weight gradient.
     let mut dgh = vec![0.0f32; t_len * bs * g];
     let mut dh = vec![0.0f32; bs * h];
+    let mut db_hh = vec![0.0f32; g];
+    let (mut dgamma, mut dbeta) = match ln {
+        Some(_) => (vec![0.0f32; g], vec![0.0f32; g]),
+        None => (Vec::new(), Vec::new()),
+    };
     for t in (0..t_len).rev() {
         for b in 0..bs {
             let m = mask.map_or(1.0, |m| m[b * t_len + t]);
@@ -167,6 +219,32 @@ pub fn backward(
                 // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
                 dhb[j] = (1.0 - m) * gsum + dhn * z;
             }
+            for (acc, v) in db_hh.iter_mut().zip(dg.iter()) {
+                *acc += v;
+            }
+            if let Some(norm) = ln {
+                // Through the LayerNorm: dg becomes the gradient of the raw product.
+                let at = (t * bs + b) * g;
+                for k in 0..3 {
+                    let xh = &saved.ghat[at + k * h..at + (k + 1) * h];
+                    let rstd = saved.rstd[(t * bs + b) * 3 + k];
+                    let seg = &mut dg[k * h..(k + 1) * h];
+                    let gm = &norm.gamma[k * h..(k + 1) * h];
+                    let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                    for j in 0..h {
+                        dbeta[k * h + j] += seg[j];
+                        dgamma[k * h + j] += seg[j] * xh[j];
+                        let dxh = seg[j] * gm[j];
+                        m1 += dxh;
+                        m2 += dxh * xh[j];
+                        seg[j] = dxh;
+                    }
+                    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+                    for j in 0..h {
+                        seg[j] = rstd * (seg[j] - m1 - xh[j] * m2);
+                    }
+                }
+            }
         }
         // dh += dgh_t W_hh  ([B, 3H] x [3H, H]).
         let dg_t = &dgh[t * bs * g..(t + 1) * bs * g];
@@ -190,17 +268,13 @@ pub fn backward(
         false,
         threads,
     );
-    let mut db_hh = vec![0.0f32; g];
-    for row in dgh.chunks_exact(g) {
-        for (acc, v) in db_hh.iter_mut().zip(row) {
-            *acc += v;
-        }
-    }
     GruGrads {
         dxp,
         dh0: dh,
         dw_hh,
         db_hh,
+        dgamma,
+        dbeta,
     }
 }
 
@@ -220,21 +294,8 @@ mod tests {
             .collect()
     }
 
-    /// The loss `sum(out * c)` for fixed random `c`, in f64 for finite differences.
-    fn loss(
-        d: GruDims,
-        xp: &[f32],
-        h0: &[f32],
-        w: &[f32],
-        b: &[f32],
-        mask: Option<&[f32]>,
-        c: &[f32],
-    ) -> f64 {
-        let mut out = vec![0.0; d.batch * d.steps * d.hidden];
-        forward(d, xp, h0, w, b, mask, &mut out, &mut GruSaved::default(), 1);
-        out.iter().zip(c).map(|(o, c)| *o as f64 * *c as f64).sum()
-    }
-
+    /// Analytic gradients of `sum(out * c)` equal central finite differences (in f64
+    /// sums of f32 runs), for every input, with and without the gate LayerNorm.
     #[test]
     fn backward_matches_finite_differences() {
         let d = GruDims {
@@ -243,35 +304,72 @@ mod tests {
             hidden: 5,
         };
         let g = 3 * d.hidden;
-        let xp = rand(d.batch * d.steps * g, 1);
-        let h0 = rand(d.batch * d.hidden, 2);
-        let w: Vec<f32> = rand(g * d.hidden, 3).iter().map(|x| x * 0.5).collect();
-        let b = rand(g, 4);
         let mask = vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0];
         let c = rand(d.batch * d.steps * d.hidden, 5);
-        let mut out = vec![0.0; c.len()];
-        let mut saved = GruSaved::default();
-        forward(d, &xp, &h0, &w, &b, Some(&mask), &mut out, &mut saved, 1);
-        let gr = backward(d, &w, Some(&mask), &saved, &c, 1);
-        let eps = 1e-3f32;
-        let check = |name: &str, analytic: &[f32], which: usize| {
-            for i in 0..analytic.len() {
-                let mut args = [xp.clone(), h0.clone(), w.clone(), b.clone()];
-                args[which][i] += eps;
-                let up = loss(d, &args[0], &args[1], &args[2], &args[3], Some(&mask), &c);
-                args[which][i] -= 2.0 * eps;
-                let down = loss(d, &args[0], &args[1], &args[2], &args[3], Some(&mask), &c);
-                let fd = (up - down) / (2.0 * eps as f64);
-                let an = analytic[i] as f64;
-                assert!(
-                    (fd - an).abs() < 1e-3 + 1e-2 * fd.abs(),
-                    "{name}[{i}]: analytic {an} fd {fd}"
+        for with_ln in [false, true] {
+            // xp, h0, w_hh, b_hh, gamma, beta
+            let args0 = [
+                rand(d.batch * d.steps * g, 1),
+                rand(d.batch * d.hidden, 2),
+                rand(g * d.hidden, 3)
+                    .iter()
+                    .map(|x| x * 0.5)
+                    .collect::<Vec<_>>(),
+                rand(g, 4),
+                rand(g, 6).iter().map(|x| 1.0 + 0.3 * x).collect::<Vec<_>>(),
+                rand(g, 7).iter().map(|x| 0.2 * x).collect::<Vec<_>>(),
+            ];
+            let run = |a: &[Vec<f32>; 6], saved: &mut GruSaved| {
+                let ln = with_ln.then(|| GateNorm {
+                    gamma: &a[4],
+                    beta: &a[5],
+                });
+                let mut out = vec![0.0; c.len()];
+                forward(
+                    d,
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    Some(&mask),
+                    ln,
+                    &mut out,
+                    saved,
+                    1,
                 );
+                out.iter()
+                    .zip(&c)
+                    .map(|(o, c)| *o as f64 * *c as f64)
+                    .sum::<f64>()
+            };
+            let mut saved = GruSaved::default();
+            run(&args0, &mut saved);
+            let ln = with_ln.then(|| GateNorm {
+                gamma: &args0[4],
+                beta: &args0[5],
+            });
+            let gr = backward(d, &args0[2], Some(&mask), ln, &saved, &c, 1);
+            let mut analytic = vec![&gr.dxp, &gr.dh0, &gr.dw_hh, &gr.db_hh];
+            if with_ln {
+                analytic.push(&gr.dgamma);
+                analytic.push(&gr.dbeta);
             }
-        };
-        check("xp", &gr.dxp, 0);
-        check("h0", &gr.dh0, 1);
-        check("w_hh", &gr.dw_hh, 2);
-        check("b_hh", &gr.db_hh, 3);
+            let eps = 1e-3f32;
+            for (which, an) in analytic.iter().enumerate() {
+                for i in 0..an.len() {
+                    let mut p = args0.clone();
+                    p[which][i] += eps;
+                    let up = run(&p, &mut GruSaved::default());
+                    p[which][i] -= 2.0 * eps;
+                    let down = run(&p, &mut GruSaved::default());
+                    let fd = (up - down) / (2.0 * eps as f64);
+                    let x = an[i] as f64;
+                    assert!(
+                        (fd - x).abs() < 2e-3 + 1e-2 * fd.abs(),
+                        "ln={with_ln} arg {which}[{i}]: analytic {x} fd {fd}"
+                    );
+                }
+            }
+        }
     }
 }
