@@ -120,31 +120,156 @@ pub fn forward(
             let x = &xp[(b * t_len + t) * g..(b * t_len + t + 1) * g];
             let ghb = &gh[b * g..(b + 1) * g];
             let base = (t * bs + b) * h;
-            let r = &mut s.r[base..base + h];
-            let z = &mut s.z[base..base + h];
-            let n = &mut s.n[base..base + h];
-            let ghn = &mut s.ghn[base..base + h];
-            let hp = &mut s.h_prev[base..base + h];
-            let hb = &mut hcur[b * h..(b + 1) * h];
-            // Element-wise passes over the row, each simple enough to vectorise.
-            for j in 0..h {
-                r[j] = math::sigmoid(x[j] + ghb[j] + b_hh[j]);
-                z[j] = math::sigmoid(x[h + j] + ghb[h + j] + b_hh[h + j]);
-                ghn[j] = ghb[2 * h + j] + b_hh[2 * h + j];
-            }
-            for j in 0..h {
-                n[j] = math::tanh(x[2 * h + j] + r[j] * ghn[j]);
-            }
             let o = &mut out[(b * t_len + t) * h..(b * t_len + t + 1) * h];
-            for j in 0..h {
-                let p = hb[j];
-                hp[j] = p;
-                let hn = n[j] + z[j] * (p - n[j]);
-                let v = p + m * (hn - p);
-                hb[j] = v;
-                o[j] = v;
-            }
+            let hb = &mut hcur[b * h..(b + 1) * h];
+            gates_row(
+                h,
+                m,
+                x,
+                ghb,
+                b_hh,
+                &mut s.r[base..base + h],
+                &mut s.z[base..base + h],
+                &mut s.n[base..base + h],
+                &mut s.ghn[base..base + h],
+                &mut s.h_prev[base..base + h],
+                hb,
+                o,
+            );
         }
+    }
+}
+
+math::multiversion! {
+    /// The gate arithmetic of one batch row at one step (see [`gates_row_generic`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gates_row(
+        h: usize,
+        m: f32,
+        x: &[f32],
+        gh: &[f32],
+        b_hh: &[f32],
+        r: &mut [f32],
+        z: &mut [f32],
+        n: &mut [f32],
+        ghn: &mut [f32],
+        hp: &mut [f32],
+        hb: &mut [f32],
+        o: &mut [f32],
+    ) = gates_row_generic;
+}
+
+/// Gates from the input projection `x` and recurrent product `gh` (`[3H]` each), the
+/// new state into `hb` (which holds the previous one) and `o`; keeps r, z, n, the
+/// candidate's hidden part and the previous state for the backward pass. Element-wise
+/// passes, each simple enough to vectorise.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gates_row_generic(
+    h: usize,
+    m: f32,
+    x: &[f32],
+    gh: &[f32],
+    b_hh: &[f32],
+    r: &mut [f32],
+    z: &mut [f32],
+    n: &mut [f32],
+    ghn: &mut [f32],
+    hp: &mut [f32],
+    hb: &mut [f32],
+    o: &mut [f32],
+) {
+    let (r, z, n, ghn, hp, hb, o) = (
+        &mut r[..h],
+        &mut z[..h],
+        &mut n[..h],
+        &mut ghn[..h],
+        &mut hp[..h],
+        &mut hb[..h],
+        &mut o[..h],
+    );
+    let (x, gh, b) = (&x[..3 * h], &gh[..3 * h], &b_hh[..3 * h]);
+    for j in 0..h {
+        r[j] = math::sigmoid(x[j] + gh[j] + b[j]);
+        z[j] = math::sigmoid(x[h + j] + gh[h + j] + b[h + j]);
+        ghn[j] = gh[2 * h + j] + b[2 * h + j];
+    }
+    for j in 0..h {
+        n[j] = math::tanh(x[2 * h + j] + r[j] * ghn[j]);
+    }
+    for j in 0..h {
+        let p = hb[j];
+        hp[j] = p;
+        let hn = n[j] + z[j] * (p - n[j]);
+        let v = p + m * (hn - p);
+        hb[j] = v;
+        o[j] = v;
+    }
+}
+
+math::multiversion! {
+    /// The backward gate arithmetic of one batch row at one step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_row(
+        h: usize,
+        m: f32,
+        dout: &[f32],
+        r: &[f32],
+        z: &[f32],
+        n: &[f32],
+        ghn: &[f32],
+        hp: &[f32],
+        dx: &mut [f32],
+        dg: &mut [f32],
+        dh: &mut [f32],
+    ) = grad_row_generic;
+}
+
+/// From the gradient reaching this step's state (`dh`, carried, plus `dout`) to the
+/// gradients of the input projection (`dx`), of the recurrent product (`dg`, `[3H]`)
+/// and, through the direct paths, of the previous state (written back into `dh`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn grad_row_generic(
+    h: usize,
+    m: f32,
+    dout: &[f32],
+    r: &[f32],
+    z: &[f32],
+    n: &[f32],
+    ghn: &[f32],
+    hp: &[f32],
+    dx: &mut [f32],
+    dg: &mut [f32],
+    dh: &mut [f32],
+) {
+    let (dout, r, z, n, ghn, hp, dh) = (
+        &dout[..h],
+        &r[..h],
+        &z[..h],
+        &n[..h],
+        &ghn[..h],
+        &hp[..h],
+        &mut dh[..h],
+    );
+    let (dx, dg) = (&mut dx[..3 * h], &mut dg[..3 * h]);
+    for j in 0..h {
+        let gsum = dh[j] + dout[j];
+        let dhn = m * gsum;
+        let dn = dhn * (1.0 - z[j]);
+        let dz = dhn * (hp[j] - n[j]);
+        let dan = dn * (1.0 - n[j] * n[j]);
+        let dr = dan * ghn[j];
+        let dar = dr * r[j] * (1.0 - r[j]);
+        let daz = dz * z[j] * (1.0 - z[j]);
+        dx[j] = dar;
+        dx[h + j] = daz;
+        dx[2 * h + j] = dan;
+        dg[j] = dar;
+        dg[h + j] = daz;
+        dg[2 * h + j] = dan * r[j];
+        // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
+        dh[j] = (1.0 - m) * gsum + dhn * z[j];
     }
 }
 
@@ -199,26 +324,19 @@ pub fn backward(
             let dg = &mut dgh[(t * bs + b) * g..(t * bs + b + 1) * g];
             let dhb = &mut dh[b * h..(b + 1) * h];
             let dob = &dout[(b * t_len + t) * h..(b * t_len + t + 1) * h];
-            for j in 0..h {
-                let gsum = dhb[j] + dob[j];
-                let dhn = m * gsum;
-                let (r, z, n) = (saved.r[base + j], saved.z[base + j], saved.n[base + j]);
-                let (ghn, hp) = (saved.ghn[base + j], saved.h_prev[base + j]);
-                let dn = dhn * (1.0 - z);
-                let dz = dhn * (hp - n);
-                let dan = dn * (1.0 - n * n);
-                let dr = dan * ghn;
-                let dar = dr * r * (1.0 - r);
-                let daz = dz * z * (1.0 - z);
-                dx[j] = dar;
-                dx[h + j] = daz;
-                dx[2 * h + j] = dan;
-                dg[j] = dar;
-                dg[h + j] = daz;
-                dg[2 * h + j] = dan * r;
-                // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
-                dhb[j] = (1.0 - m) * gsum + dhn * z;
-            }
+            grad_row(
+                h,
+                m,
+                dob,
+                &saved.r[base..base + h],
+                &saved.z[base..base + h],
+                &saved.n[base..base + h],
+                &saved.ghn[base..base + h],
+                &saved.h_prev[base..base + h],
+                dx,
+                dg,
+                dhb,
+            );
             for (acc, v) in db_hh.iter_mut().zip(dg.iter()) {
                 *acc += v;
             }

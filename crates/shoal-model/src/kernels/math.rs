@@ -35,8 +35,59 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
-/// Sum of `e^(x - shift)` over a slice, in 16 independent lanes so that it vectorises.
-pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+/// Defines `pub fn $name` that runs `$generic` compiled for AVX-512 or AVX2+FMA when the
+/// CPU has them (checked at run time) and for the baseline target otherwise. `$generic`
+/// must be `#[inline(always)]` so that it is compiled anew inside each variant.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $generic:ident;) => {
+        $(#[$m])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+multiversion! {
+    /// Sum of `e^(x - shift)` over a slice, in 16 independent lanes so that it vectorises.
+    pub fn sum_exp(xs: &[f32], shift: f32) -> f32 = sum_exp_generic;
+}
+
+multiversion! {
+    /// `x = scale * e^(x - shift)` for every element.
+    pub fn exp_scale(xs: &mut [f32], shift: f32, scale: f32) = exp_scale_generic;
+}
+
+#[inline(always)]
+fn exp_scale_generic(xs: &mut [f32], shift: f32, scale: f32) {
+    for x in xs.iter_mut() {
+        *x = scale * exp(*x - shift);
+    }
+}
+
+#[inline(always)]
+fn sum_exp_generic(xs: &[f32], shift: f32) -> f32 {
     let mut lanes = [0.0f32; 16];
     let mut it = xs.chunks_exact(16);
     for c in &mut it {

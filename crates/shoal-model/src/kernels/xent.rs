@@ -47,9 +47,7 @@ pub fn backward(
             return;
         }
         let l = lse[i];
-        for x in row.iter_mut() {
-            *x = scale * math::exp(*x - l);
-        }
+        math::exp_scale(row, l, scale);
         let t = (targets[i] as usize).min(v - 1);
         row[t] -= scale;
     });
