@@ -1,6 +1,8 @@
 //! The engine-facing layer of shoal: recurrent layers, the seq2seq NMT model, decoding,
-//! and the flat-buffer parameter/gradient adapter. Everything here is generic over the
-//! burn backend; [`Cpu`] and [`CpuTrain`] name the default CPU backend.
+//! the flat-buffer parameter/gradient adapter, and the fused operations ([`fused`], on
+//! the host kernels in [`kernels`]) that make recurrent training fast on CPU.
+//! Everything here is generic over the burn backend (fused operations need
+//! [`fused::FusedRnnBackend`]); [`Cpu`] and [`CpuTrain`] name the default CPU backend.
 
 pub mod decode;
 pub mod error;
