@@ -109,7 +109,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             batch_size: 32,
-            epochs: 2,
+            epochs: 8,
             max_steps: 0,
             max_minutes: 0.0,
             seed: 1,

@@ -1,0 +1,242 @@
+//! Collectives on flat `f32` buffers over any [`Transport`]: ring allreduce
+//! (reduce-scatter then allgather, each segment moved in pieces so that sending and
+//! receiving alternate and the transport never has to buffer more than one piece per
+//! direction), ring allgather, pipelined broadcast, and a barrier.
+
+use crate::transport::Transport;
+use crate::{Error, Result};
+
+/// Default piece size in bytes (kept under the kernel's socket buffers).
+pub const DEFAULT_PIECE_BYTES: usize = 64 * 1024;
+
+fn as_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte of it may be read as u8.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+fn as_bytes_mut(x: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every bit pattern written through it is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
+}
+
+/// Bounds of segment `i` when `len` values are split into `n` nearly equal segments.
+fn segment(len: usize, n: usize, i: usize) -> (usize, usize) {
+    let base = len / n;
+    let extra = len % n;
+    let start = i * base + i.min(extra);
+    (start, start + base + usize::from(i < extra))
+}
+
+/// A group of ranks running collectives over a transport. Each call must be made by
+/// every rank, in the same order, with buffers of the same length.
+pub struct Communicator<T: Transport> {
+    t: T,
+    piece: usize,
+    scratch: Vec<f32>,
+    /// Counts calls; sent as the message tag so that ranks running different
+    /// collectives (a bug in the caller) fail loudly instead of mixing data.
+    op: u32,
+}
+
+impl<T: Transport> Communicator<T> {
+    pub fn new(t: T) -> Self {
+        Self::with_piece_bytes(t, DEFAULT_PIECE_BYTES)
+    }
+
+    /// A communicator that moves data in pieces of at most `piece_bytes`.
+    pub fn with_piece_bytes(t: T, piece_bytes: usize) -> Self {
+        let piece = (piece_bytes / 4).max(1);
+        Self {
+            t,
+            piece,
+            scratch: vec![0.0; piece],
+            op: 0,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.t.size()
+    }
+
+    pub fn transport(&mut self) -> &mut T {
+        &mut self.t
+    }
+
+    fn next_tag(&mut self) -> u32 {
+        self.op = self.op.wrapping_add(1);
+        self.op
+    }
+
+    /// Sends `out` to `to` while receiving `inc.len()` values from `from`, piece by
+    /// piece; `reduce` adds the received values into `inc`, otherwise they overwrite it.
+    fn exchange(
+        &mut self,
+        to: usize,
+        out: &[f32],
+        from: usize,
+        inc: &mut [f32],
+        reduce: bool,
+        tag: u32,
+    ) -> Result<()> {
+        let p = self.piece;
+        let pieces = out.len().div_ceil(p).max(inc.len().div_ceil(p));
+        for k in 0..pieces {
+            let o = &out[(k * p).min(out.len())..((k + 1) * p).min(out.len())];
+            if !o.is_empty() {
+                self.t.send(to, tag, as_bytes(o))?;
+            }
+            let lo = (k * p).min(inc.len());
+            let hi = ((k + 1) * p).min(inc.len());
+            if hi > lo {
+                if reduce {
+                    let s = &mut self.scratch[..hi - lo];
+                    self.t.recv(from, tag, as_bytes_mut(s))?;
+                    for (d, v) in inc[lo..hi].iter_mut().zip(s.iter()) {
+                        *d += v;
+                    }
+                } else {
+                    self.t.recv(from, tag, as_bytes_mut(&mut inc[lo..hi]))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `data` on every rank by the element-wise sum over all ranks.
+    /// Ring algorithm: `2 (n-1) / n` of the buffer crosses each link.
+    pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        let tag = self.next_tag();
+        if n == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let r = self.rank();
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        // Reduce-scatter: after n-1 steps rank r holds the full sum of segment r+1.
+        for s in 0..n - 1 {
+            let send_i = (r + n - s) % n;
+            let recv_i = (r + 2 * n - s - 1) % n;
+            let (a, b) = segment(data.len(), n, send_i);
+            let (c, d) = segment(data.len(), n, recv_i);
+            let (out, inc) = split_two(data, (a, b), (c, d));
+            self.exchange(next, out, prev, inc, true, tag)?;
+        }
+        // Allgather of the reduced segments.
+        for s in 0..n - 1 {
+            let send_i = (r + 1 + n - s) % n;
+            let recv_i = (r + n - s) % n;
+            let (a, b) = segment(data.len(), n, send_i);
+            let (c, d) = segment(data.len(), n, recv_i);
+            let (out, inc) = split_two(data, (a, b), (c, d));
+            self.exchange(next, out, prev, inc, false, tag)?;
+        }
+        Ok(())
+    }
+
+    /// Concatenates every rank's `mine` (all the same length) into `out`, in rank order.
+    pub fn allgather(&mut self, mine: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        let m = mine.len();
+        if out.len() != n * m {
+            return Err(Error::Mismatch(format!(
+                "allgather: output holds {} values, expected {n} x {m}",
+                out.len()
+            )));
+        }
+        let tag = self.next_tag();
+        let r = self.rank();
+        out[r * m..(r + 1) * m].copy_from_slice(mine);
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        for s in 0..n.saturating_sub(1) {
+            let send_i = (r + n - s) % n;
+            let recv_i = (r + 2 * n - s - 1) % n;
+            let (o, i) = split_two(
+                out,
+                (send_i * m, (send_i + 1) * m),
+                (recv_i * m, (recv_i + 1) * m),
+            );
+            self.exchange(next, o, prev, i, false, tag)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` from rank `root` to every rank, pipelined around the ring.
+    pub fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
+        let n = self.size();
+        if root >= n {
+            return Err(Error::BadRank {
+                peer: root,
+                rank: self.rank(),
+                size: n,
+            });
+        }
+        let tag = self.next_tag();
+        if n == 1 {
+            return Ok(());
+        }
+        let r = self.rank();
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        let p = self.piece;
+        let len = data.len();
+        for lo in (0..len).step_by(p) {
+            let piece = &mut data[lo..(lo + p).min(len)];
+            if r != root {
+                self.t.recv(prev, tag, as_bytes_mut(piece))?;
+            }
+            if next != root {
+                self.t.send(next, tag, as_bytes(piece))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns when every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        let mut one = [1.0f32];
+        self.allreduce_sum(&mut one)?;
+        if one[0] as usize != self.size() {
+            return Err(Error::Mismatch(format!(
+                "barrier: counted {} ranks, expected {}",
+                one[0],
+                self.size()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Two disjoint ranges of one slice, the first immutable.
+fn split_two(data: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32], &mut [f32]) {
+    if a.1 <= b.0 {
+        let (x, y) = data.split_at_mut(b.0);
+        (&x[a.0..a.1], &mut y[..b.1 - b.0])
+    } else {
+        let (x, y) = data.split_at_mut(a.0);
+        (&y[..a.1 - a.0], &mut x[b.0..b.1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_buffer() {
+        for len in [0, 1, 5, 7, 100] {
+            for n in 1..6 {
+                let mut next = 0;
+                for i in 0..n {
+                    let (a, b) = segment(len, n, i);
+                    assert_eq!(a, next);
+                    assert!(b - a <= len / n + 1);
+                    next = b;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+}

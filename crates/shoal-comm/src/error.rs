@@ -1,0 +1,32 @@
+//! The crate's error type.
+
+/// Everything that can go wrong moving bytes between ranks.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket operation failed; `what` says which, with the peer.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A peer sent bytes that are not a valid frame (or not the expected one).
+    #[error("bad frame from rank {peer}: {why}")]
+    Frame { peer: usize, why: String },
+    /// A peer closed its connection or its end of the channel.
+    #[error("rank {peer} disconnected")]
+    Disconnected { peer: usize },
+    /// A rank outside the group, or the caller's own rank where a peer is needed.
+    #[error("invalid peer rank {peer} (group of {size}, this is rank {rank})")]
+    BadRank {
+        peer: usize,
+        rank: usize,
+        size: usize,
+    },
+    /// Buffers whose sizes must agree do not.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,21 @@
+//! The data plane of shoal: point-to-point transports that move framed byte messages
+//! between ranks, and collectives built on them that work on flat `f32` buffers. It
+//! knows nothing of the tensor engine (the engine adapter flattens gradients into the
+//! buffers), so it can be tested alone and serve any framework.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`frame`] | the wire header: magic, version, kind, tag, bounded length |
+//! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference) and [`tcp`] |
+//! | [`collective`] | ring allreduce (reduce-scatter + allgather), broadcast, allgather, barrier |
+
+pub mod collective;
+pub mod error;
+pub mod frame;
+pub mod local;
+pub mod tcp;
+pub mod transport;
+
+pub use collective::Communicator;
+pub use error::{Error, Result};
+pub use transport::Transport;

@@ -1,0 +1,248 @@
+//! The TCP transport: one connection per pair of ranks. Rank `i` accepts connections
+//! from the ranks above it and connects to the ranks below it; each connection opens
+//! with a `Hello` frame carrying the sender's rank and the job token, and a connection
+//! that presents a wrong token, an unknown rank or a malformed frame is refused. Sends
+//! write the header and the caller's buffer with vectored writes (no copy, no
+//! allocation); receives read straight into the caller's buffer.
+
+use crate::frame::{Header, Kind, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use crate::transport::Transport;
+use crate::{Error, Result};
+use std::io::{IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// Shared secret every connection must present.
+    pub token: String,
+    /// How long to keep trying to reach peers that are not listening yet.
+    pub connect_timeout: Duration,
+    /// Largest payload accepted in one frame.
+    pub max_payload: u64,
+    /// A receive that waits longer than this fails (None: wait for ever).
+    pub read_timeout: Option<Duration>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            connect_timeout: Duration::from_secs(30),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            read_timeout: None,
+        }
+    }
+}
+
+/// One rank's connections to all its peers.
+pub struct TcpTransport {
+    rank: usize,
+    peers: Vec<Option<TcpStream>>,
+    max_payload: u64,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn write_all_vectored(s: &mut TcpStream, header: &[u8], data: &[u8], peer: usize) -> Result<()> {
+    let (mut h, mut d) = (header, data);
+    while !h.is_empty() || !d.is_empty() {
+        let n = s
+            .write_vectored(&[IoSlice::new(h), IoSlice::new(d)])
+            .map_err(io(format!("sending to rank {peer}")))?;
+        if n == 0 {
+            return Err(Error::Disconnected { peer });
+        }
+        let from_h = n.min(h.len());
+        h = &h[from_h..];
+        d = &d[n - from_h..];
+    }
+    Ok(())
+}
+
+fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<()> {
+    s.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Disconnected { peer }
+        } else {
+            Error::Io {
+                what: format!("receiving from rank {peer}"),
+                source: e,
+            }
+        }
+    })
+}
+
+fn hello_payload(rank: usize, token: &str) -> Vec<u8> {
+    let mut p = (rank as u64).to_le_bytes().to_vec();
+    p.extend_from_slice(token.as_bytes());
+    p
+}
+
+impl TcpTransport {
+    /// Joins the group: `listener` is this rank's bound listener (at `addrs[rank]`),
+    /// `addrs` every rank's address. Returns when connected to every peer.
+    pub fn connect(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        opts: &TcpOptions,
+    ) -> Result<Self> {
+        let n = addrs.len();
+        if rank >= n {
+            return Err(Error::BadRank {
+                peer: rank,
+                rank,
+                size: n,
+            });
+        }
+        let mut peers: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let deadline = Instant::now() + opts.connect_timeout;
+        // Connect to every lower rank (retrying while it starts), and introduce ourselves.
+        for (peer, addr) in addrs.iter().enumerate().take(rank) {
+            let mut s = loop {
+                match TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(Error::Io {
+                            what: format!("connecting to rank {peer} at {addr}"),
+                            source: e,
+                        })
+                    }
+                }
+            };
+            s.set_nodelay(true)
+                .map_err(io(format!("configuring the connection to rank {peer}")))?;
+            let payload = hello_payload(rank, &opts.token);
+            let h = Header {
+                kind: Kind::Hello,
+                tag: 0,
+                len: payload.len() as u64,
+            };
+            write_all_vectored(&mut s, &h.encode(), &payload, peer)?;
+            peers[peer] = Some(s);
+        }
+        // Accept every higher rank; check who it is and its token.
+        listener
+            .set_nonblocking(false)
+            .map_err(io("configuring the listener".into()))?;
+        let mut missing = n - rank - 1;
+        while missing > 0 {
+            let (mut s, from) = listener
+                .accept()
+                .map_err(io(format!("rank {rank} accepting peers")))?;
+            s.set_nodelay(true)
+                .map_err(io(format!("configuring the connection from {from}")))?;
+            s.set_read_timeout(Some(opts.connect_timeout))
+                .map_err(io(format!("configuring the connection from {from}")))?;
+            let mut hb = [0u8; HEADER_LEN];
+            // A connection that fails its handshake is dropped; the group waits on.
+            let who = (|| -> Result<usize> {
+                read_exact(&mut s, &mut hb, usize::MAX)?;
+                let h = Header::decode(&hb, usize::MAX, 1024)?;
+                if h.kind != Kind::Hello || h.len < 8 {
+                    return Err(Error::Frame {
+                        peer: usize::MAX,
+                        why: "connection did not open with a hello".into(),
+                    });
+                }
+                let mut p = vec![0u8; h.len as usize];
+                read_exact(&mut s, &mut p, usize::MAX)?;
+                let mut r = [0u8; 8];
+                r.copy_from_slice(&p[..8]);
+                let peer = u64::from_le_bytes(r) as usize;
+                if &p[8..] != opts.token.as_bytes() {
+                    return Err(Error::Frame {
+                        peer,
+                        why: "wrong job token".into(),
+                    });
+                }
+                if peer <= rank || peer >= n || peers[peer].is_some() {
+                    return Err(Error::BadRank {
+                        peer,
+                        rank,
+                        size: n,
+                    });
+                }
+                Ok(peer)
+            })();
+            match who {
+                Ok(peer) => {
+                    s.set_read_timeout(opts.read_timeout)
+                        .map_err(io(format!("configuring the connection from rank {peer}")))?;
+                    peers[peer] = Some(s);
+                    missing -= 1;
+                }
+                Err(e) => {
+                    eprintln!("shoal-comm: rank {rank} refused a connection from {from}: {e}");
+                }
+            }
+        }
+        for s in peers.iter().flatten() {
+            s.set_read_timeout(opts.read_timeout)
+                .map_err(io("configuring a connection".into()))?;
+        }
+        Ok(Self {
+            rank,
+            peers,
+            max_payload: opts.max_payload,
+        })
+    }
+
+    fn stream(&mut self, peer: usize) -> Result<&mut TcpStream> {
+        let (rank, size) = (self.rank, self.peers.len());
+        self.peers
+            .get_mut(peer)
+            .and_then(|s| s.as_mut())
+            .ok_or(Error::BadRank { peer, rank, size })
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()> {
+        let h = Header {
+            kind: Kind::Data,
+            tag,
+            len: data.len() as u64,
+        }
+        .encode();
+        let s = self.stream(peer)?;
+        write_all_vectored(s, &h, data, peer)
+    }
+
+    fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
+        let max = self.max_payload;
+        let s = self.stream(peer)?;
+        let mut hb = [0u8; HEADER_LEN];
+        read_exact(s, &mut hb, peer)?;
+        let h = Header::decode(&hb, peer, max)?;
+        if h.kind != Kind::Data || h.tag != tag || h.len != buf.len() as u64 {
+            return Err(Error::Frame {
+                peer,
+                why: format!(
+                    "expected data tag {tag} with {} bytes, got {:?} tag {} with {} bytes",
+                    buf.len(),
+                    h.kind,
+                    h.tag,
+                    h.len
+                ),
+            });
+        }
+        read_exact(s, buf, peer)
+    }
+}

@@ -1,0 +1,19 @@
+//! Point-to-point message passing between the ranks of a group.
+
+use crate::Result;
+
+/// Moves whole messages between this rank and its peers. Messages between one pair of
+/// ranks arrive in the order they were sent. `send` may return before the peer has
+/// received the message, but only as far as the transport buffers it: callers that send
+/// and receive in turn (as the collectives do) keep each message small enough for that.
+pub trait Transport: Send {
+    /// This process's rank, `0..size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// Sends `data` to `peer` as one message labelled `tag`.
+    fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()>;
+    /// Receives the next message from `peer` into `buf`. It must carry `tag` and exactly
+    /// `buf.len()` bytes; anything else is an error naming the peer.
+    fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()>;
+}
