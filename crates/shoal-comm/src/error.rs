@@ -23,9 +23,12 @@ pub enum Error {
         rank: usize,
         size: usize,
     },
-    /// Buffers whose sizes must agree do not.
+    /// Buffers whose sizes must agree do not, or a group-level condition failed.
     #[error("{0}")]
     Mismatch(String),
+    /// The optimizer on a parameter-server shard refused an update.
+    #[error(transparent)]
+    Optim(#[from] shoal_optim::Error),
 }
 
 /// Result alias for this crate.

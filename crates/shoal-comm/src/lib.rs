@@ -13,6 +13,7 @@ pub mod collective;
 pub mod error;
 pub mod frame;
 pub mod local;
+pub mod ps;
 pub mod tcp;
 pub mod transport;
 

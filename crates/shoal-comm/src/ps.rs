@@ -1,0 +1,714 @@
+//! The parameter server: `M` shards, each owning a contiguous range of the flat dense
+//! parameter buffer (ranges balanced by size) and the sparse rows whose key hashes to
+//! it (created on first touch). Workers push gradients and pull parameters over TCP
+//! frames. In sync mode a shard sums the pushes of all `N` workers for a step, applies
+//! its optimizer once, then serves the pulls for that step; in async mode it applies
+//! each push on arrival, and a pull may run ahead of the applied updates by at most
+//! `max_staleness` steps. Optimizer state lives on the server (`shoal-optim`).
+//!
+//! A worker that disconnects before saying goodbye fails the shard: every other
+//! worker's next pull returns an error naming it instead of waiting for ever.
+
+use crate::frame::{Header, Kind, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use crate::{Error, Result};
+use shoal_optim::{Optimizer, OptimizerConfig};
+use std::collections::HashMap;
+use std::io::{IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const OP_HELLO: u32 = 1;
+const OP_INIT: u32 = 2;
+const OP_PUSH: u32 = 3;
+const OP_PULL: u32 = 4;
+const OP_PULL_SPARSE: u32 = 5;
+const OP_BYE: u32 = 6;
+const OP_OK: u32 = 100;
+const OP_ERR: u32 = 101;
+
+/// How a shard applies pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PsMode {
+    /// Sum the pushes of every worker for a step, then apply once.
+    Sync,
+    /// Apply each push on arrival; a pull for step `s` waits until at least
+    /// `s - max_staleness` updates have been applied (None: never waits).
+    Async { max_staleness: Option<u64> },
+}
+
+/// One shard's settings.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub workers: usize,
+    pub mode: PsMode,
+    pub optimizer: OptimizerConfig,
+    pub lr: f32,
+    /// Divide summed gradients by the number of workers (mean rather than sum).
+    pub average: bool,
+    /// Width of a sparse row (0: no sparse table).
+    pub sparse_dim: usize,
+    pub token: String,
+    /// How long a pull waits for the other workers before failing.
+    pub timeout: Duration,
+}
+
+/// The contiguous range of a `total`-value buffer owned by shard `i` of `m`.
+pub fn shard_range(total: usize, m: usize, i: usize) -> (usize, usize) {
+    let base = total / m;
+    let extra = total % m;
+    let start = i * base + i.min(extra);
+    (start, start + base + usize::from(i < extra))
+}
+
+/// The shard that owns sparse key `key` (SplitMix64 of the key, so neighbouring ids
+/// spread evenly).
+pub fn sparse_shard(key: u64, m: usize) -> usize {
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % m as u64) as usize
+}
+
+struct SparseRow {
+    value: Vec<f32>,
+    opt: Optimizer,
+}
+
+struct Shard {
+    cfg: ShardConfig,
+    params: Option<Vec<f32>>,
+    opt: Option<Optimizer>,
+    /// Updates applied so far.
+    applied: u64,
+    /// Sync mode: the sum of this step's pushes and how many arrived.
+    pending: Vec<f32>,
+    pending_sparse: HashMap<u64, Vec<f32>>,
+    arrived: usize,
+    sparse: HashMap<u64, SparseRow>,
+    failed: Option<String>,
+    done: usize,
+}
+
+impl Shard {
+    fn apply(&mut self, dense: &[f32], sparse: &HashMap<u64, Vec<f32>>) -> Result<()> {
+        let scale = if self.cfg.average && self.cfg.mode == PsMode::Sync {
+            1.0 / self.cfg.workers as f32
+        } else {
+            1.0
+        };
+        let lr = self.cfg.lr;
+        if let (Some(p), Some(o)) = (self.params.as_mut(), self.opt.as_mut()) {
+            if scale != 1.0 {
+                let g: Vec<f32> = dense.iter().map(|x| x * scale).collect();
+                o.step(lr, p, &g)?;
+            } else {
+                o.step(lr, p, dense)?;
+            }
+        }
+        let dim = self.cfg.sparse_dim;
+        for (k, g) in sparse {
+            let row = self.sparse.entry(*k).or_insert_with(|| SparseRow {
+                value: init_row(*k, dim),
+                opt: Optimizer::new(self.cfg.optimizer, dim).expect("validated at start"),
+            });
+            let g: Vec<f32> = g.iter().map(|x| x * scale).collect();
+            row.opt.step(lr, &mut row.value, &g)?;
+        }
+        self.applied += 1;
+        Ok(())
+    }
+}
+
+/// A new sparse row: small values from a hash of the key (the same on every run).
+fn init_row(key: u64, dim: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|j| {
+            let h = sparse_shard(key.wrapping_mul(31).wrapping_add(j as u64), 1 << 20) as f32;
+            (h / (1 << 20) as f32 - 0.5) * 0.02
+        })
+        .collect()
+}
+
+/// A running shard: its address and a handle to stop waiting on it.
+pub struct PsServer {
+    pub addr: SocketAddr,
+    state: Arc<(Mutex<Shard>, Condvar)>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn send_frame(s: &mut TcpStream, op: u32, parts: &[&[u8]], peer: usize) -> Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let h = Header {
+        kind: Kind::Data,
+        tag: op,
+        len: len as u64,
+    }
+    .encode();
+    // write_all_vectored is unstable: write, then advance over what was written.
+    let mut bufs: Vec<&[u8]> = std::iter::once(&h[..])
+        .chain(parts.iter().copied())
+        .collect();
+    while bufs.iter().any(|b| !b.is_empty()) {
+        let io_slices: Vec<IoSlice> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut n = s
+            .write_vectored(&io_slices)
+            .map_err(io(format!("sending to {peer}")))?;
+        if n == 0 {
+            return Err(Error::Disconnected { peer });
+        }
+        for b in bufs.iter_mut() {
+            let k = n.min(b.len());
+            *b = &b[k..];
+            n -= k;
+        }
+    }
+    Ok(())
+}
+
+fn recv_frame(s: &mut TcpStream, buf: &mut Vec<u8>, peer: usize, max: u64) -> Result<u32> {
+    let mut hb = [0u8; HEADER_LEN];
+    s.read_exact(&mut hb).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Disconnected { peer },
+        _ => Error::Io {
+            what: format!("receiving from {peer}"),
+            source: e,
+        },
+    })?;
+    let h = Header::decode(&hb, peer, max)?;
+    buf.clear();
+    buf.resize(h.len as usize, 0);
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Disconnected { peer },
+        _ => Error::Io {
+            what: format!("receiving from {peer}"),
+            source: e,
+        },
+    })?;
+    Ok(h.tag)
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; every byte may be read as u8.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+fn u64s_bytes(x: &[u64]) -> &[u8] {
+    // SAFETY: as above for u64.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+fn read_u64(b: &[u8], at: usize, peer: usize) -> Result<u64> {
+    b.get(at..at + 8)
+        .map(|s| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(s);
+            u64::from_le_bytes(a)
+        })
+        .ok_or(Error::Frame {
+            peer,
+            why: "message too short".into(),
+        })
+}
+
+impl PsServer {
+    /// Starts a shard owning `len` dense values on `listener`.
+    pub fn start(listener: TcpListener, len: usize, cfg: ShardConfig) -> Result<Self> {
+        if cfg.workers == 0 {
+            return Err(Error::Mismatch(
+                "a parameter server needs at least one worker".into(),
+            ));
+        }
+        cfg.optimizer
+            .validate()
+            .map_err(|e| Error::Mismatch(format!("parameter server optimizer: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("reading the shard address".into()))?;
+        let workers = cfg.workers;
+        let shard = Shard {
+            pending: vec![0.0; len],
+            pending_sparse: HashMap::new(),
+            params: None,
+            opt: None,
+            applied: 0,
+            arrived: 0,
+            sparse: HashMap::new(),
+            failed: None,
+            done: 0,
+            cfg,
+        };
+        let state = Arc::new((Mutex::new(shard), Condvar::new()));
+        let st = state.clone();
+        listener
+            .set_nonblocking(true)
+            .map_err(io("configuring the shard listener".into()))?;
+        // Accepts until every worker is done or the shard failed; refused strangers
+        // do not use up a worker's place.
+        let accept = std::thread::spawn(move || loop {
+            {
+                let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
+                if sh.done >= workers || sh.failed.is_some() {
+                    break;
+                }
+            }
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        if let Err(e) = serve(s, len, &st) {
+                            let (m, cv) = &*st;
+                            let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                            if sh.failed.is_none() {
+                                sh.failed = Some(e.to_string());
+                            }
+                            cv.notify_all();
+                        }
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => break,
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            accept: Some(accept),
+        })
+    }
+
+    /// A copy of the shard's current dense parameters (None before initialisation).
+    pub fn params(&self) -> Option<Vec<f32>> {
+        let sh = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+        sh.params.clone()
+    }
+
+    /// Number of sparse rows the shard holds.
+    pub fn sparse_rows(&self) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sparse
+            .len()
+    }
+
+    /// Waits until every worker has said goodbye (or one failed).
+    pub fn join(mut self) -> Result<()> {
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let (m, cv) = &*self.state;
+        let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+        while sh.done < sh.cfg.workers && sh.failed.is_none() {
+            sh = cv.wait(sh).unwrap_or_else(|p| p.into_inner());
+        }
+        match &sh.failed {
+            Some(e) => Err(Error::Mismatch(format!(
+                "parameter server shard failed: {e}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves one worker connection until it says goodbye.
+fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Result<()> {
+    let _ = s.set_nodelay(true);
+    let (m, cv) = &**st;
+    let (token, workers, dim, timeout) = {
+        let sh = m.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            sh.cfg.token.clone(),
+            sh.cfg.workers,
+            sh.cfg.sparse_dim,
+            sh.cfg.timeout,
+        )
+    };
+    let mut buf = Vec::new();
+    // Hello: worker rank and token.
+    let op = recv_frame(&mut s, &mut buf, usize::MAX, 4096)?;
+    let worker = read_u64(&buf, 0, usize::MAX)? as usize;
+    if op != OP_HELLO || &buf[8..] != token.as_bytes() || worker >= workers {
+        let msg = format!("refused: bad hello (worker {worker}) or wrong job token");
+        let _ = send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker);
+        // A refused stranger does not fail the shard.
+        return Ok(());
+    }
+    send_frame(&mut s, OP_OK, &[], worker)?;
+    let fail = |sh: &mut Shard, e: &Error| {
+        if sh.failed.is_none() {
+            sh.failed = Some(format!("worker {worker}: {e}"));
+        }
+        cv.notify_all();
+    };
+    loop {
+        let op = match recv_frame(&mut s, &mut buf, worker, DEFAULT_MAX_PAYLOAD) {
+            Ok(op) => op,
+            Err(e) => {
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                fail(&mut sh, &e);
+                return Err(e);
+            }
+        };
+        match op {
+            OP_INIT => {
+                let vals = f32s(&buf);
+                if vals.len() != len {
+                    let e = Error::Mismatch(format!(
+                        "init of {} values for a shard of {len}",
+                        vals.len()
+                    ));
+                    let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                    fail(&mut sh, &e);
+                    return Err(e);
+                }
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                if sh.params.is_none() {
+                    let opt = Optimizer::new(sh.cfg.optimizer, len)?;
+                    sh.params = Some(vals);
+                    sh.opt = Some(opt);
+                }
+                cv.notify_all();
+            }
+            OP_PUSH => {
+                // step u64, n_dense u64, n_keys u64, dense f32s, keys u64s, rows f32s
+                let step = read_u64(&buf, 0, worker)?;
+                let nd = read_u64(&buf, 8, worker)? as usize;
+                let nk = read_u64(&buf, 16, worker)? as usize;
+                let want = 24 + 4 * nd + 8 * nk + 4 * nk * dim;
+                if nd != len || buf.len() != want {
+                    let e = Error::Frame {
+                        peer: worker,
+                        why: format!("push of {} bytes for {nd} dense values and {nk} keys (shard holds {len})", buf.len()),
+                    };
+                    let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                    fail(&mut sh, &e);
+                    return Err(e);
+                }
+                let dense = f32s(&buf[24..24 + 4 * nd]);
+                let kb = &buf[24 + 4 * nd..24 + 4 * nd + 8 * nk];
+                let rows = f32s(&buf[24 + 4 * nd + 8 * nk..]);
+                let mut sparse: HashMap<u64, Vec<f32>> = HashMap::new();
+                for (i, k) in kb.chunks_exact(8).enumerate() {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(k);
+                    let g = sparse
+                        .entry(u64::from_le_bytes(a))
+                        .or_insert_with(|| vec![0.0; dim]);
+                    for (x, y) in g.iter_mut().zip(&rows[i * dim..(i + 1) * dim]) {
+                        *x += y;
+                    }
+                }
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                match sh.cfg.mode {
+                    PsMode::Async { .. } => {
+                        sh.apply(&dense, &sparse)?;
+                        cv.notify_all();
+                    }
+                    PsMode::Sync => {
+                        // Wait for the previous step to be applied before joining this one.
+                        let start = Instant::now();
+                        while sh.applied < step && sh.failed.is_none() {
+                            let (g, _) = cv
+                                .wait_timeout(sh, Duration::from_millis(50))
+                                .unwrap_or_else(|p| p.into_inner());
+                            sh = g;
+                            if start.elapsed() > timeout {
+                                break;
+                            }
+                        }
+                        if sh.applied != step {
+                            let e = Error::Mismatch(format!(
+                                "worker {worker} pushed step {step}, the shard is at step {}",
+                                sh.applied
+                            ));
+                            fail(&mut sh, &e);
+                            return Err(e);
+                        }
+                        for (p, g) in sh.pending.iter_mut().zip(&dense) {
+                            *p += g;
+                        }
+                        for (k, g) in sparse {
+                            let e = sh.pending_sparse.entry(k).or_insert_with(|| vec![0.0; dim]);
+                            for (x, y) in e.iter_mut().zip(&g) {
+                                *x += y;
+                            }
+                        }
+                        sh.arrived += 1;
+                        if sh.arrived == workers {
+                            let dense = std::mem::take(&mut sh.pending);
+                            let sp = std::mem::take(&mut sh.pending_sparse);
+                            sh.apply(&dense, &sp)?;
+                            sh.pending = dense;
+                            sh.pending.fill(0.0);
+                            sh.arrived = 0;
+                            cv.notify_all();
+                        }
+                    }
+                }
+            }
+            OP_PULL => {
+                let step = read_u64(&buf, 0, worker)?;
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                let need = match sh.cfg.mode {
+                    PsMode::Sync => step,
+                    PsMode::Async { max_staleness } => {
+                        max_staleness.map_or(0, |k| step.saturating_sub(k))
+                    }
+                };
+                let start = Instant::now();
+                while (sh.params.is_none() || sh.applied < need)
+                    && sh.failed.is_none()
+                    && start.elapsed() < timeout
+                {
+                    let (g, _) = cv
+                        .wait_timeout(sh, Duration::from_millis(50))
+                        .unwrap_or_else(|p| p.into_inner());
+                    sh = g;
+                }
+                if let Some(f) = &sh.failed {
+                    let msg = format!("parameter server shard failed: {f}");
+                    drop(sh);
+                    send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker)?;
+                    continue;
+                }
+                if sh.params.is_none() || sh.applied < need {
+                    let msg = format!(
+                        "timed out after {:?} waiting for step {need} ({} of {workers} workers pushed step {})",
+                        timeout, sh.arrived, sh.applied
+                    );
+                    drop(sh);
+                    send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker)?;
+                    continue;
+                }
+                let p = sh.params.clone().unwrap_or_default();
+                drop(sh);
+                send_frame(&mut s, OP_OK, &[f32_bytes(&p)], worker)?;
+            }
+            OP_PULL_SPARSE => {
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                let mut out = Vec::with_capacity(buf.len() / 8 * dim);
+                for k in buf.chunks_exact(8) {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(k);
+                    let key = u64::from_le_bytes(a);
+                    let opt = sh.cfg.optimizer;
+                    let row = sh.sparse.entry(key).or_insert_with(|| SparseRow {
+                        value: init_row(key, dim),
+                        opt: Optimizer::new(opt, dim).expect("validated at start"),
+                    });
+                    out.extend_from_slice(&row.value);
+                }
+                drop(sh);
+                send_frame(&mut s, OP_OK, &[f32_bytes(&out)], worker)?;
+            }
+            OP_BYE => {
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                sh.done += 1;
+                cv.notify_all();
+                return Ok(());
+            }
+            other => {
+                let e = Error::Frame {
+                    peer: worker,
+                    why: format!("unknown request {other}"),
+                };
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                fail(&mut sh, &e);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A worker's connections to every shard.
+pub struct PsClient {
+    conns: Vec<TcpStream>,
+    ranges: Vec<(usize, usize)>,
+    dim: usize,
+    buf: Vec<u8>,
+    keys: Vec<Vec<u64>>,
+    rows: Vec<Vec<f32>>,
+}
+
+fn expect_ok(s: &mut TcpStream, buf: &mut Vec<u8>, shard: usize) -> Result<()> {
+    match recv_frame(s, buf, shard, DEFAULT_MAX_PAYLOAD)? {
+        OP_OK => Ok(()),
+        OP_ERR => Err(Error::Mismatch(format!(
+            "parameter server shard {shard}: {}",
+            String::from_utf8_lossy(buf)
+        ))),
+        op => Err(Error::Frame {
+            peer: shard,
+            why: format!("unexpected reply {op}"),
+        }),
+    }
+}
+
+impl PsClient {
+    /// Connects worker `worker` to the shards at `addrs` for a dense buffer of `total`
+    /// values and sparse rows of width `dim`.
+    pub fn connect(
+        addrs: &[SocketAddr],
+        worker: usize,
+        total: usize,
+        dim: usize,
+        token: &str,
+    ) -> Result<Self> {
+        let m = addrs.len();
+        let mut conns = Vec::with_capacity(m);
+        let mut buf = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            let mut s = TcpStream::connect(a).map_err(io(format!(
+                "connecting to parameter server shard {i} at {a}"
+            )))?;
+            let _ = s.set_nodelay(true);
+            send_frame(
+                &mut s,
+                OP_HELLO,
+                &[&(worker as u64).to_le_bytes(), token.as_bytes()],
+                i,
+            )?;
+            expect_ok(&mut s, &mut buf, i)?;
+            conns.push(s);
+        }
+        Ok(Self {
+            conns,
+            ranges: (0..m).map(|i| shard_range(total, m, i)).collect(),
+            dim,
+            buf,
+            keys: vec![Vec::new(); m],
+            rows: vec![Vec::new(); m],
+        })
+    }
+
+    /// Sets the initial parameters (the first worker to call wins; the others' pulls
+    /// wait for it).
+    pub fn init(&mut self, params: &[f32]) -> Result<()> {
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            let (a, b) = self.ranges[i];
+            send_frame(s, OP_INIT, &[f32_bytes(&params[a..b])], i)?;
+        }
+        Ok(())
+    }
+
+    /// Pushes this worker's gradients for `step`: the dense buffer (whole length) and
+    /// optionally sparse rows (`keys`, and `rows` of `keys.len() * dim` values).
+    pub fn push(
+        &mut self,
+        step: u64,
+        dense: &[f32],
+        sparse: Option<(&[u64], &[f32])>,
+    ) -> Result<()> {
+        let m = self.conns.len();
+        for i in 0..m {
+            self.keys[i].clear();
+            self.rows[i].clear();
+        }
+        if let Some((keys, rows)) = sparse {
+            for (j, k) in keys.iter().enumerate() {
+                let sh = sparse_shard(*k, m);
+                self.keys[sh].push(*k);
+                self.rows[sh].extend_from_slice(&rows[j * self.dim..(j + 1) * self.dim]);
+            }
+        }
+        for i in 0..m {
+            let (a, b) = self.ranges[i];
+            let head = [step, (b - a) as u64, self.keys[i].len() as u64];
+            let s = &mut self.conns[i];
+            send_frame(
+                s,
+                OP_PUSH,
+                &[
+                    u64s_bytes(&head),
+                    f32_bytes(&dense[a..b]),
+                    u64s_bytes(&self.keys[i]),
+                    f32_bytes(&self.rows[i]),
+                ],
+                i,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Pulls the dense parameters as of `step` updates into `params`.
+    pub fn pull(&mut self, step: u64, params: &mut [f32]) -> Result<()> {
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            send_frame(s, OP_PULL, &[&step.to_le_bytes()], i)?;
+        }
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            expect_ok(s, &mut self.buf, i)?;
+            let (a, b) = self.ranges[i];
+            if self.buf.len() != 4 * (b - a) {
+                return Err(Error::Frame {
+                    peer: i,
+                    why: format!(
+                        "pull returned {} bytes for {} values",
+                        self.buf.len(),
+                        b - a
+                    ),
+                });
+            }
+            for (d, c) in params[a..b].iter_mut().zip(self.buf.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls sparse rows for `keys` into `out` (`keys.len() * dim`), creating missing
+    /// rows on their shards.
+    pub fn pull_sparse(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        let m = self.conns.len();
+        let dim = self.dim;
+        for i in 0..m {
+            self.keys[i].clear();
+        }
+        for k in keys {
+            self.keys[sparse_shard(*k, m)].push(*k);
+        }
+        let mut rows: HashMap<u64, Vec<f32>> = HashMap::with_capacity(keys.len());
+        for i in 0..m {
+            if self.keys[i].is_empty() {
+                continue;
+            }
+            send_frame(
+                &mut self.conns[i],
+                OP_PULL_SPARSE,
+                &[u64s_bytes(&self.keys[i])],
+                i,
+            )?;
+            expect_ok(&mut self.conns[i], &mut self.buf, i)?;
+            let vals = f32s(&self.buf);
+            for (j, k) in self.keys[i].iter().enumerate() {
+                rows.insert(*k, vals[j * dim..(j + 1) * dim].to_vec());
+            }
+        }
+        for (j, k) in keys.iter().enumerate() {
+            out[j * dim..(j + 1) * dim].copy_from_slice(&rows[k]);
+        }
+        Ok(())
+    }
+
+    /// Tells every shard this worker is done.
+    pub fn close(mut self) -> Result<()> {
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            send_frame(s, OP_BYE, &[], i)?;
+        }
+        Ok(())
+    }
+}

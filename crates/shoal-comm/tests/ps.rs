@@ -1,0 +1,227 @@
+//! Parameter-server behaviour against local references: sync push/pull equals the same
+//! optimizer applied locally to the summed gradients (1 and 2 shards), sparse rows
+//! likewise, async converges, a dead worker is reported, a wrong token is refused.
+
+use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
+use shoal_optim::{Optimizer, OptimizerConfig, OptimizerKind};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+fn cfg(workers: usize, mode: PsMode, kind: OptimizerKind, dim: usize) -> ShardConfig {
+    ShardConfig {
+        workers,
+        mode,
+        optimizer: OptimizerConfig {
+            kind,
+            momentum: 0.9,
+            ..Default::default()
+        },
+        lr: 0.05,
+        average: false,
+        sparse_dim: dim,
+        token: "tok".into(),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn start(m: usize, total: usize, c: &ShardConfig) -> (Vec<PsServer>, Vec<SocketAddr>) {
+    let servers: Vec<PsServer> = (0..m)
+        .map(|i| {
+            let (a, b) = shard_range(total, m, i);
+            PsServer::start(TcpListener::bind("127.0.0.1:0").unwrap(), b - a, c.clone()).unwrap()
+        })
+        .collect();
+    let addrs = servers.iter().map(|s| s.addr).collect();
+    (servers, addrs)
+}
+
+fn grad(worker: usize, step: u64, i: usize) -> f32 {
+    (((worker * 7919 + step as usize * 104_729 + i * 31) % 97) as f32 - 48.0) / 48.0
+}
+
+#[test]
+fn sync_push_pull_equals_local_optimizer_on_summed_gradients() {
+    for kind in [
+        OptimizerKind::Adam,
+        OptimizerKind::Sgd,
+        OptimizerKind::Adagrad,
+    ] {
+        for shards in [1, 2] {
+            let (total, workers, steps) = (1001, 3, 5);
+            let c = cfg(workers, PsMode::Sync, kind, 0);
+            let (servers, addrs) = start(shards, total, &c);
+            let init: Vec<f32> = (0..total).map(|i| (i as f32 * 0.01).sin()).collect();
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (addrs, init) = (addrs.clone(), init.clone());
+                    std::thread::spawn(move || {
+                        let mut cl = PsClient::connect(&addrs, w, total, 0, "tok").unwrap();
+                        if w == 0 {
+                            cl.init(&init).unwrap();
+                        }
+                        let mut p = vec![0.0; total];
+                        cl.pull(0, &mut p).unwrap();
+                        for s in 0..steps {
+                            let g: Vec<f32> = (0..total).map(|i| grad(w, s, i)).collect();
+                            cl.push(s, &g, None).unwrap();
+                            cl.pull(s + 1, &mut p).unwrap();
+                        }
+                        cl.close().unwrap();
+                        p
+                    })
+                })
+                .collect();
+            let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            for s in servers {
+                s.join().unwrap();
+            }
+            // Local reference: the same optimizer on the summed gradients.
+            let mut p = init.clone();
+            let mut o = Optimizer::new(c.optimizer, total).unwrap();
+            for s in 0..steps {
+                let g: Vec<f32> = (0..total)
+                    .map(|i| (0..workers).map(|w| grad(w, s, i)).sum())
+                    .collect();
+                o.step(c.lr, &mut p, &g).unwrap();
+            }
+            for r in &results {
+                let max = r
+                    .iter()
+                    .zip(&p)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    max < 1e-5,
+                    "{kind:?}, {shards} shards: max difference {max}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_rows_match_local_updates() {
+    let (dim, workers) = (4, 2);
+    let c = cfg(workers, PsMode::Sync, OptimizerKind::Adagrad, dim);
+    let (servers, addrs) = start(2, 0, &c);
+    let keys: Vec<u64> = vec![3, 1 << 40, 77, 123_456_789_012];
+    let mut cl0 = PsClient::connect(&addrs, 0, 0, dim, "tok").unwrap();
+    let mut cl1 = PsClient::connect(&addrs, 1, 0, dim, "tok").unwrap();
+    cl0.init(&[]).unwrap();
+    let mut before = vec![0.0; keys.len() * dim];
+    cl0.pull_sparse(&keys, &mut before).unwrap();
+    // Worker 0 touches keys 0,1 (key 0 twice: deduplicated by summing); worker 1 keys 1,2.
+    let g0 = [
+        1.0f32, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0, -1.0, 0.0,
+    ];
+    let k0 = [keys[0], keys[1], keys[0]];
+    let g1 = [-1.0f32, -1.0, 2.0, 2.0, 0.1, 0.2, 0.3, 0.4];
+    let k1 = [keys[1], keys[2]];
+    let t = std::thread::spawn(move || {
+        cl1.push(0, &[], Some((&k1, &g1))).unwrap();
+        cl1.pull(1, &mut []).unwrap();
+        cl1.close().unwrap();
+    });
+    cl0.push(0, &[], Some((&k0, &g0))).unwrap();
+    cl0.pull(1, &mut []).unwrap();
+    t.join().unwrap();
+    let mut after = vec![0.0; keys.len() * dim];
+    cl0.pull_sparse(&keys, &mut after).unwrap();
+    cl0.close().unwrap();
+    // Summed gradient per row, then one Adagrad step per touched row.
+    let sums: [Vec<f32>; 4] = [
+        vec![2.0, 2.0, 2.0, 4.0],
+        vec![-0.5, -0.5, 2.5, 2.5],
+        vec![0.1, 0.2, 0.3, 0.4],
+        vec![0.0; 4],
+    ];
+    for (r, g) in sums.iter().enumerate() {
+        let mut p = before[r * dim..(r + 1) * dim].to_vec();
+        if r < 3 {
+            let mut o = Optimizer::new(c.optimizer, dim).unwrap();
+            o.step(c.lr, &mut p, g).unwrap();
+        }
+        for j in 0..dim {
+            assert!((after[r * dim + j] - p[j]).abs() < 1e-6, "row {r}[{j}]");
+        }
+    }
+    let rows: usize = servers.iter().map(|s| s.sparse_rows()).sum();
+    assert_eq!(rows, 4, "rows are created on first touch, once");
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn async_training_converges() {
+    let (total, workers) = (64, 2);
+    let mut c = cfg(
+        workers,
+        PsMode::Async {
+            max_staleness: Some(2),
+        },
+        OptimizerKind::Sgd,
+        0,
+    );
+    c.optimizer.momentum = 0.0;
+    c.lr = 0.05;
+    let (servers, addrs) = start(2, total, &c);
+    let target: Vec<f32> = (0..total).map(|i| i as f32 * 0.1 - 3.0).collect();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let (addrs, target) = (addrs.clone(), target.clone());
+            std::thread::spawn(move || {
+                let mut cl = PsClient::connect(&addrs, w, total, 0, "tok").unwrap();
+                if w == 0 {
+                    cl.init(&vec![0.0; total]).unwrap();
+                }
+                let mut p = vec![0.0; total];
+                for s in 0..200u64 {
+                    cl.pull(s, &mut p).unwrap();
+                    let g: Vec<f32> = p.iter().zip(&target).map(|(x, t)| 2.0 * (x - t)).collect();
+                    cl.push(s, &g, None).unwrap();
+                }
+                cl.pull(200, &mut p).unwrap();
+                cl.close().unwrap();
+                p
+            })
+        })
+        .collect();
+    for h in handles {
+        let p = h.join().unwrap();
+        let err = p
+            .iter()
+            .zip(&target)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-2, "async did not converge: max error {err}");
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn dead_worker_is_reported_and_wrong_token_refused() {
+    let total = 10;
+    let mut c = cfg(2, PsMode::Sync, OptimizerKind::Sgd, 0);
+    c.timeout = Duration::from_secs(3);
+    let (servers, addrs) = start(1, total, &c);
+    let e = PsClient::connect(&addrs, 0, total, 0, "wrong")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("token"), "{e}");
+    let mut a = PsClient::connect(&addrs, 0, total, 0, "tok").unwrap();
+    let b = PsClient::connect(&addrs, 1, total, 0, "tok").unwrap();
+    a.init(&vec![0.0; total]).unwrap();
+    a.push(0, &vec![1.0; total], None).unwrap();
+    drop(b); // worker 1 dies without pushing or saying goodbye
+    let t = std::time::Instant::now();
+    let e = a.pull(1, &mut vec![0.0; total]).unwrap_err().to_string();
+    assert!(e.contains("worker 1"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    for s in servers {
+        assert!(s.join().is_err());
+    }
+}
