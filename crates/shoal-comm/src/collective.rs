@@ -43,9 +43,11 @@ impl<T: Transport> Communicator<T> {
         Self::with_piece_bytes(t, DEFAULT_PIECE_BYTES)
     }
 
-    /// A communicator that moves data in pieces of at most `piece_bytes`.
+    /// A communicator that moves data in pieces of at most `piece_bytes` (and at most
+    /// half of what the transport buffers).
     pub fn with_piece_bytes(t: T, piece_bytes: usize) -> Self {
-        let piece = (piece_bytes / 4).max(1);
+        let limit = (t.buffered_bytes() / 2).saturating_sub(64);
+        let piece = (piece_bytes.min(limit) / 4).max(1);
         Self {
             t,
             piece,

@@ -6,7 +6,8 @@
 //! | module | owns |
 //! |---|---|
 //! | [`frame`] | the wire header: magic, version, kind, tag, bounded length |
-//! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference) and [`tcp`] |
+//! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference), [`shm`] (processes on one host) and [`tcp`] |
+//! | [`ps`] | parameter-server shards and their client |
 //! | [`collective`] | ring allreduce (reduce-scatter + allgather), broadcast, allgather, barrier |
 
 pub mod collective;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod frame;
 pub mod local;
 pub mod ps;
+pub mod shm;
 pub mod tcp;
 pub mod transport;
 

@@ -11,6 +11,10 @@ pub trait Transport: Send {
     fn rank(&self) -> usize;
     /// Number of ranks in the group.
     fn size(&self) -> usize;
+    /// How many bytes one `send` can hand off before the peer starts receiving (the
+    /// collectives keep their messages within half of it, so that sending and
+    /// receiving in turn can never deadlock).
+    fn buffered_bytes(&self) -> usize;
     /// Sends `data` to `peer` as one message labelled `tag`.
     fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()>;
     /// Receives the next message from `peer` into `buf`. It must carry `tag` and exactly

@@ -3,9 +3,11 @@
 //! in-process and the TCP transports; and the TCP transport's refusals.
 
 use shoal_comm::local::LocalTransport;
+use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
 /// Rank r's input: small integers (exactly representable, so sums are exact).
 fn input(rank: usize, len: usize) -> Vec<f32> {
@@ -99,6 +101,147 @@ fn collectives_match_sequential_in_process() {
 #[test]
 fn collectives_match_sequential_over_tcp() {
     check_all_collectives(|n| tcp_group(n, "job-1"));
+}
+
+fn shm_group(n: usize, job: &str) -> Vec<ShmTransport> {
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let job = job.to_string();
+            std::thread::spawn(move || {
+                ShmTransport::connect(&job, r, n, 1 << 20, Duration::from_secs(10)).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn unique_job(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+#[test]
+fn collectives_match_sequential_over_shared_memory() {
+    let job = unique_job("test-shm");
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    check_all_collectives(|n| {
+        let k = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shm_group(n, &format!("{job}-{k}"))
+    });
+}
+
+/// Ranks in separate processes (this test binary re-run as children) reduce over
+/// shared memory; a child that dies is reported to the others.
+#[test]
+fn shared_memory_allreduce_across_processes() {
+    let job = unique_job("test-shm-proc");
+    let n = 3;
+    let children: Vec<_> = (0..n)
+        .map(|r| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "shm_child_rank",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env("SHOAL_SHM_CHILD", format!("{job} {r} {n}"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed: {text}");
+        assert!(
+            text.contains("SHM-CHILD-OK"),
+            "child did not run its rank: {text}"
+        );
+    }
+}
+
+#[test]
+fn shared_memory_reports_a_dead_process() {
+    let job = unique_job("test-shm-dead");
+    let spawn = |r: usize, mode: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "shm_child_rank",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("SHOAL_SHM_CHILD", format!("{job} {r} 2 {mode}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let waiter = spawn(0, "expect-dead");
+    let dier = spawn(1, "die");
+    // Reap the dead child first (a zombie still counts as alive).
+    assert!(dier.wait_with_output().unwrap().status.success());
+    let out = waiter.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("SHM-CHILD-OK"),
+        "{text}"
+    );
+}
+
+/// The body of one child process of `shared_memory_allreduce_across_processes`; when
+/// run directly (no `SHOAL_SHM_CHILD`), it has nothing to do.
+#[test]
+fn shm_child_rank() {
+    let Ok(spec) = std::env::var("SHOAL_SHM_CHILD") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let (job, r, n): (&str, usize, usize) = (
+        parts[0],
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+    );
+    let t = ShmTransport::connect(job, r, n, 1 << 16, Duration::from_secs(20)).unwrap();
+    match parts.get(3).copied() {
+        // Joins, then dies without a word.
+        Some("die") => std::process::exit(0),
+        // Waits on a peer that dies: must fail naming it, long before the timeout.
+        Some("expect-dead") => {
+            let mut c = Communicator::new(t);
+            let start = std::time::Instant::now();
+            let e = c
+                .allreduce_sum(&mut vec![1.0; 1000])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("rank 1"), "{e}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "took {:?}",
+                start.elapsed()
+            );
+            println!("SHM-CHILD-OK dead peer reported: {e}");
+            return;
+        }
+        _ => {}
+    }
+    let mut c = Communicator::new(t);
+    let len = 300_001;
+    let mut d = input(r, len);
+    c.allreduce_sum(&mut d).unwrap();
+    assert_eq!(d, expected_sum(n, len));
+    c.barrier().unwrap();
+    println!("SHM-CHILD-OK rank {r}");
 }
 
 #[test]

@@ -1,0 +1,358 @@
+//! The shared-memory transport for ranks on one host: one single-producer
+//! single-consumer ring buffer per direction per pair, in a file under `/dev/shm`
+//! mapped by both processes. The payload never passes through the kernel: the sender
+//! copies it into the ring and the receiver copies it out, coordinated by two atomic
+//! counters. A receiver that waits longer than the timeout, or whose sender's process
+//! has died, gets an error naming the peer instead of waiting for ever.
+
+use crate::transport::Transport;
+use crate::{Error, Result};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SHLSHM01");
+const OFF_MAGIC: usize = 0;
+const OFF_CAP: usize = 8;
+const OFF_HEAD: usize = 64;
+const OFF_TAIL: usize = 128;
+const OFF_WPID: usize = 192;
+const DATA: usize = 256;
+const REC: usize = 16;
+
+/// One direction of one pair: a mapped ring.
+struct Ring {
+    base: *mut u8,
+    map_len: usize,
+    cap: u64,
+    peer: usize,
+    timeout: Duration,
+}
+
+// SAFETY: the mapping is shared memory accessed through atomics (counters) and by one
+// writer and one reader that never touch the same bytes at the same time.
+unsafe impl Send for Ring {}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: base/map_len came from a successful mmap.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, self.map_len);
+        }
+    }
+}
+
+fn os_err(what: String) -> Error {
+    Error::Io {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn path(job: &str, from: usize, to: usize) -> String {
+    // The job name is hashed so that any string is a valid file name.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("/dev/shm/shoal-{h:016x}-{from}-{to}")
+}
+
+impl Ring {
+    fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: off is 8-aligned inside the header of a live mapping.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn map(fd: i32, len: usize, what: &str) -> Result<*mut u8> {
+        // SAFETY: mapping a file descriptor we own, shared, read-write.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os_err(format!("mapping {what}")));
+        }
+        Ok(p as *mut u8)
+    }
+
+    /// Creates the ring `from -> to` as its writer.
+    fn create(job: &str, from: usize, to: usize, cap: usize, timeout: Duration) -> Result<Ring> {
+        let p = path(job, from, to);
+        let c = CString::new(p.clone())
+            .map_err(|_| Error::Mismatch("bad shared-memory path".into()))?;
+        // SAFETY: plain open(2) on a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(os_err(format!("creating {p}")));
+        }
+        let len = DATA + cap;
+        // SAFETY: fd is open.
+        let r = unsafe { libc::ftruncate(fd, len as libc::off_t) };
+        if r != 0 {
+            // SAFETY: fd is open.
+            unsafe { libc::close(fd) };
+            return Err(os_err(format!("sizing {p}")));
+        }
+        let base = Ring::map(fd, len, &p);
+        // SAFETY: the mapping keeps the file alive; the descriptor is no longer needed.
+        unsafe { libc::close(fd) };
+        let ring = Ring {
+            base: base?,
+            map_len: len,
+            cap: cap as u64,
+            peer: to,
+            timeout,
+        };
+        ring.atomic_u64(OFF_CAP)
+            .store(cap as u64, Ordering::Relaxed);
+        ring.atomic_u64(OFF_HEAD).store(0, Ordering::Relaxed);
+        ring.atomic_u64(OFF_TAIL).store(0, Ordering::Relaxed);
+        // SAFETY: 4-aligned offset in the header.
+        let wpid = unsafe { &*(ring.base.add(OFF_WPID) as *const AtomicU32) };
+        wpid.store(std::process::id(), Ordering::Relaxed);
+        ring.atomic_u64(OFF_MAGIC).store(MAGIC, Ordering::Release);
+        Ok(ring)
+    }
+
+    /// Opens the ring `from -> to` as its reader (waiting for its writer), then removes
+    /// its name (the mapping stays valid).
+    fn open(job: &str, from: usize, to: usize, timeout: Duration) -> Result<Ring> {
+        let p = path(job, from, to);
+        let c = CString::new(p.clone())
+            .map_err(|_| Error::Mismatch("bad shared-memory path".into()))?;
+        let start = Instant::now();
+        loop {
+            // SAFETY: plain open(2).
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR) };
+            if fd >= 0 {
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fd is open, st is a valid out-pointer.
+                let ok = unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_size as usize > DATA;
+                if ok {
+                    let len = st.st_size as usize;
+                    let base = Ring::map(fd, len, &p);
+                    // SAFETY: as in create.
+                    unsafe { libc::close(fd) };
+                    let base = base?;
+                    let mut ring = Ring {
+                        base,
+                        map_len: len,
+                        cap: 0,
+                        peer: from,
+                        timeout,
+                    };
+                    if ring.atomic_u64(OFF_MAGIC).load(Ordering::Acquire) == MAGIC {
+                        ring.cap = ring.atomic_u64(OFF_CAP).load(Ordering::Relaxed);
+                        if ring.cap as usize + DATA != len {
+                            return Err(Error::Frame {
+                                peer: from,
+                                why: format!("{p} has a bad size"),
+                            });
+                        }
+                        // SAFETY: unlinking our own job's file.
+                        unsafe { libc::unlink(c.as_ptr()) };
+                        return Ok(ring);
+                    }
+                } else {
+                    // SAFETY: fd is open.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Disconnected { peer: from });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn writer_alive(&self) -> bool {
+        // SAFETY: 4-aligned offset in the header.
+        let pid =
+            unsafe { &*(self.base.add(OFF_WPID) as *const AtomicU32) }.load(Ordering::Relaxed);
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+
+    /// Waits until `ready()` (spinning, then yielding, then sleeping briefly), failing
+    /// after the timeout or when the other side's process is gone.
+    fn wait(&self, ready: impl Fn() -> bool, check_writer: bool) -> Result<()> {
+        let mut spins = 0u32;
+        let start = Instant::now();
+        while !ready() {
+            spins += 1;
+            if spins < 256 {
+                std::hint::spin_loop();
+            } else if spins < 4096 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+                if spins % 256 == 0 {
+                    if check_writer && !self.writer_alive() {
+                        return Err(Error::Disconnected { peer: self.peer });
+                    }
+                    if start.elapsed() > self.timeout {
+                        return Err(Error::Disconnected { peer: self.peer });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, mut data: &[u8]) -> Result<()> {
+        let head = self.atomic_u64(OFF_HEAD);
+        let tail = self.atomic_u64(OFF_TAIL);
+        while !data.is_empty() {
+            let h = head.load(Ordering::Relaxed);
+            self.wait(|| self.cap - (h - tail.load(Ordering::Acquire)) > 0, false)?;
+            let free = (self.cap - (h - tail.load(Ordering::Acquire))) as usize;
+            let at = (h % self.cap) as usize;
+            let n = data.len().min(free).min(self.cap as usize - at);
+            // SAFETY: [at, at+n) is inside the data area and free (not yet readable).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(DATA + at), n) };
+            head.store(h + n as u64, Ordering::Release);
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn read(&self, mut buf: &mut [u8]) -> Result<()> {
+        let head = self.atomic_u64(OFF_HEAD);
+        let tail = self.atomic_u64(OFF_TAIL);
+        while !buf.is_empty() {
+            let t = tail.load(Ordering::Relaxed);
+            self.wait(|| head.load(Ordering::Acquire) > t, true)?;
+            let avail = (head.load(Ordering::Acquire) - t) as usize;
+            let at = (t % self.cap) as usize;
+            let n = buf.len().min(avail).min(self.cap as usize - at);
+            // SAFETY: [at, at+n) holds published bytes the writer will not touch until
+            // the tail moves past them.
+            unsafe { std::ptr::copy_nonoverlapping(self.base.add(DATA + at), buf.as_mut_ptr(), n) };
+            tail.store(t + n as u64, Ordering::Release);
+            buf = &mut buf[n..];
+        }
+        Ok(())
+    }
+}
+
+/// One rank's rings to and from every peer on this host.
+pub struct ShmTransport {
+    rank: usize,
+    size: usize,
+    out: Vec<Option<Ring>>,
+    inc: Vec<Option<Ring>>,
+}
+
+impl ShmTransport {
+    /// Joins the group `job` (a name shared by its ranks, unique per run) as `rank` of
+    /// `size`, with rings of `capacity` bytes; waits up to `timeout` for the peers.
+    pub fn connect(
+        job: &str,
+        rank: usize,
+        size: usize,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if rank >= size {
+            return Err(Error::BadRank {
+                peer: rank,
+                rank,
+                size,
+            });
+        }
+        let mut out = Vec::with_capacity(size);
+        for p in 0..size {
+            out.push(if p == rank {
+                None
+            } else {
+                Some(Ring::create(job, rank, p, capacity.max(4096), timeout)?)
+            });
+        }
+        let mut inc = Vec::with_capacity(size);
+        for p in 0..size {
+            inc.push(if p == rank {
+                None
+            } else {
+                Some(Ring::open(job, p, rank, timeout)?)
+            });
+        }
+        Ok(Self {
+            rank,
+            size,
+            out,
+            inc,
+        })
+    }
+}
+
+impl Transport for ShmTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.out
+            .iter()
+            .flatten()
+            .map(|r| r.cap as usize)
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()> {
+        let (rank, size) = (self.rank, self.size);
+        let r = self
+            .out
+            .get(peer)
+            .and_then(|r| r.as_ref())
+            .ok_or(Error::BadRank { peer, rank, size })?;
+        let mut rec = [0u8; REC];
+        rec[0..4].copy_from_slice(&tag.to_le_bytes());
+        rec[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        r.write(&rec)?;
+        r.write(data)
+    }
+
+    fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
+        let (rank, size) = (self.rank, self.size);
+        let r = self
+            .inc
+            .get(peer)
+            .and_then(|r| r.as_ref())
+            .ok_or(Error::BadRank { peer, rank, size })?;
+        let mut rec = [0u8; REC];
+        r.read(&mut rec)?;
+        let t = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&rec[8..16]);
+        let len = u64::from_le_bytes(l);
+        if t != tag || len != buf.len() as u64 {
+            return Err(Error::Frame {
+                peer,
+                why: format!(
+                    "expected tag {tag} with {} bytes, got tag {t} with {len} bytes",
+                    buf.len()
+                ),
+            });
+        }
+        r.read(buf)
+    }
+}
