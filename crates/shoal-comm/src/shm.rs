@@ -200,7 +200,7 @@ impl Ring {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(50));
-                if spins % 256 == 0 {
+                if spins.is_multiple_of(256) {
                     if check_writer && !self.writer_alive() {
                         return Err(Error::Disconnected { peer: self.peer });
                     }
