@@ -8,6 +8,8 @@ use crate::{Error, Result};
 
 /// Default piece size in bytes (kept under the kernel's socket buffers).
 pub const DEFAULT_PIECE_BYTES: usize = 64 * 1024;
+/// Largest allreduce (in bytes) done by recursive doubling rather than the ring.
+pub const SMALL_BYTES: usize = 16 * 1024;
 
 fn as_bytes(x: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and every byte of it may be read as u8.
@@ -108,9 +110,75 @@ impl<T: Transport> Communicator<T> {
         Ok(())
     }
 
-    /// Replaces `data` on every rank by the element-wise sum over all ranks.
-    /// Ring algorithm: `2 (n-1) / n` of the buffer crosses each link.
+    /// Replaces `data` on every rank by the element-wise sum over all ranks (the same
+    /// bits on every rank). Messages up to [`SMALL_BYTES`] use recursive doubling
+    /// (`log2 n` exchanges of the whole buffer: latency-bound sizes); larger ones the
+    /// ring (`2 (n-1) / n` of the buffer crosses each link: bandwidth-bound sizes).
     pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        if n > 1 && !data.is_empty() && data.len() * 4 <= SMALL_BYTES.min(self.piece * 4) {
+            return self.allreduce_doubling(data);
+        }
+        self.allreduce_ring(data)
+    }
+
+    /// Recursive doubling. With `n` not a power of two, the ranks above the largest
+    /// power of two `p` first fold their data into rank `r - p` and get the result back
+    /// at the end.
+    pub fn allreduce_doubling(&mut self, data: &mut [f32]) -> Result<()> {
+        let n = self.size();
+        let tag = self.next_tag();
+        if n == 1 || data.is_empty() {
+            return Ok(());
+        }
+        if data.len() > self.piece {
+            return Err(Error::Mismatch(format!(
+                "recursive doubling moves whole buffers; {} values exceed the piece of {}",
+                data.len(),
+                self.piece
+            )));
+        }
+        let r = self.rank();
+        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let len = data.len();
+        if r >= p {
+            self.t.send(r - p, tag, as_bytes(data))?;
+            self.t.recv(r - p, tag, as_bytes_mut(data))?;
+            return Ok(());
+        }
+        if r + p < n {
+            let s = &mut self.scratch[..len];
+            self.t.recv(r + p, tag, as_bytes_mut(s))?;
+            for (d, v) in data.iter_mut().zip(s.iter()) {
+                *d += v;
+            }
+        }
+        let mut mask = 1;
+        while mask < p {
+            let partner = r ^ mask;
+            self.t.send(partner, tag, as_bytes(data))?;
+            let s = &mut self.scratch[..len];
+            self.t.recv(partner, tag, as_bytes_mut(s))?;
+            // The lower rank's values first on both sides: the same bits everywhere.
+            if partner < r {
+                for (d, v) in data.iter_mut().zip(s.iter()) {
+                    *d = *v + *d;
+                }
+            } else {
+                for (d, v) in data.iter_mut().zip(s.iter()) {
+                    *d += v;
+                }
+            }
+            mask <<= 1;
+        }
+        if r + p < n {
+            self.t.send(r + p, tag, as_bytes(data))?;
+        }
+        Ok(())
+    }
+
+    /// The ring allreduce (reduce-scatter, then allgather), for any size.
+    pub fn allreduce_ring(&mut self, data: &mut [f32]) -> Result<()> {
         let n = self.size();
         let tag = self.next_tag();
         if n == 1 || data.is_empty() {
@@ -219,6 +287,56 @@ fn split_two(data: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&[f32],
     } else {
         let (x, y) = data.split_at_mut(a.0);
         (&y[..a.1 - a.0], &mut x[b.0..b.1])
+    }
+}
+
+/// Many small gradients packed into one persistent buffer so that one collective
+/// moves them all (Horovod's fusion buffer). Slots are fixed at creation.
+#[derive(Debug, Clone)]
+pub struct FusionBuffer {
+    buf: Vec<f32>,
+    slots: Vec<(usize, usize)>,
+}
+
+impl FusionBuffer {
+    /// A buffer with one slot per entry of `sizes`.
+    pub fn new(sizes: &[usize]) -> Self {
+        let mut slots = Vec::with_capacity(sizes.len());
+        let mut at = 0;
+        for &n in sizes {
+            slots.push((at, at + n));
+            at += n;
+        }
+        Self {
+            buf: vec![0.0; at],
+            slots,
+        }
+    }
+
+    /// Slot `i`, to fill before and read after the collective.
+    pub fn slot_mut(&mut self, i: usize) -> &mut [f32] {
+        let (a, b) = self.slots[i];
+        &mut self.buf[a..b]
+    }
+
+    pub fn slot(&self, i: usize) -> &[f32] {
+        let (a, b) = self.slots[i];
+        &self.buf[a..b]
+    }
+
+    /// Sums every slot over all ranks in one allreduce; with `average`, divides by the
+    /// number of ranks.
+    pub fn allreduce<T: Transport>(
+        &mut self,
+        comm: &mut Communicator<T>,
+        average: bool,
+    ) -> Result<()> {
+        comm.allreduce_sum(&mut self.buf)?;
+        if average {
+            let k = 1.0 / comm.size() as f32;
+            self.buf.iter_mut().for_each(|x| *x *= k);
+        }
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@
 //! | [`frame`] | the wire header: magic, version, kind, tag, bounded length |
 //! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference), [`shm`] (processes on one host) and [`tcp`] |
 //! | [`ps`] | parameter-server shards and their client |
-//! | [`collective`] | ring allreduce (reduce-scatter + allgather), broadcast, allgather, barrier |
+//! | [`collective`] | allreduce (ring for large, recursive doubling for small messages), broadcast, allgather, barrier, the fusion buffer |
 
 pub mod collective;
 pub mod error;
@@ -19,6 +19,6 @@ pub mod shm;
 pub mod tcp;
 pub mod transport;
 
-pub use collective::Communicator;
+pub use collective::{Communicator, FusionBuffer};
 pub use error::{Error, Result};
 pub use transport::Transport;

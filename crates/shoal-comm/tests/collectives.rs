@@ -73,6 +73,24 @@ fn check_all_collectives<T: Transport + 'static>(make: impl Fn(usize) -> Vec<T>)
                 let mut d = input(c.rank(), len);
                 c.allreduce_sum(&mut d).unwrap();
                 assert_eq!(d, expected_sum(n, len), "allreduce n={n} len={len}");
+                // Both algorithms explicitly, where they apply.
+                let mut d = input(c.rank(), len);
+                c.allreduce_ring(&mut d).unwrap();
+                assert_eq!(d, expected_sum(n, len), "ring n={n} len={len}");
+                if len <= 1000 {
+                    let mut d = input(c.rank(), len);
+                    c.allreduce_doubling(&mut d).unwrap();
+                    assert_eq!(d, expected_sum(n, len), "doubling n={n} len={len}");
+                }
+                // A fusion buffer of three gradients, averaged.
+                let mut f = shoal_comm::FusionBuffer::new(&[3, 0, 5]);
+                f.slot_mut(0).copy_from_slice(&input(c.rank(), 3));
+                f.slot_mut(2).copy_from_slice(&input(c.rank() + 1, 5));
+                f.allreduce(c, true).unwrap();
+                let k = 1.0 / n as f32;
+                let want0: Vec<f32> = expected_sum(n, 3).iter().map(|x| x * k).collect();
+                assert_eq!(f.slot(0), &want0[..]);
+                assert!(f.slot(1).is_empty());
                 // allgather of each rank's first 3 values
                 let mine: Vec<f32> = input(c.rank(), 3);
                 let mut all = vec![0.0; 3 * n];
@@ -242,6 +260,38 @@ fn shm_child_rank() {
     assert_eq!(d, expected_sum(n, len));
     c.barrier().unwrap();
     println!("SHM-CHILD-OK rank {r}");
+}
+
+/// Non-integer values: every rank ends with the same bits, for both algorithms.
+#[test]
+fn allreduce_gives_identical_bits_on_every_rank() {
+    for len in [5usize, 3000, 100_000] {
+        let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handles: Vec<_> = LocalTransport::group(5)
+            .into_iter()
+            .map(|t| {
+                let results = results.clone();
+                std::thread::spawn(move || {
+                    let mut c = Communicator::with_piece_bytes(t, 4096);
+                    let mut d: Vec<f32> = (0..len)
+                        .map(|i| ((i * 3 + c.rank()) as f32 * 0.37).sin() / 3.0)
+                        .collect();
+                    c.allreduce_sum(&mut d).unwrap();
+                    results.lock().unwrap().push(d);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let r = results.lock().unwrap();
+        for d in r.iter() {
+            assert!(
+                d.iter().zip(&r[0]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "len {len}"
+            );
+        }
+    }
 }
 
 #[test]
