@@ -159,15 +159,10 @@ impl<T: Transport> Communicator<T> {
             self.t.send(partner, tag, as_bytes(data))?;
             let s = &mut self.scratch[..len];
             self.t.recv(partner, tag, as_bytes_mut(s))?;
-            // The lower rank's values first on both sides: the same bits everywhere.
-            if partner < r {
-                for (d, v) in data.iter_mut().zip(s.iter()) {
-                    *d = *v + *d;
-                }
-            } else {
-                for (d, v) in data.iter_mut().zip(s.iter()) {
-                    *d += v;
-                }
+            // Both partners add the same two values (IEEE addition is commutative), so
+            // every rank ends with the same bits.
+            for (d, v) in data.iter_mut().zip(s.iter()) {
+                *d += v;
             }
             mask <<= 1;
         }
