@@ -1,0 +1,6 @@
+//! Generates the gRPC service code from `proto/control.proto` (needs `protoc`, from
+//! Debian's `protobuf-compiler`).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::compile_protos("proto/control.proto")?;
+    Ok(())
+}
