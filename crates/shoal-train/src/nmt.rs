@@ -8,11 +8,13 @@ use crate::config::NmtTrainConfig;
 use crate::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 use shoal_data::{
     corpus_bleu, load_parallel, Batch, Batcher, Bleu, EmptyLines, Example, SubwordTokenizer, BOS,
     EOS, PAD,
 };
 use shoal_model::decode::{beam_search, greedy, Specials};
+use shoal_model::fused::FusedRnnBackend;
 use shoal_model::nmt::DropoutRng;
 use shoal_model::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
@@ -95,6 +97,25 @@ pub fn encode_pairs(tok: &Tokenizers, src: &[String], tgt: &[String]) -> Result<
             })
         })
         .collect()
+}
+
+/// The mean per-token loss of one padded batch.
+fn batch_loss<B: FusedRnnBackend>(
+    model: &Seq2Seq<B>,
+    b: &Batch,
+    rng: &mut Option<DropoutRng>,
+) -> Tensor<B, 1> {
+    model.loss(
+        &b.src,
+        &b.tgt_in,
+        &b.tgt_out,
+        b.batch_size,
+        b.src_len,
+        b.tgt_len,
+        PAD,
+        rng,
+        &Default::default(),
+    )
 }
 
 /// A model ready for inference, with its tokenizers.
@@ -248,19 +269,8 @@ impl Learner {
         step: u64,
         rng: &mut Option<DropoutRng>,
     ) -> Result<StepStats> {
-        let device = Default::default();
         let t0 = Instant::now();
-        let loss = self.model.loss(
-            &batch.src,
-            &batch.tgt_in,
-            &batch.tgt_out,
-            batch.batch_size,
-            batch.src_len,
-            batch.tgt_len,
-            PAD,
-            rng,
-            &device,
-        );
+        let loss = batch_loss(&self.model, batch, rng);
         let value: f32 = loss.clone().into_scalar();
         if !value.is_finite() {
             return Err(Error::Diverged { step, loss: value });
@@ -675,23 +685,10 @@ impl NmtTrainer {
         let ex = encode_pairs(&self.tok, &v.src, &v.tgt)?;
         let b = Batcher::new(ex, 64, c.max_len, 0);
         let model = self.learner.model.valid();
-        let device = Default::default();
         let (mut sum, mut n) = (0.0f64, 0usize);
         for idx in b.epoch_plan(0) {
             let batch = b.make_batch(&idx);
-            let l: f32 = model
-                .loss(
-                    &batch.src,
-                    &batch.tgt_in,
-                    &batch.tgt_out,
-                    batch.batch_size,
-                    batch.src_len,
-                    batch.tgt_len,
-                    PAD,
-                    &mut None,
-                    &device,
-                )
-                .into_scalar();
+            let l: f32 = batch_loss(&model, &batch, &mut None).into_scalar();
             sum += l as f64 * batch.tgt_tokens as f64;
             n += batch.tgt_tokens;
         }

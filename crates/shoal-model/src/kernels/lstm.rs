@@ -206,17 +206,7 @@ pub fn backward(
 mod tests {
     use super::*;
 
-    fn rand(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rand;
 
     #[test]
     fn backward_matches_finite_differences() {
