@@ -6,8 +6,9 @@
 use crate::transport::Transport;
 use crate::{Error, Result};
 
-/// Default piece size in bytes (kept under the kernel's socket buffers).
-pub const DEFAULT_PIECE_BYTES: usize = 64 * 1024;
+/// Largest piece in bytes; transports that buffer less get pieces of half what they
+/// buffer (64 KB over TCP, 4 MB over the default shared-memory rings).
+pub const DEFAULT_PIECE_BYTES: usize = 4 << 20;
 /// Largest allreduce (in bytes) done by recursive doubling rather than the ring.
 pub const SMALL_BYTES: usize = 16 * 1024;
 

@@ -10,6 +10,7 @@
 //! | [`ps`] | parameter-server shards and their client |
 //! | [`collective`] | allreduce (ring for large, recursive doubling for small messages), broadcast, allgather, barrier, the fusion buffer |
 
+pub mod bench;
 pub mod collective;
 pub mod error;
 pub mod frame;

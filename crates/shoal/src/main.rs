@@ -178,6 +178,19 @@ enum BenchCmd {
         #[arg(long)]
         unfused: bool,
     },
+    /// Allreduce of one buffer over N ranks (threads of this process).
+    Allreduce {
+        /// local, shm or tcp
+        #[arg(long, default_value = "shm")]
+        transport: String,
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        /// Sizes in MB, comma-separated.
+        #[arg(long, default_value = "1,16,64")]
+        sizes: String,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
     /// One recurrent layer, forward + backward, on random input.
     RnnLayer {
         #[arg(long, value_enum, default_value = "gru")]
@@ -414,6 +427,35 @@ fn bench(b: BenchCmd) -> Result<()> {
                 r.words_per_s, r.steps_timed, r.seconds, r.loss_first, r.loss_last, r.peak_rss_mb
             );
             println!("{}", serde_json::to_string(&r)?);
+        }
+        BenchCmd::Allreduce {
+            transport,
+            ranks,
+            sizes,
+            iters,
+        } => {
+            use shoal_comm::bench::{allreduce_seconds, memcpy_bandwidth, Which};
+            let which = match transport.as_str() {
+                "local" => Which::Local,
+                "shm" => Which::Shm,
+                "tcp" => Which::Tcp,
+                other => bail!("--transport {other}: expected local, shm or tcp"),
+            };
+            for mb in sizes.split(',') {
+                let mb: f64 = mb
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
+                let bytes = (mb * 1048576.0) as usize / 4 * 4;
+                let secs = allreduce_seconds(which, ranks, bytes, iters)?;
+                let bus = 2.0 * (ranks as f64 - 1.0) / ranks as f64 * bytes as f64 / secs;
+                let memcpy = memcpy_bandwidth(bytes.min(64 << 20));
+                println!(
+                    "{}",
+                    serde_json::json!({"transport": transport, "ranks": ranks, "bytes": bytes,
+                        "seconds": secs, "bus_gbps": bus / 1e9, "memcpy_gbps": memcpy / 1e9})
+                );
+            }
         }
         BenchCmd::RnnLayer {
             cell,
