@@ -55,10 +55,15 @@ pub trait FusedRnnBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-fn threads() -> usize {
-    // Per-step products are small ([32, 128] x [128, 384]); splitting them across
-    // threads costs more than it saves, so the kernels run on the calling thread.
-    1
+/// Threads for a recurrence's per-step products (`[B, H] x [H, G*H]`): the seed's
+/// `[32, 128] x [128, 384]` is too small to split (splitting costs more than it saves);
+/// from about 4M multiply-adds per step the products use the engine's thread pool.
+fn threads(d: GruDims, gates: usize) -> usize {
+    if d.batch * d.hidden * gates * d.hidden >= 1 << 22 {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
 }
 
 /// Threads for the large products (the output projection: `[N, H] x [H, V]`).
@@ -122,7 +127,18 @@ fn gru_host<B: Backend>(
     let ln = norm
         .as_ref()
         .map(|(gamma, beta)| gru::GateNorm { gamma, beta });
-    gru::forward(d, &xp, &h0, &w, &b, mask, ln, &mut out, saved, threads());
+    gru::forward(
+        d,
+        &xp,
+        &h0,
+        &w,
+        &b,
+        mask,
+        ln,
+        &mut out,
+        saved,
+        threads(d, 3),
+    );
     let weights = GruWeights { w_hh: w, norm };
     (
         device_tensor::<B, 3>(out, [bs, t, d.hidden], &device),
@@ -153,7 +169,20 @@ fn lstm_host<B: Backend>(
         hidden: g / 4,
     };
     let mut out = vec![0.0f32; bs * t * 2 * d.hidden];
-    lstm::forward(d, &xp, &h0, &c0, &w, &b, mask, &mut out, saved, threads());
+    let mut scratch = LstmSaved::default();
+    let saved = saved.unwrap_or(&mut scratch);
+    lstm::forward(
+        d,
+        &xp,
+        &h0,
+        &c0,
+        &w,
+        &b,
+        mask,
+        &mut out,
+        saved,
+        threads(d, 4),
+    );
     (
         device_tensor::<B, 3>(out, [bs, t, 2 * d.hidden], &device),
         d,
@@ -238,7 +267,7 @@ impl<D> GruState<D> {
             ln,
             &self.saved,
             &dout,
-            threads(),
+            threads(d, 3),
         );
         let g = 3 * d.hidden;
         let dev = &self.device;
@@ -314,7 +343,14 @@ impl<B: Backend> Backward<B, 5> for LstmBackward {
         let s = ops.state;
         let d = s.dims;
         let (dout, _) = host::<B, 3>(grads.consume::<B>(&ops.node));
-        let gr = lstm::backward(d, &s.w_hh, s.mask.as_deref(), &s.saved, &dout, threads());
+        let gr = lstm::backward(
+            d,
+            &s.w_hh,
+            s.mask.as_deref(),
+            &s.saved,
+            &dout,
+            threads(d, 4),
+        );
         let [p_xp, p_h0, p_c0, p_w, p_b] = ops.parents;
         let g = 4 * d.hidden;
         let dev = &s.device;

@@ -36,7 +36,7 @@ pub fn forward(
     b_hh: &[f32],
     mask: Option<&[f32]>,
     out: &mut [f32],
-    mut saved: Option<&mut LstmSaved>,
+    s: &mut LstmSaved,
     threads: usize,
 ) {
     let (bs, t_len, h) = (d.batch, d.steps, d.hidden);
@@ -50,20 +50,18 @@ pub fn forward(
     if let Some(m) = mask {
         assert_eq!(m.len(), bs * t_len);
     }
-    if let Some(s) = saved.as_deref_mut() {
-        let n = t_len * bs * h;
-        for v in [
-            &mut s.i,
-            &mut s.f,
-            &mut s.g,
-            &mut s.o,
-            &mut s.tc,
-            &mut s.c_prev,
-            &mut s.h_prev,
-        ] {
-            v.clear();
-            v.resize(n, 0.0);
-        }
+    let n_all = t_len * bs * h;
+    for v in [
+        &mut s.i,
+        &mut s.f,
+        &mut s.g,
+        &mut s.o,
+        &mut s.tc,
+        &mut s.c_prev,
+        &mut s.h_prev,
+    ] {
+        v.clear();
+        v.resize(n_all, 0.0);
     }
     let mut hcur = h0.to_vec();
     let mut ccur = c0.to_vec();
@@ -78,30 +76,94 @@ pub fn forward(
             let ghb = &gh[b * g4..(b + 1) * g4];
             let o_row = (b * t_len + t) * 2 * h;
             let base = (t * bs + b) * h;
-            for j in 0..h {
-                let a = |k: usize| x[k * h + j] + ghb[k * h + j] + b_hh[k * h + j];
-                let (ig, fg, gg, og) = (sigmoid(a(0)), sigmoid(a(1)), tanh(a(2)), sigmoid(a(3)));
-                let (hp, cp) = (hcur[b * h + j], ccur[b * h + j]);
-                let cn = fg * cp + ig * gg;
-                let tc = tanh(cn);
-                let hn = og * tc;
-                let hnew = hp + m * (hn - hp);
-                let cnew = cp + m * (cn - cp);
-                if let Some(s) = saved.as_deref_mut() {
-                    s.i[base + j] = ig;
-                    s.f[base + j] = fg;
-                    s.g[base + j] = gg;
-                    s.o[base + j] = og;
-                    s.tc[base + j] = tc;
-                    s.c_prev[base + j] = cp;
-                    s.h_prev[base + j] = hp;
-                }
-                hcur[b * h + j] = hnew;
-                ccur[b * h + j] = cnew;
-                out[o_row + j] = hnew;
-                out[o_row + h + j] = cnew;
-            }
+            let r = base..base + h;
+            gates_row(
+                h,
+                m,
+                x,
+                ghb,
+                b_hh,
+                [
+                    &mut s.i[r.clone()],
+                    &mut s.f[r.clone()],
+                    &mut s.g[r.clone()],
+                    &mut s.o[r.clone()],
+                    &mut s.tc[r.clone()],
+                    &mut s.c_prev[r.clone()],
+                    &mut s.h_prev[r],
+                ],
+                &mut hcur[b * h..(b + 1) * h],
+                &mut ccur[b * h..(b + 1) * h],
+                &mut out[o_row..o_row + 2 * h],
+            );
         }
+    }
+}
+
+super::math::multiversion! {
+    /// The gate arithmetic of one batch row at one step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gates_row(
+        h: usize,
+        m: f32,
+        x: &[f32],
+        gh: &[f32],
+        b: &[f32],
+        keep: [&mut [f32]; 7],
+        hb: &mut [f32],
+        cb: &mut [f32],
+        out: &mut [f32],
+    ) = gates_row_generic;
+}
+
+/// Gates from the input projection `x` and recurrent product `gh` (`[4H]` each); the
+/// new `h`, `c` into `hb`, `cb` (which hold the previous ones) and `out` (`[2H]`);
+/// keeps i, f, g, o, tanh(c'), c and h before the step (`keep`) for the backward pass.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gates_row_generic(
+    h: usize,
+    m: f32,
+    x: &[f32],
+    gh: &[f32],
+    b: &[f32],
+    keep: [&mut [f32]; 7],
+    hb: &mut [f32],
+    cb: &mut [f32],
+    out: &mut [f32],
+) {
+    let [ig, fg, gg, og, tc, cprev, hprev] = keep;
+    let (ig, fg, gg, og) = (&mut ig[..h], &mut fg[..h], &mut gg[..h], &mut og[..h]);
+    let (tc, cprev, hprev, hb, cb) = (
+        &mut tc[..h],
+        &mut cprev[..h],
+        &mut hprev[..h],
+        &mut hb[..h],
+        &mut cb[..h],
+    );
+    let (x, gh, b, out) = (&x[..4 * h], &gh[..4 * h], &b[..4 * h], &mut out[..2 * h]);
+    for j in 0..h {
+        ig[j] = sigmoid(x[j] + gh[j] + b[j]);
+        fg[j] = sigmoid(x[h + j] + gh[h + j] + b[h + j]);
+    }
+    for j in 0..h {
+        gg[j] = tanh(x[2 * h + j] + gh[2 * h + j] + b[2 * h + j]);
+        og[j] = sigmoid(x[3 * h + j] + gh[3 * h + j] + b[3 * h + j]);
+    }
+    for j in 0..h {
+        let (hp, cp) = (hb[j], cb[j]);
+        hprev[j] = hp;
+        cprev[j] = cp;
+        let cn = fg[j] * cp + ig[j] * gg[j];
+        let t = tanh(cn);
+        tc[j] = t;
+        let hn = og[j] * t;
+        let hnew = hp + m * (hn - hp);
+        let cnew = cp + m * (cn - cp);
+        hb[j] = hnew;
+        cb[j] = cnew;
+        out[j] = hnew;
+        out[h + j] = cnew;
     }
 }
 
@@ -239,7 +301,7 @@ mod tests {
                 &a[4],
                 Some(&mask),
                 &mut out,
-                None,
+                &mut LstmSaved::default(),
                 1,
             );
             out.iter()
@@ -259,7 +321,7 @@ mod tests {
             &a[4],
             Some(&mask),
             &mut out,
-            Some(&mut saved),
+            &mut saved,
             1,
         );
         let gr = backward(d, &a[3], Some(&mask), &saved, &coef, 1);
