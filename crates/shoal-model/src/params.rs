@@ -138,6 +138,39 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradVisitor<'_, B> {
     }
 }
 
+struct TakeGradVisitor<'a, B: AutodiffBackend> {
+    layout: &'a FlatLayout,
+    grads: &'a mut B::Gradients,
+    index: usize,
+    out: &'a mut [f32],
+    error: Option<Error>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGradVisitor<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(spec) = self.layout.params.get(self.index) else {
+            self.error = Some(Error::Layout(
+                "module has more parameters than the layout".into(),
+            ));
+            return;
+        };
+        self.index += 1;
+        let dst = &mut self.out[spec.offset..spec.offset + spec.len];
+        // Removing the gradient leaves its tensor unshared, so reading it needs no copy.
+        match param.val().grad_remove(self.grads) {
+            Some(g) => {
+                if let Err(e) = copy_into(g.into_data(), dst, &spec.name) {
+                    self.error = Some(e);
+                }
+            }
+            None => dst.fill(0.0),
+        }
+    }
+}
+
 struct WriteMapper<'a> {
     layout: &'a FlatLayout,
     index: usize,
@@ -239,6 +272,26 @@ impl FlatLayout {
     ) -> Result<()> {
         self.check_len("gradient", out.len())?;
         let mut v = GradVisitor::<B> {
+            layout: self,
+            grads,
+            index: 0,
+            out,
+            error: None,
+        };
+        module.visit(&mut v);
+        self.finish(v.index, v.error)
+    }
+
+    /// Like [`FlatLayout::read_grads`], but moves the gradients out of `grads` (one
+    /// copy fewer; they are gone from `grads` afterwards).
+    pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut B::Gradients,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_len("gradient", out.len())?;
+        let mut v = TakeGradVisitor::<B> {
             layout: self,
             grads,
             index: 0,

@@ -164,8 +164,8 @@ fn flat_update_equals_engine_optimizer() {
         let gp = GradientsParams::from_grads(grads, &engine_model);
         engine_model = engine_opt.step(lr, engine_model, gp);
 
-        let grads = loss_of(&flat_model).backward();
-        layout.read_grads(&flat_model, &grads, &mut g).unwrap();
+        let mut grads = loss_of(&flat_model).backward();
+        layout.take_grads(&flat_model, &mut grads, &mut g).unwrap();
         flat_opt.step(lr as f32, &mut params, &g).unwrap();
         flat_model = layout.write_params(flat_model, &params).unwrap();
     }

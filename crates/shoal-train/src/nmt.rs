@@ -276,10 +276,10 @@ impl Learner {
             return Err(Error::Diverged { step, loss: value });
         }
         let t1 = Instant::now();
-        let grads = loss.backward();
+        let mut grads = loss.backward();
         let t2 = Instant::now();
         self.layout
-            .read_grads(&self.model, &grads, &mut self.grads)?;
+            .take_grads(&self.model, &mut grads, &mut self.grads)?;
         let grad_norm = if self.clip_norm > 0.0 {
             clip_grad_norm(&mut self.grads, self.clip_norm)
         } else {
