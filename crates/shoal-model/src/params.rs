@@ -105,9 +105,16 @@ impl<B: Backend> ModuleVisitor<B> for ReadVisitor<'_> {
     }
 }
 
+/// Where gradients are read from: borrowed (they stay in the container) or taken
+/// (moved out, which leaves each tensor unshared so reading it needs no copy).
+enum GradSource<'a, B: AutodiffBackend> {
+    Read(&'a B::Gradients),
+    Take(&'a mut B::Gradients),
+}
+
 struct GradVisitor<'a, B: AutodiffBackend> {
     layout: &'a FlatLayout,
-    grads: &'a B::Gradients,
+    grads: GradSource<'a, B>,
     index: usize,
     out: &'a mut [f32],
     error: Option<Error>,
@@ -126,46 +133,17 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradVisitor<'_, B> {
         };
         self.index += 1;
         let dst = &mut self.out[spec.offset..spec.offset + spec.len];
-        match param.val().grad(self.grads) {
+        let grad = match &mut self.grads {
+            GradSource::Read(g) => param.val().grad(g),
+            GradSource::Take(g) => param.val().grad_remove(g),
+        };
+        match grad {
             Some(g) => {
                 if let Err(e) = copy_into(g.into_data(), dst, &spec.name) {
                     self.error = Some(e);
                 }
             }
             // A parameter the loss does not depend on has a zero gradient.
-            None => dst.fill(0.0),
-        }
-    }
-}
-
-struct TakeGradVisitor<'a, B: AutodiffBackend> {
-    layout: &'a FlatLayout,
-    grads: &'a mut B::Gradients,
-    index: usize,
-    out: &'a mut [f32],
-    error: Option<Error>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGradVisitor<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.error.is_some() {
-            return;
-        }
-        let Some(spec) = self.layout.params.get(self.index) else {
-            self.error = Some(Error::Layout(
-                "module has more parameters than the layout".into(),
-            ));
-            return;
-        };
-        self.index += 1;
-        let dst = &mut self.out[spec.offset..spec.offset + spec.len];
-        // Removing the gradient leaves its tensor unshared, so reading it needs no copy.
-        match param.val().grad_remove(self.grads) {
-            Some(g) => {
-                if let Err(e) = copy_into(g.into_data(), dst, &spec.name) {
-                    self.error = Some(e);
-                }
-            }
             None => dst.fill(0.0),
         }
     }
@@ -270,6 +248,15 @@ impl FlatLayout {
         grads: &B::Gradients,
         out: &mut [f32],
     ) -> Result<()> {
+        self.visit_grads(module, GradSource::Read(grads), out)
+    }
+
+    fn visit_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: GradSource<'_, B>,
+        out: &mut [f32],
+    ) -> Result<()> {
         self.check_len("gradient", out.len())?;
         let mut v = GradVisitor::<B> {
             layout: self,
@@ -290,16 +277,7 @@ impl FlatLayout {
         grads: &mut B::Gradients,
         out: &mut [f32],
     ) -> Result<()> {
-        self.check_len("gradient", out.len())?;
-        let mut v = TakeGradVisitor::<B> {
-            layout: self,
-            grads,
-            index: 0,
-            out,
-            error: None,
-        };
-        module.visit(&mut v);
-        self.finish(v.index, v.error)
+        self.visit_grads(module, GradSource::Take(grads), out)
     }
 
     /// Returns `module` with every parameter replaced by its values in `src`
