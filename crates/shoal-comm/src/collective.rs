@@ -3,6 +3,7 @@
 //! receiving alternate and the transport never has to buffer more than one piece per
 //! direction), ring allgather, pipelined broadcast, and a barrier.
 
+use crate::frame::{f32_bytes, f32_bytes_mut};
 use crate::transport::Transport;
 use crate::{Error, Result};
 
@@ -12,18 +13,9 @@ pub const DEFAULT_PIECE_BYTES: usize = 4 << 20;
 /// Largest allreduce (in bytes) done by recursive doubling rather than the ring.
 pub const SMALL_BYTES: usize = 16 * 1024;
 
-fn as_bytes(x: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every byte of it may be read as u8.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
-}
-
-fn as_bytes_mut(x: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as above, and every bit pattern written through it is a valid f32.
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
-}
-
-/// Bounds of segment `i` when `len` values are split into `n` nearly equal segments.
-fn segment(len: usize, n: usize, i: usize) -> (usize, usize) {
+/// Bounds of part `i` when `len` values are split into `n` contiguous parts whose sizes
+/// differ by at most one (ring segments, parameter-server shard ranges).
+pub fn split_range(len: usize, n: usize, i: usize) -> (usize, usize) {
     let base = len / n;
     let extra = len % n;
     let start = i * base + i.min(extra);
@@ -92,19 +84,19 @@ impl<T: Transport> Communicator<T> {
         for k in 0..pieces {
             let o = &out[(k * p).min(out.len())..((k + 1) * p).min(out.len())];
             if !o.is_empty() {
-                self.t.send(to, tag, as_bytes(o))?;
+                self.t.send(to, tag, f32_bytes(o))?;
             }
             let lo = (k * p).min(inc.len());
             let hi = ((k + 1) * p).min(inc.len());
             if hi > lo {
                 if reduce {
                     let s = &mut self.scratch[..hi - lo];
-                    self.t.recv(from, tag, as_bytes_mut(s))?;
+                    self.t.recv(from, tag, f32_bytes_mut(s))?;
                     for (d, v) in inc[lo..hi].iter_mut().zip(s.iter()) {
                         *d += v;
                     }
                 } else {
-                    self.t.recv(from, tag, as_bytes_mut(&mut inc[lo..hi]))?;
+                    self.t.recv(from, tag, f32_bytes_mut(&mut inc[lo..hi]))?;
                 }
             }
         }
@@ -143,13 +135,13 @@ impl<T: Transport> Communicator<T> {
         let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
         let len = data.len();
         if r >= p {
-            self.t.send(r - p, tag, as_bytes(data))?;
-            self.t.recv(r - p, tag, as_bytes_mut(data))?;
+            self.t.send(r - p, tag, f32_bytes(data))?;
+            self.t.recv(r - p, tag, f32_bytes_mut(data))?;
             return Ok(());
         }
         if r + p < n {
             let s = &mut self.scratch[..len];
-            self.t.recv(r + p, tag, as_bytes_mut(s))?;
+            self.t.recv(r + p, tag, f32_bytes_mut(s))?;
             for (d, v) in data.iter_mut().zip(s.iter()) {
                 *d += v;
             }
@@ -157,9 +149,9 @@ impl<T: Transport> Communicator<T> {
         let mut mask = 1;
         while mask < p {
             let partner = r ^ mask;
-            self.t.send(partner, tag, as_bytes(data))?;
+            self.t.send(partner, tag, f32_bytes(data))?;
             let s = &mut self.scratch[..len];
-            self.t.recv(partner, tag, as_bytes_mut(s))?;
+            self.t.recv(partner, tag, f32_bytes_mut(s))?;
             // Both partners add the same two values (IEEE addition is commutative), so
             // every rank ends with the same bits.
             for (d, v) in data.iter_mut().zip(s.iter()) {
@@ -168,7 +160,7 @@ impl<T: Transport> Communicator<T> {
             mask <<= 1;
         }
         if r + p < n {
-            self.t.send(r + p, tag, as_bytes(data))?;
+            self.t.send(r + p, tag, f32_bytes(data))?;
         }
         Ok(())
     }
@@ -186,8 +178,8 @@ impl<T: Transport> Communicator<T> {
         for s in 0..n - 1 {
             let send_i = (r + n - s) % n;
             let recv_i = (r + 2 * n - s - 1) % n;
-            let (a, b) = segment(data.len(), n, send_i);
-            let (c, d) = segment(data.len(), n, recv_i);
+            let (a, b) = split_range(data.len(), n, send_i);
+            let (c, d) = split_range(data.len(), n, recv_i);
             let (out, inc) = split_two(data, (a, b), (c, d));
             self.exchange(next, out, prev, inc, true, tag)?;
         }
@@ -195,8 +187,8 @@ impl<T: Transport> Communicator<T> {
         for s in 0..n - 1 {
             let send_i = (r + 1 + n - s) % n;
             let recv_i = (r + n - s) % n;
-            let (a, b) = segment(data.len(), n, send_i);
-            let (c, d) = segment(data.len(), n, recv_i);
+            let (a, b) = split_range(data.len(), n, send_i);
+            let (c, d) = split_range(data.len(), n, recv_i);
             let (out, inc) = split_two(data, (a, b), (c, d));
             self.exchange(next, out, prev, inc, false, tag)?;
         }
@@ -251,10 +243,10 @@ impl<T: Transport> Communicator<T> {
         for lo in (0..len).step_by(p) {
             let piece = &mut data[lo..(lo + p).min(len)];
             if r != root {
-                self.t.recv(prev, tag, as_bytes_mut(piece))?;
+                self.t.recv(prev, tag, f32_bytes_mut(piece))?;
             }
             if next != root {
-                self.t.send(next, tag, as_bytes(piece))?;
+                self.t.send(next, tag, f32_bytes(piece))?;
             }
         }
         Ok(())
@@ -346,7 +338,7 @@ mod tests {
             for n in 1..6 {
                 let mut next = 0;
                 for i in 0..n {
-                    let (a, b) = segment(len, n, i);
+                    let (a, b) = split_range(len, n, i);
                     assert_eq!(a, next);
                     assert!(b - a <= len / n + 1);
                     next = b;

@@ -4,6 +4,7 @@
 //! that connection with a clear error instead of exhausting memory.
 
 use crate::{Error, Result};
+use std::io::{IoSlice, Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"SHL1";
 pub const VERSION: u16 = 1;
@@ -75,9 +76,118 @@ impl Header {
     }
 }
 
+/// Most payload parts one frame may be gathered from.
+pub const MAX_PARTS: usize = 7;
+
+/// Writes one frame: the header, then `parts` back to back as its payload, with
+/// vectored writes straight from the callers' buffers (no copy, no allocation).
+pub fn write_frame(
+    s: &mut impl Write,
+    kind: Kind,
+    tag: u32,
+    parts: &[&[u8]],
+    peer: usize,
+) -> Result<()> {
+    if parts.len() > MAX_PARTS {
+        return Err(Error::Mismatch(format!(
+            "a frame has at most {MAX_PARTS} parts, got {}",
+            parts.len()
+        )));
+    }
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let h = Header {
+        kind,
+        tag,
+        len: len as u64,
+    }
+    .encode();
+    let mut bufs: [&[u8]; MAX_PARTS + 1] = [&[]; MAX_PARTS + 1];
+    bufs[0] = &h;
+    bufs[1..=parts.len()].copy_from_slice(parts);
+    let mut first = 0;
+    // write_all_vectored is unstable: write, then advance over what was written.
+    while first < bufs.len() {
+        if bufs[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let slices: [IoSlice; MAX_PARTS + 1] =
+            std::array::from_fn(|i| IoSlice::new(if i >= first { bufs[i] } else { &[] }));
+        let mut n = s.write_vectored(&slices).map_err(|source| Error::Io {
+            what: format!("sending to rank {peer}"),
+            source,
+        })?;
+        if n == 0 {
+            return Err(Error::Disconnected { peer });
+        }
+        for b in bufs[first..].iter_mut() {
+            let k = n.min(b.len());
+            *b = &b[k..];
+            n -= k;
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the stream; end of stream is [`Error::Disconnected`].
+pub fn read_exact(s: &mut impl Read, buf: &mut [u8], peer: usize) -> Result<()> {
+    s.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Disconnected { peer }
+        } else {
+            Error::Io {
+                what: format!("receiving from rank {peer}"),
+                source: e,
+            }
+        }
+    })
+}
+
+/// Reads and validates one header.
+pub fn read_header(s: &mut impl Read, peer: usize, max_payload: u64) -> Result<Header> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_exact(s, &mut hb, peer)?;
+    Header::decode(&hb, peer, max_payload)
+}
+
+/// The bytes of an `f32` slice (little-endian machines only, as the wire format).
+pub(crate) fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; every byte may be read as u8.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+/// The bytes of an `f32` slice, writable: any bytes written are a valid f32.
+pub(crate) fn f32_bytes_mut(x: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
+}
+
+/// The bytes of a `u64` slice.
+pub(crate) fn u64_bytes(x: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding; every byte may be read as u8.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("shoal-comm's wire format is little-endian and reinterprets buffers in place");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_gather_parts_and_read_back() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Data, 9, &[b"ab", b"", b"cde"], 1).unwrap();
+        let mut r = &wire[..];
+        let h = read_header(&mut r, 1, 100).unwrap();
+        assert_eq!((h.tag, h.len), (9, 5));
+        let mut body = [0u8; 5];
+        read_exact(&mut r, &mut body, 1).unwrap();
+        assert_eq!(&body, b"abcde");
+        let e = read_exact(&mut r, &mut body, 1).unwrap_err().to_string();
+        assert!(e.contains("rank 1"), "{e}");
+    }
 
     #[test]
     fn round_trip_and_rejections() {

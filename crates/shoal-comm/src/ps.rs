@@ -9,11 +9,12 @@
 //! A worker that disconnects before saying goodbye fails the shard: every other
 //! worker's next pull returns an error naming it instead of waiting for ever.
 
-use crate::frame::{Header, Kind, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use crate::frame::{
+    f32_bytes, read_exact, read_header, u64_bytes, write_frame, Kind, DEFAULT_MAX_PAYLOAD,
+};
 use crate::{Error, Result};
 use shoal_optim::{Optimizer, OptimizerConfig};
 use std::collections::HashMap;
-use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -54,12 +55,7 @@ pub struct ShardConfig {
 }
 
 /// The contiguous range of a `total`-value buffer owned by shard `i` of `m`.
-pub fn shard_range(total: usize, m: usize, i: usize) -> (usize, usize) {
-    let base = total / m;
-    let extra = total % m;
-    let start = i * base + i.min(extra);
-    (start, start + base + usize::from(i < extra))
-}
+pub use crate::collective::split_range as shard_range;
 
 /// The shard that owns sparse key `key` (SplitMix64 of the key, so neighbouring ids
 /// spread evenly).
@@ -142,53 +138,15 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 fn send_frame(s: &mut TcpStream, op: u32, parts: &[&[u8]], peer: usize) -> Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let h = Header {
-        kind: Kind::Data,
-        tag: op,
-        len: len as u64,
-    }
-    .encode();
-    // write_all_vectored is unstable: write, then advance over what was written.
-    let mut bufs: Vec<&[u8]> = std::iter::once(&h[..])
-        .chain(parts.iter().copied())
-        .collect();
-    while bufs.iter().any(|b| !b.is_empty()) {
-        let io_slices: Vec<IoSlice> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        let mut n = s
-            .write_vectored(&io_slices)
-            .map_err(io(format!("sending to {peer}")))?;
-        if n == 0 {
-            return Err(Error::Disconnected { peer });
-        }
-        for b in bufs.iter_mut() {
-            let k = n.min(b.len());
-            *b = &b[k..];
-            n -= k;
-        }
-    }
-    Ok(())
+    write_frame(s, Kind::Data, op, parts, peer)
 }
 
+/// Reads one frame into `buf` (reused) and returns its tag.
 fn recv_frame(s: &mut TcpStream, buf: &mut Vec<u8>, peer: usize, max: u64) -> Result<u32> {
-    let mut hb = [0u8; HEADER_LEN];
-    s.read_exact(&mut hb).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::Disconnected { peer },
-        _ => Error::Io {
-            what: format!("receiving from {peer}"),
-            source: e,
-        },
-    })?;
-    let h = Header::decode(&hb, peer, max)?;
+    let h = read_header(s, peer, max)?;
     buf.clear();
     buf.resize(h.len as usize, 0);
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::Disconnected { peer },
-        _ => Error::Io {
-            what: format!("receiving from {peer}"),
-            source: e,
-        },
-    })?;
+    read_exact(s, buf, peer)?;
     Ok(h.tag)
 }
 
@@ -196,16 +154,6 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn f32_bytes(x: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding; every byte may be read as u8.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
-}
-
-fn u64s_bytes(x: &[u64]) -> &[u8] {
-    // SAFETY: as above for u64.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
 fn read_u64(b: &[u8], at: usize, peer: usize) -> Result<u64> {
@@ -634,9 +582,9 @@ impl PsClient {
                 s,
                 OP_PUSH,
                 &[
-                    u64s_bytes(&head),
+                    u64_bytes(&head),
                     f32_bytes(&dense[a..b]),
-                    u64s_bytes(&self.keys[i]),
+                    u64_bytes(&self.keys[i]),
                     f32_bytes(&self.rows[i]),
                 ],
                 i,
@@ -689,7 +637,7 @@ impl PsClient {
             send_frame(
                 &mut self.conns[i],
                 OP_PULL_SPARSE,
-                &[u64s_bytes(&self.keys[i])],
+                &[u64_bytes(&self.keys[i])],
                 i,
             )?;
             expect_ok(&mut self.conns[i], &mut self.buf, i)?;

@@ -5,10 +5,9 @@
 //! write the header and the caller's buffer with vectored writes (no copy, no
 //! allocation); receives read straight into the caller's buffer.
 
-use crate::frame::{Header, Kind, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use crate::frame::{read_exact, read_header, write_frame, Kind, DEFAULT_MAX_PAYLOAD};
 use crate::transport::Transport;
 use crate::{Error, Result};
-use std::io::{IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -45,35 +44,6 @@ pub struct TcpTransport {
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
-}
-
-fn write_all_vectored(s: &mut TcpStream, header: &[u8], data: &[u8], peer: usize) -> Result<()> {
-    let (mut h, mut d) = (header, data);
-    while !h.is_empty() || !d.is_empty() {
-        let n = s
-            .write_vectored(&[IoSlice::new(h), IoSlice::new(d)])
-            .map_err(io(format!("sending to rank {peer}")))?;
-        if n == 0 {
-            return Err(Error::Disconnected { peer });
-        }
-        let from_h = n.min(h.len());
-        h = &h[from_h..];
-        d = &d[n - from_h..];
-    }
-    Ok(())
-}
-
-fn read_exact(s: &mut TcpStream, buf: &mut [u8], peer: usize) -> Result<()> {
-    s.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Disconnected { peer }
-        } else {
-            Error::Io {
-                what: format!("receiving from rank {peer}"),
-                source: e,
-            }
-        }
-    })
 }
 
 fn hello_payload(rank: usize, token: &str) -> Vec<u8> {
@@ -121,12 +91,7 @@ impl TcpTransport {
             s.set_nodelay(true)
                 .map_err(io(format!("configuring the connection to rank {peer}")))?;
             let payload = hello_payload(rank, &opts.token);
-            let h = Header {
-                kind: Kind::Hello,
-                tag: 0,
-                len: payload.len() as u64,
-            };
-            write_all_vectored(&mut s, &h.encode(), &payload, peer)?;
+            write_frame(&mut s, Kind::Hello, 0, &[&payload], peer)?;
             peers[peer] = Some(s);
         }
         // Accept every higher rank; check who it is and its token.
@@ -142,11 +107,9 @@ impl TcpTransport {
                 .map_err(io(format!("configuring the connection from {from}")))?;
             s.set_read_timeout(Some(opts.connect_timeout))
                 .map_err(io(format!("configuring the connection from {from}")))?;
-            let mut hb = [0u8; HEADER_LEN];
             // A connection that fails its handshake is dropped; the group waits on.
             let who = (|| -> Result<usize> {
-                read_exact(&mut s, &mut hb, usize::MAX)?;
-                let h = Header::decode(&hb, usize::MAX, 1024)?;
+                let h = read_header(&mut s, usize::MAX, 1024)?;
                 if h.kind != Kind::Hello || h.len < 8 {
                     return Err(Error::Frame {
                         peer: usize::MAX,
@@ -220,22 +183,14 @@ impl Transport for TcpTransport {
     }
 
     fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()> {
-        let h = Header {
-            kind: Kind::Data,
-            tag,
-            len: data.len() as u64,
-        }
-        .encode();
         let s = self.stream(peer)?;
-        write_all_vectored(s, &h, data, peer)
+        write_frame(s, Kind::Data, tag, &[data], peer)
     }
 
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
         let max = self.max_payload;
         let s = self.stream(peer)?;
-        let mut hb = [0u8; HEADER_LEN];
-        read_exact(s, &mut hb, peer)?;
-        let h = Header::decode(&hb, peer, max)?;
+        let h = read_header(s, peer, max)?;
         if h.kind != Kind::Data || h.tag != tag || h.len != buf.len() as u64 {
             return Err(Error::Frame {
                 peer,
