@@ -87,7 +87,9 @@ struct Shard {
 }
 
 impl Shard {
-    fn apply(&mut self, dense: &[f32], sparse: &HashMap<u64, Vec<f32>>) -> Result<()> {
+    /// One optimizer update from gradient buffers the caller owns (scaled in place for
+    /// the sync-mode mean, so nothing is allocated per update).
+    fn apply(&mut self, dense: &mut [f32], sparse: &mut HashMap<u64, Vec<f32>>) -> Result<()> {
         let scale = if self.cfg.average && self.cfg.mode == PsMode::Sync {
             1.0 / self.cfg.workers as f32
         } else {
@@ -96,20 +98,20 @@ impl Shard {
         let lr = self.cfg.lr;
         if let (Some(p), Some(o)) = (self.params.as_mut(), self.opt.as_mut()) {
             if scale != 1.0 {
-                let g: Vec<f32> = dense.iter().map(|x| x * scale).collect();
-                o.step(lr, p, &g)?;
-            } else {
-                o.step(lr, p, dense)?;
+                dense.iter_mut().for_each(|x| *x *= scale);
             }
+            o.step(lr, p, dense)?;
         }
         let dim = self.cfg.sparse_dim;
-        for (k, g) in sparse {
+        for (k, g) in sparse.iter_mut() {
             let row = self.sparse.entry(*k).or_insert_with(|| SparseRow {
                 value: init_row(*k, dim),
                 opt: Optimizer::new(self.cfg.optimizer, dim).expect("validated at start"),
             });
-            let g: Vec<f32> = g.iter().map(|x| x * scale).collect();
-            row.opt.step(lr, &mut row.value, &g)?;
+            if scale != 1.0 {
+                g.iter_mut().for_each(|x| *x *= scale);
+            }
+            row.opt.step(lr, &mut row.value, g)?;
         }
         self.applied += 1;
         Ok(())
@@ -347,7 +349,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                     fail(&mut sh, &e);
                     return Err(e);
                 }
-                let dense = f32s(&buf[24..24 + 4 * nd]);
+                let mut dense = f32s(&buf[24..24 + 4 * nd]);
                 let kb = &buf[24 + 4 * nd..24 + 4 * nd + 8 * nk];
                 let rows = f32s(&buf[24 + 4 * nd + 8 * nk..]);
                 let mut sparse: HashMap<u64, Vec<f32>> = HashMap::new();
@@ -364,7 +366,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
                 match sh.cfg.mode {
                     PsMode::Async { .. } => {
-                        sh.apply(&dense, &sparse)?;
+                        sh.apply(&mut dense, &mut sparse)?;
                         cv.notify_all();
                     }
                     PsMode::Sync => {
@@ -398,9 +400,9 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                         }
                         sh.arrived += 1;
                         if sh.arrived == workers {
-                            let dense = std::mem::take(&mut sh.pending);
-                            let sp = std::mem::take(&mut sh.pending_sparse);
-                            sh.apply(&dense, &sp)?;
+                            let mut dense = std::mem::take(&mut sh.pending);
+                            let mut sp = std::mem::take(&mut sh.pending_sparse);
+                            sh.apply(&mut dense, &mut sp)?;
                             sh.pending = dense;
                             sh.pending.fill(0.0);
                             sh.arrived = 0;
