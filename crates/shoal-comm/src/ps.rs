@@ -153,9 +153,18 @@ fn recv_frame(s: &mut TcpStream, buf: &mut Vec<u8>, peer: usize, max: u64) -> Re
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    let mut v = Vec::new();
+    f32s_into(b, &mut v);
+    v
+}
+
+/// Decodes little-endian f32s into `out` (reused across messages).
+fn f32s_into(b: &[u8], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
 }
 
 fn read_u64(b: &[u8], at: usize, peer: usize) -> Result<u64> {
@@ -289,6 +298,8 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
         )
     };
     let mut buf = Vec::new();
+    // Decoded push payloads, reused from one push to the next.
+    let (mut dense, mut rows) = (Vec::new(), Vec::new());
     // Hello: worker rank and token.
     let op = recv_frame(&mut s, &mut buf, usize::MAX, 4096)?;
     let worker = read_u64(&buf, 0, usize::MAX)? as usize;
@@ -349,9 +360,9 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                     fail(&mut sh, &e);
                     return Err(e);
                 }
-                let mut dense = f32s(&buf[24..24 + 4 * nd]);
+                f32s_into(&buf[24..24 + 4 * nd], &mut dense);
                 let kb = &buf[24 + 4 * nd..24 + 4 * nd + 8 * nk];
-                let rows = f32s(&buf[24 + 4 * nd + 8 * nk..]);
+                f32s_into(&buf[24 + 4 * nd + 8 * nk..], &mut rows);
                 let mut sparse: HashMap<u64, Vec<f32>> = HashMap::new();
                 for (i, k) in kb.chunks_exact(8).enumerate() {
                     let mut a = [0u8; 8];
