@@ -141,7 +141,12 @@ pub fn forward(
 }
 
 math::multiversion! {
-    /// The gate arithmetic of one batch row at one step (see [`gates_row_generic`]).
+    /// The gate arithmetic of one batch row at one step.
+    ///
+    /// Gates from the input projection `x` and recurrent product `gh` (`[3H]` each), the
+    /// new state into `hb` (which holds the previous one) and `o`; keeps r, z, n, the
+    /// candidate's hidden part and the previous state for the backward pass. Element-wise
+    /// passes, each simple enough to vectorise.
     #[allow(clippy::too_many_arguments)]
     pub fn gates_row(
         h: usize,
@@ -156,59 +161,41 @@ math::multiversion! {
         hp: &mut [f32],
         hb: &mut [f32],
         o: &mut [f32],
-    ) = gates_row_generic;
-}
-
-/// Gates from the input projection `x` and recurrent product `gh` (`[3H]` each), the
-/// new state into `hb` (which holds the previous one) and `o`; keeps r, z, n, the
-/// candidate's hidden part and the previous state for the backward pass. Element-wise
-/// passes, each simple enough to vectorise.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn gates_row_generic(
-    h: usize,
-    m: f32,
-    x: &[f32],
-    gh: &[f32],
-    b_hh: &[f32],
-    r: &mut [f32],
-    z: &mut [f32],
-    n: &mut [f32],
-    ghn: &mut [f32],
-    hp: &mut [f32],
-    hb: &mut [f32],
-    o: &mut [f32],
-) {
-    let (r, z, n, ghn, hp, hb, o) = (
-        &mut r[..h],
-        &mut z[..h],
-        &mut n[..h],
-        &mut ghn[..h],
-        &mut hp[..h],
-        &mut hb[..h],
-        &mut o[..h],
-    );
-    let (x, gh, b) = (&x[..3 * h], &gh[..3 * h], &b_hh[..3 * h]);
-    for j in 0..h {
-        r[j] = math::sigmoid(x[j] + gh[j] + b[j]);
-        z[j] = math::sigmoid(x[h + j] + gh[h + j] + b[h + j]);
-        ghn[j] = gh[2 * h + j] + b[2 * h + j];
-    }
-    for j in 0..h {
-        n[j] = math::tanh(x[2 * h + j] + r[j] * ghn[j]);
-    }
-    for j in 0..h {
-        let p = hb[j];
-        hp[j] = p;
-        let hn = n[j] + z[j] * (p - n[j]);
-        let v = p + m * (hn - p);
-        hb[j] = v;
-        o[j] = v;
+    ) {
+        let (r, z, n, ghn, hp, hb, o) = (
+            &mut r[..h],
+            &mut z[..h],
+            &mut n[..h],
+            &mut ghn[..h],
+            &mut hp[..h],
+            &mut hb[..h],
+            &mut o[..h],
+        );
+        let (x, gh, b) = (&x[..3 * h], &gh[..3 * h], &b_hh[..3 * h]);
+        for j in 0..h {
+            r[j] = math::sigmoid(x[j] + gh[j] + b[j]);
+            z[j] = math::sigmoid(x[h + j] + gh[h + j] + b[h + j]);
+            ghn[j] = gh[2 * h + j] + b[2 * h + j];
+        }
+        for j in 0..h {
+            n[j] = math::tanh(x[2 * h + j] + r[j] * ghn[j]);
+        }
+        for j in 0..h {
+            let p = hb[j];
+            hp[j] = p;
+            let hn = n[j] + z[j] * (p - n[j]);
+            let v = p + m * (hn - p);
+            hb[j] = v;
+            o[j] = v;
+        }
     }
 }
 
 math::multiversion! {
-    /// The backward gate arithmetic of one batch row at one step.
+    /// The backward gate arithmetic of one batch row at one step: from the gradient
+    /// reaching this step's state (`dh`, carried, plus `dout`) to the gradients of the
+    /// input projection (`dx`), of the recurrent product (`dg`, `[3H]`) and, through the
+    /// direct paths, of the previous state (written back into `dh`).
     #[allow(clippy::too_many_arguments)]
     pub fn grad_row(
         h: usize,
@@ -222,54 +209,35 @@ math::multiversion! {
         dx: &mut [f32],
         dg: &mut [f32],
         dh: &mut [f32],
-    ) = grad_row_generic;
-}
-
-/// From the gradient reaching this step's state (`dh`, carried, plus `dout`) to the
-/// gradients of the input projection (`dx`), of the recurrent product (`dg`, `[3H]`)
-/// and, through the direct paths, of the previous state (written back into `dh`).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn grad_row_generic(
-    h: usize,
-    m: f32,
-    dout: &[f32],
-    r: &[f32],
-    z: &[f32],
-    n: &[f32],
-    ghn: &[f32],
-    hp: &[f32],
-    dx: &mut [f32],
-    dg: &mut [f32],
-    dh: &mut [f32],
-) {
-    let (dout, r, z, n, ghn, hp, dh) = (
-        &dout[..h],
-        &r[..h],
-        &z[..h],
-        &n[..h],
-        &ghn[..h],
-        &hp[..h],
-        &mut dh[..h],
-    );
-    let (dx, dg) = (&mut dx[..3 * h], &mut dg[..3 * h]);
-    for j in 0..h {
-        let gsum = dh[j] + dout[j];
-        let dhn = m * gsum;
-        let dn = dhn * (1.0 - z[j]);
-        let dz = dhn * (hp[j] - n[j]);
-        let dan = dn * (1.0 - n[j] * n[j]);
-        let dr = dan * ghn[j];
-        let dar = dr * r[j] * (1.0 - r[j]);
-        let daz = dz * z[j] * (1.0 - z[j]);
-        dx[j] = dar;
-        dx[h + j] = daz;
-        dx[2 * h + j] = dan;
-        dg[j] = dar;
-        dg[h + j] = daz;
-        dg[2 * h + j] = dan * r[j];
-        // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
-        dh[j] = (1.0 - m) * gsum + dhn * z[j];
+    ) {
+        let (dout, r, z, n, ghn, hp, dh) = (
+            &dout[..h],
+            &r[..h],
+            &z[..h],
+            &n[..h],
+            &ghn[..h],
+            &hp[..h],
+            &mut dh[..h],
+        );
+        let (dx, dg) = (&mut dx[..3 * h], &mut dg[..3 * h]);
+        for j in 0..h {
+            let gsum = dh[j] + dout[j];
+            let dhn = m * gsum;
+            let dn = dhn * (1.0 - z[j]);
+            let dz = dhn * (hp[j] - n[j]);
+            let dan = dn * (1.0 - n[j] * n[j]);
+            let dr = dan * ghn[j];
+            let dar = dr * r[j] * (1.0 - r[j]);
+            let daz = dz * z[j] * (1.0 - z[j]);
+            dx[j] = dar;
+            dx[h + j] = daz;
+            dx[2 * h + j] = dan;
+            dg[j] = dar;
+            dg[h + j] = daz;
+            dg[2 * h + j] = dan * r[j];
+            // Direct paths to h_{t-1}: the carried part and h' = ... + z h.
+            dh[j] = (1.0 - m) * gsum + dhn * z[j];
+        }
     }
 }
 

@@ -102,6 +102,10 @@ pub fn forward(
 
 super::math::multiversion! {
     /// The gate arithmetic of one batch row at one step.
+    ///
+    /// Gates from the input projection `x` and recurrent product `gh` (`[4H]` each); the
+    /// new `h`, `c` into `hb`, `cb` (which hold the previous ones) and `out` (`[2H]`);
+    /// keeps i, f, g, o, tanh(c'), c and h before the step (`keep`) for the backward pass.
     #[allow(clippy::too_many_arguments)]
     pub fn gates_row(
         h: usize,
@@ -113,57 +117,40 @@ super::math::multiversion! {
         hb: &mut [f32],
         cb: &mut [f32],
         out: &mut [f32],
-    ) = gates_row_generic;
-}
-
-/// Gates from the input projection `x` and recurrent product `gh` (`[4H]` each); the
-/// new `h`, `c` into `hb`, `cb` (which hold the previous ones) and `out` (`[2H]`);
-/// keeps i, f, g, o, tanh(c'), c and h before the step (`keep`) for the backward pass.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn gates_row_generic(
-    h: usize,
-    m: f32,
-    x: &[f32],
-    gh: &[f32],
-    b: &[f32],
-    keep: [&mut [f32]; 7],
-    hb: &mut [f32],
-    cb: &mut [f32],
-    out: &mut [f32],
-) {
-    let [ig, fg, gg, og, tc, cprev, hprev] = keep;
-    let (ig, fg, gg, og) = (&mut ig[..h], &mut fg[..h], &mut gg[..h], &mut og[..h]);
-    let (tc, cprev, hprev, hb, cb) = (
-        &mut tc[..h],
-        &mut cprev[..h],
-        &mut hprev[..h],
-        &mut hb[..h],
-        &mut cb[..h],
-    );
-    let (x, gh, b, out) = (&x[..4 * h], &gh[..4 * h], &b[..4 * h], &mut out[..2 * h]);
-    for j in 0..h {
-        ig[j] = sigmoid(x[j] + gh[j] + b[j]);
-        fg[j] = sigmoid(x[h + j] + gh[h + j] + b[h + j]);
-    }
-    for j in 0..h {
-        gg[j] = tanh(x[2 * h + j] + gh[2 * h + j] + b[2 * h + j]);
-        og[j] = sigmoid(x[3 * h + j] + gh[3 * h + j] + b[3 * h + j]);
-    }
-    for j in 0..h {
-        let (hp, cp) = (hb[j], cb[j]);
-        hprev[j] = hp;
-        cprev[j] = cp;
-        let cn = fg[j] * cp + ig[j] * gg[j];
-        let t = tanh(cn);
-        tc[j] = t;
-        let hn = og[j] * t;
-        let hnew = hp + m * (hn - hp);
-        let cnew = cp + m * (cn - cp);
-        hb[j] = hnew;
-        cb[j] = cnew;
-        out[j] = hnew;
-        out[h + j] = cnew;
+    ) {
+        let [ig, fg, gg, og, tc, cprev, hprev] = keep;
+        let (ig, fg, gg, og) = (&mut ig[..h], &mut fg[..h], &mut gg[..h], &mut og[..h]);
+        let (tc, cprev, hprev, hb, cb) = (
+            &mut tc[..h],
+            &mut cprev[..h],
+            &mut hprev[..h],
+            &mut hb[..h],
+            &mut cb[..h],
+        );
+        let (x, gh, b, out) = (&x[..4 * h], &gh[..4 * h], &b[..4 * h], &mut out[..2 * h]);
+        for j in 0..h {
+            ig[j] = sigmoid(x[j] + gh[j] + b[j]);
+            fg[j] = sigmoid(x[h + j] + gh[h + j] + b[h + j]);
+        }
+        for j in 0..h {
+            gg[j] = tanh(x[2 * h + j] + gh[2 * h + j] + b[2 * h + j]);
+            og[j] = sigmoid(x[3 * h + j] + gh[3 * h + j] + b[3 * h + j]);
+        }
+        for j in 0..h {
+            let (hp, cp) = (hb[j], cb[j]);
+            hprev[j] = hp;
+            cprev[j] = cp;
+            let cn = fg[j] * cp + ig[j] * gg[j];
+            let t = tanh(cn);
+            tc[j] = t;
+            let hn = og[j] * t;
+            let hnew = hp + m * (hn - hp);
+            let cnew = cp + m * (cn - cp);
+            hb[j] = hnew;
+            cb[j] = cnew;
+            out[j] = hnew;
+            out[h + j] = cnew;
+        }
     }
 }
 

@@ -35,22 +35,26 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
-/// Defines `pub fn $name` that runs `$generic` compiled for AVX-512 or AVX2+FMA when the
-/// CPU has them (checked at run time) and for the baseline target otherwise. `$generic`
-/// must be `#[inline(always)]` so that it is compiled anew inside each variant.
+/// Defines `pub fn $name` whose body is compiled three times: for AVX-512, for
+/// AVX2+FMA (each chosen at run time when the CPU has it) and for the baseline target.
 macro_rules! multiversion {
-    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $generic:ident;) => {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
-                    $generic($($arg),*)
+                    generic($($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
-                    $generic($($arg),*)
+                    generic($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features `v4` is compiled for.
@@ -63,7 +67,7 @@ macro_rules! multiversion {
                     return unsafe { v3($($arg),*) };
                 }
             }
-            $generic($($arg),*)
+            generic($($arg),*)
         }
     };
 }
@@ -71,32 +75,26 @@ pub(crate) use multiversion;
 
 multiversion! {
     /// Sum of `e^(x - shift)` over a slice, in 16 independent lanes so that it vectorises.
-    pub fn sum_exp(xs: &[f32], shift: f32) -> f32 = sum_exp_generic;
+    pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let mut it = xs.chunks_exact(16);
+        for c in &mut it {
+            for (l, x) in lanes.iter_mut().zip(c) {
+                *l += exp(x - shift);
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|x| exp(x - shift)).sum();
+        lanes.iter().sum::<f32>() + tail
+    }
 }
 
 multiversion! {
     /// `x = scale * e^(x - shift)` for every element.
-    pub fn exp_scale(xs: &mut [f32], shift: f32, scale: f32) = exp_scale_generic;
-}
-
-#[inline(always)]
-fn exp_scale_generic(xs: &mut [f32], shift: f32, scale: f32) {
-    for x in xs.iter_mut() {
-        *x = scale * exp(*x - shift);
-    }
-}
-
-#[inline(always)]
-fn sum_exp_generic(xs: &[f32], shift: f32) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let mut it = xs.chunks_exact(16);
-    for c in &mut it {
-        for (l, x) in lanes.iter_mut().zip(c) {
-            *l += exp(x - shift);
+    pub fn exp_scale(xs: &mut [f32], shift: f32, scale: f32) {
+        for x in xs.iter_mut() {
+            *x = scale * exp(*x - shift);
         }
     }
-    let tail: f32 = it.remainder().iter().map(|x| exp(x - shift)).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Maximum of a slice, in 16 lanes.
