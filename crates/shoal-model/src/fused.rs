@@ -17,6 +17,20 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
+/// Registers the gradient of each input that is tracked, in parent order, building
+/// each value only for a tracked parent (values past the last parent are never built).
+/// Expects the backend type parameter to be called `B`.
+macro_rules! register_grads {
+    ($grads:expr, $parents:expr, [$($value:expr),* $(,)?]) => {{
+        let mut parents = $parents.into_iter();
+        $(
+            if let Some(p) = parents.next().flatten() {
+                $grads.register::<B>(p.id, $value);
+            }
+        )*
+    }};
+}
+
 /// Backends that run the fused recurrent operations.
 pub trait FusedRnnBackend: Backend {
     /// The GRU recurrence. `xp`: `[B, T, 3H]` input projections (with `b_ih`); `h0`:
@@ -250,17 +264,16 @@ struct GruState<D> {
 }
 
 impl<D> GruState<D> {
-    /// Runs the backward kernel and returns the gradients in parent order:
-    /// xp, h0, w_hh, b_hh, then gamma, beta with LayerNorm.
-    fn grads<B: Backend<Device = D>>(&self, dout: FloatTensor<B>) -> Vec<FloatTensor<B>> {
-        let d = self.dims;
+    /// Runs the backward kernel on the gradient of the outputs.
+    fn kernel<B: Backend<Device = D>>(&self, dout: FloatTensor<B>) -> gru::GruGrads {
         let (dout, _) = host::<B, 3>(dout);
         let ln = self
             .weights
             .norm
             .as_ref()
             .map(|(gamma, beta)| gru::GateNorm { gamma, beta });
-        let gr = gru::backward(
+        let d = self.dims;
+        gru::backward(
             d,
             &self.weights.w_hh,
             self.mask.as_deref(),
@@ -268,40 +281,45 @@ impl<D> GruState<D> {
             &self.saved,
             &dout,
             threads(d, 3),
-        );
-        let g = 3 * d.hidden;
-        let dev = &self.device;
-        let mut out = vec![
-            device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], dev),
-            device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], dev),
-            device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev),
-            device_tensor::<B, 1>(gr.db_hh, [g], dev),
-        ];
-        if ln.is_some() {
-            out.push(device_tensor::<B, 1>(gr.dgamma, [g], dev));
-            out.push(device_tensor::<B, 1>(gr.dbeta, [g], dev));
-        }
-        out
+        )
     }
 }
 
-/// The GRU node without LayerNorm (4 parents) and with it (6 parents).
+/// The GRU node without LayerNorm (4 parents: xp, h0, w_hh, b_hh) and with it (6:
+/// also gamma, beta); both register the same gradients in that order.
 #[derive(Debug)]
 struct GruBackward;
 
 #[derive(Debug)]
 struct GruLnBackward;
 
+macro_rules! gru_backward {
+    ($ops:expr, $grads:expr) => {{
+        let ops = $ops;
+        let s = ops.state;
+        let gr = s.kernel::<B>($grads.consume::<B>(&ops.node));
+        let (d, dev) = (s.dims, &s.device);
+        let g = 3 * d.hidden;
+        register_grads!(
+            $grads,
+            ops.parents,
+            [
+                device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], dev),
+                device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], dev),
+                device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev),
+                device_tensor::<B, 1>(gr.db_hh, [g], dev),
+                device_tensor::<B, 1>(gr.dgamma, [g], dev),
+                device_tensor::<B, 1>(gr.dbeta, [g], dev),
+            ]
+        );
+    }};
+}
+
 impl<B: Backend> Backward<B, 4> for GruBackward {
     type State = GruState<B::Device>;
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _c: &mut Checkpointer) {
-        let values = ops.state.grads::<B>(grads.consume::<B>(&ops.node));
-        for (p, v) in ops.parents.into_iter().zip(values) {
-            if let Some(p) = p {
-                grads.register::<B>(p.id, v);
-            }
-        }
+        gru_backward!(ops, grads);
     }
 }
 
@@ -309,12 +327,7 @@ impl<B: Backend> Backward<B, 6> for GruLnBackward {
     type State = GruState<B::Device>;
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _c: &mut Checkpointer) {
-        let values = ops.state.grads::<B>(grads.consume::<B>(&ops.node));
-        for (p, v) in ops.parents.into_iter().zip(values) {
-            if let Some(p) = p {
-                grads.register::<B>(p.id, v);
-            }
-        }
+        gru_backward!(ops, grads);
     }
 }
 
@@ -351,33 +364,19 @@ impl<B: Backend> Backward<B, 5> for LstmBackward {
             &dout,
             threads(d, 4),
         );
-        let [p_xp, p_h0, p_c0, p_w, p_b] = ops.parents;
         let g = 4 * d.hidden;
         let dev = &s.device;
-        if let Some(n) = p_xp {
-            grads.register::<B>(
-                n.id,
+        register_grads!(
+            grads,
+            ops.parents,
+            [
                 device_tensor::<B, 3>(gr.dxp, [d.batch, d.steps, g], dev),
-            );
-        }
-        if let Some(n) = p_h0 {
-            grads.register::<B>(
-                n.id,
                 device_tensor::<B, 2>(gr.dh0, [d.batch, d.hidden], dev),
-            );
-        }
-        if let Some(n) = p_c0 {
-            grads.register::<B>(
-                n.id,
                 device_tensor::<B, 2>(gr.dc0, [d.batch, d.hidden], dev),
-            );
-        }
-        if let Some(n) = p_w {
-            grads.register::<B>(n.id, device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev));
-        }
-        if let Some(n) = p_b {
-            grads.register::<B>(n.id, device_tensor::<B, 1>(gr.db_hh, [g], dev));
-        }
+                device_tensor::<B, 2>(gr.dw_hh, [g, d.hidden], dev),
+                device_tensor::<B, 1>(gr.db_hh, [g], dev),
+            ]
+        );
     }
 }
 
@@ -423,19 +422,16 @@ impl<B: Backend> Backward<B, 3> for XentBackward {
             g[0],
             big_threads(),
         );
-        let [p_x, p_w, p_b] = ops.parents;
-        if let Some(p) = p_x {
-            grads.register::<B>(p.id, device_tensor::<B, 2>(dx, [n, s.hidden], &s.device));
-        }
-        if let Some(p) = p_w {
-            grads.register::<B>(
-                p.id,
-                device_tensor::<B, 2>(dw, [s.vocab, s.hidden], &s.device),
-            );
-        }
-        if let Some(p) = p_b {
-            grads.register::<B>(p.id, device_tensor::<B, 1>(db, [s.vocab], &s.device));
-        }
+        let dev = &s.device;
+        register_grads!(
+            grads,
+            ops.parents,
+            [
+                device_tensor::<B, 2>(dx, [n, s.hidden], dev),
+                device_tensor::<B, 2>(dw, [s.vocab, s.hidden], dev),
+                device_tensor::<B, 1>(db, [s.vocab], dev),
+            ]
+        );
     }
 }
 
