@@ -44,6 +44,16 @@ fn run_ranks<T: Transport + 'static>(ts: Vec<T>, values: usize, iters: usize) ->
     Ok(worst)
 }
 
+/// Joins threads that each connect one rank.
+fn join_all<T>(hs: Vec<std::thread::JoinHandle<Result<T>>>) -> Result<Vec<T>> {
+    hs.into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| Error::Mismatch("a rank's connect panicked".into()))?
+        })
+        .collect()
+}
+
 /// Seconds per allreduce of `bytes` over `ranks` ranks (threads) on `which`.
 pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize) -> Result<f64> {
     let values = bytes / 4;
@@ -59,14 +69,7 @@ pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize)
                     })
                 })
                 .collect();
-            let ts: Result<Vec<ShmTransport>> = hs
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| Error::Mismatch("connect panicked".into()))?
-                })
-                .collect();
-            run_ranks(ts?, values, iters)
+            run_ranks(join_all(hs)?, values, iters)
         }
         Which::Tcp => {
             let ls: Vec<TcpListener> = (0..ranks)
@@ -87,14 +90,7 @@ pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize)
                     })
                 })
                 .collect();
-            let ts: Result<Vec<TcpTransport>> = hs
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| Error::Mismatch("connect panicked".into()))?
-                })
-                .collect();
-            run_ranks(ts?, values, iters)
+            run_ranks(join_all(hs)?, values, iters)
         }
     }
 }

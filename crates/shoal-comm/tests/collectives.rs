@@ -151,34 +151,44 @@ fn collectives_match_sequential_over_shared_memory() {
     });
 }
 
+/// Starts this test binary again as one rank of `shm_child_rank` (`spec`: job, rank,
+/// size and an optional mode).
+fn spawn_child(spec: String) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "shm_child_rank",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("SHOAL_SHM_CHILD", spec)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A child's exit status and everything it printed.
+fn finish(c: std::process::Child) -> (bool, String) {
+    let out = c.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// Ranks in separate processes (this test binary re-run as children) reduce over
-/// shared memory; a child that dies is reported to the others.
+/// shared memory.
 #[test]
 fn shared_memory_allreduce_across_processes() {
     let job = unique_job("test-shm-proc");
     let n = 3;
     let children: Vec<_> = (0..n)
-        .map(|r| {
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "shm_child_rank",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
-                .env("SHOAL_SHM_CHILD", format!("{job} {r} {n}"))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|r| spawn_child(format!("{job} {r} {n}")))
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "child failed: {text}");
+        let (ok, text) = finish(c);
+        assert!(ok, "child failed: {text}");
         assert!(
             text.contains("SHM-CHILD-OK"),
             "child did not run its rank: {text}"
@@ -186,35 +196,16 @@ fn shared_memory_allreduce_across_processes() {
     }
 }
 
+/// A child that dies is reported to the rank waiting on it, long before the timeout.
 #[test]
 fn shared_memory_reports_a_dead_process() {
     let job = unique_job("test-shm-dead");
-    let spawn = |r: usize, mode: &str| {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "shm_child_rank",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env("SHOAL_SHM_CHILD", format!("{job} {r} 2 {mode}"))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let waiter = spawn(0, "expect-dead");
-    let dier = spawn(1, "die");
+    let waiter = spawn_child(format!("{job} 0 2 expect-dead"));
+    let dier = spawn_child(format!("{job} 1 2 die"));
     // Reap the dead child first (a zombie still counts as alive).
-    assert!(dier.wait_with_output().unwrap().status.success());
-    let out = waiter.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && text.contains("SHM-CHILD-OK"),
-        "{text}"
-    );
+    assert!(finish(dier).0);
+    let (ok, text) = finish(waiter);
+    assert!(ok && text.contains("SHM-CHILD-OK"), "{text}");
 }
 
 /// The body of one child process of `shared_memory_allreduce_across_processes`; when
