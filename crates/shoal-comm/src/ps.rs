@@ -25,6 +25,8 @@ const OP_PUSH: u32 = 3;
 const OP_PULL: u32 = 4;
 const OP_PULL_SPARSE: u32 = 5;
 const OP_BYE: u32 = 6;
+const OP_STATE: u32 = 7;
+const OP_INIT_STATE: u32 = 8;
 const OP_OK: u32 = 100;
 const OP_ERR: u32 = 101;
 
@@ -44,6 +46,7 @@ pub struct ShardConfig {
     pub workers: usize,
     pub mode: PsMode,
     pub optimizer: OptimizerConfig,
+    /// Learning rate of pushes that carry none (see [`PsClient::push_weighted`]).
     pub lr: f32,
     /// Divide summed gradients by the number of workers (mean rather than sum).
     pub average: bool,
@@ -77,9 +80,12 @@ struct Shard {
     opt: Option<Optimizer>,
     /// Updates applied so far.
     applied: u64,
-    /// Sync mode: the sum of this step's pushes and how many arrived.
+    /// Sync mode: the weighted sum of this step's pushes, the sum of their weights,
+    /// the learning rate they carry, and how many arrived.
     pending: Vec<f32>,
     pending_sparse: HashMap<u64, Vec<f32>>,
+    pending_weight: f32,
+    pending_lr: f32,
     arrived: usize,
     sparse: HashMap<u64, SparseRow>,
     failed: Option<String>,
@@ -87,15 +93,21 @@ struct Shard {
 }
 
 impl Shard {
-    /// One optimizer update from gradient buffers the caller owns (scaled in place for
-    /// the sync-mode mean, so nothing is allocated per update).
-    fn apply(&mut self, dense: &mut [f32], sparse: &mut HashMap<u64, Vec<f32>>) -> Result<()> {
-        let scale = if self.cfg.average && self.cfg.mode == PsMode::Sync {
-            1.0 / self.cfg.workers as f32
+    /// One optimizer update with learning rate `lr` from gradient buffers the caller
+    /// owns (in sync mode the weighted sum, scaled in place by `1 / weight` for the
+    /// mean, so nothing is allocated per update).
+    fn apply(
+        &mut self,
+        lr: f32,
+        weight: f32,
+        dense: &mut [f32],
+        sparse: &mut HashMap<u64, Vec<f32>>,
+    ) -> Result<()> {
+        let scale = if self.cfg.average && self.cfg.mode == PsMode::Sync && weight > 0.0 {
+            1.0 / weight
         } else {
             1.0
         };
-        let lr = self.cfg.lr;
         if let (Some(p), Some(o)) = (self.params.as_mut(), self.opt.as_mut()) {
             if scale != 1.0 {
                 dense.iter_mut().for_each(|x| *x *= scale);
@@ -180,6 +192,78 @@ fn read_u64(b: &[u8], at: usize, peer: usize) -> Result<u64> {
         })
 }
 
+/// A shard's (or, assembled, the whole buffer's) parameters and optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PsState {
+    /// Updates the shards have applied (the step the next push carries).
+    pub applied: u64,
+    /// The optimizer's own step count (bias correction).
+    pub optimizer_steps: u64,
+    pub params: Vec<f32>,
+    /// Named optimizer buffers, each as long as `params`.
+    pub buffers: Vec<(String, Vec<f32>)>,
+}
+
+fn encode_state(applied: u64, opt_steps: u64, params: &[f32], bufs: &[(&str, &[f32])]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + 4 * params.len() * (1 + bufs.len()));
+    out.extend_from_slice(&applied.to_le_bytes());
+    out.extend_from_slice(&opt_steps.to_le_bytes());
+    out.extend_from_slice(&(bufs.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(params.len() as u64).to_le_bytes());
+    out.extend_from_slice(f32_bytes(params));
+    for (name, b) in bufs {
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(f32_bytes(b));
+    }
+    out
+}
+
+fn decode_state(b: &[u8], peer: usize) -> Result<PsState> {
+    let short = || Error::Frame {
+        peer,
+        why: "state message too short".into(),
+    };
+    let applied = read_u64(b, 0, peer)?;
+    let optimizer_steps = read_u64(b, 8, peer)?;
+    let nbuf = read_u64(b, 16, peer)?;
+    let mut at = 24;
+    let f32s_at = |at: &mut usize| -> Result<Vec<f32>> {
+        let n = read_u64(b, *at, peer)? as usize;
+        let end = n
+            .checked_mul(4)
+            .and_then(|x| x.checked_add(*at + 8))
+            .ok_or_else(short)?;
+        let v = f32s(b.get(*at + 8..end).ok_or_else(short)?);
+        *at = end;
+        Ok(v)
+    };
+    let params = f32s_at(&mut at)?;
+    let mut buffers = Vec::new();
+    for _ in 0..nbuf.min(16) {
+        let n = read_u64(b, at, peer)? as usize;
+        let name = b
+            .get(at + 8..at.saturating_add(8).saturating_add(n))
+            .ok_or_else(short)?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        at += 8 + n;
+        buffers.push((name, f32s_at(&mut at)?));
+    }
+    if at != b.len() || nbuf > 16 {
+        return Err(Error::Frame {
+            peer,
+            why: "malformed state message".into(),
+        });
+    }
+    Ok(PsState {
+        applied,
+        optimizer_steps,
+        params,
+        buffers,
+    })
+}
+
 impl PsServer {
     /// Starts a shard owning `len` dense values on `listener`.
     pub fn start(listener: TcpListener, len: usize, cfg: ShardConfig) -> Result<Self> {
@@ -198,6 +282,8 @@ impl PsServer {
         let shard = Shard {
             pending: vec![0.0; len],
             pending_sparse: HashMap::new(),
+            pending_weight: 0.0,
+            pending_lr: 0.0,
             params: None,
             opt: None,
             applied: 0,
@@ -345,24 +431,82 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 }
                 cv.notify_all();
             }
+            OP_INIT_STATE => {
+                // applied u64, optimizer steps u64, params, then named state buffers.
+                let r = decode_state(&buf, worker).and_then(|st| {
+                    if st.params.len() != len || st.buffers.iter().any(|(_, b)| b.len() != len) {
+                        return Err(Error::Mismatch(format!(
+                            "restoring {} values into a shard of {len}",
+                            st.params.len()
+                        )));
+                    }
+                    let sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut opt = Optimizer::new(sh.cfg.optimizer, len)?;
+                    let bufs: Vec<(&str, &[f32])> = st
+                        .buffers
+                        .iter()
+                        .map(|(n, b)| (n.as_str(), b.as_slice()))
+                        .collect();
+                    opt.load_state(st.optimizer_steps, &bufs)?;
+                    Ok((st, opt))
+                });
+                let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                match r {
+                    Ok((st, opt)) => {
+                        if sh.params.is_none() {
+                            sh.params = Some(st.params);
+                            sh.opt = Some(opt);
+                            sh.applied = st.applied;
+                        }
+                        cv.notify_all();
+                    }
+                    Err(e) => {
+                        fail(&mut sh, &e);
+                        return Err(e);
+                    }
+                }
+            }
+            OP_STATE => {
+                let sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                let (Some(p), Some(o)) = (sh.params.as_ref(), sh.opt.as_ref()) else {
+                    drop(sh);
+                    send_frame(
+                        &mut s,
+                        OP_ERR,
+                        &[b"state requested before initialisation"],
+                        worker,
+                    )?;
+                    continue;
+                };
+                let bytes = encode_state(sh.applied, o.steps(), p, &o.state());
+                drop(sh);
+                send_frame(&mut s, OP_OK, &[&bytes], worker)?;
+            }
             OP_PUSH => {
-                // step u64, n_dense u64, n_keys u64, dense f32s, keys u64s, rows f32s
+                // step u64, n_dense u64, n_keys u64, lr f32 (as u64 bits; NaN: the
+                // shard's), weight f32 (as u64 bits), dense f32s, keys u64s, rows f32s
                 let step = read_u64(&buf, 0, worker)?;
                 let nd = read_u64(&buf, 8, worker)? as usize;
                 let nk = read_u64(&buf, 16, worker)? as usize;
-                let want = 24 + 4 * nd + 8 * nk + 4 * nk * dim;
-                if nd != len || buf.len() != want {
+                let lr = f32::from_bits(read_u64(&buf, 24, worker)? as u32);
+                let weight = f32::from_bits(read_u64(&buf, 32, worker)? as u32);
+                const H: usize = 40;
+                let want = nd
+                    .checked_mul(4)
+                    .and_then(|d| d.checked_add(nk.checked_mul(8 + 4 * dim)?))
+                    .and_then(|x| x.checked_add(H));
+                if nd != len || Some(buf.len()) != want || !weight.is_finite() || weight < 0.0 {
                     let e = Error::Frame {
                         peer: worker,
-                        why: format!("push of {} bytes for {nd} dense values and {nk} keys (shard holds {len})", buf.len()),
+                        why: format!("push of {} bytes for {nd} dense values and {nk} keys with weight {weight} (shard holds {len})", buf.len()),
                     };
                     let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
                     fail(&mut sh, &e);
                     return Err(e);
                 }
-                f32s_into(&buf[24..24 + 4 * nd], &mut dense);
-                let kb = &buf[24 + 4 * nd..24 + 4 * nd + 8 * nk];
-                f32s_into(&buf[24 + 4 * nd + 8 * nk..], &mut rows);
+                f32s_into(&buf[H..H + 4 * nd], &mut dense);
+                let kb = &buf[H + 4 * nd..H + 4 * nd + 8 * nk];
+                f32s_into(&buf[H + 4 * nd + 8 * nk..], &mut rows);
                 let mut sparse: HashMap<u64, Vec<f32>> = HashMap::new();
                 for (i, k) in kb.chunks_exact(8).enumerate() {
                     let mut a = [0u8; 8];
@@ -375,9 +519,10 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                     }
                 }
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                let lr = if lr.is_nan() { sh.cfg.lr } else { lr };
                 match sh.cfg.mode {
                     PsMode::Async { .. } => {
-                        sh.apply(&mut dense, &mut sparse)?;
+                        sh.apply(lr, weight, &mut dense, &mut sparse)?;
                         cv.notify_all();
                     }
                     PsMode::Sync => {
@@ -401,21 +546,25 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                             return Err(e);
                         }
                         for (p, g) in sh.pending.iter_mut().zip(&dense) {
-                            *p += g;
+                            *p += weight * g;
                         }
                         for (k, g) in sparse {
                             let e = sh.pending_sparse.entry(k).or_insert_with(|| vec![0.0; dim]);
                             for (x, y) in e.iter_mut().zip(&g) {
-                                *x += y;
+                                *x += weight * y;
                             }
                         }
+                        sh.pending_weight += weight;
+                        sh.pending_lr = lr;
                         sh.arrived += 1;
                         if sh.arrived == workers {
                             let mut dense = std::mem::take(&mut sh.pending);
                             let mut sp = std::mem::take(&mut sh.pending_sparse);
-                            sh.apply(&mut dense, &mut sp)?;
+                            let (lr, w) = (sh.pending_lr, sh.pending_weight);
+                            sh.apply(lr, w, &mut dense, &mut sp)?;
                             sh.pending = dense;
                             sh.pending.fill(0.0);
+                            sh.pending_weight = 0.0;
                             sh.arrived = 0;
                             cv.notify_all();
                         }
@@ -568,10 +717,26 @@ impl PsClient {
     }
 
     /// Pushes this worker's gradients for `step`: the dense buffer (whole length) and
-    /// optionally sparse rows (`keys`, and `rows` of `keys.len() * dim` values).
+    /// optionally sparse rows (`keys`, and `rows` of `keys.len() * dim` values), with
+    /// weight 1 and the shards' learning rate.
     pub fn push(
         &mut self,
         step: u64,
+        dense: &[f32],
+        sparse: Option<(&[u64], &[f32])>,
+    ) -> Result<()> {
+        self.push_weighted(step, f32::NAN, 1.0, dense, sparse)
+    }
+
+    /// [`PsClient::push`] with the learning rate for this update (the worker's schedule)
+    /// and the weight of this worker's mean gradient (e.g. its token count): in sync
+    /// mode a shard applies `sum(weight * grad) / sum(weight)` (the mean over the
+    /// global batch when `average`), in async mode each gradient as pushed.
+    pub fn push_weighted(
+        &mut self,
+        step: u64,
+        lr: f32,
+        weight: f32,
         dense: &[f32],
         sparse: Option<(&[u64], &[f32])>,
     ) -> Result<()> {
@@ -589,7 +754,13 @@ impl PsClient {
         }
         for i in 0..m {
             let (a, b) = self.ranges[i];
-            let head = [step, (b - a) as u64, self.keys[i].len() as u64];
+            let head = [
+                step,
+                (b - a) as u64,
+                self.keys[i].len() as u64,
+                lr.to_bits() as u64,
+                weight.to_bits() as u64,
+            ];
             let s = &mut self.conns[i];
             send_frame(
                 s,
@@ -663,6 +834,61 @@ impl PsClient {
             out[j * dim..(j + 1) * dim].copy_from_slice(&rows[k]);
         }
         Ok(())
+    }
+
+    /// Restores the shards from a saved state (parameters, optimizer state and step;
+    /// each buffer the whole length): the resume counterpart of [`PsClient::init`].
+    pub fn init_state(&mut self, st: &PsState) -> Result<()> {
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            let (a, b) = self.ranges[i];
+            let bufs: Vec<(&str, &[f32])> = st
+                .buffers
+                .iter()
+                .map(|(n, v)| (n.as_str(), &v[a..b]))
+                .collect();
+            let bytes = encode_state(st.applied, st.optimizer_steps, &st.params[a..b], &bufs);
+            send_frame(s, OP_INIT_STATE, &[&bytes], i)?;
+        }
+        Ok(())
+    }
+
+    /// The shards' parameters and optimizer state, assembled in shard order (for a
+    /// checkpoint). In sync mode, asked right after a pull it is the state of that step.
+    pub fn state(&mut self) -> Result<PsState> {
+        let mut all: Option<PsState> = None;
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            send_frame(s, OP_STATE, &[], i)?;
+            expect_ok(s, &mut self.buf, i)?;
+            let part = decode_state(&self.buf, i)?;
+            let (a, b) = self.ranges[i];
+            if part.params.len() != b - a {
+                return Err(Error::Frame {
+                    peer: i,
+                    why: format!(
+                        "state of {} values for a shard of {}",
+                        part.params.len(),
+                        b - a
+                    ),
+                });
+            }
+            match all.as_mut() {
+                None => all = Some(part),
+                Some(acc) => {
+                    if acc.buffers.len() != part.buffers.len() {
+                        return Err(Error::Frame {
+                            peer: i,
+                            why: "shards disagree on the optimizer state".into(),
+                        });
+                    }
+                    acc.applied = acc.applied.min(part.applied);
+                    acc.params.extend_from_slice(&part.params);
+                    for (x, y) in acc.buffers.iter_mut().zip(part.buffers) {
+                        x.1.extend_from_slice(&y.1);
+                    }
+                }
+            }
+        }
+        all.ok_or_else(|| Error::Mismatch("no parameter server shards".into()))
     }
 
     /// Tells every shard this worker is done.

@@ -21,3 +21,21 @@ pub trait Transport: Send {
     /// `buf.len()` bytes; anything else is an error naming the peer.
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()>;
 }
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn buffered_bytes(&self) -> usize {
+        (**self).buffered_bytes()
+    }
+    fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()> {
+        (**self).send(peer, tag, data)
+    }
+    fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
+        (**self).recv(peer, tag, buf)
+    }
+}

@@ -225,3 +225,77 @@ fn dead_worker_is_reported_and_wrong_token_refused() {
         assert!(s.join().is_err());
     }
 }
+
+/// Weighted pushes with a per-step learning rate give the local optimizer applied to
+/// the weighted mean; the state fetched after step 2 restored into fresh shards
+/// continues exactly like the uninterrupted servers.
+#[test]
+fn weighted_sync_and_state_restore_match_local_optimizer() {
+    let (total, workers) = (517, 2);
+    let weights = [3.0f32, 5.0];
+    let lr = |s: u64| 0.01 * (s + 1) as f32;
+    let mut c = cfg(workers, PsMode::Sync, OptimizerKind::Adam, 0);
+    c.average = true;
+    let init: Vec<f32> = (0..total).map(|i| (i as f32 * 0.03).cos()).collect();
+    // Local reference.
+    let mut reference = init.clone();
+    let mut opt = Optimizer::new(c.optimizer, total).unwrap();
+    for s in 0..4u64 {
+        let g: Vec<f32> = (0..total)
+            .map(|i| (weights[0] * grad(0, s, i) + weights[1] * grad(1, s, i)) / 8.0)
+            .collect();
+        opt.step(lr(s), &mut reference, &g).unwrap();
+    }
+    // Runs steps `from..to` on fresh shards started from `init` or a saved state; returns
+    // the final parameters and the state after the last step.
+    let run = |from: u64, to: u64, restore: Option<shoal_comm::ps::PsState>| {
+        let (servers, addrs) = start(2, total, &c);
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (addrs, init, restore) = (addrs.clone(), init.clone(), restore.clone());
+                std::thread::spawn(move || {
+                    let mut cl = PsClient::connect(&addrs, w, total, 0, "tok").unwrap();
+                    if w == 0 {
+                        match &restore {
+                            Some(st) => cl.init_state(st).unwrap(),
+                            None => cl.init(&init).unwrap(),
+                        }
+                    }
+                    let mut p = vec![0.0; total];
+                    for s in from..to {
+                        let g: Vec<f32> = (0..total).map(|i| grad(w, s, i)).collect();
+                        cl.push_weighted(s, lr(s), weights[w], &g, None).unwrap();
+                        cl.pull(s + 1, &mut p).unwrap();
+                    }
+                    let st = (w == 0).then(|| cl.state().unwrap());
+                    cl.close().unwrap();
+                    (p, st)
+                })
+            })
+            .collect();
+        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for s in servers {
+            s.join().unwrap();
+        }
+        let (p, st) = outs.into_iter().next().unwrap();
+        (p, st.unwrap())
+    };
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
+    };
+    let (whole, _) = run(0, 4, None);
+    assert!(
+        close(&whole, &reference),
+        "4 steps differ from the local optimizer"
+    );
+    let (half, st) = run(0, 2, None);
+    assert_eq!(st.applied, 2);
+    assert_eq!(st.optimizer_steps, 2);
+    assert_eq!(st.params, half);
+    let names: Vec<&str> = st.buffers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["exp_avg", "exp_avg_sq"]);
+    let (resumed, _) = run(2, 4, Some(st));
+    assert_eq!(resumed, whole, "restored shards did not continue exactly");
+}
