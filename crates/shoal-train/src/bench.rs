@@ -222,7 +222,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
             words = 0;
             learner.timing = PhaseTimes::default();
         }
-        let s = learner.step(b, 1e-3, i as u64, &mut None)?;
+        let s = learner.step(Some(b), 1e-3, i as u64, &mut None)?;
         losses.push(s.loss);
         words += b.tgt_tokens;
     }
@@ -235,6 +235,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         grads_out: t.grads_out * per,
         optimizer: t.optimizer * per,
         params_in: t.params_in * per,
+        comm: t.comm * per,
     };
     Ok(NmtBenchResult {
         ms_per_step,

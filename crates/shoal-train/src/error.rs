@@ -23,6 +23,15 @@ pub enum Error {
     Model(#[from] shoal_model::Error),
     #[error(transparent)]
     Optim(#[from] shoal_optim::Error),
+    /// The data plane (allreduce or parameter server) between processes.
+    #[error("data plane: {0}")]
+    Comm(#[from] shoal_comm::Error),
+    /// The control plane (coordinator, membership, health).
+    #[error("control plane: {0}")]
+    Control(#[from] shoal_control::Error),
+    /// A process of a distributed job failed or the job could not be assembled.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// Training diverged (loss is not finite).
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged { step: u64, loss: f32 },

@@ -11,4 +11,6 @@ pub mod progress;
 
 pub use config::NmtTrainConfig;
 pub use error::{Error, Result};
-pub use nmt::{Event, Learner, NmtTrainer, PhaseTimes, RunSummary, StopReason, Translator};
+pub use nmt::{
+    Event, Exchange, Learner, NmtTrainer, PhaseTimes, RunSummary, StopReason, Translator,
+};

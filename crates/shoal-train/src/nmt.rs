@@ -17,6 +17,7 @@ use shoal_model::decode::{beam_search, greedy, Specials};
 use shoal_model::fused::FusedRnnBackend;
 use shoal_model::nmt::DropoutRng;
 use shoal_model::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
+use shoal_comm::ps::{PsClient, PsState};
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -30,9 +31,12 @@ const SPECIALS: Specials = Specials {
 /// What one update did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
+    /// Mean per-token loss of the global batch (allreduce) or of this worker's share
+    /// (ps modes).
     pub loss: f32,
     pub grad_norm: f32,
     pub lr: f32,
+    /// Target tokens this process trained on.
     pub tgt_tokens: usize,
 }
 
@@ -203,15 +207,20 @@ fn restore_model<B: Backend>(
 }
 
 /// The model with its flat parameter, gradient and optimizer buffers: one update is
-/// engine forward/backward, gradients out through the flat adapter, clipping, the
-/// optimizer on flat buffers, and the parameters written back.
+/// engine forward/backward, gradients out through the flat adapter, the exchange with
+/// the other workers (if any), clipping, the optimizer on flat buffers, and the
+/// parameters written back.
 pub struct Learner {
     pub model: Seq2Seq<CpuTrain>,
     pub layout: FlatLayout,
     pub params: Vec<f32>,
+    /// The flat gradient, with two extra slots at the end that travel with it through
+    /// the allreduce: the batch's weight (target tokens) and its weighted loss.
     grads: Vec<f32>,
     pub opt: Optimizer,
     pub clip_norm: f32,
+    /// How gradients meet those of other workers (None: one process).
+    pub exchange: Option<Exchange>,
     /// Seconds spent in each phase of the updates so far.
     pub timing: PhaseTimes,
 }
@@ -229,6 +238,8 @@ pub struct PhaseTimes {
     pub optimizer: f64,
     /// Parameters written back into the engine.
     pub params_in: f64,
+    /// Gradient exchange with the other workers (allreduce, or push and pull).
+    pub comm: f64,
 }
 
 impl Learner {
@@ -240,7 +251,7 @@ impl Learner {
         opt: Optimizer,
         clip_norm: f32,
     ) -> Self {
-        let grads = vec![0.0; layout.total];
+        let grads = vec![0.0; layout.total + 2];
         Self {
             model,
             layout,
@@ -248,6 +259,7 @@ impl Learner {
             grads,
             opt,
             clip_norm,
+            exchange: None,
             timing: PhaseTimes::default(),
         }
     }
@@ -261,48 +273,157 @@ impl Learner {
     }
 
     /// One update on `batch` with learning rate `lr`. `step` numbers the update (it
-    /// seeds the dropout masks and names it in errors).
+    /// seeds the dropout masks, tags the exchange and names it in errors). In a
+    /// distributed job `batch` is this worker's share of the global batch (None when
+    /// the share is empty: the worker still takes part with weight 0).
     pub fn step(
         &mut self,
-        batch: &Batch,
+        batch: Option<&Batch>,
         lr: f32,
         step: u64,
         rng: &mut Option<DropoutRng>,
     ) -> Result<StepStats> {
         let t0 = Instant::now();
-        let loss = batch_loss(&self.model, batch, rng);
-        let value: f32 = loss.clone().into_scalar();
-        if !value.is_finite() {
-            return Err(Error::Diverged { step, loss: value });
-        }
-        let t1 = Instant::now();
-        let mut grads = loss.backward();
-        let t2 = Instant::now();
-        self.layout
-            .take_grads(&self.model, &mut grads, &mut self.grads)?;
-        let grad_norm = if self.clip_norm > 0.0 {
-            clip_grad_norm(&mut self.grads, self.clip_norm)
-        } else {
-            shoal_optim::global_norm(&self.grads)
+        let total = self.layout.total;
+        let (mut value, tokens) = match batch {
+            Some(b) if b.batch_size > 0 => {
+                let loss = batch_loss(&self.model, b, rng);
+                let value: f32 = loss.clone().into_scalar();
+                if !value.is_finite() {
+                    return Err(Error::Diverged { step, loss: value });
+                }
+                let t1 = Instant::now();
+                let mut grads = loss.backward();
+                let t2 = Instant::now();
+                self.layout
+                    .take_grads(&self.model, &mut grads, &mut self.grads[..total])?;
+                self.timing.forward += (t1 - t0).as_secs_f64();
+                self.timing.backward += (t2 - t1).as_secs_f64();
+                self.timing.grads_out += t2.elapsed().as_secs_f64();
+                (value, b.tgt_tokens)
+            }
+            _ => {
+                self.grads.fill(0.0);
+                (0.0, 0)
+            }
         };
         let t3 = Instant::now();
-        self.opt.step(lr, &mut self.params, &self.grads)?;
+        let mut t_comm = 0.0;
+        let grad_norm = match &mut self.exchange {
+            None => self.clip_and_step(lr)?,
+            Some(Exchange::Allreduce(comm)) => {
+                // Weighted by tokens, the summed gradients divided by the summed
+                // weights are the gradient of the global batch's per-token mean loss.
+                let w = tokens as f32;
+                self.grads[..total].iter_mut().for_each(|g| *g *= w);
+                self.grads[total] = w;
+                self.grads[total + 1] = value * w;
+                let tc = Instant::now();
+                comm.allreduce_sum(&mut self.grads)?;
+                t_comm = tc.elapsed().as_secs_f64();
+                let sum_w = self.grads[total];
+                if sum_w > 0.0 {
+                    value = self.grads[total + 1] / sum_w;
+                    let inv = 1.0 / sum_w;
+                    self.grads[..total].iter_mut().for_each(|g| *g *= inv);
+                }
+                self.clip_and_step(lr)?
+            }
+            Some(Exchange::Ps(client)) => {
+                // Clipping is per worker here (the shards never see the whole gradient).
+                let g = &mut self.grads[..total];
+                let norm = if self.clip_norm > 0.0 {
+                    clip_grad_norm(g, self.clip_norm)
+                } else {
+                    shoal_optim::global_norm(g)
+                };
+                let tc = Instant::now();
+                client.push_weighted(step, lr, tokens as f32, g, None)?;
+                client.pull(step + 1, &mut self.params)?;
+                t_comm = tc.elapsed().as_secs_f64();
+                norm
+            }
+        };
         let t4 = Instant::now();
         self.model = self.layout.write_params(self.model.clone(), &self.params)?;
         let t5 = Instant::now();
         let tm = &mut self.timing;
-        tm.forward += (t1 - t0).as_secs_f64();
-        tm.backward += (t2 - t1).as_secs_f64();
-        tm.grads_out += (t3 - t2).as_secs_f64();
-        tm.optimizer += (t4 - t3).as_secs_f64();
+        tm.comm += t_comm;
+        // Optimizer time excludes the exchange.
+        tm.optimizer += (t4 - t3).as_secs_f64() - t_comm;
         tm.params_in += (t5 - t4).as_secs_f64();
         Ok(StepStats {
             loss: value,
             grad_norm,
             lr,
-            tgt_tokens: batch.tgt_tokens,
+            tgt_tokens: tokens,
         })
     }
+
+    /// Clips the gradient (or measures its norm) and applies the local optimizer.
+    fn clip_and_step(&mut self, lr: f32) -> Result<f32> {
+        let g = &mut self.grads[..self.layout.total];
+        let norm = if self.clip_norm > 0.0 {
+            clip_grad_norm(g, self.clip_norm)
+        } else {
+            shoal_optim::global_norm(g)
+        };
+        self.opt.step(lr, &mut self.params, g)?;
+        Ok(norm)
+    }
+
+    /// Makes every worker start from the same parameters and optimizer state: rank 0's
+    /// are broadcast (allreduce) or sent to the shards, which the workers then pull
+    /// (ps). `step` is the update the job starts at.
+    pub fn synchronise(&mut self, rank: usize, step: u64) -> Result<()> {
+        match &mut self.exchange {
+            None => return Ok(()),
+            Some(Exchange::Allreduce(comm)) => comm.broadcast(&mut self.params, 0)?,
+            Some(Exchange::Ps(client)) => {
+                if rank == 0 {
+                    client.init_state(&PsState {
+                        applied: step,
+                        optimizer_steps: self.opt.steps(),
+                        params: self.params.clone(),
+                        buffers: self
+                            .opt
+                            .state()
+                            .into_iter()
+                            .map(|(n, b)| (n.to_string(), b.to_vec()))
+                            .collect(),
+                    })?;
+                }
+                client.pull(step, &mut self.params)?;
+            }
+        }
+        self.model = self.layout.write_params(self.model.clone(), &self.params)?;
+        Ok(())
+    }
+
+    /// The optimizer's step count and state buffers: local, or fetched from the
+    /// parameter servers (which own them in a ps job).
+    pub fn optimizer_state(&mut self) -> Result<(u64, Vec<(String, Vec<f32>)>)> {
+        if let Some(Exchange::Ps(client)) = &mut self.exchange {
+            let st = client.state()?;
+            return Ok((st.optimizer_steps, st.buffers));
+        }
+        Ok((
+            self.opt.steps(),
+            self.opt
+                .state()
+                .into_iter()
+                .map(|(n, d)| (n.to_string(), d.to_vec()))
+                .collect(),
+        ))
+    }
+}
+
+/// How a worker's gradients meet the other workers'.
+pub enum Exchange {
+    /// Allreduce over the workers' data plane; each worker then runs the optimizer.
+    Allreduce(shoal_comm::Communicator<Box<dyn shoal_comm::Transport>>),
+    /// Push to and pull from the parameter-server shards, which run the optimizer.
+    Ps(PsClient),
 }
 
 /// One validation sentence with its translation.
@@ -335,17 +456,43 @@ pub struct NmtTrainer {
     losses: Vec<f32>,
     train_seconds: f64,
     batch: Batch,
+    /// This worker's place among `cfg.dist.workers`.
+    rank: usize,
 }
 
 impl NmtTrainer {
     /// A fresh run: reads the data, learns the tokenizers, initialises the model.
     /// Checkpoints go to `run_dir`.
     pub fn new(cfg: NmtTrainConfig, run_dir: &Path) -> Result<Self> {
+        Self::with_tokenizers(cfg, run_dir, None)
+    }
+
+    /// Learns the source and target tokenizers from the configured training data.
+    pub fn learn_tokenizers(cfg: &NmtTrainConfig) -> Result<Tokenizers> {
         cfg.validate()?;
-        let corpus = Self::train_corpus(&cfg)?;
-        let tok = Tokenizers {
+        let corpus = Self::train_corpus(cfg)?;
+        Self::learn(cfg, &corpus)
+    }
+
+    fn learn(cfg: &NmtTrainConfig, corpus: &(Vec<String>, Vec<String>)) -> Result<Tokenizers> {
+        Ok(Tokenizers {
             src: SubwordTokenizer::train(&corpus.0, cfg.data.src_vocab)?,
             tgt: SubwordTokenizer::train(&corpus.1, cfg.data.tgt_vocab)?,
+        })
+    }
+
+    /// A fresh run with tokenizers already learnt (the workers of a distributed job
+    /// share the launcher's), or learnt here when None.
+    pub fn with_tokenizers(
+        cfg: NmtTrainConfig,
+        run_dir: &Path,
+        tok: Option<Tokenizers>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let corpus = Self::train_corpus(&cfg)?;
+        let tok = match tok {
+            Some(t) => t,
+            None => Self::learn(&cfg, &corpus)?,
         };
         let mcfg = cfg.model_config(tok.src.vocab_size(), tok.tgt.vocab_size());
         // Parameter initialisation is drawn from the engine's seeded generator.
@@ -424,9 +571,10 @@ impl NmtTrainer {
         ckpt: Option<&Checkpoint>,
     ) -> Result<Self> {
         let examples = encode_pairs(&tok, &corpus.0, &corpus.1)?;
+        // The plan is of global batches; each worker trains on its share of each.
         let batcher = Batcher::new(
             examples,
-            cfg.train.batch_size,
+            cfg.train.batch_size * cfg.dist.workers,
             cfg.data.max_len,
             cfg.train.seed,
         );
@@ -483,7 +631,43 @@ impl NmtTrainer {
             losses,
             train_seconds,
             batch: Batch::default(),
+            rank: 0,
         })
+    }
+
+    /// Joins a distributed job as worker `rank` of `dist.workers`, exchanging gradients
+    /// through `exchange`; every worker then starts from rank 0's parameters (and, for
+    /// parameter servers, optimizer state).
+    pub fn attach(&mut self, rank: usize, exchange: Exchange) -> Result<()> {
+        if rank >= self.cfg.dist.workers {
+            return Err(Error::Cluster(format!(
+                "worker rank {rank} in a job of {} workers",
+                self.cfg.dist.workers
+            )));
+        }
+        self.rank = rank;
+        self.learner.exchange = Some(exchange);
+        self.learner.synchronise(rank, self.pos.step)
+    }
+
+    /// This worker's rank (0 in a single process).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Where the time of the updates went so far.
+    pub fn timing(&self) -> PhaseTimes {
+        self.learner.timing
+    }
+
+    /// The current flat parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.learner.params
+    }
+
+    /// Takes the exchange back (to close parameter-server connections at the end).
+    pub fn detach(&mut self) -> Option<Exchange> {
+        self.learner.exchange.take()
     }
 
     pub fn config(&self) -> &NmtTrainConfig {
@@ -518,10 +702,12 @@ impl NmtTrainer {
 
     /// One update on `batch`: forward, backward, gradients to the flat buffer, clip,
     /// optimizer step, parameters back into the model.
-    pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
+    pub fn train_step(&mut self, batch: Option<&Batch>) -> Result<StepStats> {
         let p = self.cfg.model.dropout;
         let step = self.pos.step;
-        let mut rng = (p > 0.0).then(|| DropoutRng::new(self.cfg.train.seed, step, p as f32));
+        // Each worker draws its own dropout masks.
+        let seed = self.cfg.train.seed ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = (p > 0.0).then(|| DropoutRng::new(seed, step, p as f32));
         let lr = self.sched.lr(step);
         let stats = self.learner.step(batch, lr, step, &mut rng)?;
         self.pos.step += 1;
@@ -530,8 +716,10 @@ impl NmtTrainer {
     }
 
     /// Saves a checkpoint of the current state into the run directory and makes it the
-    /// latest one.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    /// latest one (in a distributed job only rank 0 calls this; with parameter servers
+    /// it fetches their optimizer state).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let (optimizer_steps, optimizer) = self.learner.optimizer_state()?;
         let mut ckpt = Checkpoint {
             meta: Meta {
                 format_version: FORMAT_VERSION,
@@ -542,7 +730,7 @@ impl NmtTrainer {
                 step: self.pos.step,
                 epoch: self.pos.epoch,
                 batch: self.pos.batch,
-                optimizer_steps: self.learner.opt.steps(),
+                optimizer_steps,
                 train_seconds: self.train_seconds,
                 losses: self.losses.clone(),
                 params: self
@@ -555,13 +743,7 @@ impl NmtTrainer {
                 crc32: Default::default(),
             },
             params: self.learner.params.clone(),
-            optimizer: self
-                .learner
-                .opt
-                .state()
-                .into_iter()
-                .map(|(n, d)| (n.to_string(), d.to_vec()))
-                .collect(),
+            optimizer,
         };
         let dir = checkpoint::step_dir(&self.run_dir, self.pos.step);
         ckpt.save(&dir)?;
@@ -610,19 +792,31 @@ impl NmtTrainer {
                 self.plan = self.batcher.epoch_plan(self.pos.epoch);
                 self.plan_epoch = Some(self.pos.epoch);
             }
-            let Some(indices) = self.plan.get(self.pos.batch as usize) else {
-                let valid_loss = self.valid_loss()?;
-                on_event(&Event::EpochEnd {
-                    epoch: self.pos.epoch,
-                    valid_loss,
-                });
+            let Some(global) = self.plan.get(self.pos.batch as usize) else {
+                if self.rank == 0 {
+                    let valid_loss = self.valid_loss()?;
+                    on_event(&Event::EpochEnd {
+                        epoch: self.pos.epoch,
+                        valid_loss,
+                    });
+                }
                 self.pos.epoch += 1;
                 self.pos.batch = 0;
                 continue;
             };
+            let (a, b) = shoal_comm::collective::split_range(
+                global.len(),
+                self.cfg.dist.workers,
+                self.rank,
+            );
             let mut batch = std::mem::take(&mut self.batch);
-            self.batcher.fill_batch(indices, &mut batch)?;
-            let stats = self.train_step(&batch);
+            let share = if a < b {
+                self.batcher.fill_batch(&global[a..b], &mut batch)?;
+                Some(&batch)
+            } else {
+                None
+            };
+            let stats = self.train_step(share);
             self.batch = batch;
             let stats = stats?;
             self.pos.batch += 1;
@@ -635,7 +829,7 @@ impl NmtTrainer {
                 stats,
                 tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             });
-            if every > 0 && self.pos.step.is_multiple_of(every) {
+            if self.rank == 0 && every > 0 && self.pos.step.is_multiple_of(every) {
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint {
                     step: self.pos.step,
@@ -647,6 +841,7 @@ impl NmtTrainer {
         let seconds = start.elapsed().as_secs_f64();
         let last_checkpoint = match last_ckpt {
             Some(p) if p == checkpoint::step_dir(&self.run_dir, self.pos.step) => p,
+            _ if self.rank != 0 => checkpoint::step_dir(&self.run_dir, self.pos.step),
             _ => {
                 let path = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint {

@@ -1,56 +1,10 @@
 //! A run stopped and resumed from its checkpoint follows exactly the loss curve of an
 //! uninterrupted run (same data order, dropout masks, learning rates, optimizer state).
 
-use shoal_train::config::NmtTrainConfig;
+mod common;
+
+use common::{config, slice};
 use shoal_train::NmtTrainer;
-use std::path::Path;
-
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/multi30k");
-
-/// Writes the first `n` pairs of Multi30k train/val into `dir`.
-fn slice(dir: &Path, n: usize) {
-    for (from, to) in [
-        ("train.en", "train.en"),
-        ("train.de", "train.de"),
-        ("val.en", "val.en"),
-        ("val.de", "val.de"),
-    ] {
-        let text = std::fs::read_to_string(Path::new(DATA).join(from)).unwrap();
-        let lines: Vec<&str> = text.lines().take(n).collect();
-        std::fs::write(dir.join(to), lines.join("\n") + "\n").unwrap();
-    }
-}
-
-fn config(dir: &Path, extra: &[(&str, &str)]) -> NmtTrainConfig {
-    let mut o: Vec<(String, String)> = vec![
-        ("data.train_src", dir.join("train.en").display().to_string()),
-        ("data.train_tgt", dir.join("train.de").display().to_string()),
-        ("data.valid_src", dir.join("val.en").display().to_string()),
-        ("data.valid_tgt", dir.join("val.de").display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), format!("{v:?}")))
-    .collect();
-    for (k, v) in [
-        ("data.src_vocab", "300"),
-        ("data.tgt_vocab", "300"),
-        ("data.max_len", "16"),
-        ("model.embed", "16"),
-        ("model.hidden", "16"),
-        ("model.layers", "2"),
-        ("model.dropout", "0.2"),
-        ("train.batch_size", "16"),
-        ("train.epochs", "2"),
-        ("train.warmup_steps", "5"),
-        ("train.checkpoint_every", "0"),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
-        o.push((k.to_string(), v.to_string()));
-    }
-    NmtTrainConfig::load(None, &o).unwrap()
-}
 
 #[test]
 fn stopped_and_resumed_run_follows_the_same_loss_curve() {

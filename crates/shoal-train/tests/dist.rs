@@ -1,0 +1,166 @@
+//! Data-parallel training is the same computation as one process on the global batch:
+//! 2 workers x batch 8 (allreduce, and sync parameter servers with 1 and 2 shards) end
+//! with the parameters of 1 process x batch 16 after the same updates from the same
+//! initial weights and data order.
+
+mod common;
+
+use common::{config, slice};
+use shoal_comm::local::LocalTransport;
+use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
+use shoal_comm::{Communicator, Transport};
+use shoal_train::config::NmtTrainConfig;
+use shoal_train::nmt::Tokenizers;
+use shoal_train::{Exchange, NmtTrainer};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const STEPS: &str = "6";
+
+fn single(cfg: NmtTrainConfig, tok: &Tokenizers) -> (Vec<f32>, Vec<f32>) {
+    let out = tempfile::tempdir().unwrap();
+    let mut t = NmtTrainer::with_tokenizers(cfg, out.path(), Some(tok.clone())).unwrap();
+    t.run(|_| {}).unwrap();
+    (t.params().to_vec(), t.losses().to_vec())
+}
+
+/// Runs `cfg.dist.workers` trainers on threads, each attached through `exchange(rank)`.
+fn workers(
+    cfg: NmtTrainConfig,
+    tok: &Tokenizers,
+    exchange: impl Fn(usize) -> Exchange + Send + Sync + 'static,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let n = cfg.dist.workers;
+    let exchange = Arc::new(exchange);
+    // Model initialisation draws from the engine's global generator: one at a time.
+    let init = Arc::new(Mutex::new(()));
+    let handles: Vec<_> = (0..n)
+        .map(|rank| {
+            let (cfg, tok, exchange, init) =
+                (cfg.clone(), tok.clone(), exchange.clone(), init.clone());
+            std::thread::spawn(move || {
+                let out = tempfile::tempdir().unwrap();
+                let mut t = {
+                    let _g = init.lock().unwrap();
+                    NmtTrainer::with_tokenizers(cfg, out.path(), Some(tok)).unwrap()
+                };
+                t.attach(rank, exchange(rank)).unwrap();
+                t.run(|_| {}).unwrap();
+                if let Some(Exchange::Ps(c)) = t.detach() {
+                    c.close().unwrap();
+                }
+                (t.params().to_vec(), t.losses().to_vec())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+fn setup(dir: &Path, extra: &[(&str, &str)]) -> (NmtTrainConfig, NmtTrainConfig, Tokenizers) {
+    slice(dir, 160);
+    let mut common = vec![
+        ("model.dropout", "0"),
+        ("train.max_steps", STEPS),
+        ("train.epochs", "1"),
+    ];
+    common.extend_from_slice(extra);
+    let one = config(dir, &[&common[..], &[("train.batch_size", "16")]].concat());
+    let tok = NmtTrainer::learn_tokenizers(&one).unwrap();
+    let two = config(
+        dir,
+        &[
+            &common[..],
+            &[("train.batch_size", "8"), ("dist.workers", "2")],
+        ]
+        .concat(),
+    );
+    (one, two, tok)
+}
+
+#[test]
+fn allreduce_equals_one_process_on_the_global_batch() {
+    let data = tempfile::tempdir().unwrap();
+    // Clipping on (and active): it must act on the global gradient.
+    let (one, two, tok) = setup(data.path(), &[("train.clip_norm", "0.5")]);
+    let (reference, ref_losses) = single(one, &tok);
+    let group = Arc::new(Mutex::new(
+        LocalTransport::group(2)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    ));
+    let outs = workers(two, &tok, move |rank| {
+        let t = group.lock().unwrap()[rank].take().unwrap();
+        Exchange::Allreduce(Communicator::new(Box::new(t) as Box<dyn Transport>))
+    });
+    for (rank, (p, losses)) in outs.iter().enumerate() {
+        let d = rel_diff(p, &reference);
+        eprintln!("allreduce rank {rank}: {d:e}");
+        assert!(d < 1e-5, "rank {rank}: parameters differ by {d:e} (relative)");
+        // The reported loss is the global batch's.
+        for (a, b) in losses.iter().zip(&ref_losses) {
+            assert!((a - b).abs() < 1e-4 * b.abs(), "loss {a} vs {b}");
+        }
+    }
+    assert_ne!(outs[0].1[0], outs[0].1[5], "training did not move");
+}
+
+#[test]
+fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
+    for shards in [1, 2] {
+        let data = tempfile::tempdir().unwrap();
+        // Shards clip nothing (clipping is per worker in ps modes): clipping off.
+        let extra = [
+            ("train.clip_norm", "0"),
+            ("dist.mode", "ps-sync"),
+            ("dist.ps", if shards == 1 { "1" } else { "2" }),
+        ];
+        let (one, two, tok) = setup(data.path(), &extra);
+        let (reference, _) = single(one.clone(), &tok);
+        let total = reference.len();
+        let shard_cfg = ShardConfig {
+            workers: 2,
+            mode: PsMode::Sync,
+            optimizer: two.train.optimizer_config(),
+            lr: f32::NAN,
+            average: true,
+            sparse_dim: 0,
+            token: "t".into(),
+            timeout: Duration::from_secs(60),
+        };
+        let servers: Vec<PsServer> = (0..shards)
+            .map(|i| {
+                let (a, b) = shard_range(total, shards, i);
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
+            })
+            .collect();
+        let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+        let outs = workers(two, &tok, move |rank| {
+            Exchange::Ps(PsClient::connect(&addrs, rank, total, 0, "t").unwrap())
+        });
+        for s in servers {
+            s.join().unwrap();
+        }
+        for (rank, (p, _)) in outs.iter().enumerate() {
+            let d = rel_diff(p, &reference);
+            assert!(
+                d < 1e-5,
+                "{shards} shard(s), rank {rank}: parameters differ by {d:e} (relative)"
+            );
+        }
+    }
+}
