@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use shoal_comm::ps::{PsClient, PsState};
 use shoal_data::{
     corpus_bleu, load_parallel, Batch, Batcher, Bleu, EmptyLines, Example, SubwordTokenizer, BOS,
     EOS, PAD,
@@ -17,7 +18,6 @@ use shoal_model::decode::{beam_search, greedy, Specials};
 use shoal_model::fused::FusedRnnBackend;
 use shoal_model::nmt::DropoutRng;
 use shoal_model::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
-use shoal_comm::ps::{PsClient, PsState};
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -226,7 +226,7 @@ pub struct Learner {
 }
 
 /// Where the time of the updates went, in seconds summed over steps.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct PhaseTimes {
     /// Engine forward pass (up to the loss value).
     pub forward: f64,
@@ -804,11 +804,8 @@ impl NmtTrainer {
                 self.pos.batch = 0;
                 continue;
             };
-            let (a, b) = shoal_comm::collective::split_range(
-                global.len(),
-                self.cfg.dist.workers,
-                self.rank,
-            );
+            let (a, b) =
+                shoal_comm::collective::split_range(global.len(), self.cfg.dist.workers, self.rank);
             let mut batch = std::mem::take(&mut self.batch);
             let share = if a < b {
                 self.batcher.fill_batch(&global[a..b], &mut batch)?;

@@ -16,6 +16,7 @@ pub struct Progress {
     epochs: u64,
     total: u64,
     quiet: bool,
+    detail: String,
 }
 
 impl Progress {
@@ -29,7 +30,13 @@ impl Progress {
             epochs,
             total: 0,
             quiet,
+            detail: String::new(),
         }
+    }
+
+    /// Text shown after the step message (a distributed job's per-worker rates).
+    pub fn set_detail(&mut self, detail: String) {
+        self.detail = detail;
     }
 
     fn say(&self, line: &str) {
@@ -81,10 +88,11 @@ impl Progress {
                 };
                 self.ema_loss = Some(ema);
                 let msg = format!(
-                    "epoch {}/{} loss {ema:.3} lr {:.2e} {tokens_per_s:.0} tgt tok/s",
+                    "epoch {}/{} loss {ema:.3} lr {:.2e} {tokens_per_s:.0} tgt tok/s{}",
                     epoch + 1,
                     self.epochs,
-                    stats.lr
+                    stats.lr,
+                    self.detail
                 );
                 if let Some(b) = &self.bar {
                     b.set_position(*step);

@@ -32,6 +32,10 @@ enum Cmd {
     /// Benchmarks (see bench/run, which runs them against their peers).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// One process of a distributed job, its role taken from SHOAL_* environment
+    /// variables (started by `train --workers`, or by a cluster scheduler).
+    #[command(name = "role", hide = true)]
+    Role,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +48,25 @@ enum TrainCmd {
 enum Cell {
     Gru,
     Lstm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Allreduce,
+    PsSync,
+    PsAsync,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PsPlacement {
+    Colocated,
+    Separate,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Plane {
+    Shm,
+    Tcp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +126,21 @@ struct NmtArgs {
     /// model.dropout
     #[arg(long)]
     dropout: Option<f32>,
+    /// dist.workers: data-parallel worker processes (train.batch_size is per worker).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// dist.ps: parameter-server shards (sets --mode ps-sync unless given).
+    #[arg(long)]
+    ps: Option<usize>,
+    /// dist.mode: how workers combine gradients.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// dist.placement: shards in their own processes or inside the first workers.
+    #[arg(long, value_enum)]
+    ps_placement: Option<PsPlacement>,
+    /// dist.transport: the allreduce data plane.
+    #[arg(long, value_enum)]
+    transport: Option<Plane>,
     /// eval.beam for the final BLEU (1 = greedy)
     #[arg(long)]
     beam: Option<usize>,
@@ -274,6 +312,40 @@ fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
     if let Some(v) = a.beam {
         put("eval.beam", v.to_string());
     }
+    if let Some(v) = a.workers {
+        put("dist.workers", v.to_string());
+    }
+    if let Some(v) = a.ps {
+        put("dist.ps", v.to_string());
+        if a.mode.is_none() && v > 0 {
+            put("dist.mode", "\"ps-sync\"".into());
+        }
+    }
+    if let Some(m) = a.mode {
+        let n = match m {
+            Mode::Allreduce => "allreduce",
+            Mode::PsSync => "ps-sync",
+            Mode::PsAsync => "ps-async",
+        };
+        put("dist.mode", format!("{n:?}"));
+        if a.ps.is_none() && !matches!(m, Mode::Allreduce) {
+            put("dist.ps", "1".into());
+        }
+    }
+    if let Some(p) = a.ps_placement {
+        let n = match p {
+            PsPlacement::Colocated => "colocated",
+            PsPlacement::Separate => "separate",
+        };
+        put("dist.placement", format!("{n:?}"));
+    }
+    if let Some(p) = a.transport {
+        let n = match p {
+            Plane::Shm => "shm",
+            Plane::Tcp => "tcp",
+        };
+        put("dist.transport", format!("{n:?}"));
+    }
     Ok(o)
 }
 
@@ -286,12 +358,25 @@ fn cell_name(c: Cell) -> &'static str {
 
 fn train_nmt(a: NmtArgs) -> Result<()> {
     let ov = overrides(&a)?;
+    if a.resume.is_none() && !a.print_config {
+        let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+        if cfg.dist.is_cluster() {
+            return train_nmt_cluster(&a, cfg, None);
+        }
+    }
     let mut trainer = match &a.resume {
         Some(dir) => {
             if a.config.is_some() {
                 bail!("--resume continues with the run's saved configuration; drop --config");
             }
-            NmtTrainer::resume(dir, |saved| saved.with_overrides(&ov))?
+            let t = NmtTrainer::resume(dir, |saved| saved.with_overrides(&ov))?;
+            if t.config().dist.is_cluster() {
+                let cfg = t.config().clone();
+                let tok = t.tokenizers().clone();
+                drop(t);
+                return train_nmt_cluster(&a, cfg, Some((dir.clone(), tok)));
+            }
+            t
         }
         None => {
             let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
@@ -321,14 +406,19 @@ fn train_nmt(a: NmtArgs) -> Result<()> {
         summary.stop,
         summary.last_checkpoint.display()
     );
-    let valid_loss = trainer.valid_loss()?;
-    let mut out = serde_json::json!({
+    let out = serde_json::json!({
         "steps": trainer.position().step,
         "seconds": summary.seconds,
         "tokens_per_s": summary.tokens_per_s,
-        "valid_loss": valid_loss,
         "checkpoint": summary.last_checkpoint,
     });
+    final_report(&a, &trainer, out)
+}
+
+/// Validation loss, BLEU and samples of a trained model; the JSON summary with `--json`.
+fn final_report(a: &NmtArgs, trainer: &NmtTrainer, mut out: serde_json::Value) -> Result<()> {
+    let valid_loss = trainer.valid_loss()?;
+    out["valid_loss"] = serde_json::json!(valid_loss);
     println!(
         "validation loss {valid_loss:.3} (perplexity {:.1})",
         valid_loss.exp()
@@ -349,6 +439,74 @@ fn train_nmt(a: NmtArgs) -> Result<()> {
         println!("{out}");
     }
     Ok(())
+}
+
+/// A distributed run: the launcher starts the coordinator, workers and parameter
+/// servers as processes of this program and shows their progress.
+fn train_nmt_cluster(
+    a: &NmtArgs,
+    cfg: NmtTrainConfig,
+    resume: Option<(PathBuf, shoal_train::nmt::Tokenizers)>,
+) -> Result<()> {
+    let (run_dir, tok, resume) = match resume {
+        Some((dir, tok)) => {
+            let ckpt = shoal_train::checkpoint::resolve(&dir)?;
+            let run = ckpt.parent().map(PathBuf::from).unwrap_or_default();
+            (run, tok, Some(ckpt))
+        }
+        None => {
+            eprintln!("preparing data and learning subword vocabularies...");
+            (a.out.clone(), NmtTrainer::learn_tokenizers(&cfg)?, None)
+        }
+    };
+    let d = &cfg.dist;
+    eprintln!(
+        "starting {} workers{} on this machine (mode {:?}); logs in {}",
+        d.workers,
+        if d.mode == shoal_train::config::DistMode::Allreduce {
+            String::new()
+        } else {
+            format!(" and {} parameter-server shards ({:?})", d.ps, d.placement)
+        },
+        d.mode,
+        run_dir.join("job/logs").display()
+    );
+    let opts = shoal_train::cluster::LaunchOptions {
+        exe: std::env::current_exe().context("finding this program's path")?,
+        args: vec!["role".into()],
+        resume,
+    };
+    let mut progress = Progress::new(cfg.train.epochs, false);
+    let summary = shoal_train::cluster::launch(&cfg, &run_dir, &tok, &opts, |e, rates| {
+        let per: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        progress.set_detail(format!(" (workers: {})", per.join(" + ")));
+        progress.on_event(e);
+    });
+    progress.finish();
+    let summary = summary?;
+    let per: Vec<String> = summary
+        .worker_tokens_per_s
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect();
+    eprintln!(
+        "trained {} steps in {:.0} s: {:.0} target tokens/s ({} per worker); checkpoint {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        per.join(" + "),
+        summary.last_checkpoint.display()
+    );
+    let out = serde_json::json!({
+        "steps": summary.steps,
+        "seconds": summary.seconds,
+        "tokens_per_s": summary.tokens_per_s,
+        "worker_tokens_per_s": summary.worker_tokens_per_s,
+        "timing": summary.timing,
+        "checkpoint": summary.last_checkpoint,
+    });
+    let trainer = NmtTrainer::resume(&summary.last_checkpoint, |c| Ok(c.clone()))?;
+    final_report(a, &trainer, out)
 }
 
 fn translate(a: TranslateArgs) -> Result<()> {
@@ -516,6 +674,7 @@ fn main() -> ExitCode {
         Cmd::Translate(a) => translate(a),
         Cmd::Eval(a) => eval(a),
         Cmd::Bench(b) => bench(b),
+        Cmd::Role => shoal_train::cluster::run_role().map_err(Into::into),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -49,4 +49,3 @@ pub fn config(dir: &Path, extra: &[(&str, &str)]) -> NmtTrainConfig {
     }
     NmtTrainConfig::load(None, &o).unwrap()
 }
-

@@ -1,0 +1,714 @@
+//! Distributed NMT training as one job: the launcher starts the coordinator and the
+//! worker and parameter-server processes on this machine (the embedded local cluster),
+//! relays their progress, and stops the whole job as soon as one process fails; each
+//! process takes its role from the environment, so a cluster scheduler can start the
+//! same binary the same way.
+//!
+//! A job directory (`RUN/job`) holds what every process needs: the configuration and
+//! the tokenizers. Workers print one JSON [`Report`] per line on stdout for the
+//! launcher; their stderr goes to `RUN/job/logs/<role>-<i>.log`.
+
+use crate::checkpoint;
+use crate::config::{DataPlane, DistMode, NmtTrainConfig, Placement};
+use crate::nmt::{Event, Exchange, NmtTrainer, PhaseTimes, StepStats, Tokenizers};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
+use shoal_comm::shm::ShmTransport;
+use shoal_comm::tcp::{TcpOptions, TcpTransport};
+use shoal_comm::{Communicator, Transport};
+use shoal_control::{ControlClient, Coordinator, CoordinatorConfig};
+use shoal_data::SubwordTokenizer;
+use shoal_model::{Cpu, FlatLayout};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// `http://host:port` of the coordinator.
+pub const ENV_COORDINATOR: &str = "SHOAL_COORDINATOR";
+/// The job's shared secret.
+pub const ENV_TOKEN: &str = "SHOAL_JOB_TOKEN";
+/// `worker`, `ps` or `worker+ps` (a worker hosting a shard: colocated placement).
+pub const ENV_ROLE: &str = "SHOAL_ROLE";
+/// The job directory (configuration and tokenizers).
+pub const ENV_JOB: &str = "SHOAL_JOB_DIR";
+/// The run directory (checkpoints).
+pub const ENV_RUN: &str = "SHOAL_RUN_DIR";
+/// A checkpoint to resume from.
+pub const ENV_RESUME: &str = "SHOAL_RESUME";
+/// The address this process's data plane listens on and advertises (default 127.0.0.1).
+pub const ENV_HOST: &str = "SHOAL_HOST";
+
+/// What a worker tells the launcher, one JSON object per stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Report {
+    Started {
+        rank: usize,
+        total_steps: u64,
+        start_step: u64,
+        batches_per_epoch: usize,
+        params: usize,
+    },
+    Step {
+        rank: usize,
+        step: u64,
+        epoch: u64,
+        loss: f32,
+        grad_norm: f32,
+        lr: f32,
+        tokens: usize,
+    },
+    EpochEnd {
+        epoch: u64,
+        valid_loss: f32,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    Done {
+        rank: usize,
+        steps: u64,
+        seconds: f64,
+        tokens_per_s: f64,
+        timing: PhaseTimes,
+        checkpoint: PathBuf,
+    },
+}
+
+/// The outcome of a distributed run.
+#[derive(Debug, Clone)]
+pub struct ClusterSummary {
+    pub steps: u64,
+    pub seconds: f64,
+    /// Target tokens per second of the whole job (the sum over workers).
+    pub tokens_per_s: f64,
+    /// Each worker's target tokens per second.
+    pub worker_tokens_per_s: Vec<f64>,
+    /// Each worker's time per phase, summed over its updates.
+    pub timing: Vec<PhaseTimes>,
+    pub last_checkpoint: PathBuf,
+}
+
+/// How the launcher starts a process of the job: this program with these arguments
+/// (it must call [`run_role`]).
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub exe: PathBuf,
+    pub args: Vec<String>,
+    /// Continue from this checkpoint (its configuration, adjusted, is `cfg`).
+    pub resume: Option<PathBuf>,
+}
+
+fn job_files(job: &Path) -> [PathBuf; 3] {
+    [
+        job.join("config.toml"),
+        job.join("src_tokenizer.json"),
+        job.join("tgt_tokenizer.json"),
+    ]
+}
+
+fn write_job(job: &Path, cfg: &NmtTrainConfig, tok: &Tokenizers) -> Result<()> {
+    std::fs::create_dir_all(job.join("logs")).map_err(crate::error::io_err(job))?;
+    let [c, s, t] = job_files(job);
+    for (path, text) in [
+        (c, cfg.to_toml()),
+        (s, tok.src.to_json()?),
+        (t, tok.tgt.to_json()?),
+    ] {
+        std::fs::write(&path, text).map_err(crate::error::io_err(&path))?;
+    }
+    Ok(())
+}
+
+fn read_job(job: &Path) -> Result<(NmtTrainConfig, Tokenizers)> {
+    let [c, s, t] = job_files(job);
+    let cfg = NmtTrainConfig::load(Some(&c), &[])?;
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(crate::error::io_err(p));
+    let tok = Tokenizers {
+        src: SubwordTokenizer::from_json(&read(&s)?)?,
+        tgt: SubwordTokenizer::from_json(&read(&t)?)?,
+    };
+    Ok((cfg, tok))
+}
+
+/// Number of values in the model's flat parameter buffer.
+fn param_count(cfg: &NmtTrainConfig, tok: &Tokenizers) -> Result<usize> {
+    let model = cfg
+        .model_config(tok.src.vocab_size(), tok.tgt.vocab_size())
+        .init::<Cpu>(&Default::default())?;
+    Ok(FlatLayout::of(&model).total)
+}
+
+/// A fresh job token (also names the shared-memory rings).
+fn new_token() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("\n    ")
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+fn kill_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        let _ = p.child.kill();
+    }
+    for p in procs.iter_mut() {
+        let _ = p.child.wait();
+    }
+}
+
+/// Runs a distributed job on this machine: writes the job directory, starts the
+/// coordinator, `dist.workers` worker processes and the separate parameter servers,
+/// and relays their progress to `on_event` (with the per-worker target tokens/s).
+/// Returns when every process has finished; the first process that fails stops the
+/// others and is named in the error, with the end of its log.
+pub fn launch(
+    cfg: &NmtTrainConfig,
+    run_dir: &Path,
+    tok: &Tokenizers,
+    opts: &LaunchOptions,
+    mut on_event: impl FnMut(&Event, &[f64]),
+) -> Result<ClusterSummary> {
+    let d = &cfg.dist;
+    let job = run_dir.join("job");
+    write_job(&job, cfg, tok)?;
+    let token = new_token();
+    let servers = d.separate_servers();
+    let world = d.workers + servers;
+    let coord = Coordinator::start(
+        "127.0.0.1:0".parse().expect("literal address"),
+        CoordinatorConfig {
+            token: token.clone(),
+            world: world as u32,
+            heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
+            rendezvous_timeout: Duration::from_secs(180),
+        },
+    )?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = match cfg.train.threads {
+        0 => (cores / d.workers).max(1),
+        t => t,
+    };
+    let mut roles: Vec<(String, String, usize)> = Vec::new();
+    for i in 0..d.workers {
+        let hosts =
+            d.mode != DistMode::Allreduce && d.placement == Placement::Colocated && i < d.ps;
+        let role = if hosts { "worker+ps" } else { "worker" };
+        roles.push((role.into(), format!("worker-{i}"), threads));
+    }
+    for i in 0..servers {
+        roles.push(("ps".into(), format!("ps-{i}"), 1));
+    }
+    let (tx, rx) = mpsc::channel::<(usize, String)>();
+    let mut procs: Vec<Proc> = Vec::new();
+    for (idx, (role, name, threads)) in roles.iter().enumerate() {
+        let log = job.join("logs").join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).map_err(crate::error::io_err(&log))?;
+        let mut cmd = Command::new(&opts.exe);
+        cmd.args(&opts.args)
+            .env(ENV_COORDINATOR, format!("http://{}", coord.addr))
+            .env(ENV_TOKEN, &token)
+            .env(ENV_ROLE, role)
+            .env(ENV_JOB, &job)
+            .env(ENV_RUN, run_dir)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err));
+        if let Some(r) = &opts.resume {
+            cmd.env(ENV_RESUME, r);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                kill_all(&mut procs);
+                return Err(Error::Cluster(format!(
+                    "starting {name} ({}): {e}",
+                    opts.exe.display()
+                )));
+            }
+        };
+        if let Some(out) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                    if tx.send((idx, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        procs.push(Proc {
+            name: name.clone(),
+            child,
+            log,
+        });
+    }
+    drop(tx);
+    let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_event);
+    if result.is_err() {
+        kill_all(&mut procs);
+    }
+    result
+}
+
+/// Relays reports until every process has exited; fails on the first process that
+/// fails (or that the coordinator declares failed).
+fn supervise(
+    procs: &mut [Proc],
+    coord: &Coordinator,
+    rx: &mpsc::Receiver<(usize, String)>,
+    workers: usize,
+    on_event: &mut impl FnMut(&Event, &[f64]),
+) -> Result<ClusterSummary> {
+    let start = Instant::now();
+    let mut tokens = vec![0usize; workers];
+    let mut rates = vec![0.0f64; workers];
+    let mut done: Vec<Option<Report>> = vec![None; workers];
+    let mut exited = vec![false; procs.len()];
+    let mut first_step: Option<Instant> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((idx, line)) => {
+                let Ok(r) = serde_json::from_str::<Report>(&line) else {
+                    // Anything else a process prints goes to our stderr.
+                    eprintln!("[{}] {line}", procs[idx].name);
+                    continue;
+                };
+                match r {
+                    Report::Started {
+                        rank: 0,
+                        total_steps,
+                        start_step,
+                        batches_per_epoch,
+                        params,
+                    } => on_event(
+                        &Event::Started {
+                            total_steps,
+                            start_step,
+                            batches_per_epoch,
+                            params,
+                        },
+                        &rates,
+                    ),
+                    Report::Started { .. } => {}
+                    Report::Step {
+                        rank,
+                        step,
+                        epoch,
+                        loss,
+                        grad_norm,
+                        lr,
+                        tokens: t,
+                    } if rank < workers => {
+                        let t0 = *first_step.get_or_insert_with(Instant::now);
+                        tokens[rank] += t;
+                        let el = t0.elapsed().as_secs_f64().max(1e-3);
+                        rates[rank] = tokens[rank] as f64 / el;
+                        if rank == 0 {
+                            on_event(
+                                &Event::Step {
+                                    step,
+                                    epoch,
+                                    stats: StepStats {
+                                        loss,
+                                        grad_norm,
+                                        lr,
+                                        tgt_tokens: t,
+                                    },
+                                    tokens_per_s: rates.iter().sum(),
+                                },
+                                &rates,
+                            );
+                        }
+                    }
+                    Report::Step { .. } => {}
+                    Report::EpochEnd { epoch, valid_loss } => {
+                        on_event(&Event::EpochEnd { epoch, valid_loss }, &rates)
+                    }
+                    Report::Checkpoint { step, path } => {
+                        on_event(&Event::Checkpoint { step, path }, &rates)
+                    }
+                    Report::Done { rank, .. } if rank < workers => done[rank] = Some(r),
+                    Report::Done { .. } => {}
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        for (i, p) in procs.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            match p.child.try_wait() {
+                Ok(Some(st)) if st.success() => exited[i] = true,
+                Ok(Some(st)) => {
+                    exited[i] = true;
+                    return Err(Error::Cluster(format!(
+                        "{} (pid {}) {}; log {}:\n    {}",
+                        p.name,
+                        p.child.id(),
+                        describe(st),
+                        p.log.display(),
+                        log_tail(&p.log)
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::Cluster(format!("watching {}: {e}", p.name))),
+            }
+        }
+        if let Some((rank, why)) = coord.failures().into_iter().next() {
+            return Err(Error::Cluster(format!(
+                "the coordinator declared process {rank} failed: {why}"
+            )));
+        }
+        if exited.iter().all(|&e| e) {
+            // Drain what is left of the reports.
+            while let Ok((_, line)) = rx.try_recv() {
+                if let Ok(r @ Report::Done { rank, .. }) = serde_json::from_str::<Report>(&line) {
+                    if rank < workers {
+                        done[rank] = Some(r);
+                    }
+                }
+            }
+            break;
+        }
+    }
+    let mut summary = ClusterSummary {
+        steps: 0,
+        seconds: start.elapsed().as_secs_f64(),
+        tokens_per_s: 0.0,
+        worker_tokens_per_s: Vec::new(),
+        timing: Vec::new(),
+        last_checkpoint: PathBuf::new(),
+    };
+    for (rank, r) in done.into_iter().enumerate() {
+        let Some(Report::Done {
+            steps,
+            seconds,
+            tokens_per_s,
+            timing,
+            checkpoint,
+            ..
+        }) = r
+        else {
+            return Err(Error::Cluster(format!(
+                "worker {rank} exited without reporting its end"
+            )));
+        };
+        if rank == 0 {
+            summary.steps = steps;
+            summary.seconds = seconds;
+            summary.last_checkpoint = checkpoint;
+        }
+        summary.tokens_per_s += tokens_per_s;
+        summary.worker_tokens_per_s.push(tokens_per_s);
+        summary.timing.push(timing);
+    }
+    Ok(summary)
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name)
+        .map_err(|_| Error::Cluster(format!("environment variable {name} is not set")))
+}
+
+/// Stops this process if the control plane reports a failed member (or loses the
+/// coordinator), so that no process of a broken job waits for ever.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(ctl: Arc<ControlClient>, me: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Err(e) = ctl.check() {
+                    eprintln!("{me}: stopping: {e}");
+                    std::process::exit(3);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn emit(r: &Report) {
+    if let Ok(line) = serde_json::to_string(r) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn bind(host: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind((host, 0))
+        .map_err(|e| Error::Cluster(format!("binding a data-plane listener on {host}: {e}")))?;
+    let a = l
+        .local_addr()
+        .map_err(|e| Error::Cluster(format!("reading the listener address: {e}")))?;
+    Ok((l, a))
+}
+
+fn parse_addr(s: &str, who: &str) -> Result<SocketAddr> {
+    s.parse()
+        .map_err(|_| Error::Cluster(format!("{who} advertised a bad data-plane address '{s}'")))
+}
+
+/// The shard settings of a job.
+pub fn shard_config(cfg: &NmtTrainConfig, token: &str) -> ShardConfig {
+    let d = &cfg.dist;
+    ShardConfig {
+        workers: d.workers,
+        mode: match d.mode {
+            DistMode::PsAsync => PsMode::Async {
+                max_staleness: (d.max_staleness > 0).then_some(d.max_staleness),
+            },
+            _ => PsMode::Sync,
+        },
+        optimizer: cfg.train.optimizer_config(),
+        lr: cfg.train.lr as f32,
+        average: true,
+        sparse_dim: 0,
+        token: token.into(),
+        // Pulls wait while rank 0 validates or checkpoints; dead peers are found by
+        // their closed connections and the heartbeat, not by this.
+        timeout: Duration::from_secs(600),
+    }
+}
+
+/// Runs this process's part of a job, its role and the job taken from the environment
+/// (see the `ENV_*` constants). A worker prints [`Report`]s on stdout.
+pub fn run_role() -> Result<()> {
+    let role = env(ENV_ROLE)?;
+    let coordinator = env(ENV_COORDINATOR)?;
+    let token = env(ENV_TOKEN)?;
+    let job = PathBuf::from(env(ENV_JOB)?);
+    let run_dir = PathBuf::from(env(ENV_RUN)?);
+    let host = std::env::var(ENV_HOST).unwrap_or_else(|_| "127.0.0.1".into());
+    let resume = std::env::var_os(ENV_RESUME).map(PathBuf::from);
+    let (cfg, tok) = read_job(&job)?;
+    let d = cfg.dist.clone();
+    let hosts_shard = matches!(role.as_str(), "ps" | "worker+ps");
+    let is_worker = role.starts_with("worker");
+    if !(is_worker || role == "ps") {
+        return Err(Error::Cluster(format!(
+            "{ENV_ROLE} is '{role}'; expected worker, ps or worker+ps"
+        )));
+    }
+    // Listeners are bound before registering, so the advertised addresses are live.
+    let shard_listener = if hosts_shard {
+        Some(bind(&host)?)
+    } else {
+        None
+    };
+    let ring_listener =
+        if is_worker && d.mode == DistMode::Allreduce && d.transport == DataPlane::Tcp {
+            Some(bind(&host)?)
+        } else {
+            None
+        };
+    let advertised = shard_listener
+        .as_ref()
+        .or(ring_listener.as_ref())
+        .map(|(_, a)| a.to_string())
+        .unwrap_or_default();
+    let (ctl, reg) = ControlClient::register(&coordinator, &token, &role, &host, &advertised)?;
+    let me = format!("{role} (control rank {})", reg.rank);
+    let ctl = Arc::new(ctl);
+    let dog = Watchdog::start(ctl.clone(), me.clone());
+    let shard_hosts: Vec<&shoal_control::proto::Member> = reg
+        .members
+        .iter()
+        .filter(|m| m.role == "ps" || m.role == "worker+ps")
+        .collect();
+    let worker_ranks: Vec<u32> = reg
+        .members
+        .iter()
+        .filter(|m| m.role.starts_with("worker"))
+        .map(|m| m.rank)
+        .collect();
+    if worker_ranks.len() != d.workers {
+        return Err(Error::Cluster(format!(
+            "{} workers registered, the configuration asks for {}",
+            worker_ranks.len(),
+            d.workers
+        )));
+    }
+    // This process's shard, if it hosts one.
+    let total = param_count(&cfg, &tok)?;
+    let shards = shard_hosts.len();
+    let server = match shard_listener {
+        Some((l, _)) => {
+            let idx = shard_hosts
+                .iter()
+                .position(|m| m.rank == reg.rank)
+                .ok_or_else(|| Error::Cluster(format!("{me}: not in the shard table")))?;
+            let (a, b) = shard_range(total, shards, idx);
+            Some(PsServer::start(l, b - a, shard_config(&cfg, &token))?)
+        }
+        None => None,
+    };
+    let result = if is_worker {
+        let rank = worker_ranks
+            .iter()
+            .position(|&r| r == reg.rank)
+            .expect("a worker is in the worker table");
+        let exchange = match d.mode {
+            DistMode::Allreduce => {
+                let t: Box<dyn Transport> = match ring_listener {
+                    None => Box::new(ShmTransport::connect(
+                        &format!("shoal-{token}"),
+                        rank,
+                        d.workers,
+                        8 << 20,
+                        Duration::from_secs(60),
+                    )?),
+                    Some((l, _)) => {
+                        let addrs = reg
+                            .members
+                            .iter()
+                            .filter(|m| m.role.starts_with("worker"))
+                            .map(|m| parse_addr(&m.data_addr, &format!("worker {}", m.rank)))
+                            .collect::<Result<Vec<_>>>()?;
+                        let opts = TcpOptions {
+                            token: token.clone(),
+                            ..Default::default()
+                        };
+                        Box::new(TcpTransport::connect(rank, &addrs, l, &opts)?)
+                    }
+                };
+                Exchange::Allreduce(Communicator::new(t))
+            }
+            DistMode::PsSync | DistMode::PsAsync => {
+                let addrs = shard_hosts
+                    .iter()
+                    .map(|m| parse_addr(&m.data_addr, &format!("shard host {}", m.rank)))
+                    .collect::<Result<Vec<_>>>()?;
+                Exchange::Ps(PsClient::connect(&addrs, rank, total, 0, &token)?)
+            }
+        };
+        worker(cfg, &run_dir, tok, resume.as_deref(), rank, exchange)
+    } else {
+        Ok(())
+    };
+    let result = result.and_then(|()| match server {
+        Some(s) => s.join().map_err(Error::from),
+        None => Ok(()),
+    });
+    dog.stop();
+    match (&result, Arc::try_unwrap(ctl)) {
+        (Ok(()), Ok(c)) => c.leave()?,
+        (_, Ok(c)) => c.abandon(),
+        (_, Err(_)) => {}
+    }
+    result
+}
+
+fn worker(
+    cfg: NmtTrainConfig,
+    run_dir: &Path,
+    tok: Tokenizers,
+    resume: Option<&Path>,
+    rank: usize,
+    exchange: Exchange,
+) -> Result<()> {
+    let mut t = match resume {
+        Some(p) => NmtTrainer::resume(p, |_| Ok(cfg.clone()))?,
+        None => NmtTrainer::with_tokenizers(cfg, run_dir, Some(tok))?,
+    };
+    t.attach(rank, exchange)?;
+    let summary = t.run(|e| match e {
+        Event::Started {
+            total_steps,
+            start_step,
+            batches_per_epoch,
+            params,
+        } => emit(&Report::Started {
+            rank,
+            total_steps: *total_steps,
+            start_step: *start_step,
+            batches_per_epoch: *batches_per_epoch,
+            params: *params,
+        }),
+        Event::Step {
+            step, epoch, stats, ..
+        } => emit(&Report::Step {
+            rank,
+            step: *step,
+            epoch: *epoch,
+            loss: stats.loss,
+            grad_norm: stats.grad_norm,
+            lr: stats.lr,
+            tokens: stats.tgt_tokens,
+        }),
+        Event::EpochEnd { epoch, valid_loss } => emit(&Report::EpochEnd {
+            epoch: *epoch,
+            valid_loss: *valid_loss,
+        }),
+        Event::Checkpoint { step, path } => emit(&Report::Checkpoint {
+            step: *step,
+            path: path.clone(),
+        }),
+    })?;
+    if let Some(Exchange::Ps(c)) = t.detach() {
+        c.close()?;
+    }
+    emit(&Report::Done {
+        rank,
+        steps: summary.steps,
+        seconds: summary.seconds,
+        tokens_per_s: summary.tokens_per_s,
+        timing: t.timing(),
+        checkpoint: if rank == 0 {
+            summary.last_checkpoint
+        } else {
+            checkpoint::step_dir(run_dir, t.position().step)
+        },
+    });
+    Ok(())
+}
