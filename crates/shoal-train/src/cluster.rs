@@ -366,26 +366,8 @@ fn supervise(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
-        for (i, p) in procs.iter_mut().enumerate() {
-            if exited[i] {
-                continue;
-            }
-            match p.child.try_wait() {
-                Ok(Some(st)) if st.success() => exited[i] = true,
-                Ok(Some(st)) => {
-                    exited[i] = true;
-                    return Err(Error::Cluster(format!(
-                        "{} (pid {}) {}; log {}:\n    {}",
-                        p.name,
-                        p.child.id(),
-                        describe(st),
-                        p.log.display(),
-                        log_tail(&p.log)
-                    )));
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Error::Cluster(format!("watching {}: {e}", p.name))),
-            }
+        if let Some(e) = poll_exits(procs, &mut exited)? {
+            return Err(e);
         }
         if let Some((rank, why)) = coord.failures().into_iter().next() {
             return Err(Error::Cluster(format!(
@@ -436,6 +418,66 @@ fn supervise(
         summary.timing.push(timing);
     }
     Ok(summary)
+}
+
+/// Notes processes that exited; for a failure, waits a moment for the failures it
+/// causes and names the cause first (a process killed by a signal, else the first one
+/// seen) with the end of its log.
+fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        for (i, p) in procs.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            match p.child.try_wait() {
+                Ok(Some(st)) => {
+                    exited[i] = true;
+                    if !st.success() {
+                        failed.push((i, st));
+                        deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::Cluster(format!("watching {}: {e}", p.name))),
+            }
+        }
+        match deadline {
+            Some(t) if Instant::now() < t && !exited.iter().all(|&e| e) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => break,
+        }
+    }
+    if failed.is_empty() {
+        return Ok(None);
+    }
+    failed.sort_by_key(|(_, st)| st.signal().is_none());
+    let (i, st) = failed[0];
+    let p = &procs[i];
+    let tail = log_tail(&p.log);
+    let mut msg = format!(
+        "{} (pid {}) {}; its log {}{}",
+        p.name,
+        p.child.id(),
+        describe(st),
+        p.log.display(),
+        if tail.is_empty() {
+            " is empty".to_string()
+        } else {
+            format!(" ends:\n    {tail}")
+        }
+    );
+    if failed.len() > 1 {
+        let then: Vec<String> = failed[1..]
+            .iter()
+            .map(|(j, s)| format!("{} {}", procs[*j].name, describe(*s)))
+            .collect();
+        msg.push_str(&format!("\n  then: {}", then.join("; ")));
+    }
+    Ok(Some(Error::Cluster(msg)))
 }
 
 fn env(name: &str) -> Result<String> {

@@ -497,15 +497,15 @@ fn train_nmt_cluster(
         per.join(" + "),
         summary.last_checkpoint.display()
     );
+    let trainer = NmtTrainer::resume(&summary.last_checkpoint, |c| Ok(c.clone()))?;
     let out = serde_json::json!({
-        "steps": summary.steps,
+        "steps": trainer.position().step,
         "seconds": summary.seconds,
         "tokens_per_s": summary.tokens_per_s,
         "worker_tokens_per_s": summary.worker_tokens_per_s,
         "timing": summary.timing,
         "checkpoint": summary.last_checkpoint,
     });
-    let trainer = NmtTrainer::resume(&summary.last_checkpoint, |c| Ok(c.clone()))?;
     final_report(a, &trainer, out)
 }
 
@@ -658,6 +658,22 @@ fn tune_allocator() {
     }
 }
 
+/// The error and its causes, each cause left out when a message above already says it
+/// (library errors often show their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -679,7 +695,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -250,3 +250,172 @@ fn corrupt_and_truncated_checkpoints_say_why() {
     );
     assert_clear_error(&o, &["nowhere"]);
 }
+
+/// A distributed run (2 workers: allreduce, and sync parameter servers in both
+/// placements) stopped and resumed ends with exactly the parameters and optimizer state
+/// of an uninterrupted one, and its checkpoint translates.
+#[test]
+fn distributed_runs_resume_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 96);
+    for mode in [
+        &["--workers", "2"][..],
+        &["--workers", "2", "--ps", "2"][..],
+        &["--workers", "2", "--ps", "1", "--ps-placement", "colocated"][..],
+    ] {
+        for run in ["a", "b"] {
+            let _ = std::fs::remove_dir_all(d.path().join(run));
+        }
+        let mut args = vec!["train", "nmt", "--data-dir", ".", "--no-eval", "--json"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(mode);
+        let go = |extra: &[&str]| {
+            let mut a = args.clone();
+            a.extend_from_slice(extra);
+            let o = shoal(d.path(), &a, None);
+            assert!(o.status.success(), "{mode:?}: {}", text(&o.stderr));
+            let v: serde_json::Value =
+                serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+            v
+        };
+        let whole = go(&["--out", "a", "--max-steps", "8"]);
+        assert_eq!(whole["steps"], 8);
+        assert_eq!(whole["worker_tokens_per_s"].as_array().unwrap().len(), 2);
+        go(&["--out", "b", "--max-steps", "4"]);
+        let o = shoal(
+            d.path(),
+            &[
+                "train",
+                "nmt",
+                "--resume",
+                "b",
+                "--max-steps",
+                "8",
+                "--no-eval",
+                "--json",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{mode:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("resuming at step 4"),
+            "{}",
+            text(&o.stderr)
+        );
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(d.path().join("a/ckpt-00000008").join(f)).unwrap();
+            let b = std::fs::read(d.path().join("b/ckpt-00000008").join(f)).unwrap();
+            assert!(a == b, "{mode:?}: {f} differs after resume");
+        }
+        let o = shoal(
+            d.path(),
+            &["translate", "--checkpoint", "b"],
+            Some("A man.\n"),
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn role(pid: u32) -> String {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    env.split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"SHOAL_ROLE=").map(|v| text(v)))
+        .unwrap_or_default()
+}
+
+/// Killing one process of a distributed job stops the whole job promptly with an error
+/// naming it, leaves no process behind, and the last complete checkpoint still loads.
+#[test]
+fn killed_worker_or_server_stops_the_job() {
+    use std::time::{Duration, Instant};
+    for victim in ["worker", "ps"] {
+        let d = tempfile::tempdir().unwrap();
+        slice(d.path(), 96);
+        let mut args = vec![
+            "train",
+            "nmt",
+            "--data-dir",
+            ".",
+            "--out",
+            "run",
+            "--no-eval",
+        ];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&[
+            "--workers",
+            "2",
+            "--ps",
+            "1",
+            "--epochs",
+            "100000",
+            "--checkpoint-every",
+            "3",
+        ]);
+        let mut launcher = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .current_dir(d.path())
+            .args(&args)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !d.path().join("run/latest").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "no checkpoint written"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let kids = children(launcher.id());
+        assert_eq!(kids.len(), 3, "expected 2 workers and 1 server: {kids:?}");
+        let target = *kids
+            .iter()
+            .filter(|&&k| role(k) == victim)
+            .max()
+            .expect("victim process");
+        let killed = Instant::now();
+        unsafe_kill(target);
+        let status = launcher.wait().unwrap();
+        let took = killed.elapsed();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "the job survived its {victim}");
+        assert!(took < Duration::from_secs(10), "stopping took {took:?}");
+        assert!(!err.contains("panicked"), "{err}");
+        let name = if victim == "ps" { "ps-0" } else { "worker-" };
+        assert!(err.contains(name) && err.contains("signal 9"), "{err}");
+        for k in kids {
+            assert!(
+                !Path::new(&format!("/proc/{k}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{k}/stat"))
+                        .map(|s| s.contains(") Z"))
+                        .unwrap_or(true),
+                "process {k} ({}) left running",
+                role(k)
+            );
+        }
+        let o = shoal(
+            d.path(),
+            &["translate", "--checkpoint", "run"],
+            Some("A man.\n"),
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+}
+
+fn unsafe_kill(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
