@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Prints the table and the final JSON line of `bench/run nmt-scaling`.
+
+Usage: nmt_scaling_table.py PEER_JSON BUSY_PCT STEPS NAME=SHOAL_JSON...
+"""
+import json
+import sys
+
+peer = json.loads(sys.argv[1])
+busy = int(sys.argv[2])
+steps = int(sys.argv[3])
+runs = {}
+for a in sys.argv[4:]:
+    name, js = a.split("=", 1)
+    runs[name] = json.loads(js)
+base = runs["1-process"]["tokens_per_s"]
+print()
+print(f"{'configuration':<24} {'words/s':>8} {'per worker':>13} {'speed-up':>8} {'effic.':>6} "
+      f"{'compute ms':>10} {'comm ms':>8} {'val loss':>8}")
+rows = []
+for name, r in runs.items():
+    w = r.get("worker_tokens_per_s", [r["tokens_per_s"]])
+    n = len(w)
+    sp = r["tokens_per_s"] / base
+    t = r.get("timing")
+    if t:
+        # Per step, averaged over workers: compute = forward + backward + gradients out +
+        # optimizer (local Adam, or none with ps) + parameters in; comm = allreduce, or
+        # push + pull (waiting for the other worker and the shards included).
+        comp = sum(x["forward"] + x["backward"] + x["grads_out"] + x["optimizer"] + x["params_in"]
+                   for x in t) / n
+        comm = sum(x["comm"] for x in t) / n
+        comp, comm = comp / steps * 1e3, comm / steps * 1e3
+    else:
+        comp, comm = 1e3 * r["seconds"] / steps, 0.0
+    eff = sp / n
+    per = " + ".join(f"{x:.0f}" for x in w) if n > 1 else ""
+    print(f"{name:<24} {r['tokens_per_s']:>8.0f} {per:>13} {sp:>8.2f} {eff:>6.2f} {comp:>10.1f} "
+          f"{comm:>8.1f} {r.get('valid_loss', float('nan')):>8.3f}")
+    rows.append({"config": name, "words_per_s": r["tokens_per_s"], "per_worker": w, "speedup": sp,
+                 "efficiency": eff, "compute_ms_per_step": comp, "comm_ms_per_step": comm,
+                 "valid_loss": r.get("valid_loss")})
+two = [x for x in rows if x["config"].endswith("-2w") and not x["config"].startswith("async")]
+best = max(two, key=lambda x: x["speedup"])
+print(f"\nbest synchronous 2-worker configuration: {best['config']}, speed-up {best['speedup']:.2f} "
+      f"(ideal 2.0); PyTorch DDP (gloo, 2 x 1 thread): {peer['speedup']:.2f} "
+      f"({peer['single_words_per_s']:.0f} -> {peer['ddp_words_per_s']:.0f} words/s on fixed-length batches)")
+print(json.dumps({
+    "name": "nmt-scaling",
+    "unit": "speed-up of target words/s: best synchronous 2-worker job over 1 single-threaded process",
+    "shoal": best["speedup"],
+    "peer": "pytorch-" + peer["torch"].split("+")[0] + " DDP gloo",
+    "peer_value": peer["speedup"],
+    "ratio": best["speedup"],
+    "ratio_note": "ratio is shoal's speed-up (issue 4's definition: ideal 2.0, goal >= 1.7); "
+                  "shoal_vs_peer compares the two speed-ups",
+    "shoal_vs_peer": best["speedup"] / peer["speedup"],
+    "best_config": best["config"],
+    "configs": rows,
+    "steps_per_run": steps,
+    "cpu_busy_pct_before": busy,
+}))
