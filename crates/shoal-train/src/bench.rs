@@ -317,3 +317,46 @@ pub fn rnn_layer(o: &RnnLayerOptions) -> Result<RnnLayerResult> {
         checksum,
     })
 }
+
+/// Measures the cost model's inputs on this machine: the seed NMT model's step (one
+/// engine thread, fixed batches) split into compute and optimizer, and the 2-rank
+/// allreduce bandwidth of its gradient over shared memory and over TCP (one local
+/// stream per direction).
+pub fn plan_calibration(
+    data_dir: &Path,
+    mut log: impl FnMut(&str),
+) -> Result<(crate::plan::Workload, crate::plan::Link, crate::plan::Link)> {
+    use crate::plan::{Link, Workload};
+    use shoal_comm::bench::{allreduce_seconds, Which};
+    let opts = NmtBenchOptions {
+        data_dir: data_dir.to_path_buf(),
+        steps: 12,
+        warmup: 3,
+        ..Default::default()
+    };
+    let r = nmt_train(&opts, &mut log)?;
+    let ms = r.ms_per_step;
+    let step_s = (ms.forward + ms.backward + ms.grads_out + ms.optimizer + ms.params_in) / 1e3;
+    let w = Workload {
+        grad_bytes: 4.0 * r.params as f64,
+        opt_values: r.params as f64,
+        opt_s_per_value: ms.optimizer / 1e3 / r.params as f64,
+        compute_s: step_s - ms.optimizer / 1e3,
+        words_per_step: r.words_per_s * step_s,
+    };
+    let bytes = 4 * r.params;
+    let bus = |which| -> Result<f64> {
+        let t = allreduce_seconds(which, 2, bytes, 5)?;
+        Ok(bytes as f64 / t)
+    };
+    log("timing 2-rank allreduces of the gradient over shared memory and TCP");
+    let shm = Link {
+        bytes_per_s: bus(Which::Shm)?,
+        latency_s: 5e-6,
+    };
+    let tcp = Link {
+        bytes_per_s: bus(Which::Tcp)?,
+        latency_s: 30e-6,
+    };
+    Ok((w, shm, tcp))
+}

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod nmt;
+pub mod plan;
 pub mod progress;
 
 pub use config::NmtTrainConfig;
