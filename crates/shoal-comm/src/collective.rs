@@ -1,7 +1,10 @@
 //! Collectives on flat `f32` buffers over any [`Transport`]: ring allreduce
 //! (reduce-scatter then allgather, each segment moved in pieces so that sending and
 //! receiving alternate and the transport never has to buffer more than one piece per
-//! direction), ring allgather, pipelined broadcast, and a barrier.
+//! direction), the two-level allreduce for ranks spread over several hosts (reduce-scatter
+//! within each host, ring allreduce of each slice across hosts, allgather within each
+//! host: only `2 (nodes-1) / nodes` of the buffer crosses the network per host instead
+//! of `2 (n-1) / n` on a flat ring), ring allgather, pipelined broadcast, and a barrier.
 
 use crate::frame::{f32_bytes, f32_bytes_mut};
 use crate::transport::Transport;
@@ -31,6 +34,12 @@ pub struct Communicator<T: Transport> {
     /// Counts calls; sent as the message tag so that ranks running different
     /// collectives (a bug in the caller) fail loudly instead of mixing data.
     op: u32,
+    /// Every rank, in order (the flat ring).
+    all: Vec<usize>,
+    /// Two-level layout, when the ranks span several hosts with as many ranks each:
+    /// this host's ranks, and the ranks with this rank's place on every host.
+    local: Vec<usize>,
+    cross: Vec<usize>,
 }
 
 impl<T: Transport> Communicator<T> {
@@ -43,12 +52,49 @@ impl<T: Transport> Communicator<T> {
     pub fn with_piece_bytes(t: T, piece_bytes: usize) -> Self {
         let limit = (t.buffered_bytes() / 2).saturating_sub(64);
         let piece = (piece_bytes.min(limit) / 4).max(1);
+        let all = (0..t.size()).collect();
         Self {
             t,
             piece,
             scratch: vec![0.0; piece],
             op: 0,
+            all,
+            local: Vec::new(),
+            cross: Vec::new(),
         }
+    }
+
+    /// Declares on which host each rank runs (`host_of[rank]`, any labels). When the
+    /// ranks span several hosts with the same number on each, large allreduces become
+    /// two-level; otherwise they stay on the flat ring. Every rank must pass the same.
+    pub fn set_hosts(&mut self, host_of: &[usize]) -> Result<()> {
+        let n = self.size();
+        if host_of.len() != n {
+            return Err(Error::Mismatch(format!(
+                "set_hosts: {} labels for {n} ranks",
+                host_of.len()
+            )));
+        }
+        let r = self.rank();
+        let local: Vec<usize> = (0..n).filter(|&q| host_of[q] == host_of[r]).collect();
+        let mut hosts: Vec<usize> = host_of.to_vec();
+        hosts.sort_unstable();
+        hosts.dedup();
+        let even = hosts
+            .iter()
+            .all(|h| host_of.iter().filter(|x| *x == h).count() == local.len());
+        self.local.clear();
+        self.cross.clear();
+        if hosts.len() > 1 && local.len() > 1 && even {
+            let me = local.iter().position(|&q| q == r).unwrap_or(0);
+            // The rank at position `me` on each host, hosts in order.
+            for h in &hosts {
+                let on_h: Vec<usize> = (0..n).filter(|&q| host_of[q] == *h).collect();
+                self.cross.push(on_h[me]);
+            }
+            self.local = local;
+        }
+        Ok(())
     }
 
     pub fn rank(&self) -> usize {
@@ -112,7 +158,37 @@ impl<T: Transport> Communicator<T> {
         if n > 1 && !data.is_empty() && data.len() * 4 <= SMALL_BYTES.min(self.piece * 4) {
             return self.allreduce_doubling(data);
         }
+        if !self.local.is_empty() {
+            return self.allreduce_two_level(data);
+        }
         self.allreduce_ring(data)
+    }
+
+    /// Reduce-scatter within each host, a ring allreduce of each slice among the ranks
+    /// holding it on every host, allgather within each host (see
+    /// [`Communicator::set_hosts`]; the flat ring when no layout is set).
+    pub fn allreduce_two_level(&mut self, data: &mut [f32]) -> Result<()> {
+        if self.local.is_empty() {
+            return self.allreduce_ring(data);
+        }
+        let tag = self.next_tag();
+        let local = std::mem::take(&mut self.local);
+        let cross = std::mem::take(&mut self.cross);
+        let r = self.rank();
+        let g = local.len();
+        let me = local.iter().position(|&q| q == r).unwrap_or(0);
+        let res = self
+            .ring(data, &local, me, true, false, tag)
+            .and_then(|()| {
+                // After the reduce-scatter this rank holds its host's sum of slice me+1.
+                let (a, b) = split_range(data.len(), g, (me + 1) % g);
+                let at = cross.iter().position(|&q| q == r).unwrap_or(0);
+                self.ring(&mut data[a..b], &cross, at, true, true, tag)
+            })
+            .and_then(|()| self.ring(data, &local, me, false, true, tag));
+        self.local = local;
+        self.cross = cross;
+        res
     }
 
     /// Recursive doubling. With `n` not a power of two, the ranks above the largest
@@ -167,30 +243,51 @@ impl<T: Transport> Communicator<T> {
 
     /// The ring allreduce (reduce-scatter, then allgather), for any size.
     pub fn allreduce_ring(&mut self, data: &mut [f32]) -> Result<()> {
-        let n = self.size();
         let tag = self.next_tag();
-        if n == 1 || data.is_empty() {
+        let all = std::mem::take(&mut self.all);
+        let r = self.rank();
+        let res = self.ring(data, &all, r, true, true, tag);
+        self.all = all;
+        res
+    }
+
+    /// The ring over `group` (ranks in ring order; this rank at `me`): the
+    /// reduce-scatter (after which position `i` holds the group's sum of segment
+    /// `i + 1`) and/or the allgather of those segments.
+    fn ring(
+        &mut self,
+        data: &mut [f32],
+        group: &[usize],
+        me: usize,
+        scatter: bool,
+        gather: bool,
+        tag: u32,
+    ) -> Result<()> {
+        let n = group.len();
+        if n <= 1 || data.is_empty() {
             return Ok(());
         }
-        let r = self.rank();
-        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-        // Reduce-scatter: after n-1 steps rank r holds the full sum of segment r+1.
-        for s in 0..n - 1 {
-            let send_i = (r + n - s) % n;
-            let recv_i = (r + 2 * n - s - 1) % n;
-            let (a, b) = split_range(data.len(), n, send_i);
-            let (c, d) = split_range(data.len(), n, recv_i);
-            let (out, inc) = split_two(data, (a, b), (c, d));
-            self.exchange(next, out, prev, inc, true, tag)?;
+        let r = me;
+        let (next, prev) = (group[(r + 1) % n], group[(r + n - 1) % n]);
+        if scatter {
+            for s in 0..n - 1 {
+                let send_i = (r + n - s) % n;
+                let recv_i = (r + 2 * n - s - 1) % n;
+                let (a, b) = split_range(data.len(), n, send_i);
+                let (c, d) = split_range(data.len(), n, recv_i);
+                let (out, inc) = split_two(data, (a, b), (c, d));
+                self.exchange(next, out, prev, inc, true, tag)?;
+            }
         }
-        // Allgather of the reduced segments.
-        for s in 0..n - 1 {
-            let send_i = (r + 1 + n - s) % n;
-            let recv_i = (r + n - s) % n;
-            let (a, b) = split_range(data.len(), n, send_i);
-            let (c, d) = split_range(data.len(), n, recv_i);
-            let (out, inc) = split_two(data, (a, b), (c, d));
-            self.exchange(next, out, prev, inc, false, tag)?;
+        if gather {
+            for s in 0..n - 1 {
+                let send_i = (r + 1 + n - s) % n;
+                let recv_i = (r + n - s) % n;
+                let (a, b) = split_range(data.len(), n, send_i);
+                let (c, d) = split_range(data.len(), n, recv_i);
+                let (out, inc) = split_two(data, (a, b), (c, d));
+                self.exchange(next, out, prev, inc, false, tag)?;
+            }
         }
         Ok(())
     }

@@ -364,3 +364,46 @@ fn wrong_token_is_refused_and_garbage_is_rejected() {
     let e = t0.recv(1, 7, &mut buf).unwrap_err().to_string();
     assert!(e.contains("rank 1"), "{e}");
 }
+
+/// The two-level allreduce (ranks on several hosts) gives the sequential sum, the same
+/// bits on every rank, for hosts laid out in blocks and interleaved, and falls back to
+/// the flat ring for uneven hosts.
+#[test]
+fn two_level_allreduce_matches_sequential() {
+    let layouts: [&[usize]; 4] = [
+        &[0, 0, 1, 1],
+        &[0, 1, 0, 1],
+        &[7, 7, 7, 3, 3, 3],
+        &[0, 0, 1],
+    ];
+    for host_of in layouts {
+        for len in [1usize, 4099, 300_001] {
+            let n = host_of.len();
+            let hosts = host_of.to_vec();
+            let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let handles: Vec<_> = LocalTransport::group(n)
+                .into_iter()
+                .map(|t| {
+                    let (results, hosts) = (results.clone(), hosts.clone());
+                    std::thread::spawn(move || {
+                        let mut c = Communicator::with_piece_bytes(t, 4096);
+                        c.set_hosts(&hosts).unwrap();
+                        let mut d = input(c.rank(), len);
+                        c.allreduce_sum(&mut d).unwrap();
+                        let mut e = input(c.rank(), len);
+                        c.allreduce_two_level(&mut e).unwrap();
+                        results.lock().unwrap().push((d, e));
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            let want = expected_sum(n, len);
+            for (d, e) in results.lock().unwrap().iter() {
+                assert_eq!(d, &want, "layout {host_of:?}, len {len}");
+                assert_eq!(e, &want, "layout {host_of:?}, len {len}");
+            }
+        }
+    }
+}

@@ -664,7 +664,19 @@ pub fn run_role() -> Result<()> {
                         Box::new(TcpTransport::connect(rank, &addrs, l, &opts)?)
                     }
                 };
-                Exchange::Allreduce(Communicator::new(t))
+                let mut comm = Communicator::new(t);
+                // Ranks on several hosts: the two-level allreduce.
+                let workers: Vec<&shoal_control::proto::Member> = reg
+                    .members
+                    .iter()
+                    .filter(|m| m.role.starts_with("worker"))
+                    .collect();
+                let host_of: Vec<usize> = workers
+                    .iter()
+                    .map(|m| workers.iter().position(|x| x.host == m.host).unwrap_or(0))
+                    .collect();
+                comm.set_hosts(&host_of)?;
+                Exchange::Allreduce(comm)
             }
             DistMode::PsSync | DistMode::PsAsync => {
                 let addrs = shard_hosts

@@ -4,8 +4,11 @@
 //! placement). Alpha-beta link costs, calibrated from the transport benchmarks.
 //!
 //! Per step, every worker computes (`compute_s`), then:
-//! - allreduce: a ring over all workers moves `2(W-1)/W * S` bytes per rank through the
-//!   slowest link it crosses, in `2(W-1)` latency-bound steps; then each worker runs the
+//! - allreduce: on one host, a ring over all workers moves `2(W-1)/W * S` bytes per rank
+//!   over the local data plane in `2(W-1)` latency-bound steps. Over several hosts with
+//!   `g > 1` workers each, shoal's two-level allreduce: a reduce-scatter and an allgather
+//!   within each host (`(g-1)/g * S` each over the local plane) around a ring across the
+//!   `n` hosts, where each host's link carries `2(n-1)/n * S`. Then each worker runs the
 //!   optimizer on all parameters.
 //! - parameter servers: a push phase (each worker sends `S/M` bytes to each of `M`
 //!   shards), the shards' optimizer (`values/M` each, in parallel), and a pull phase
@@ -64,7 +67,7 @@ pub enum Strategy {
 impl std::fmt::Display for Strategy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Strategy::Allreduce => write!(f, "ring allreduce"),
+            Strategy::Allreduce => write!(f, "allreduce"),
             Strategy::Ps { shards, colocated } => write!(
                 f,
                 "{shards} ps {}",
@@ -105,18 +108,12 @@ pub fn predict(w: &Workload, c: &Cluster, strategy: Strategy) -> Prediction {
     let (optimizer_s, comm_s, bottleneck) = match strategy {
         Strategy::Allreduce => {
             let opt = w.opt_values * w.opt_s_per_value;
+            let (nf, gf) = (n as f64, g as f64);
             if workers == 1 {
                 (opt, 0.0, "none".to_string())
-            } else {
-                let link = if n > 1 {
-                    if c.inter.bytes_per_s < c.intra.bytes_per_s {
-                        c.inter
-                    } else {
-                        c.intra
-                    }
-                } else {
-                    c.intra
-                };
+            } else if n == 1 || g == 1 {
+                // One flat ring (over the network when it spans hosts).
+                let link = if n > 1 { c.inter } else { c.intra };
                 let wf = workers as f64;
                 let bytes = 2.0 * (wf - 1.0) / wf * s;
                 let t = bytes / link.bytes_per_s + 2.0 * (wf - 1.0) * link.latency_s;
@@ -126,6 +123,19 @@ pub fn predict(w: &Workload, c: &Cluster, strategy: Strategy) -> Prediction {
                     "local data plane"
                 };
                 (opt, t, format!("{which}: {:.1} MB per rank", bytes / 1e6))
+            } else {
+                let local = 2.0
+                    * ((gf - 1.0) / gf * s / c.intra.bytes_per_s + (gf - 1.0) * c.intra.latency_s);
+                let net_bytes = 2.0 * (nf - 1.0) / nf * s;
+                let net = net_bytes / c.inter.bytes_per_s + 2.0 * (nf - 1.0) * c.inter.latency_s;
+                (
+                    opt,
+                    local + net,
+                    format!(
+                        "inter-node link (two-level): {:.1} MB per host",
+                        net_bytes / 1e6
+                    ),
+                )
             }
         }
         Strategy::Ps { shards, colocated } => {
@@ -228,11 +238,23 @@ mod tests {
 
     #[test]
     fn ring_allreduce_matches_the_textbook_formula() {
-        let p = predict(&W, &machine(2, 4), Strategy::Allreduce);
-        // 2(8-1)/8 * 100 MB over the 1 GB/s inter-node link + 14 latencies.
-        let want = 1.75 * 100e6 / 1e9 + 14.0 * 50e-6;
+        let p = predict(&W, &machine(1, 4), Strategy::Allreduce);
+        // 2(4-1)/4 * 100 MB over the 10 GB/s local plane + 6 latencies.
+        let want = 1.5 * 100e6 / 10e9 + 6.0 * 50e-6;
         assert!((p.comm_s - want).abs() < 1e-12);
         assert!((p.step_s - (0.1 + 0.025 + want)).abs() < 1e-12);
+        let p = predict(&W, &machine(8, 1), Strategy::Allreduce);
+        let want = 1.75 * 100e6 / 1e9 + 14.0 * 50e-6;
+        assert!((p.comm_s - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn two_level_allreduce_sends_each_byte_once_per_host() {
+        let p = predict(&W, &machine(2, 4), Strategy::Allreduce);
+        // Within hosts: 2 x (3/4 x 100 MB at 10 GB/s + 3 latencies); across the 2 hosts:
+        // 2(2-1)/2 x 100 MB at 1 GB/s + 2 latencies.
+        let want = 2.0 * (0.75 * 100e6 / 10e9 + 3.0 * 50e-6) + 100e6 / 1e9 + 2.0 * 50e-6;
+        assert!((p.comm_s - want).abs() < 1e-12, "{} vs {want}", p.comm_s);
     }
 
     #[test]

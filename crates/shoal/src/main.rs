@@ -456,6 +456,8 @@ fn train_nmt(a: NmtArgs) -> Result<()> {
         "seconds": summary.seconds,
         "tokens_per_s": summary.tokens_per_s,
         "checkpoint": summary.last_checkpoint,
+        "params": trainer.num_params(),
+        "timing": [trainer.timing()],
     });
     final_report(&a, &trainer, out)
 }
@@ -547,6 +549,7 @@ fn train_nmt_cluster(
         "steps": trainer.position().step,
         "seconds": summary.seconds,
         "tokens_per_s": summary.tokens_per_s,
+        "params": trainer.num_params(),
         "worker_tokens_per_s": summary.worker_tokens_per_s,
         "timing": summary.timing,
         "checkpoint": summary.last_checkpoint,
@@ -603,6 +606,15 @@ fn plan(a: PlanArgs) -> Result<()> {
             rec.words_per_s,
             rec.speedup,
             rec.efficiency * 100.0
+        );
+        println!(
+            "\nwhy: a parameter server receives every remote worker's gradient through its \
+             host's one link and applies the optimizer for all of them; colocating it keeps \
+             the local workers' traffic off the network, and more shards spread the rest \
+             (the seed's 1.44x -> 2.93x -> 4.42x). Allreduce has no such hotspot: shoal's \
+             two-level allreduce sums within each host first, so each gradient byte crosses \
+             the network once per host and direction, and every worker applies the optimizer \
+             to its own copy in parallel."
         );
         if a.json {
             println!("{}", serde_json::json!({"seed": rows, "options": best}));
