@@ -318,16 +318,9 @@ pub fn rnn_layer(o: &RnnLayerOptions) -> Result<RnnLayerResult> {
     })
 }
 
-/// Measures the cost model's inputs on this machine: the seed NMT model's step (one
-/// engine thread, fixed batches) split into compute and optimizer, and the 2-rank
-/// allreduce bandwidth of its gradient over shared memory and over TCP (one local
-/// stream per direction).
-pub fn plan_calibration(
-    data_dir: &Path,
-    mut log: impl FnMut(&str),
-) -> Result<(crate::plan::Workload, crate::plan::Link, crate::plan::Link)> {
-    use crate::plan::{Link, Workload};
-    use shoal_comm::bench::{allreduce_seconds, Which};
+/// Measures the cost model's workload on this machine: the seed NMT model's step (one
+/// engine thread, fixed batches) split into compute and optimizer.
+pub fn plan_workload(data_dir: &Path, mut log: impl FnMut(&str)) -> Result<crate::plan::Workload> {
     let opts = NmtBenchOptions {
         data_dir: data_dir.to_path_buf(),
         steps: 12,
@@ -337,26 +330,33 @@ pub fn plan_calibration(
     let r = nmt_train(&opts, &mut log)?;
     let ms = r.ms_per_step;
     let step_s = (ms.forward + ms.backward + ms.grads_out + ms.optimizer + ms.params_in) / 1e3;
-    let w = Workload {
+    Ok(crate::plan::Workload {
         grad_bytes: 4.0 * r.params as f64,
         opt_values: r.params as f64,
         opt_s_per_value: ms.optimizer / 1e3 / r.params as f64,
         compute_s: step_s - ms.optimizer / 1e3,
         words_per_step: r.words_per_s * step_s,
-    };
-    let bytes = 4 * r.params;
+    })
+}
+
+/// Measures the cost model's local links on this machine: the bus bandwidth of a 2-rank
+/// allreduce of `bytes` over shared memory (the allreduce data plane) and over TCP (one
+/// local stream per direction).
+pub fn plan_links(bytes: usize) -> Result<(crate::plan::Link, crate::plan::Link)> {
+    use crate::plan::Link;
+    use shoal_comm::bench::{allreduce_seconds, Which};
     let bus = |which| -> Result<f64> {
         let t = allreduce_seconds(which, 2, bytes, 5)?;
         Ok(bytes as f64 / t)
     };
-    log("timing 2-rank allreduces of the gradient over shared memory and TCP");
-    let shm = Link {
-        bytes_per_s: bus(Which::Shm)?,
-        latency_s: 5e-6,
-    };
-    let tcp = Link {
-        bytes_per_s: bus(Which::Tcp)?,
-        latency_s: 30e-6,
-    };
-    Ok((w, shm, tcp))
+    Ok((
+        Link {
+            bytes_per_s: bus(Which::Shm)?,
+            latency_s: 5e-6,
+        },
+        Link {
+            bytes_per_s: bus(Which::Tcp)?,
+            latency_s: 30e-6,
+        },
+    ))
 }

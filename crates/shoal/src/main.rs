@@ -621,23 +621,17 @@ fn plan(a: PlanArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let need_measure = a.compute_ms.is_none()
-        || a.opt_ns.is_none()
-        || a.words_per_step.is_none()
-        || a.intra_gbs.is_none()
-        || a.stream_gbs.is_none();
-    let (mut w, mut intra, mut stream) = if need_measure {
-        eprintln!("measuring this machine (the seed NMT model, 1 thread; 2-rank allreduce)...");
-        shoal_train::bench::plan_calibration(&a.data_dir, |m| eprintln!("  {m}"))?
+    let mut w = if a.compute_ms.is_none() || a.opt_ns.is_none() || a.words_per_step.is_none() {
+        eprintln!("measuring the seed NMT model's step on this machine (1 thread)...");
+        shoal_train::bench::plan_workload(&a.data_dir, |m| eprintln!("  {m}"))?
     } else {
-        let w = plan::Workload {
+        plan::Workload {
             grad_bytes: 0.0,
             opt_values: 0.0,
             opt_s_per_value: 0.0,
             compute_s: 0.0,
             words_per_step: 0.0,
-        };
-        (w, gbs(1.0, 5.0), gbs(1.0, 30.0))
+        }
     };
     if let Some(v) = a.values {
         w.grad_bytes = 4.0 * v;
@@ -655,6 +649,12 @@ fn plan(a: PlanArgs) -> Result<()> {
     if let Some(x) = a.words_per_step {
         w.words_per_step = x;
     }
+    let (mut intra, mut stream) = if a.intra_gbs.is_none() || a.stream_gbs.is_none() {
+        eprintln!("timing 2-rank allreduces of the gradient over shared memory and TCP...");
+        shoal_train::bench::plan_links(w.grad_bytes as usize)?
+    } else {
+        (gbs(1.0, 5.0), gbs(1.0, 30.0))
+    };
     if let Some(x) = a.intra_gbs {
         intra = gbs(x, 5.0);
     }
