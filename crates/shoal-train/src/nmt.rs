@@ -402,7 +402,7 @@ impl Learner {
 
     /// The optimizer's step count and state buffers: local, or fetched from the
     /// parameter servers (which own them in a ps job).
-    pub fn optimizer_state(&mut self) -> Result<(u64, Vec<(String, Vec<f32>)>)> {
+    pub fn optimizer_state(&mut self) -> Result<(u64, NamedBuffers)> {
         if let Some(Exchange::Ps(client)) = &mut self.exchange {
             let st = client.state()?;
             return Ok((st.optimizer_steps, st.buffers));
@@ -417,6 +417,9 @@ impl Learner {
         ))
     }
 }
+
+/// Named flat buffers (optimizer state).
+pub type NamedBuffers = Vec<(String, Vec<f32>)>;
 
 /// How a worker's gradients meet the other workers'.
 pub enum Exchange {

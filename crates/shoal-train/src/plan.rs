@@ -209,6 +209,95 @@ pub fn candidates(w: &Workload, c: &Cluster) -> Vec<Prediction> {
     out
 }
 
+/// The seed's published NMT table (target words/s; 2 nodes, 8 GPUs): setup, nodes,
+/// workers per node, strategy, words/s.
+pub const SEED_TABLE: [(&str, usize, usize, Option<Strategy>, f64); 5] = [
+    ("1 machine, 1 GPU", 1, 1, None, 5277.0),
+    (
+        "1 ps / 4 workers",
+        1,
+        4,
+        Some(Strategy::Ps {
+            shards: 1,
+            colocated: false,
+        }),
+        7589.0,
+    ),
+    (
+        "1 ps / 4 workers, ps on the same host",
+        1,
+        4,
+        Some(Strategy::Ps {
+            shards: 1,
+            colocated: true,
+        }),
+        15473.0,
+    ),
+    (
+        "1 ps / 8 workers",
+        2,
+        4,
+        Some(Strategy::Ps {
+            shards: 1,
+            colocated: true,
+        }),
+        21035.0,
+    ),
+    (
+        "2 ps / 8 workers",
+        2,
+        4,
+        Some(Strategy::Ps {
+            shards: 2,
+            colocated: true,
+        }),
+        23316.0,
+    ),
+];
+
+/// Our assumptions about the seed's cluster (it published none): 10 Gb Ethernet between
+/// hosts at 1.1 GB/s effective and 50 us, PCIe 3 between GPUs of a host (10 GB/s),
+/// 2 GB/s per local gRPC stream, 16 cores per host.
+pub fn seed_cluster(nodes: usize, workers_per_node: usize) -> Cluster {
+    Cluster {
+        nodes,
+        workers_per_node,
+        cores_per_node: 16,
+        inter: Link {
+            bytes_per_s: 1.1e9,
+            latency_s: 50e-6,
+        },
+        intra: Link {
+            bytes_per_s: 10e9,
+            latency_s: 10e-6,
+        },
+        local_stream: Link {
+            bytes_per_s: 2e9,
+            latency_s: 20e-6,
+        },
+    }
+}
+
+/// Our reading of the seed's workload: its model (3 x 128 GRU, English-French) with an
+/// assumed 40,000-word vocabulary per side has about 16.6 M parameters, but TensorFlow
+/// sends embedding gradients as sparse rows: per step the dense output layer (5.16 M),
+/// the GRUs (0.59 M) and ~500 touched rows of each embedding (0.13 M), 5.88 M values =
+/// 23.5 MB. Batch 32 x ~25 target words = 800 words per step; at the published 5,277
+/// words/s on one GPU that is 0.152 s per step, of which the optimizer (host Adam,
+/// 2.5 ns per value) is 15 ms.
+pub fn seed_workload() -> Workload {
+    let values = 5.88e6;
+    let opt = 2.5e-9;
+    let step = 800.0 / 5277.0;
+    Workload {
+        grad_bytes: values * 4.0,
+        opt_values: values,
+        opt_s_per_value: opt,
+        compute_s: step - values * opt,
+        words_per_step: 800.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,94 +399,5 @@ mod tests {
             "{} vs {want}",
             col2.comm_s
         );
-    }
-}
-
-/// The seed's published NMT table (target words/s; 2 nodes, 8 GPUs): setup, nodes,
-/// workers per node, strategy, words/s.
-pub const SEED_TABLE: [(&str, usize, usize, Option<Strategy>, f64); 5] = [
-    ("1 machine, 1 GPU", 1, 1, None, 5277.0),
-    (
-        "1 ps / 4 workers",
-        1,
-        4,
-        Some(Strategy::Ps {
-            shards: 1,
-            colocated: false,
-        }),
-        7589.0,
-    ),
-    (
-        "1 ps / 4 workers, ps on the same host",
-        1,
-        4,
-        Some(Strategy::Ps {
-            shards: 1,
-            colocated: true,
-        }),
-        15473.0,
-    ),
-    (
-        "1 ps / 8 workers",
-        2,
-        4,
-        Some(Strategy::Ps {
-            shards: 1,
-            colocated: true,
-        }),
-        21035.0,
-    ),
-    (
-        "2 ps / 8 workers",
-        2,
-        4,
-        Some(Strategy::Ps {
-            shards: 2,
-            colocated: true,
-        }),
-        23316.0,
-    ),
-];
-
-/// Our assumptions about the seed's cluster (it published none): 10 Gb Ethernet between
-/// hosts at 1.1 GB/s effective and 50 us, PCIe 3 between GPUs of a host (10 GB/s),
-/// 2 GB/s per local gRPC stream, 16 cores per host.
-pub fn seed_cluster(nodes: usize, workers_per_node: usize) -> Cluster {
-    Cluster {
-        nodes,
-        workers_per_node,
-        cores_per_node: 16,
-        inter: Link {
-            bytes_per_s: 1.1e9,
-            latency_s: 50e-6,
-        },
-        intra: Link {
-            bytes_per_s: 10e9,
-            latency_s: 10e-6,
-        },
-        local_stream: Link {
-            bytes_per_s: 2e9,
-            latency_s: 20e-6,
-        },
-    }
-}
-
-/// Our reading of the seed's workload: its model (3 x 128 GRU, English-French) with an
-/// assumed 40,000-word vocabulary per side has about 16.6 M parameters, but TensorFlow
-/// sends embedding gradients as sparse rows: per step the dense output layer (5.16 M),
-/// the GRUs (0.59 M) and ~500 touched rows of each embedding (0.13 M), 5.88 M values =
-/// 23.5 MB. Batch 32 x ~25 target words = 800 words per step; at the published 5,277
-/// words/s on one GPU that is 0.152 s per step, of which the optimizer (host Adam,
-/// 2.5 ns per value) is 15 ms.
-pub fn seed_workload() -> Workload {
-    let values = 5.88e6;
-    let opt = 2.5e-9;
-    let step = 800.0 / 5277.0;
-    Workload {
-        grad_bytes: values * 4.0,
-        opt_values: values,
-        opt_s_per_value: opt,
-        compute_s: step - values * opt,
-        words_per_step: 800.0,
     }
 }

@@ -166,3 +166,67 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
         }
     }
 }
+
+/// Async parameter servers converge: 2 workers on the tiny slice reach, after the same
+/// number of samples, a training loss within 10% of sync's (and well below where they
+/// started).
+#[test]
+fn async_parameter_servers_converge_like_sync() {
+    let data = tempfile::tempdir().unwrap();
+    let extra = [
+        ("train.clip_norm", "0"),
+        ("dist.ps", "1"),
+        ("dist.mode", "ps-sync"),
+        ("train.max_steps", "0"),
+        ("train.epochs", "20"),
+        ("train.lr", "0.005"),
+    ];
+    let (_, two, tok) = setup(data.path(), &extra);
+    let run = |mode: &str| {
+        let mut cfg = two.clone();
+        cfg.dist.mode = match mode {
+            "sync" => shoal_train::config::DistMode::PsSync,
+            _ => shoal_train::config::DistMode::PsAsync,
+        };
+        let total = {
+            let _g = INIT.lock().unwrap();
+            let out = tempfile::tempdir().unwrap();
+            NmtTrainer::with_tokenizers(cfg.clone(), out.path(), Some(tok.clone()))
+                .unwrap()
+                .num_params()
+        };
+        let mut shard_cfg = shoal_train::cluster::shard_config(&cfg, "t");
+        shard_cfg.timeout = Duration::from_secs(60);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = PsServer::start(l, total, shard_cfg).unwrap();
+        let addr = server.addr;
+        let outs = workers(cfg, &tok, move |rank| {
+            Exchange::Ps(PsClient::connect(&[addr], rank, total, 0, "t").unwrap())
+        });
+        server.join().unwrap();
+        // Mean loss over both workers' last 10 updates and first 10.
+        let mean = |r: std::ops::Range<usize>| -> f32 {
+            let v: Vec<f32> = outs
+                .iter()
+                .flat_map(|(_, l)| l[r.clone()].to_vec())
+                .collect();
+            v.iter().sum::<f32>() / v.len() as f32
+        };
+        let n = outs[0].1.len();
+        (mean(0..10), mean(n - 10..n))
+    };
+    let (sync_first, sync_last) = run("sync");
+    let (async_first, async_last) = run("async");
+    assert!(
+        sync_last < 0.85 * sync_first,
+        "sync: {sync_first} -> {sync_last}"
+    );
+    assert!(
+        async_last < 0.85 * async_first,
+        "async: {async_first} -> {async_last}"
+    );
+    assert!(
+        (async_last - sync_last).abs() <= 0.1 * sync_last,
+        "async ends at {async_last}, sync at {sync_last}"
+    );
+}

@@ -574,8 +574,8 @@ fn plan(a: PlanArgs) -> Result<()> {
         );
         println!("seed cluster (assumed): 10 GbE at 1.1 GB/s between 2 hosts, 4 GPUs per host\n");
         println!(
-            "{:<40} {:>9} {:>8} {:>10} {:>8}   {}",
-            "setup", "seed w/s", "seed x", "shoal w/s", "model x", "bottleneck"
+            "{:<40} {:>9} {:>8} {:>10} {:>8}   bottleneck",
+            "setup", "seed w/s", "seed x", "shoal w/s", "model x"
         );
         let mut rows = Vec::new();
         for (name, nodes, per, strat, words) in plan::SEED_TABLE {
@@ -703,8 +703,8 @@ fn plan(a: PlanArgs) -> Result<()> {
 
 fn print_predictions(preds: &[shoal_train::plan::Prediction]) {
     println!(
-        "{:<18} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6}   {}",
-        "option", "step ms", "comm ms", "opt ms", "words/s", "speed-up", "effic.", "bottleneck"
+        "{:<18} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6}   bottleneck",
+        "option", "step ms", "comm ms", "opt ms", "words/s", "speed-up", "effic."
     );
     for p in preds {
         println!(

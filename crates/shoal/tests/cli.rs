@@ -327,7 +327,7 @@ fn children(pid: u32) -> Vec<u32> {
 fn role(pid: u32) -> String {
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     env.split(|&b| b == 0)
-        .find_map(|kv| kv.strip_prefix(b"SHOAL_ROLE=").map(|v| text(v)))
+        .find_map(|kv| kv.strip_prefix(b"SHOAL_ROLE=").map(text))
         .unwrap_or_default()
 }
 
