@@ -187,30 +187,41 @@ impl Ring {
         r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
     }
 
-    /// Waits until `ready()` (spinning, then yielding, then sleeping briefly), failing
-    /// after the timeout or when the other side's process is gone.
+    /// Waits until `ready()`: spinning for the first 200 us (a peer on another core
+    /// usually answers within that), then yielding the core until 5 ms, then sleeping
+    /// 50 us at a time; fails after the timeout or when the other side's process is gone.
     fn wait(&self, ready: impl Fn() -> bool, check_writer: bool) -> Result<()> {
-        let mut spins = 0u32;
+        if ready() {
+            return Ok(());
+        }
         let start = Instant::now();
-        while !ready() {
-            spins += 1;
-            if spins < 256 {
+        let mut spins = 0u32;
+        loop {
+            for _ in 0..64 {
+                if ready() {
+                    return Ok(());
+                }
                 std::hint::spin_loop();
-            } else if spins < 4096 {
+            }
+            spins += 1;
+            let waited = start.elapsed();
+            if waited < Duration::from_micros(200) {
+                continue;
+            }
+            if waited < Duration::from_millis(5) {
                 std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-                if spins.is_multiple_of(256) {
-                    if check_writer && !self.writer_alive() {
-                        return Err(Error::Disconnected { peer: self.peer });
-                    }
-                    if start.elapsed() > self.timeout {
-                        return Err(Error::Disconnected { peer: self.peer });
-                    }
+                continue;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+            if spins.is_multiple_of(64) {
+                if check_writer && !self.writer_alive() {
+                    return Err(Error::Disconnected { peer: self.peer });
+                }
+                if waited > self.timeout {
+                    return Err(Error::Disconnected { peer: self.peer });
                 }
             }
         }
-        Ok(())
     }
 
     fn write(&self, mut data: &[u8]) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Collectives checked against a sequential computation of the same inputs, for 2 to 8
-//! ranks, sizes from 1 element to 16 MB (and not divisible by the rank count), over the
+//! ranks, sizes from 1 element to 64 MB (and not divisible by the rank count), over the
 //! in-process and the TCP transports; and the TCP transport's refusals.
 
 use shoal_comm::local::LocalTransport;
@@ -403,6 +403,55 @@ fn two_level_allreduce_matches_sequential() {
             for (d, e) in results.lock().unwrap().iter() {
                 assert_eq!(d, &want, "layout {host_of:?}, len {len}");
                 assert_eq!(e, &want, "layout {host_of:?}, len {len}");
+            }
+        }
+    }
+}
+
+/// 64 MB (16 M values, not divisible by 3) over every transport, 2 and 3 ranks, exact.
+#[test]
+fn allreduce_of_64_mb_on_every_transport() {
+    let len = (16 << 20) + 1;
+    for n in [2usize, 3] {
+        let want = std::sync::Arc::new(expected_sum(n, len));
+        let check = move |c: &mut Communicator<Box<dyn Transport>>, want: &[f32]| {
+            let mut d = input(c.rank(), len);
+            c.allreduce_sum(&mut d).unwrap();
+            assert!(d == want, "64 MB allreduce over {n} ranks differs");
+        };
+        let groups: Vec<(&str, Vec<Box<dyn Transport>>)> = vec![
+            (
+                "local",
+                LocalTransport::group(n)
+                    .into_iter()
+                    .map(|t| Box::new(t) as Box<dyn Transport>)
+                    .collect(),
+            ),
+            (
+                "tcp",
+                tcp_group(n, "big")
+                    .into_iter()
+                    .map(|t| Box::new(t) as Box<dyn Transport>)
+                    .collect(),
+            ),
+            (
+                "shm",
+                shm_group(n, &unique_job("big"))
+                    .into_iter()
+                    .map(|t| Box::new(t) as Box<dyn Transport>)
+                    .collect(),
+            ),
+        ];
+        for (name, ts) in groups {
+            let hs: Vec<_> = ts
+                .into_iter()
+                .map(|t| {
+                    let want = want.clone();
+                    std::thread::spawn(move || check(&mut Communicator::new(t), &want))
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap_or_else(|_| panic!("{name}: a rank failed"));
             }
         }
     }
