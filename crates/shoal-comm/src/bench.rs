@@ -1,6 +1,6 @@
-//! Timing helpers for `bench/run allreduce`: an allreduce of a given size over a
-//! transport with ranks as threads of this process, and this machine's memcpy
-//! bandwidth as the reference ceiling.
+//! Timing helpers for `bench/run allreduce` and `bench/run transport`: an allreduce, or
+//! a push + pull of a buffer between two ranks, over a transport with ranks as threads
+//! of this process, and this machine's memcpy bandwidth as the reference ceiling.
 
 use crate::local::LocalTransport;
 use crate::shm::ShmTransport;
@@ -54,13 +54,17 @@ fn join_all<T>(hs: Vec<std::thread::JoinHandle<Result<T>>>) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Seconds per allreduce of `bytes` over `ranks` ranks (threads) on `which`.
-pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize) -> Result<f64> {
-    let values = bytes / 4;
-    match which {
-        Which::Local => run_ranks(LocalTransport::group(ranks), values, iters),
+/// `ranks` connected transports of kind `which` (ranks as threads of this process).
+pub fn group(which: Which, ranks: usize) -> Result<Vec<Box<dyn Transport>>> {
+    let boxed = |v: Vec<_>| {
+        v.into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
+    };
+    Ok(match which {
+        Which::Local => boxed(LocalTransport::group(ranks)),
         Which::Shm => {
-            let job = format!("bench-{}-{}", std::process::id(), bytes);
+            let job = format!("bench-{}-{:?}", std::process::id(), Instant::now());
             let hs: Vec<_> = (0..ranks)
                 .map(|r| {
                     let job = job.clone();
@@ -69,7 +73,10 @@ pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize)
                     })
                 })
                 .collect();
-            run_ranks(join_all(hs)?, values, iters)
+            join_all(hs)?
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect()
         }
         Which::Tcp => {
             let ls: Vec<TcpListener> = (0..ranks)
@@ -90,9 +97,50 @@ pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize)
                     })
                 })
                 .collect();
-            run_ranks(join_all(hs)?, values, iters)
+            join_all(hs)?
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect()
+        }
+    })
+}
+
+/// Seconds per push + pull of `bytes` between two ranks on `which` (best of `iters`
+/// after one warm-up): rank 0 sends the buffer (push), rank 1 receives it into its own
+/// buffer and sends it back (pull), as a worker and a parameter server would.
+pub fn push_pull_seconds(which: Which, bytes: usize, iters: usize) -> Result<f64> {
+    let mut ts = group(which, 2)?.into_iter();
+    let (mut worker, mut server) = match (ts.next(), ts.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Err(Error::Mismatch("benchmark group of 2 is short".into())),
+    };
+    let srv = std::thread::spawn(move || -> Result<()> {
+        let mut held = vec![0u8; bytes];
+        for _ in 0..=iters {
+            server.recv(0, 1, &mut held)?;
+            server.send(0, 2, &held)?;
+        }
+        Ok(())
+    });
+    let grad = vec![3u8; bytes];
+    let mut back = vec![0u8; bytes];
+    let mut best = f64::INFINITY;
+    for i in 0..=iters {
+        let start = Instant::now();
+        worker.send(1, 1, &grad)?;
+        worker.recv(1, 2, &mut back)?;
+        if i > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
         }
     }
+    srv.join()
+        .map_err(|_| Error::Mismatch("the benchmark server panicked".into()))??;
+    Ok(best)
+}
+
+/// Seconds per allreduce of `bytes` over `ranks` ranks (threads) on `which`.
+pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize) -> Result<f64> {
+    run_ranks(group(which, ranks)?, bytes / 4, iters)
 }
 
 /// This machine's single-thread memcpy bandwidth in bytes/s over a `bytes` buffer.
@@ -107,4 +155,65 @@ pub fn memcpy_bandwidth(bytes: usize) -> f64 {
         std::hint::black_box(&mut dst);
     }
     (bytes * iters) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Seconds per synchronous step of `workers` workers (threads) pushing a gradient of
+/// `bytes` to `shards` parameter-server shards (TCP on loopback, Adam on the shards)
+/// and pulling the new parameters (best of `iters` after one warm-up).
+pub fn ps_step_seconds(shards: usize, workers: usize, bytes: usize, iters: usize) -> Result<f64> {
+    use crate::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
+    let total = bytes / 4;
+    let cfg = ShardConfig {
+        workers,
+        mode: PsMode::Sync,
+        optimizer: shoal_optim::OptimizerConfig::default(),
+        lr: 1e-3,
+        average: true,
+        sparse_dim: 0,
+        token: "bench".into(),
+        timeout: Duration::from_secs(60),
+    };
+    let servers = (0..shards)
+        .map(|i| {
+            let (a, b) = shard_range(total, shards, i);
+            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
+                what: "binding a benchmark shard".into(),
+                source: e,
+            })?;
+            PsServer::start(l, b - a, cfg.clone())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let hs: Vec<_> = (0..workers)
+        .map(|w| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || -> Result<f64> {
+                let mut c = PsClient::connect(&addrs, w, total, 0, "bench")?;
+                let mut params = vec![0.5f32; total];
+                if w == 0 {
+                    c.init(&params)?;
+                }
+                let grad = vec![0.01f32; total];
+                let mut best = f64::INFINITY;
+                for step in 0..=iters as u64 {
+                    let start = Instant::now();
+                    c.push(step, &grad, None)?;
+                    c.pull(step + 1, &mut params)?;
+                    if step > 0 {
+                        best = best.min(start.elapsed().as_secs_f64());
+                    }
+                }
+                c.close()?;
+                Ok(best)
+            })
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    for t in join_all(hs)? {
+        worst = worst.max(t);
+    }
+    for s in servers {
+        s.join()?;
+    }
+    Ok(worst)
 }

@@ -6,6 +6,7 @@
 //! plane is elsewhere (`shoal-comm`); this crate only decides who is who and who is
 //! alive.
 
+pub mod bench;
 pub mod client;
 pub mod error;
 pub mod server;

@@ -274,6 +274,26 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         iters: usize,
     },
+    /// Push + pull of a gradient between two ranks (threads) over shared memory and TCP,
+    /// and through a tonic gRPC service, per size.
+    Transport {
+        /// Sizes in MB, comma-separated.
+        #[arg(long, default_value = "16,64")]
+        sizes: String,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+    /// Synchronous parameter-server steps (push + Adam + pull) of 2 workers (threads) with
+    /// 1 and 2 shards, per gradient size.
+    PsShards {
+        /// Sizes in MB, comma-separated.
+        #[arg(long, default_value = "16")]
+        sizes: String,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
     /// One recurrent layer, forward + backward, on random input.
     RnnLayer {
         #[arg(long, value_enum, default_value = "gru")]
@@ -825,6 +845,46 @@ fn bench(b: BenchCmd) -> Result<()> {
                     serde_json::json!({"transport": transport, "ranks": ranks, "bytes": bytes,
                         "seconds": secs, "bus_gbps": bus / 1e9, "memcpy_gbps": memcpy / 1e9})
                 );
+            }
+        }
+        BenchCmd::Transport { sizes, iters } => {
+            use shoal_comm::bench::{push_pull_seconds, Which};
+            for mb in sizes.split(',') {
+                let mb: f64 = mb
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
+                let bytes = (mb * 1048576.0) as usize;
+                let shm = push_pull_seconds(Which::Shm, bytes, iters)?;
+                let tcp = push_pull_seconds(Which::Tcp, bytes, iters)?;
+                let grpc = shoal_control::bench::grpc_push_pull_seconds(bytes, iters)?;
+                let gbs = |t: f64| 2.0 * bytes as f64 / t / 1e9;
+                println!(
+                    "{}",
+                    serde_json::json!({"bytes": bytes, "shm_s": shm, "tcp_s": tcp, "grpc_s": grpc,
+                        "shm_gbps": gbs(shm), "tcp_gbps": gbs(tcp), "grpc_gbps": gbs(grpc)})
+                );
+            }
+        }
+        BenchCmd::PsShards {
+            sizes,
+            workers,
+            iters,
+        } => {
+            for mb in sizes.split(',') {
+                let mb: f64 = mb
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
+                let bytes = (mb * 1048576.0) as usize / 4 * 4;
+                for shards in [1usize, 2] {
+                    let t = shoal_comm::bench::ps_step_seconds(shards, workers, bytes, iters)?;
+                    println!(
+                        "{}",
+                        serde_json::json!({"bytes": bytes, "shards": shards, "workers": workers,
+                            "step_s": t, "gbps": 2.0 * (workers * bytes) as f64 / t / 1e9})
+                    );
+                }
             }
         }
         BenchCmd::RnnLayer {
