@@ -150,10 +150,14 @@ impl<T: Transport> Communicator<T> {
     }
 
     /// Replaces `data` on every rank by the element-wise sum over all ranks (the same
-    /// bits on every rank). Messages up to [`SMALL_BYTES`] use recursive doubling
+    /// bits on every rank). A transport with its own allreduce (MPI) does it; otherwise
+    /// messages up to [`SMALL_BYTES`] use recursive doubling
     /// (`log2 n` exchanges of the whole buffer: latency-bound sizes); larger ones the
     /// ring (`2 (n-1) / n` of the buffer crosses each link: bandwidth-bound sizes).
     pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        if let Some(r) = self.t.allreduce_sum_native(data) {
+            return r;
+        }
         let n = self.size();
         if n > 1 && !data.is_empty() && data.len() * 4 <= SMALL_BYTES.min(self.piece * 4) {
             return self.allreduce_doubling(data);

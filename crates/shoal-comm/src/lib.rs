@@ -6,7 +6,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`frame`] | the wire header: magic, version, kind, tag, bounded length |
-//! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference), [`shm`] (processes on one host) and [`tcp`] |
+//! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference), [`shm`] (processes on one host), [`tcp`], and `mpi` (feature `mpi`: ranks of an `mpirun` job, MPI's own allreduce) |
 //! | [`ps`] | parameter-server shards and their client |
 //! | [`collective`] | allreduce (ring for large, recursive doubling for small messages), broadcast, allgather, barrier, the fusion buffer |
 
@@ -15,6 +15,8 @@ pub mod collective;
 pub mod error;
 pub mod frame;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod ps;
 pub mod shm;
 pub mod tcp;

@@ -20,6 +20,11 @@ pub trait Transport: Send {
     /// Receives the next message from `peer` into `buf`. It must carry `tag` and exactly
     /// `buf.len()` bytes; anything else is an error naming the peer.
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()>;
+    /// A transport with its own sum-allreduce over the whole group (MPI) runs it here;
+    /// None: the collectives' own algorithms are used.
+    fn allreduce_sum_native(&mut self, _data: &mut [f32]) -> Option<Result<()>> {
+        None
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -37,5 +42,8 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
         (**self).recv(peer, tag, buf)
+    }
+    fn allreduce_sum_native(&mut self, data: &mut [f32]) -> Option<Result<()>> {
+        (**self).allreduce_sum_native(data)
     }
 }
