@@ -11,8 +11,10 @@ use crate::transport::Transport;
 use crate::{Error, Result};
 
 /// Largest piece in bytes; transports that buffer less get pieces of half what they
-/// buffer (64 KB over TCP, 4 MB over the default shared-memory rings).
-pub const DEFAULT_PIECE_BYTES: usize = 4 << 20;
+/// buffer (64 KB over TCP). 256 KB pieces keep a piece in cache between its copy into a
+/// shared-memory ring and the peer's copy out (measured on 2 ranks: 1 MB allreduce
+/// 3.4 -> 4.0 GB/s and 16 MB 5.3 -> 5.7 GB/s against 4 MB pieces).
+pub const DEFAULT_PIECE_BYTES: usize = 256 << 10;
 /// Largest allreduce (in bytes) done by recursive doubling rather than the ring.
 pub const SMALL_BYTES: usize = 16 * 1024;
 
