@@ -17,6 +17,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A malformed row of a click log.
+    #[error("{}:{line}: {why}", path.display())]
+    Ctr {
+        /// The file holding the row.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        why: String,
+    },
+
     /// A line of a text file is not valid UTF-8.
     #[error("{}:{line}: invalid UTF-8", path.display())]
     InvalidUtf8 {
