@@ -9,8 +9,10 @@ pub mod clip;
 pub mod error;
 pub mod optimizer;
 pub mod schedule;
+pub mod sparse;
 
 pub use clip::{clip_grad_norm, global_norm};
 pub use error::{Error, Result};
 pub use optimizer::{Optimizer, OptimizerConfig, OptimizerKind};
 pub use schedule::{LrSchedule, ScheduleKind};
+pub use sparse::{SparseRule, SparseTable};

@@ -1,0 +1,301 @@
+//! A sparse embedding table keyed by 64-bit feature ids: rows are created on first touch
+//! (initial values drawn from a hash of the key, so they do not depend on the order rows
+//! appear in), and only the rows a batch touches are read and updated. Values and
+//! optimizer state live in two flat arenas with an index from key to slot, so memory
+//! grows with the touched rows, not with the key space.
+//!
+//! Update rules per row: SGD, Adagrad (PyTorch's rule, as the dense optimizer), lazy Adam
+//! (moments and bias correction advance only when the row is touched) and FTRL-Proximal
+//! (McMahan et al. 2013; per coordinate `z`, `n`).
+
+use crate::{Error, OptimizerConfig, OptimizerKind, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// How touched rows are updated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SparseRule {
+    Sgd,
+    Adagrad {
+        eps: f32,
+    },
+    /// Adam whose moments and step count advance only on the rows a batch touches.
+    LazyAdam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+    /// FTRL-Proximal (rows start at zero; the `lr` given to [`SparseTable::apply`] is
+    /// its `alpha`).
+    Ftrl {
+        beta: f32,
+        l1: f32,
+        l2: f32,
+    },
+}
+
+impl SparseRule {
+    /// The sparse counterpart of a dense optimizer configuration.
+    pub fn from_dense(c: &OptimizerConfig) -> Self {
+        match c.kind {
+            OptimizerKind::Sgd => Self::Sgd,
+            OptimizerKind::Adagrad => Self::Adagrad { eps: c.eps },
+            OptimizerKind::Adam => Self::LazyAdam {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+            },
+        }
+    }
+
+    /// State values per parameter value.
+    fn state_per_value(&self) -> usize {
+        match self {
+            Self::Sgd => 0,
+            Self::Adagrad { .. } => 1,
+            Self::LazyAdam { .. } | Self::Ftrl { .. } => 2,
+        }
+    }
+}
+
+/// Rows of `dim` values, created on first touch.
+#[derive(Debug, Clone)]
+pub struct SparseTable {
+    dim: usize,
+    rule: SparseRule,
+    init_scale: f32,
+    seed: u64,
+    index: HashMap<u64, u32>,
+    keys: Vec<u64>,
+    values: Vec<f32>,
+    state: Vec<f32>,
+    /// Lazy Adam: updates applied to each row.
+    steps: Vec<u32>,
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl SparseTable {
+    /// An empty table of rows of `dim` values, initialised uniformly in
+    /// `[-init_scale, init_scale)` from a hash of (`seed`, key, column).
+    pub fn new(dim: usize, rule: SparseRule, init_scale: f32, seed: u64) -> Result<Self> {
+        if dim == 0 {
+            return Err(Error::InvalidConfig {
+                field: "dim",
+                value: "0".into(),
+                why: "a sparse row needs at least one value",
+            });
+        }
+        Ok(Self {
+            dim,
+            rule,
+            init_scale,
+            seed,
+            index: HashMap::new(),
+            keys: Vec::new(),
+            values: Vec::new(),
+            state: Vec::new(),
+            steps: Vec::new(),
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn rule(&self) -> SparseRule {
+        self.rule
+    }
+
+    /// Rows created so far.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Bytes held: values, optimizer state, keys, step counters and the index (its
+    /// allocated buckets: key, slot and control byte each).
+    pub fn bytes(&self) -> usize {
+        self.values.capacity() * 4
+            + self.state.capacity() * 4
+            + self.keys.capacity() * 8
+            + self.steps.capacity() * 4
+            + self.index.capacity() * (8 + 4 + 1)
+    }
+
+    /// The initial value of column `j` of row `key`.
+    pub fn init_value(&self, key: u64, j: usize) -> f32 {
+        let h = mix64(key ^ mix64(self.seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        ((h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * self.init_scale
+    }
+
+    /// The slot of `key`, creating the row on first touch.
+    fn slot(&mut self, key: u64) -> usize {
+        if let Some(&s) = self.index.get(&key) {
+            return s as usize;
+        }
+        let s = self.keys.len();
+        self.index.insert(key, s as u32);
+        self.keys.push(key);
+        let ftrl = matches!(self.rule, SparseRule::Ftrl { .. });
+        for j in 0..self.dim {
+            // FTRL weights start at zero (its weight is a function of z and n).
+            let v = if ftrl { 0.0 } else { self.init_value(key, j) };
+            self.values.push(v);
+        }
+        let per = self.rule.state_per_value() * self.dim;
+        self.state.extend(std::iter::repeat_n(0.0, per));
+        if matches!(self.rule, SparseRule::LazyAdam { .. }) {
+            self.steps.push(0);
+        }
+        s
+    }
+
+    /// The row of `key` if it exists.
+    pub fn get(&self, key: u64) -> Option<&[f32]> {
+        self.index
+            .get(&key)
+            .map(|&s| &self.values[s as usize * self.dim..(s as usize + 1) * self.dim])
+    }
+
+    /// Copies the rows of `keys` (created if new) into `out` (`keys.len() * dim`).
+    pub fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        let d = self.dim;
+        if out.len() != keys.len() * d {
+            return Err(Error::LengthMismatch {
+                what: "sparse pull output".into(),
+                expected: keys.len() * d,
+                got: out.len(),
+            });
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let s = self.slot(k);
+            out[i * d..(i + 1) * d].copy_from_slice(&self.values[s * d..(s + 1) * d]);
+        }
+        Ok(())
+    }
+
+    /// Applies gradients `grads` (`keys.len() * dim`) to the rows of `keys` with
+    /// learning rate `lr`. Keys should be distinct (a repeated key is updated twice).
+    pub fn apply(&mut self, keys: &[u64], grads: &[f32], lr: f32) -> Result<()> {
+        let d = self.dim;
+        if grads.len() != keys.len() * d {
+            return Err(Error::LengthMismatch {
+                what: "sparse gradients".into(),
+                expected: keys.len() * d,
+                got: grads.len(),
+            });
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let s = self.slot(k);
+            let g = &grads[i * d..(i + 1) * d];
+            let w = &mut self.values[s * d..(s + 1) * d];
+            match self.rule {
+                SparseRule::Sgd => {
+                    for (w, g) in w.iter_mut().zip(g) {
+                        *w -= lr * g;
+                    }
+                }
+                SparseRule::Adagrad { eps } => {
+                    let acc = &mut self.state[s * d..(s + 1) * d];
+                    for ((w, &g), a) in w.iter_mut().zip(g).zip(acc) {
+                        *a += g * g;
+                        *w -= lr * g / (a.sqrt() + eps);
+                    }
+                }
+                SparseRule::LazyAdam { beta1, beta2, eps } => {
+                    self.steps[s] += 1;
+                    let t = self.steps[s] as i32;
+                    let bc1 = 1.0 - (beta1 as f64).powi(t);
+                    let bc2_sqrt = (1.0 - (beta2 as f64).powi(t)).sqrt() as f32;
+                    let step = (lr as f64 / bc1) as f32;
+                    let st = &mut self.state[s * 2 * d..(s + 1) * 2 * d];
+                    let (m, v) = st.split_at_mut(d);
+                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
+                        *m = beta1 * *m + (1.0 - beta1) * g;
+                        *v = beta2 * *v + (1.0 - beta2) * g * g;
+                        *w -= step * *m / (v.sqrt() / bc2_sqrt + eps);
+                    }
+                }
+                SparseRule::Ftrl { beta, l1, l2 } => {
+                    let alpha = lr;
+                    let st = &mut self.state[s * 2 * d..(s + 1) * 2 * d];
+                    for (j, (w, &g)) in w.iter_mut().zip(g).enumerate() {
+                        let (z, n) = (st[2 * j], st[2 * j + 1]);
+                        let sigma = ((n + g * g).sqrt() - n.sqrt()) / alpha;
+                        let z = z + g - sigma * *w;
+                        let n = n + g * g;
+                        st[2 * j] = z;
+                        st[2 * j + 1] = n;
+                        *w = if z.abs() <= l1 {
+                            0.0
+                        } else {
+                            -(z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every row: keys, and their values row-major (for checkpoints).
+    pub fn rows(&self) -> (&[u64], &[f32]) {
+        (&self.keys, &self.values)
+    }
+
+    /// The optimizer state, row-major in key order, and lazy Adam's per-row step counts.
+    pub fn state(&self) -> (&[f32], &[u32]) {
+        (&self.state, &self.steps)
+    }
+
+    /// Restores rows saved by [`SparseTable::rows`] and [`SparseTable::state`].
+    pub fn restore(
+        &mut self,
+        keys: &[u64],
+        values: &[f32],
+        state: &[f32],
+        steps: &[u32],
+    ) -> Result<()> {
+        let d = self.dim;
+        let per = self.rule.state_per_value() * d;
+        let want_steps = if matches!(self.rule, SparseRule::LazyAdam { .. }) {
+            keys.len()
+        } else {
+            0
+        };
+        if values.len() != keys.len() * d
+            || state.len() != keys.len() * per
+            || steps.len() != want_steps
+        {
+            return Err(Error::State(format!(
+                "sparse table of {} rows x {d}: {} values, {} state values, {} step counts do not fit",
+                keys.len(),
+                values.len(),
+                state.len(),
+                steps.len()
+            )));
+        }
+        self.index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as u32))
+            .collect();
+        if self.index.len() != keys.len() {
+            return Err(Error::State("sparse table restore: repeated key".into()));
+        }
+        self.keys = keys.to_vec();
+        self.values = values.to_vec();
+        self.state = state.to_vec();
+        self.steps = steps.to_vec();
+        Ok(())
+    }
+}
