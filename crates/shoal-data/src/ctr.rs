@@ -23,7 +23,8 @@ pub enum FieldKind {
 /// The columns of a click log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schema {
-    pub label_col: usize,
+    /// The label column (None: unlabelled rows to score).
+    pub label_col: Option<usize>,
     /// Column index, name and kind of every field, in key order.
     pub fields: Vec<(usize, String, FieldKind)>,
     /// Columns in a row.
@@ -32,17 +33,17 @@ pub struct Schema {
 
 impl Schema {
     /// The schema of a header line: the label is the column named `label`, `click` or
-    /// `y`; an `id` column is ignored; columns named `I<digits>` are integers (Criteo),
-    /// all others categorical (Avazu's `hour` included).
-    pub fn from_header(header: &str) -> Option<Self> {
+    /// `y` (if any); an `id` column is ignored; columns named `I<digits>` are integers
+    /// (Criteo), all others categorical (Avazu's `hour` included).
+    pub fn from_header(header: &str) -> Self {
         let cols: Vec<&str> = header.trim_end_matches(['\r', '\n']).split(',').collect();
         let label_col = cols
             .iter()
-            .position(|c| matches!(c.trim(), "label" | "click" | "y"))?;
+            .position(|c| matches!(c.trim(), "label" | "click" | "y"));
         let fields = cols
             .iter()
             .enumerate()
-            .filter(|(i, c)| *i != label_col && c.trim() != "id")
+            .filter(|(i, c)| Some(*i) != label_col && c.trim() != "id")
             .map(|(i, c)| {
                 let c = c.trim();
                 let int =
@@ -55,11 +56,11 @@ impl Schema {
                 (i, c.to_string(), kind)
             })
             .collect();
-        Some(Self {
+        Self {
             label_col,
             fields,
             columns: cols.len(),
-        })
+        }
     }
 }
 
@@ -171,10 +172,10 @@ fn parse_row(line: &str, schema: &Schema, keys: &mut Vec<u64>) -> std::result::R
             schema.columns
         ));
     }
-    let label = match cols[schema.label_col].trim() {
-        "0" | "0.0" => 0.0,
-        "1" | "1.0" => 1.0,
-        other => return Err(format!("label '{other}' is not 0 or 1")),
+    let label = match schema.label_col.map(|c| cols[c].trim()) {
+        None | Some("0") | Some("0.0") => 0.0,
+        Some("1") | Some("1.0") => 1.0,
+        Some(other) => return Err(format!("label '{other}' is not 0 or 1")),
     };
     let start = keys.len();
     for (f, (col, name, kind)) in schema.fields.iter().enumerate() {
@@ -195,7 +196,8 @@ fn parse_row(line: &str, schema: &Schema, keys: &mut Vec<u64>) -> std::result::R
     Ok(label)
 }
 
-/// Reads a click log in CSV with a header (see [`Schema::from_header`]).
+/// Reads a click log in CSV with a header (see [`Schema::from_header`]); rows of a file
+/// without a label column get label 0.
 pub fn read_csv(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -216,11 +218,14 @@ pub fn read_csv(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRepor
             })
         }
     };
-    let schema = Schema::from_header(&header).ok_or_else(|| Error::Ctr {
-        path: path.to_path_buf(),
-        line: 1,
-        why: "the header names no label column (label, click or y)".into(),
-    })?;
+    let schema = Schema::from_header(&header);
+    if schema.fields.is_empty() {
+        return Err(Error::Ctr {
+            path: path.to_path_buf(),
+            line: 1,
+            why: "the header names no feature columns".into(),
+        });
+    }
     let mut data = CtrData {
         fields: schema.fields.len(),
         ..Default::default()

@@ -22,7 +22,7 @@ fn criteo_and_avazu_samples_are_read() {
     let (a, schema, _) =
         ctr::read_csv(&Path::new(DATA).join("avazu_sample.txt"), BadRows::Fail).unwrap();
     // id and click are not features.
-    assert_eq!((a.len(), a.fields, schema.label_col), (100, 22, 1));
+    assert_eq!((a.len(), a.fields, schema.label_col), (100, 22, Some(1)));
 }
 
 #[test]
@@ -55,10 +55,14 @@ fn malformed_rows_are_named_or_skipped() {
     assert_eq!((data.len(), rep.skipped), (2, 3));
     assert_eq!(data.keys.len(), 4, "a skipped row left keys behind");
     assert!(rep.first_problem.unwrap().contains("bad.csv:3"));
-    std::fs::write(&p, "a,b\n1,2\n").unwrap();
+    // No label column: rows to score, label 0.
+    std::fs::write(&p, "a,b\nx,2\n").unwrap();
+    let (d, schema, _) = ctr::read_csv(&p, BadRows::Fail).unwrap();
+    assert_eq!((schema.label_col, d.fields, d.labels), (None, 2, vec![0.0]));
+    std::fs::write(&p, "label\n1\n").unwrap();
     let e = ctr::read_csv(&p, BadRows::Fail).unwrap_err().to_string();
     assert!(
-        e.contains("bad.csv:1") && e.contains("no label column"),
+        e.contains("bad.csv:1") && e.contains("no feature columns"),
         "{e}"
     );
 }

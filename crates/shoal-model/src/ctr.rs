@@ -274,12 +274,10 @@ impl CtrModel {
         let inv = 1.0 / batch as f32;
         let mut loss = 0.0f64;
         ws.dlogit.resize(batch, 0.0);
-        for b in 0..batch {
-            let z = ws.logits[b];
-            let y = labels[b];
+        for ((d, &z), &y) in ws.dlogit.iter_mut().zip(&ws.logits).zip(labels) {
             // log(1 + e^z) - y z, stable for large |z|.
             loss += (z.max(0.0) + (-z.abs()).exp().ln_1p() - y * z) as f64;
-            ws.dlogit[b] = (sigmoid(z) - y) * inv;
+            *d = (sigmoid(z) - y) * inv;
         }
         dense_grad.fill(0.0);
         row_grad.fill(0.0);

@@ -166,6 +166,24 @@ impl SparseTable {
             .map(|&s| &self.values[s as usize * self.dim..(s as usize + 1) * self.dim])
     }
 
+    /// Copies the rows of `keys` into `out` (`keys.len() * dim`) without creating any:
+    /// a missing row reads as its initial values (for scoring unseen data).
+    pub fn peek(&self, keys: &[u64], out: &mut [f32]) {
+        let d = self.dim;
+        let ftrl = matches!(self.rule, SparseRule::Ftrl { .. });
+        for (i, &k) in keys.iter().enumerate() {
+            let o = &mut out[i * d..(i + 1) * d];
+            match self.index.get(&k) {
+                Some(&s) => o.copy_from_slice(&self.values[s as usize * d..(s as usize + 1) * d]),
+                None => {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = if ftrl { 0.0 } else { self.init_value(k, j) };
+                    }
+                }
+            }
+        }
+    }
+
     /// Copies the rows of `keys` (created if new) into `out` (`keys.len() * dim`).
     pub fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
         let d = self.dim;

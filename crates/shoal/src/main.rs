@@ -34,6 +34,11 @@ enum Cmd {
     Bench(BenchCmd),
     /// Predict step time and scaling of data-parallel training on a described cluster.
     Plan(PlanArgs),
+    /// Score rows of a click log with a trained CTR model.
+    Predict(PredictArgs),
+    /// Data tools.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// One process of a distributed job, its role taken from SHOAL_* environment
     /// variables (started by `train --workers`, or by a cluster scheduler).
     #[command(name = "role", hide = true)]
@@ -44,6 +49,105 @@ enum Cmd {
 enum TrainCmd {
     /// The seed's NMT model (GRU encoder-decoder) on a parallel corpus.
     Nmt(NmtArgs),
+    /// A click-through-rate model (LR, FM, DeepFM, Wide & Deep) on a click log.
+    Ctr(CtrArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CtrModelArg {
+    Lr,
+    Fm,
+    Deepfm,
+    WideDeep,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SparseOpt {
+    Sgd,
+    Adagrad,
+    LazyAdam,
+    Ftrl,
+}
+
+#[derive(Args)]
+struct CtrArgs {
+    #[arg(long, value_enum, default_value = "deepfm")]
+    model: CtrModelArg,
+    /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...).
+    #[arg(long)]
+    data: PathBuf,
+    /// Skip malformed rows (counted) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Fraction of rows held out for AUC and log loss.
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    /// Planted probabilities (from `shoal data gen-ctr`) to report the best AUC.
+    #[arg(long)]
+    planted: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    dim: usize,
+    /// MLP hidden widths, comma-separated.
+    #[arg(long, default_value = "128,64")]
+    hidden: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    #[arg(long, default_value_t = 0)]
+    max_steps: u64,
+    /// Dense (MLP) learning rate, Adam.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Sparse rows' learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    sparse_lr: f32,
+    #[arg(long, value_enum, default_value = "adagrad")]
+    sparse_opt: SparseOpt,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to save the model.
+    #[arg(long, default_value = "runs/ctr")]
+    out: PathBuf,
+    /// Print the final scores as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A model saved by `shoal train ctr`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Rows to score (CSV with the training file's columns; a label column is optional).
+    #[arg(long)]
+    data: PathBuf,
+    /// Write one probability per row here (default: stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    skip_bad_rows: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Synthetic click logs with Zipf-distributed ids drawn from a planted FM model.
+    GenCtr {
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 20)]
+        fields: usize,
+        /// Possible ids per field (up to 10^10 and more).
+        #[arg(long, default_value_t = 1_000_000)]
+        ids_per_field: u64,
+        #[arg(long, default_value_t = 1.1)]
+        zipf: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output CSV; the planted probabilities go to OUT.p.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -741,6 +845,162 @@ fn print_predictions(preds: &[shoal_train::plan::Prediction]) {
     }
 }
 
+fn train_ctr(a: CtrArgs) -> Result<()> {
+    use shoal_model::ctr::CtrKind;
+    use shoal_optim::SparseRule;
+    use shoal_train::ctr::{CtrEvent, CtrTrainConfig, CtrTrainer};
+    let hidden = a
+        .hidden
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("--hidden '{}': expected widths like 128,64", a.hidden))?;
+    let cfg = CtrTrainConfig {
+        kind: match a.model {
+            CtrModelArg::Lr => CtrKind::Lr,
+            CtrModelArg::Fm => CtrKind::Fm,
+            CtrModelArg::Deepfm => CtrKind::Deepfm,
+            CtrModelArg::WideDeep => CtrKind::WideDeep,
+        },
+        dim: a.dim,
+        hidden,
+        data: a.data.clone(),
+        skip_bad_rows: a.skip_bad_rows,
+        valid_fraction: a.valid_fraction,
+        planted: a.planted.clone(),
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        lr: a.lr,
+        sparse_lr: a.sparse_lr,
+        sparse_rule: match a.sparse_opt {
+            SparseOpt::Sgd => SparseRule::Sgd,
+            SparseOpt::Adagrad => SparseRule::Adagrad { eps: 1e-8 },
+            SparseOpt::LazyAdam => SparseRule::LazyAdam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            SparseOpt::Ftrl => SparseRule::Ftrl {
+                beta: 1.0,
+                l1: 0.0,
+                l2: 0.0,
+            },
+        },
+        ..Default::default()
+    };
+    eprintln!("reading {}...", a.data.display());
+    let mut t = CtrTrainer::new(cfg)?;
+    let mut last = std::time::Instant::now();
+    let mut total = 0usize;
+    let eval = t.run(|e| match e {
+        CtrEvent::Started {
+            train_rows,
+            valid_rows,
+            skipped_rows,
+            steps_per_epoch,
+        } => {
+            total = *steps_per_epoch;
+            eprintln!(
+                "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
+                if *skipped_rows > 0 { format!(", {skipped_rows} malformed rows skipped") } else { String::new() }
+            );
+        }
+        CtrEvent::Step {
+            step,
+            epoch,
+            loss,
+            examples_per_s,
+        } => {
+            if last.elapsed().as_secs_f64() >= 5.0 {
+                last = std::time::Instant::now();
+                eprintln!(
+                    "epoch {} step {step} ({total} per epoch): logloss {loss:.4}, {examples_per_s:.0} examples/s",
+                    epoch + 1
+                );
+            }
+        }
+        CtrEvent::Eval { epoch, eval } => eprintln!(
+            "epoch {} held-out AUC {:.4}, logloss {:.4}{}",
+            epoch + 1,
+            eval.auc,
+            eval.logloss,
+            eval.planted_auc
+                .map(|p| format!(" (planted model's AUC {p:.4})"))
+                .unwrap_or_default()
+        ),
+    })?;
+    t.save(&a.out)?;
+    println!(
+        "held-out AUC {:.4}, logloss {:.4}; {} sparse rows; model saved to {}",
+        eval.auc,
+        eval.logloss,
+        t.table.len(),
+        a.out.display()
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"auc": eval.auc, "logloss": eval.logloss, "planted_auc": eval.planted_auc,
+                "rows_touched": t.table.len(), "table_bytes": t.table.bytes(), "checkpoint": a.out})
+        );
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let mut p = shoal_train::ctr::CtrPredictor::load(&a.checkpoint)?;
+    let bad = if a.skip_bad_rows {
+        shoal_data::ctr::BadRows::Skip
+    } else {
+        shoal_data::ctr::BadRows::Fail
+    };
+    let (data, schema, report) = shoal_data::ctr::read_csv(&a.data, bad)?;
+    let probs = p.predict(&data)?;
+    let text: String = probs.iter().map(|p| format!("{p}\n")).collect();
+    match &a.out {
+        Some(o) => std::fs::write(o, text).with_context(|| format!("writing {}", o.display()))?,
+        None => print!("{text}"),
+    }
+    if schema.label_col.is_some() {
+        eprintln!(
+            "{} rows: AUC {:.4}, logloss {:.4}{}",
+            data.len(),
+            shoal_data::metrics::auc(&probs, &data.labels).unwrap_or(f64::NAN),
+            shoal_data::metrics::logloss(&probs, &data.labels),
+            if report.skipped > 0 {
+                format!(" ({} rows skipped)", report.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+fn gen_ctr(rows: usize, fields: usize, ids: u64, zipf: f64, seed: u64, out: PathBuf) -> Result<()> {
+    if fields == 0 || ids == 0 || zipf <= 0.0 {
+        bail!("--fields, --ids-per-field and --zipf must be positive");
+    }
+    let cfg = shoal_data::ctr::SynthConfig {
+        rows,
+        fields,
+        ids_per_field: ids,
+        zipf,
+        seed,
+        ..Default::default()
+    };
+    let probs = PathBuf::from(format!("{}.p", out.display()));
+    let (n, auc) = shoal_data::ctr::write_synth(&cfg, &out, &probs)?;
+    println!(
+        "wrote {n} rows to {} and their planted probabilities to {}; the planted model's AUC on them is {auc:.4}",
+        out.display(),
+        probs.display()
+    );
+    Ok(())
+}
+
 fn translate(a: TranslateArgs) -> Result<()> {
     let t = Translator::load(&a.checkpoint)?;
     let stdin = std::io::stdin();
@@ -959,6 +1219,16 @@ fn main() -> ExitCode {
     }
     let r = match cli.cmd {
         Cmd::Train(TrainCmd::Nmt(a)) => train_nmt(a),
+        Cmd::Train(TrainCmd::Ctr(a)) => train_ctr(a),
+        Cmd::Predict(a) => predict(a),
+        Cmd::Data(DataCmd::GenCtr {
+            rows,
+            fields,
+            ids_per_field,
+            zipf,
+            seed,
+            out,
+        }) => gen_ctr(rows, fields, ids_per_field, zipf, seed, out),
         Cmd::Translate(a) => translate(a),
         Cmd::Eval(a) => eval(a),
         Cmd::Bench(b) => bench(b),

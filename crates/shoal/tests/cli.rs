@@ -419,3 +419,45 @@ fn unsafe_kill(pid: u32) {
         .unwrap();
     assert!(st.success());
 }
+
+/// `shoal train ctr` on the Criteo sample, `shoal predict` on it (one probability per
+/// row), and a malformed click log named with its line.
+#[test]
+fn ctr_train_predict_and_bad_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let criteo = Path::new(DATA).join("../ctr/criteo_sample.txt");
+    let criteo = criteo.to_str().unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "train", "ctr", "--data", criteo, "--epochs", "2", "--out", "m", "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert!(v["auc"].as_f64().unwrap().is_finite());
+    let o = shoal(
+        d.path(),
+        &["predict", "--checkpoint", "m", "--data", criteo],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let probs: Vec<f64> = text(&o.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(probs.len(), 200);
+    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+    assert!(text(&o.stderr).contains("200 rows: AUC"));
+    std::fs::write(d.path().join("bad.csv"), "label,I1,C1\n1,2,a\n0,zz,b\n").unwrap();
+    let o = shoal(d.path(), &["train", "ctr", "--data", "bad.csv"], None);
+    assert_clear_error(&o, &["bad.csv:3", "I1 is 'zz'"]);
+    let o = shoal(
+        d.path(),
+        &["predict", "--checkpoint", "nothing", "--data", "bad.csv"],
+        None,
+    );
+    assert_clear_error(&o, &["nothing"]);
+}

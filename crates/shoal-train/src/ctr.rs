@@ -1,0 +1,608 @@
+//! CTR training in one process: a click log split into training and held-out rows,
+//! batches whose keys are deduplicated, their rows pulled from the sparse table (created
+//! on first touch), the model's forward and backward on the host, the summed gradient
+//! of each distinct key applied to its row only, the dense parameters updated by Adam;
+//! AUC and log loss on the held-out rows after every epoch; checkpoints holding the
+//! dense parameters and every touched row with its optimizer state.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use shoal_data::ctr::{read_csv, BadRows, CtrData};
+use shoal_data::metrics::{auc, logloss};
+use shoal_model::ctr::{CtrConfig, CtrKind, CtrModel, Workspace};
+use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything a CTR run is configured by (saved in its checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtrTrainConfig {
+    pub kind: CtrKind,
+    pub dim: usize,
+    pub hidden: Vec<usize>,
+    pub data: PathBuf,
+    /// Skip malformed rows (counted) instead of failing.
+    pub skip_bad_rows: bool,
+    /// Fraction of rows held out for AUC and log loss.
+    pub valid_fraction: f64,
+    /// Planted click probabilities of the rows (from `shoal data gen-ctr`), to report
+    /// the best achievable held-out AUC.
+    pub planted: Option<PathBuf>,
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Stop after this many updates (0: no limit).
+    pub max_steps: u64,
+    /// Dense parameters' learning rate (Adam).
+    pub lr: f32,
+    /// Sparse rows' learning rate (`sparse_rule`'s).
+    pub sparse_lr: f32,
+    pub sparse_rule: SparseRule,
+    /// Sparse rows start uniform in +-init_scale.
+    pub init_scale: f32,
+    pub seed: u64,
+}
+
+impl Default for CtrTrainConfig {
+    fn default() -> Self {
+        Self {
+            kind: CtrKind::Deepfm,
+            dim: 8,
+            hidden: vec![128, 64],
+            data: PathBuf::from("../shared/data/ctr/criteo_sample.txt"),
+            skip_bad_rows: false,
+            valid_fraction: 0.1,
+            planted: None,
+            batch_size: 256,
+            epochs: 1,
+            max_steps: 0,
+            lr: 1e-3,
+            sparse_lr: 0.05,
+            sparse_rule: SparseRule::Adagrad { eps: 1e-8 },
+            init_scale: 0.01,
+            seed: 1,
+        }
+    }
+}
+
+impl CtrTrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, why: &str| Err(Error::Config(format!("{f}: {why}")));
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.valid_fraction) {
+            return bad("valid_fraction", "must be in [0, 1)");
+        }
+        if !(self.lr > 0.0 && self.sparse_lr > 0.0) {
+            return bad("lr/sparse_lr", "must be positive");
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return bad("epochs", "must be at least 1 when max_steps is 0");
+        }
+        Ok(())
+    }
+}
+
+/// What the trainer reports.
+#[derive(Debug, Clone)]
+pub enum CtrEvent {
+    Started {
+        train_rows: usize,
+        valid_rows: usize,
+        skipped_rows: usize,
+        steps_per_epoch: usize,
+    },
+    Step {
+        step: u64,
+        epoch: u64,
+        /// Running mean log loss (exponential, 0.99).
+        loss: f64,
+        examples_per_s: f64,
+    },
+    Eval {
+        epoch: u64,
+        eval: Eval,
+    },
+}
+
+/// Held-out scores.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Eval {
+    pub auc: f64,
+    pub logloss: f64,
+    /// The planted model's AUC on the same rows, when known.
+    pub planted_auc: Option<f64>,
+}
+
+/// Reused per-batch buffers.
+#[derive(Default)]
+struct Batch {
+    keys: Vec<u64>,
+    labels: Vec<f32>,
+    uniq: Vec<u64>,
+    inv: Vec<u32>,
+    slot: HashMap<u64, u32>,
+    uniq_rows: Vec<f32>,
+    rows: Vec<f32>,
+    row_grad: Vec<f32>,
+    uniq_grad: Vec<f32>,
+}
+
+impl Batch {
+    /// Gathers examples `idx` of `data` and deduplicates their keys.
+    fn fill(&mut self, data: &CtrData, idx: &[usize]) {
+        self.keys.clear();
+        self.labels.clear();
+        for &i in idx {
+            self.keys.extend_from_slice(data.row(i));
+            self.labels.push(data.labels[i]);
+        }
+        self.slot.clear();
+        self.uniq.clear();
+        self.inv.clear();
+        for &k in &self.keys {
+            let n = self.uniq.len() as u32;
+            let s = *self.slot.entry(k).or_insert(n);
+            if s == n {
+                self.uniq.push(k);
+            }
+            self.inv.push(s);
+        }
+    }
+
+    /// Expands the distinct rows into one row per (example, field).
+    fn expand(&mut self, w: usize) {
+        self.rows.resize(self.inv.len() * w, 0.0);
+        for (i, &s) in self.inv.iter().enumerate() {
+            let s = s as usize;
+            self.rows[i * w..(i + 1) * w].copy_from_slice(&self.uniq_rows[s * w..(s + 1) * w]);
+        }
+    }
+
+    /// Sums the per-occurrence row gradients into one per distinct key.
+    fn reduce(&mut self, w: usize) {
+        self.uniq_grad.clear();
+        self.uniq_grad.resize(self.uniq.len() * w, 0.0);
+        for (i, &s) in self.inv.iter().enumerate() {
+            let s = s as usize;
+            for (d, g) in self.uniq_grad[s * w..(s + 1) * w]
+                .iter_mut()
+                .zip(&self.row_grad[i * w..(i + 1) * w])
+            {
+                *d += g;
+            }
+        }
+    }
+}
+
+/// A CTR model being trained.
+pub struct CtrTrainer {
+    pub cfg: CtrTrainConfig,
+    pub model: CtrModel,
+    pub dense: Vec<f32>,
+    pub table: SparseTable,
+    opt: Optimizer,
+    data: CtrData,
+    train_idx: Vec<usize>,
+    valid_idx: Vec<usize>,
+    planted: Option<Vec<f32>>,
+    skipped: usize,
+    step: u64,
+    ws: Workspace,
+    batch: Batch,
+    dense_grad: Vec<f32>,
+}
+
+fn read_planted(path: &Path, rows: usize) -> Result<Vec<f32>> {
+    let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
+    let mut out = Vec::with_capacity(rows);
+    for (i, l) in text.lines().enumerate() {
+        out.push(l.trim().parse::<f32>().map_err(|_| {
+            Error::Config(format!(
+                "{}:{}: '{l}' is not a probability",
+                path.display(),
+                i + 1
+            ))
+        })?);
+    }
+    if out.len() != rows {
+        return Err(Error::Config(format!(
+            "{}: {} probabilities for {rows} rows",
+            path.display(),
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+impl CtrTrainer {
+    /// Reads the data and sets up a fresh model.
+    pub fn new(cfg: CtrTrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let bad = if cfg.skip_bad_rows {
+            BadRows::Skip
+        } else {
+            BadRows::Fail
+        };
+        let (data, schema, report) = read_csv(&cfg.data, bad)?;
+        if schema.label_col.is_none() {
+            return Err(Error::Config(format!(
+                "{}: no label column (label, click or y) to train on",
+                cfg.data.display()
+            )));
+        }
+        if data.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no usable rows",
+                cfg.data.display()
+            )));
+        }
+        let planted = match &cfg.planted {
+            Some(p) => Some(read_planted(p, data.len())?),
+            None => None,
+        };
+        let (train_idx, valid_idx) = data.split(cfg.valid_fraction, cfg.seed);
+        let model = CtrModel::new(CtrConfig {
+            kind: cfg.kind,
+            fields: data.fields,
+            dim: cfg.dim,
+            hidden: cfg.hidden.clone(),
+        })?;
+        let dense = model.init_dense(cfg.seed);
+        let opt = Optimizer::new(OptimizerConfig::default(), model.dense_len())?;
+        let table = SparseTable::new(
+            model.cfg.row_width(),
+            cfg.sparse_rule,
+            cfg.init_scale,
+            cfg.seed,
+        )?;
+        let dense_grad = vec![0.0; model.dense_len()];
+        Ok(Self {
+            cfg,
+            model,
+            dense,
+            table,
+            opt,
+            data,
+            train_idx,
+            valid_idx,
+            planted,
+            skipped: report.skipped,
+            step: 0,
+            ws: Workspace::default(),
+            batch: Batch::default(),
+            dense_grad,
+        })
+    }
+
+    /// One update on examples `idx`; returns the batch's summed log loss.
+    fn update(&mut self, idx: &[usize]) -> Result<f64> {
+        let w = self.model.cfg.row_width();
+        let b = &mut self.batch;
+        b.fill(&self.data, idx);
+        b.uniq_rows.resize(b.uniq.len() * w, 0.0);
+        self.table.pull(&b.uniq, &mut b.uniq_rows)?;
+        b.expand(w);
+        b.row_grad.resize(b.rows.len(), 0.0);
+        let loss = self.model.forward_backward(
+            &self.dense,
+            &b.rows,
+            &b.labels,
+            idx.len(),
+            &mut self.ws,
+            &mut self.dense_grad,
+            &mut b.row_grad,
+        )?;
+        b.reduce(w);
+        self.table
+            .apply(&b.uniq, &b.uniq_grad, self.cfg.sparse_lr)?;
+        self.opt
+            .step(self.cfg.lr, &mut self.dense, &self.dense_grad)?;
+        self.step += 1;
+        Ok(loss)
+    }
+
+    /// Click probabilities of rows `idx` of `data` (rows not in the table read as their
+    /// initial values; nothing is created).
+    pub fn predict(&mut self, data: &CtrData, idx: &[usize]) -> Result<Vec<f32>> {
+        score(
+            &self.model,
+            &self.dense,
+            &self.table,
+            &mut self.ws,
+            &mut self.batch,
+            data,
+            idx,
+        )
+    }
+
+    /// AUC and log loss on the held-out rows.
+    pub fn evaluate(&mut self) -> Result<Eval> {
+        let idx = self.valid_idx.clone();
+        let data = std::mem::take(&mut self.data);
+        let probs = self.predict(&data, &idx);
+        self.data = data;
+        let probs = probs?;
+        let labels: Vec<f32> = idx.iter().map(|&i| self.data.labels[i]).collect();
+        let planted_auc = self.planted.as_ref().and_then(|p| {
+            let pp: Vec<f32> = idx.iter().map(|&i| p[i]).collect();
+            auc(&pp, &labels)
+        });
+        Ok(Eval {
+            auc: auc(&probs, &labels).unwrap_or(f64::NAN),
+            logloss: logloss(&probs, &labels),
+            planted_auc,
+        })
+    }
+
+    /// Trains for the configured epochs (or steps), evaluating after each epoch.
+    pub fn run(&mut self, mut on_event: impl FnMut(&CtrEvent)) -> Result<Eval> {
+        let bs = self.cfg.batch_size;
+        let per_epoch = self.train_idx.len().div_ceil(bs);
+        on_event(&CtrEvent::Started {
+            train_rows: self.train_idx.len(),
+            valid_rows: self.valid_idx.len(),
+            skipped_rows: self.skipped,
+            steps_per_epoch: per_epoch,
+        });
+        let max_steps = if self.cfg.max_steps > 0 {
+            self.cfg.max_steps
+        } else {
+            u64::MAX
+        };
+        let epochs = if self.cfg.epochs > 0 {
+            self.cfg.epochs
+        } else {
+            u64::MAX
+        };
+        let mut ema: Option<f64> = None;
+        let start = Instant::now();
+        let mut seen = 0usize;
+        let mut last = None;
+        'epochs: for epoch in 0..epochs {
+            // A seeded shuffle per epoch.
+            let mut order = self.train_idx.clone();
+            let mut s = self.cfg.seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for i in (1..order.len()).rev() {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                order.swap(i, ((s >> 33) % (i as u64 + 1)) as usize);
+            }
+            for chunk in order.chunks(bs) {
+                if self.step >= max_steps {
+                    last = Some(self.evaluate()?);
+                    on_event(&CtrEvent::Eval {
+                        epoch,
+                        eval: last.expect("just set"),
+                    });
+                    break 'epochs;
+                }
+                let loss = self.update(chunk)? / chunk.len() as f64;
+                if !loss.is_finite() {
+                    return Err(Error::Diverged {
+                        step: self.step,
+                        loss: loss as f32,
+                    });
+                }
+                seen += chunk.len();
+                let m = ema.map_or(loss, |e| 0.99 * e + 0.01 * loss);
+                ema = Some(m);
+                on_event(&CtrEvent::Step {
+                    step: self.step,
+                    epoch,
+                    loss: m,
+                    examples_per_s: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                });
+            }
+            let e = self.evaluate()?;
+            on_event(&CtrEvent::Eval { epoch, eval: e });
+            last = Some(e);
+        }
+        last.ok_or_else(|| Error::Config("no training happened".into()))
+    }
+
+    /// Writes the model (config, dense parameters, every touched row and its optimizer
+    /// state) to `dir` atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &self.table)
+    }
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numeric slices (f32, u32, u64) viewed as their bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn save_ctr(
+    dir: &Path,
+    cfg: &CtrTrainConfig,
+    mcfg: &CtrConfig,
+    dense: &[f32],
+    table: &SparseTable,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (keys, values) = table.rows();
+    let (state, steps) = table.state();
+    let w = table.dim();
+    let n = keys.len();
+    let err = |e: safetensors::SafeTensorError| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    };
+    let mut tensors = vec![
+        (
+            "dense",
+            TensorView::new(Dtype::F32, vec![dense.len()], bytes_of(dense)).map_err(err)?,
+        ),
+        (
+            "sparse.keys",
+            TensorView::new(Dtype::U64, vec![n], bytes_of(keys)).map_err(err)?,
+        ),
+        (
+            "sparse.values",
+            TensorView::new(Dtype::F32, vec![n, w], bytes_of(values)).map_err(err)?,
+        ),
+        (
+            "sparse.state",
+            TensorView::new(Dtype::F32, vec![state.len()], bytes_of(state)).map_err(err)?,
+        ),
+    ];
+    if !steps.is_empty() {
+        tensors.push((
+            "sparse.steps",
+            TensorView::new(Dtype::U32, vec![n], bytes_of(steps)).map_err(err)?,
+        ));
+    }
+    let mut meta = HashMap::new();
+    meta.insert(
+        "train_config".to_string(),
+        serde_json::to_string(cfg).map_err(|e| Error::Config(e.to_string()))?,
+    );
+    meta.insert(
+        "model_config".to_string(),
+        serde_json::to_string(mcfg).map_err(|e| Error::Config(e.to_string()))?,
+    );
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(err)?;
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(crate::error::io_err(&tmp))?;
+    let file = tmp.join("model.safetensors");
+    std::fs::write(&file, &bytes).map_err(crate::error::io_err(&file))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(crate::error::io_err(dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(crate::error::io_err(dir))?;
+    Ok(())
+}
+
+/// A trained CTR model loaded for scoring.
+pub struct CtrPredictor {
+    pub model: CtrModel,
+    dense: Vec<f32>,
+    table: SparseTable,
+    ws: Workspace,
+    batch: Batch,
+}
+
+impl CtrPredictor {
+    /// Loads a model saved by [`CtrTrainer::save`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = dir.join("model.safetensors");
+        let fail = |why: String| Error::Checkpoint {
+            path: file.clone(),
+            why,
+        };
+        let bytes = std::fs::read(&file).map_err(crate::error::io_err(&file))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| fail(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| fail(format!("no '{k}' in its metadata")))
+        };
+        let cfg: CtrTrainConfig =
+            serde_json::from_str(&get("train_config")?).map_err(|e| fail(e.to_string()))?;
+        let mcfg: CtrConfig =
+            serde_json::from_str(&get("model_config")?).map_err(|e| fail(e.to_string()))?;
+        let model = CtrModel::new(mcfg)?;
+        let f32s = |name: &str| -> Result<Vec<f32>> {
+            let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let dense = f32s("dense")?;
+        if dense.len() != model.dense_len() {
+            return Err(fail(format!(
+                "{} dense values for a model of {}",
+                dense.len(),
+                model.dense_len()
+            )));
+        }
+        let keys: Vec<u64> = st
+            .tensor("sparse.keys")
+            .map_err(|e| fail(format!("sparse.keys: {e}")))?
+            .data()
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let steps: Vec<u32> = match st.tensor("sparse.steps") {
+            Ok(t) => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut table = SparseTable::new(
+            model.cfg.row_width(),
+            cfg.sparse_rule,
+            cfg.init_scale,
+            cfg.seed,
+        )?;
+        table
+            .restore(
+                &keys,
+                &f32s("sparse.values")?,
+                &f32s("sparse.state")?,
+                &steps,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Self {
+            model,
+            dense,
+            table,
+            ws: Workspace::default(),
+            batch: Batch::default(),
+        })
+    }
+
+    /// Click probabilities of every row of `data`.
+    pub fn predict(&mut self, data: &CtrData) -> Result<Vec<f32>> {
+        if data.fields != self.model.cfg.fields {
+            return Err(Error::Config(format!(
+                "the data has {} fields, the model {}",
+                data.fields, self.model.cfg.fields
+            )));
+        }
+        let idx: Vec<usize> = (0..data.len()).collect();
+        score(
+            &self.model,
+            &self.dense,
+            &self.table,
+            &mut self.ws,
+            &mut self.batch,
+            data,
+            &idx,
+        )
+    }
+}
+
+/// Click probabilities of rows `idx` of `data`, in batches of 1,024.
+fn score(
+    model: &CtrModel,
+    dense: &[f32],
+    table: &SparseTable,
+    ws: &mut Workspace,
+    b: &mut Batch,
+    data: &CtrData,
+    idx: &[usize],
+) -> Result<Vec<f32>> {
+    let w = model.cfg.row_width();
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(1024) {
+        b.fill(data, chunk);
+        b.uniq_rows.resize(b.uniq.len() * w, 0.0);
+        table.peek(&b.uniq, &mut b.uniq_rows);
+        b.expand(w);
+        model.forward(dense, &b.rows, chunk.len(), ws)?;
+        out.extend(ws.logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())));
+    }
+    Ok(out)
+}
