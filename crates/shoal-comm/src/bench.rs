@@ -172,6 +172,7 @@ pub fn ps_step_seconds(shards: usize, workers: usize, bytes: usize, iters: usize
         sparse_dim: 0,
         token: "bench".into(),
         timeout: Duration::from_secs(60),
+        ..Default::default()
     };
     let servers = (0..shards)
         .map(|i| {

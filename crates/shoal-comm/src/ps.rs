@@ -13,7 +13,7 @@ use crate::frame::{
     f32_bytes, read_exact, read_header, u64_bytes, write_frame, Kind, DEFAULT_MAX_PAYLOAD,
 };
 use crate::{Error, Result};
-use shoal_optim::{Optimizer, OptimizerConfig};
+use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,9 +52,33 @@ pub struct ShardConfig {
     pub average: bool,
     /// Width of a sparse row (0: no sparse table).
     pub sparse_dim: usize,
+    /// How sparse rows are updated (None: the dense optimizer's sparse counterpart).
+    pub sparse_rule: Option<SparseRule>,
+    /// Sparse rows' learning rate (None: the push's).
+    pub sparse_lr: Option<f32>,
+    /// New sparse rows start uniform in +-scale, from a hash of (seed, key).
+    pub sparse_init: (f32, u64),
     pub token: String,
     /// How long a pull waits for the other workers before failing.
     pub timeout: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            mode: PsMode::Sync,
+            optimizer: OptimizerConfig::default(),
+            lr: 1e-3,
+            average: true,
+            sparse_dim: 0,
+            sparse_rule: None,
+            sparse_lr: None,
+            sparse_init: (0.01, 0),
+            token: String::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The contiguous range of a `total`-value buffer owned by shard `i` of `m`.
@@ -67,11 +91,6 @@ pub fn sparse_shard(key: u64, m: usize) -> usize {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) % m as u64) as usize
-}
-
-struct SparseRow {
-    value: Vec<f32>,
-    opt: Optimizer,
 }
 
 struct Shard {
@@ -87,7 +106,10 @@ struct Shard {
     pending_weight: f32,
     pending_lr: f32,
     arrived: usize,
-    sparse: HashMap<u64, SparseRow>,
+    sparse: Option<SparseTable>,
+    /// Reused flat keys and gradients of one sparse update.
+    sparse_keys: Vec<u64>,
+    sparse_grads: Vec<f32>,
     failed: Option<String>,
     done: usize,
 }
@@ -114,30 +136,22 @@ impl Shard {
             }
             o.step(lr, p, dense)?;
         }
-        let dim = self.cfg.sparse_dim;
-        for (k, g) in sparse.iter_mut() {
-            let row = self.sparse.entry(*k).or_insert_with(|| SparseRow {
-                value: init_row(*k, dim),
-                opt: Optimizer::new(self.cfg.optimizer, dim).expect("validated at start"),
-            });
-            if scale != 1.0 {
-                g.iter_mut().for_each(|x| *x *= scale);
+        if let Some(t) = self.sparse.as_mut() {
+            self.sparse_keys.clear();
+            self.sparse_grads.clear();
+            for (k, g) in sparse.iter() {
+                self.sparse_keys.push(*k);
+                self.sparse_grads.extend(g.iter().map(|x| x * scale));
             }
-            row.opt.step(lr, &mut row.value, g)?;
+            t.apply(
+                &self.sparse_keys,
+                &self.sparse_grads,
+                self.cfg.sparse_lr.unwrap_or(lr),
+            )?;
         }
         self.applied += 1;
         Ok(())
     }
-}
-
-/// A new sparse row: small values from a hash of the key (the same on every run).
-fn init_row(key: u64, dim: usize) -> Vec<f32> {
-    (0..dim)
-        .map(|j| {
-            let h = sparse_shard(key.wrapping_mul(31).wrapping_add(j as u64), 1 << 20) as f32;
-            (h / (1 << 20) as f32 - 0.5) * 0.02
-        })
-        .collect()
 }
 
 /// A running shard: its address and a handle to stop waiting on it.
@@ -279,16 +293,31 @@ impl PsServer {
             .local_addr()
             .map_err(io("reading the shard address".into()))?;
         let workers = cfg.workers;
+        let sparse = if cfg.sparse_dim > 0 {
+            let rule = cfg
+                .sparse_rule
+                .unwrap_or_else(|| SparseRule::from_dense(&cfg.optimizer));
+            Some(SparseTable::new(
+                cfg.sparse_dim,
+                rule,
+                cfg.sparse_init.0,
+                cfg.sparse_init.1,
+            )?)
+        } else {
+            None
+        };
         let shard = Shard {
             pending: vec![0.0; len],
             pending_sparse: HashMap::new(),
+            sparse_keys: Vec::new(),
+            sparse_grads: Vec::new(),
             pending_weight: 0.0,
             pending_lr: 0.0,
             params: None,
             opt: None,
             applied: 0,
             arrived: 0,
-            sparse: HashMap::new(),
+            sparse,
             failed: None,
             done: 0,
             cfg,
@@ -348,7 +377,19 @@ impl PsServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .sparse
-            .len()
+            .as_ref()
+            .map_or(0, |t| t.len())
+    }
+
+    /// Bytes held by the shard's sparse table (rows, optimizer state, index).
+    pub fn sparse_bytes(&self) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sparse
+            .as_ref()
+            .map_or(0, |t| t.bytes())
     }
 
     /// Waits until every worker has said goodbye (or one failed).
@@ -610,21 +651,21 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 send_frame(&mut s, OP_OK, &[f32_bytes(&p)], worker)?;
             }
             OP_PULL_SPARSE => {
+                let keys: Vec<u64> = buf
+                    .chunks_exact(8)
+                    .map(|k| u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]))
+                    .collect();
+                let mut out = vec![0.0f32; keys.len() * dim];
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
-                let mut out = Vec::with_capacity(buf.len() / 8 * dim);
-                for k in buf.chunks_exact(8) {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(k);
-                    let key = u64::from_le_bytes(a);
-                    let opt = sh.cfg.optimizer;
-                    let row = sh.sparse.entry(key).or_insert_with(|| SparseRow {
-                        value: init_row(key, dim),
-                        opt: Optimizer::new(opt, dim).expect("validated at start"),
-                    });
-                    out.extend_from_slice(&row.value);
-                }
+                let r = match sh.sparse.as_mut() {
+                    Some(t) => t.pull(&keys, &mut out).map_err(Error::from),
+                    None => Err(Error::Mismatch("this shard holds no sparse table".into())),
+                };
                 drop(sh);
-                send_frame(&mut s, OP_OK, &[f32_bytes(&out)], worker)?;
+                match r {
+                    Ok(()) => send_frame(&mut s, OP_OK, &[f32_bytes(&out)], worker)?,
+                    Err(e) => send_frame(&mut s, OP_ERR, &[e.to_string().as_bytes()], worker)?,
+                }
             }
             OP_BYE => {
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());

@@ -21,6 +21,7 @@ fn cfg(workers: usize, mode: PsMode, kind: OptimizerKind, dim: usize) -> ShardCo
         sparse_dim: dim,
         token: "tok".into(),
         timeout: Duration::from_secs(5),
+        ..Default::default()
     }
 }
 

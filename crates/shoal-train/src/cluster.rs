@@ -560,6 +560,7 @@ pub fn shard_config(cfg: &NmtTrainConfig, token: &str) -> ShardConfig {
         // Pulls wait while rank 0 validates or checkpoints; dead peers are found by
         // their closed connections and the heartbeat, not by this.
         timeout: Duration::from_secs(600),
+        ..Default::default()
     }
 }
 

@@ -4,9 +4,16 @@
 //! of each distinct key applied to its row only, the dense parameters updated by Adam;
 //! AUC and log loss on the held-out rows after every epoch; checkpoints holding the
 //! dense parameters and every touched row with its optimizer state.
+//!
+//! With parameter servers ([`CtrTrainer::attach_ps`]) the rows and the dense parameters
+//! live on the shards instead: each of `N` workers trains on its share of every global
+//! batch of `N x batch_size` rows, pulls only the rows its keys touch, and pushes its
+//! gradients (dense, and one per distinct key) weighted by its share; in sync mode this
+//! is the same computation as one process on the global batch.
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use shoal_comm::ps::{PsClient, PsMode, ShardConfig};
 use shoal_data::ctr::{read_csv, BadRows, CtrData};
 use shoal_data::metrics::{auc, logloss};
 use shoal_model::ctr::{CtrConfig, CtrKind, CtrModel, Workspace};
@@ -193,6 +200,32 @@ pub struct CtrTrainer {
     ws: Workspace,
     batch: Batch,
     dense_grad: Vec<f32>,
+    /// Parameter servers: this worker's rank, the worker count, the connection.
+    ps: Option<(usize, usize, PsClient)>,
+}
+
+/// The shard settings that hold a CTR model: the dense optimizer (Adam) and the sparse
+/// rule, learning rate and initialisation of `cfg`.
+pub fn ctr_shard_config(
+    cfg: &CtrTrainConfig,
+    row_width: usize,
+    workers: usize,
+    mode: PsMode,
+    token: &str,
+) -> ShardConfig {
+    ShardConfig {
+        workers,
+        mode,
+        optimizer: OptimizerConfig::default(),
+        lr: cfg.lr,
+        average: true,
+        sparse_dim: row_width,
+        sparse_rule: Some(cfg.sparse_rule),
+        sparse_lr: Some(cfg.sparse_lr),
+        sparse_init: (cfg.init_scale, cfg.seed),
+        token: token.into(),
+        ..Default::default()
+    }
 }
 
 fn read_planted(path: &Path, rows: usize) -> Result<Vec<f32>> {
@@ -274,32 +307,89 @@ impl CtrTrainer {
             ws: Workspace::default(),
             batch: Batch::default(),
             dense_grad,
+            ps: None,
         })
     }
 
-    /// One update on examples `idx`; returns the batch's summed log loss.
+    /// Trains as worker `rank` of `workers` against parameter servers (shards made with
+    /// [`ctr_shard_config`]): rank 0 sets the shards' dense parameters, and every
+    /// worker starts from them.
+    pub fn attach_ps(&mut self, rank: usize, workers: usize, mut client: PsClient) -> Result<()> {
+        if rank >= workers {
+            return Err(Error::Cluster(format!("worker rank {rank} of {workers}")));
+        }
+        if rank == 0 {
+            client.init(&self.dense)?;
+        }
+        client.pull(self.step, &mut self.dense)?;
+        self.ps = Some((rank, workers, client));
+        Ok(())
+    }
+
+    /// Closes the parameter-server connection (every worker, at the end).
+    pub fn detach_ps(&mut self) -> Result<()> {
+        if let Some((_, _, c)) = self.ps.take() {
+            c.close()?;
+        }
+        Ok(())
+    }
+
+    /// The rows of `keys`, from the shards with parameter servers (created there if
+    /// new), else from the local table (not created).
+    pub fn pull_rows(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        match self.ps.as_mut() {
+            Some((_, _, c)) => c.pull_sparse(keys, out)?,
+            None => self.table.peek(keys, out),
+        }
+        Ok(())
+    }
+
+    /// One update on examples `idx` (this worker's share of the global batch; it may
+    /// be empty with parameter servers); returns the share's summed log loss.
     fn update(&mut self, idx: &[usize]) -> Result<f64> {
         let w = self.model.cfg.row_width();
         let b = &mut self.batch;
         b.fill(&self.data, idx);
         b.uniq_rows.resize(b.uniq.len() * w, 0.0);
-        self.table.pull(&b.uniq, &mut b.uniq_rows)?;
+        match self.ps.as_mut() {
+            Some((_, _, c)) => c.pull_sparse(&b.uniq, &mut b.uniq_rows)?,
+            None => self.table.pull(&b.uniq, &mut b.uniq_rows)?,
+        }
         b.expand(w);
         b.row_grad.resize(b.rows.len(), 0.0);
-        let loss = self.model.forward_backward(
-            &self.dense,
-            &b.rows,
-            &b.labels,
-            idx.len(),
-            &mut self.ws,
-            &mut self.dense_grad,
-            &mut b.row_grad,
-        )?;
+        let loss = if idx.is_empty() {
+            self.dense_grad.fill(0.0);
+            0.0
+        } else {
+            self.model.forward_backward(
+                &self.dense,
+                &b.rows,
+                &b.labels,
+                idx.len(),
+                &mut self.ws,
+                &mut self.dense_grad,
+                &mut b.row_grad,
+            )?
+        };
         b.reduce(w);
-        self.table
-            .apply(&b.uniq, &b.uniq_grad, self.cfg.sparse_lr)?;
-        self.opt
-            .step(self.cfg.lr, &mut self.dense, &self.dense_grad)?;
+        match self.ps.as_mut() {
+            Some((_, _, c)) => {
+                c.push_weighted(
+                    self.step,
+                    self.cfg.lr,
+                    idx.len() as f32,
+                    &self.dense_grad,
+                    Some((&b.uniq, &b.uniq_grad)),
+                )?;
+                c.pull(self.step + 1, &mut self.dense)?;
+            }
+            None => {
+                self.table
+                    .apply(&b.uniq, &b.uniq_grad, self.cfg.sparse_lr)?;
+                self.opt
+                    .step(self.cfg.lr, &mut self.dense, &self.dense_grad)?;
+            }
+        }
         self.step += 1;
         Ok(loss)
     }
@@ -322,7 +412,11 @@ impl CtrTrainer {
     pub fn evaluate(&mut self) -> Result<Eval> {
         let idx = self.valid_idx.clone();
         let data = std::mem::take(&mut self.data);
-        let probs = self.predict(&data, &idx);
+        let probs = if self.ps.is_some() {
+            self.predict_via_ps(&data, &idx)
+        } else {
+            self.predict(&data, &idx)
+        };
         self.data = data;
         let probs = probs?;
         let labels: Vec<f32> = idx.iter().map(|&i| self.data.labels[i]).collect();
@@ -337,9 +431,38 @@ impl CtrTrainer {
         })
     }
 
-    /// Trains for the configured epochs (or steps), evaluating after each epoch.
+    /// Scores rows with the rows pulled from the parameter servers.
+    fn predict_via_ps(&mut self, data: &CtrData, idx: &[usize]) -> Result<Vec<f32>> {
+        let w = self.model.cfg.row_width();
+        let mut out = Vec::with_capacity(idx.len());
+        for chunk in idx.chunks(1024) {
+            let mut b = std::mem::take(&mut self.batch);
+            b.fill(data, chunk);
+            b.uniq_rows.resize(b.uniq.len() * w, 0.0);
+            let r = self.pull_rows(&b.uniq, &mut b.uniq_rows);
+            b.expand(w);
+            let r = r.and_then(|()| {
+                Ok(self
+                    .model
+                    .forward(&self.dense, &b.rows, chunk.len(), &mut self.ws)?)
+            });
+            self.batch = b;
+            r?;
+            out.extend(self.ws.logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())));
+        }
+        Ok(out)
+    }
+
+    /// The current dense parameters.
+    pub fn dense(&self) -> &[f32] {
+        &self.dense
+    }
+
+    /// Trains for the configured epochs (or steps), evaluating after each epoch (with
+    /// parameter servers, only worker 0 evaluates).
     pub fn run(&mut self, mut on_event: impl FnMut(&CtrEvent)) -> Result<Eval> {
-        let bs = self.cfg.batch_size;
+        let (rank, workers) = self.ps.as_ref().map_or((0, 1), |(r, n, _)| (*r, *n));
+        let bs = self.cfg.batch_size * workers;
         let per_epoch = self.train_idx.len().div_ceil(bs);
         on_event(&CtrEvent::Started {
             train_rows: self.train_idx.len(),
@@ -371,16 +494,20 @@ impl CtrTrainer {
                     .wrapping_add(1442695040888963407);
                 order.swap(i, ((s >> 33) % (i as u64 + 1)) as usize);
             }
-            for chunk in order.chunks(bs) {
+            for global in order.chunks(bs) {
                 if self.step >= max_steps {
-                    last = Some(self.evaluate()?);
-                    on_event(&CtrEvent::Eval {
-                        epoch,
-                        eval: last.expect("just set"),
-                    });
+                    if rank == 0 {
+                        last = Some(self.evaluate()?);
+                        on_event(&CtrEvent::Eval {
+                            epoch,
+                            eval: last.expect("just set"),
+                        });
+                    }
                     break 'epochs;
                 }
-                let loss = self.update(chunk)? / chunk.len() as f64;
+                let (a, b) = shoal_comm::collective::split_range(global.len(), workers, rank);
+                let chunk = &global[a..b];
+                let loss = self.update(chunk)? / chunk.len().max(1) as f64;
                 if !loss.is_finite() {
                     return Err(Error::Diverged {
                         step: self.step,
@@ -397,9 +524,18 @@ impl CtrTrainer {
                     examples_per_s: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
                 });
             }
-            let e = self.evaluate()?;
-            on_event(&CtrEvent::Eval { epoch, eval: e });
-            last = Some(e);
+            if rank == 0 {
+                let e = self.evaluate()?;
+                on_event(&CtrEvent::Eval { epoch, eval: e });
+                last = Some(e);
+            }
+        }
+        if rank != 0 {
+            return Ok(Eval {
+                auc: f64::NAN,
+                logloss: f64::NAN,
+                planted_auc: None,
+            });
         }
         last.ok_or_else(|| Error::Config("no training happened".into()))
     }

@@ -57,3 +57,79 @@ fn ctr_models_learn_the_planted_model_and_round_trip() {
         assert_eq!(p.predict(&few).unwrap(), t.predict(&few, &idx).unwrap());
     }
 }
+
+/// 2 workers x batch 32 against 2 sync parameter-server shards end with the dense
+/// parameters and rows of 1 process x batch 64 after the same updates.
+#[test]
+fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
+    use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
+    use shoal_train::ctr::ctr_shard_config;
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("s.csv");
+    let syn = SynthConfig {
+        rows: 20_000,
+        fields: 5,
+        ids_per_field: 40,
+        ..Default::default()
+    };
+    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let cfg = |batch| CtrTrainConfig {
+        kind: CtrKind::Deepfm,
+        dim: 4,
+        hidden: vec![8],
+        data: data.clone(),
+        batch_size: batch,
+        max_steps: 25,
+        ..Default::default()
+    };
+    let mut one = CtrTrainer::new(cfg(64)).unwrap();
+    one.run(|_| {}).unwrap();
+    let c = cfg(32);
+    let width = one.model.cfg.row_width();
+    let total = one.dense().len();
+    let shard_cfg = ctr_shard_config(&c, width, 2, PsMode::Sync, "t");
+    let servers: Vec<PsServer> = (0..2)
+        .map(|i| {
+            let (a, b) = shard_range(total, 2, i);
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
+        })
+        .collect();
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    // The rows the single process touched, to read back from the shards.
+    let keys = std::sync::Arc::new(one.table.rows().0.to_vec());
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let (c, addrs, keys) = (c.clone(), addrs.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let mut t = CtrTrainer::new(c).unwrap();
+                let client = PsClient::connect(&addrs, rank, total, width, "t").unwrap();
+                t.attach_ps(rank, 2, client).unwrap();
+                t.run(|_| {}).unwrap();
+                let mut rows = vec![0.0; keys.len() * width];
+                t.pull_rows(&keys, &mut rows).unwrap();
+                let dense = t.dense().to_vec();
+                t.detach_ps().unwrap();
+                (dense, rows)
+            })
+        })
+        .collect();
+    let outs: Vec<(Vec<f32>, Vec<f32>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for s in servers {
+        s.join().unwrap();
+    }
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let mut local = vec![0.0; keys.len() * width];
+    one.pull_rows(&keys, &mut local).unwrap();
+    assert!(keys.len() > 100, "only {} rows touched", keys.len());
+    for (rank, (dense, rows)) in outs.iter().enumerate() {
+        let r = rel(dense, one.dense());
+        assert!(r < 1e-5, "worker {rank}: dense parameters differ by {r:e}");
+        let r = rel(rows, &local);
+        assert!(r < 1e-5, "worker {rank}: sparse rows differ by {r:e}");
+    }
+}

@@ -142,6 +142,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
             sparse_dim: 0,
             token: "t".into(),
             timeout: Duration::from_secs(60),
+            ..Default::default()
         };
         let servers: Vec<PsServer> = (0..shards)
             .map(|i| {
