@@ -202,6 +202,9 @@ pub struct CtrTrainer {
     dense_grad: Vec<f32>,
     /// Parameter servers: this worker's rank, the worker count, the connection.
     ps: Option<(usize, usize, PsClient)>,
+    /// Seconds spent in updates (evaluation excluded) and the examples they trained on.
+    pub train_seconds: f64,
+    pub examples_trained: usize,
 }
 
 /// The shard settings that hold a CTR model: the dense optimizer (Adam) and the sparse
@@ -308,6 +311,8 @@ impl CtrTrainer {
             batch: Batch::default(),
             dense_grad,
             ps: None,
+            train_seconds: 0.0,
+            examples_trained: 0,
         })
     }
 
@@ -507,7 +512,10 @@ impl CtrTrainer {
                 }
                 let (a, b) = shoal_comm::collective::split_range(global.len(), workers, rank);
                 let chunk = &global[a..b];
+                let t0 = Instant::now();
                 let loss = self.update(chunk)? / chunk.len().max(1) as f64;
+                self.train_seconds += t0.elapsed().as_secs_f64();
+                self.examples_trained += chunk.len();
                 if !loss.is_finite() {
                     return Err(Error::Diverged {
                         step: self.step,

@@ -943,6 +943,8 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"auc": eval.auc, "logloss": eval.logloss, "planted_auc": eval.planted_auc,
+                "examples_per_s": t.examples_trained as f64 / t.train_seconds.max(1e-9),
+                "train_seconds": t.train_seconds,
                 "rows_touched": t.table.len(), "table_bytes": t.table.bytes(), "checkpoint": a.out})
         );
     }
