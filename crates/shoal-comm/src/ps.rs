@@ -27,6 +27,7 @@ const OP_PULL_SPARSE: u32 = 5;
 const OP_BYE: u32 = 6;
 const OP_STATE: u32 = 7;
 const OP_INIT_STATE: u32 = 8;
+const OP_SPARSE_STATE: u32 = 9;
 const OP_OK: u32 = 100;
 const OP_ERR: u32 = 101;
 
@@ -204,6 +205,16 @@ fn read_u64(b: &[u8], at: usize, peer: usize) -> Result<u64> {
             peer,
             why: "message too short".into(),
         })
+}
+
+/// Sparse rows as [`SparseTable::rows`] and [`SparseTable::state`] give them, from
+/// every shard (restore into a [`SparseTable`] with [`SparseTable::restore`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SparseState {
+    pub keys: Vec<u64>,
+    pub values: Vec<f32>,
+    pub state: Vec<f32>,
+    pub steps: Vec<u32>,
 }
 
 /// A shard's (or, assembled, the whole buffer's) parameters and optimizer state.
@@ -506,6 +517,31 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                         return Err(e);
                     }
                 }
+            }
+            OP_SPARSE_STATE => {
+                let sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                let bytes = match sh.sparse.as_ref() {
+                    Some(t) => {
+                        let (keys, values) = t.rows();
+                        let (state, steps) = t.state();
+                        let mut out = Vec::with_capacity(
+                            32 + 8 * keys.len() + 4 * (values.len() + state.len() + steps.len()),
+                        );
+                        for x in [keys.len(), values.len(), state.len(), steps.len()] {
+                            out.extend_from_slice(&(x as u64).to_le_bytes());
+                        }
+                        out.extend_from_slice(u64_bytes(keys));
+                        out.extend_from_slice(f32_bytes(values));
+                        out.extend_from_slice(f32_bytes(state));
+                        for x in steps {
+                            out.extend_from_slice(&x.to_le_bytes());
+                        }
+                        out
+                    }
+                    None => vec![0u8; 32],
+                };
+                drop(sh);
+                send_frame(&mut s, OP_OK, &[&bytes], worker)?;
             }
             OP_STATE => {
                 let sh = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -930,6 +966,44 @@ impl PsClient {
             }
         }
         all.ok_or_else(|| Error::Mismatch("no parameter server shards".into()))
+    }
+
+    /// Every shard's sparse rows with their optimizer state, concatenated (for saving a
+    /// model whose rows live on the shards). Asked right after a sync pull it is the
+    /// state of that step.
+    pub fn sparse_state(&mut self) -> Result<SparseState> {
+        let mut all = SparseState::default();
+        for (i, s) in self.conns.iter_mut().enumerate() {
+            send_frame(s, OP_SPARSE_STATE, &[], i)?;
+            expect_ok(s, &mut self.buf, i)?;
+            let b = &self.buf;
+            let n = |at| read_u64(b, at, i).map(|x| x as usize);
+            let (nk, nv, ns, nt) = (n(0)?, n(8)?, n(16)?, n(24)?);
+            let want = [nk.checked_mul(8), nv.checked_mul(4), ns.checked_mul(4), nt.checked_mul(4)]
+                .into_iter()
+                .try_fold(32usize, |acc, x| x.and_then(|x| acc.checked_add(x)));
+            if want != Some(b.len()) {
+                return Err(Error::Frame {
+                    peer: i,
+                    why: "malformed sparse state".into(),
+                });
+            }
+            let mut at = 32;
+            all.keys.extend(b[at..at + 8 * nk].chunks_exact(8).map(|c| {
+                u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+            }));
+            at += 8 * nk;
+            all.values.extend(f32s(&b[at..at + 4 * nv]));
+            at += 4 * nv;
+            all.state.extend(f32s(&b[at..at + 4 * ns]));
+            at += 4 * ns;
+            all.steps.extend(
+                b[at..at + 4 * nt]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        Ok(all)
     }
 
     /// Tells every shard this worker is done.

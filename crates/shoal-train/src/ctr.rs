@@ -549,8 +549,20 @@ impl CtrTrainer {
     }
 
     /// Writes the model (config, dense parameters, every touched row and its optimizer
-    /// state) to `dir` atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// state) to `dir` atomically; with parameter servers the rows are fetched from the
+    /// shards first (call it on one worker).
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        if let Some((_, _, c)) = self.ps.as_mut() {
+            let st = c.sparse_state()?;
+            let mut t = SparseTable::new(
+                self.model.cfg.row_width(),
+                self.cfg.sparse_rule,
+                self.cfg.init_scale,
+                self.cfg.seed,
+            )?;
+            t.restore(&st.keys, &st.values, &st.state, &st.steps)?;
+            return save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &t);
+        }
         save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &self.table)
     }
 }

@@ -98,9 +98,10 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     // The rows the single process touched, to read back from the shards.
     let keys = std::sync::Arc::new(one.table.rows().0.to_vec());
+    let saved = d.path().join("from-ps");
     let handles: Vec<_> = (0..2)
         .map(|rank| {
-            let (c, addrs, keys) = (c.clone(), addrs.clone(), keys.clone());
+            let (c, addrs, keys, saved) = (c.clone(), addrs.clone(), keys.clone(), saved.clone());
             std::thread::spawn(move || {
                 let mut t = CtrTrainer::new(c).unwrap();
                 let client = PsClient::connect(&addrs, rank, total, width, "t").unwrap();
@@ -109,6 +110,9 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
                 let mut rows = vec![0.0; keys.len() * width];
                 t.pull_rows(&keys, &mut rows).unwrap();
                 let dense = t.dense().to_vec();
+                if rank == 0 {
+                    t.save(&saved).unwrap();
+                }
                 t.detach_ps().unwrap();
                 (dense, rows)
             })
@@ -132,4 +136,11 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
         let r = rel(rows, &local);
         assert!(r < 1e-5, "worker {rank}: sparse rows differ by {r:e}");
     }
+    // The model saved from the shards scores like the single process's.
+    let (rows, _, _) = shoal_data::ctr::read_csv(&data, shoal_data::ctr::BadRows::Fail).unwrap();
+    let few = rows.select(&(0..300).collect::<Vec<_>>());
+    let mine = CtrPredictor::load(&saved).unwrap().predict(&few).unwrap();
+    let theirs = one.predict(&few, &(0..300).collect::<Vec<_>>()).unwrap();
+    let r = rel(&mine, &theirs);
+    assert!(r < 1e-5, "saved model's predictions differ by {r:e}");
 }
