@@ -9,7 +9,7 @@
 //! launcher; their stderr goes to `RUN/job/logs/<role>-<i>.log`.
 
 use crate::checkpoint;
-use crate::config::{DataPlane, DistMode, NmtTrainConfig, Placement};
+use crate::config::{DataPlane, DistMode, DistSection, NmtTrainConfig, Placement};
 use crate::nmt::{Event, Exchange, NmtTrainer, PhaseTimes, StepStats, Tokenizers};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -196,9 +196,70 @@ pub fn launch(
     opts: &LaunchOptions,
     mut on_event: impl FnMut(&Event, &[f64]),
 ) -> Result<ClusterSummary> {
-    let d = &cfg.dist;
+    write_job(&run_dir.join("job"), cfg, tok)?;
+    launch_job(&cfg.dist, cfg.train.threads, run_dir, opts, |r, rates| {
+        if let Some(mut e) = nmt_event(r) {
+            if let Event::Step { tokens_per_s, .. } = &mut e {
+                *tokens_per_s = rates.iter().sum();
+            }
+            on_event(&e, rates)
+        }
+    })
+}
+
+/// The NMT progress event of worker 0's report (tokens/s: the job's, added by the
+/// caller from the rates).
+fn nmt_event(r: &Report) -> Option<Event> {
+    Some(match r.clone() {
+        Report::Started {
+            rank: 0,
+            total_steps,
+            start_step,
+            batches_per_epoch,
+            params,
+        } => Event::Started {
+            total_steps,
+            start_step,
+            batches_per_epoch,
+            params,
+        },
+        Report::Step {
+            rank: 0,
+            step,
+            epoch,
+            loss,
+            grad_norm,
+            lr,
+            tokens,
+        } => Event::Step {
+            step,
+            epoch,
+            stats: StepStats {
+                loss,
+                grad_norm,
+                lr,
+                tgt_tokens: tokens,
+            },
+            tokens_per_s: f64::NAN,
+        },
+        Report::EpochEnd { epoch, valid_loss } => Event::EpochEnd { epoch, valid_loss },
+        Report::Checkpoint { step, path } => Event::Checkpoint { step, path },
+        _ => return None,
+    })
+}
+
+/// Starts the processes of a job whose files are already in `RUN/job` (the kind, its
+/// configuration): the coordinator, `d.workers` workers and the separate shards, each
+/// worker with `threads` engine threads (0: cores / workers); relays every report with
+/// the workers' current rates until all have exited.
+pub fn launch_job(
+    d: &DistSection,
+    threads: usize,
+    run_dir: &Path,
+    opts: &LaunchOptions,
+    mut on_report: impl FnMut(&Report, &[f64]),
+) -> Result<ClusterSummary> {
     let job = run_dir.join("job");
-    write_job(&job, cfg, tok)?;
     let token = new_token();
     let servers = d.separate_servers();
     let world = d.workers + servers;
@@ -214,7 +275,7 @@ pub fn launch(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let threads = match cfg.train.threads {
+    let threads = match threads {
         0 => (cores / d.workers).max(1),
         t => t,
     };
@@ -274,7 +335,7 @@ pub fn launch(
         });
     }
     drop(tx);
-    let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_event);
+    let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_report);
     if result.is_err() {
         kill_all(&mut procs);
     }
@@ -288,7 +349,7 @@ fn supervise(
     coord: &Coordinator,
     rx: &mpsc::Receiver<(usize, String)>,
     workers: usize,
-    on_event: &mut impl FnMut(&Event, &[f64]),
+    on_report: &mut impl FnMut(&Report, &[f64]),
 ) -> Result<ClusterSummary> {
     let start = Instant::now();
     let mut tokens = vec![0usize; workers];
@@ -304,63 +365,19 @@ fn supervise(
                     eprintln!("[{}] {line}", procs[idx].name);
                     continue;
                 };
-                match r {
-                    Report::Started {
-                        rank: 0,
-                        total_steps,
-                        start_step,
-                        batches_per_epoch,
-                        params,
-                    } => on_event(
-                        &Event::Started {
-                            total_steps,
-                            start_step,
-                            batches_per_epoch,
-                            params,
-                        },
-                        &rates,
-                    ),
-                    Report::Started { .. } => {}
+                match &r {
                     Report::Step {
-                        rank,
-                        step,
-                        epoch,
-                        loss,
-                        grad_norm,
-                        lr,
-                        tokens: t,
-                    } if rank < workers => {
+                        rank, tokens: t, ..
+                    } if *rank < workers => {
                         let t0 = *first_step.get_or_insert_with(Instant::now);
-                        tokens[rank] += t;
+                        tokens[*rank] += t;
                         let el = t0.elapsed().as_secs_f64().max(1e-3);
-                        rates[rank] = tokens[rank] as f64 / el;
-                        if rank == 0 {
-                            on_event(
-                                &Event::Step {
-                                    step,
-                                    epoch,
-                                    stats: StepStats {
-                                        loss,
-                                        grad_norm,
-                                        lr,
-                                        tgt_tokens: t,
-                                    },
-                                    tokens_per_s: rates.iter().sum(),
-                                },
-                                &rates,
-                            );
-                        }
+                        rates[*rank] = tokens[*rank] as f64 / el;
                     }
-                    Report::Step { .. } => {}
-                    Report::EpochEnd { epoch, valid_loss } => {
-                        on_event(&Event::EpochEnd { epoch, valid_loss }, &rates)
-                    }
-                    Report::Checkpoint { step, path } => {
-                        on_event(&Event::Checkpoint { step, path }, &rates)
-                    }
-                    Report::Done { rank, .. } if rank < workers => done[rank] = Some(r),
-                    Report::Done { .. } => {}
+                    Report::Done { rank, .. } if *rank < workers => done[*rank] = Some(r.clone()),
+                    _ => {}
                 }
+                on_report(&r, &rates);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
