@@ -979,9 +979,14 @@ impl PsClient {
             let b = &self.buf;
             let n = |at| read_u64(b, at, i).map(|x| x as usize);
             let (nk, nv, ns, nt) = (n(0)?, n(8)?, n(16)?, n(24)?);
-            let want = [nk.checked_mul(8), nv.checked_mul(4), ns.checked_mul(4), nt.checked_mul(4)]
-                .into_iter()
-                .try_fold(32usize, |acc, x| x.and_then(|x| acc.checked_add(x)));
+            let want = [
+                nk.checked_mul(8),
+                nv.checked_mul(4),
+                ns.checked_mul(4),
+                nt.checked_mul(4),
+            ]
+            .into_iter()
+            .try_fold(32usize, |acc, x| x.and_then(|x| acc.checked_add(x)));
             if want != Some(b.len()) {
                 return Err(Error::Frame {
                     peer: i,
@@ -989,9 +994,11 @@ impl PsClient {
                 });
             }
             let mut at = 32;
-            all.keys.extend(b[at..at + 8 * nk].chunks_exact(8).map(|c| {
-                u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-            }));
+            all.keys.extend(
+                b[at..at + 8 * nk]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+            );
             at += 8 * nk;
             all.values.extend(f32s(&b[at..at + 4 * nv]));
             at += 4 * nv;

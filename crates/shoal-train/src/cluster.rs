@@ -10,6 +10,7 @@
 
 use crate::checkpoint;
 use crate::config::{DataPlane, DistMode, DistSection, NmtTrainConfig, Placement};
+use crate::ctr::{CtrEvent, CtrTrainConfig, CtrTrainer};
 use crate::nmt::{Event, Exchange, NmtTrainer, PhaseTimes, StepStats, Tokenizers};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
 use shoal_control::{ControlClient, Coordinator, CoordinatorConfig};
 use shoal_data::SubwordTokenizer;
+use shoal_model::ctr::{CtrConfig, CtrModel};
 use shoal_model::{Cpu, FlatLayout};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -71,6 +73,13 @@ pub enum Report {
         step: u64,
         path: PathBuf,
     },
+    /// A CTR worker 0's held-out scores after an epoch.
+    CtrEval {
+        epoch: u64,
+        auc: f64,
+        logloss: f64,
+        planted_auc: Option<f64>,
+    },
     Done {
         rank: usize,
         steps: u64,
@@ -115,6 +124,7 @@ fn job_files(job: &Path) -> [PathBuf; 3] {
 
 fn write_job(job: &Path, cfg: &NmtTrainConfig, tok: &Tokenizers) -> Result<()> {
     std::fs::create_dir_all(job.join("logs")).map_err(crate::error::io_err(job))?;
+    write_kind(job, "nmt")?;
     let [c, s, t] = job_files(job);
     for (path, text) in [
         (c, cfg.to_toml()),
@@ -124,6 +134,57 @@ fn write_job(job: &Path, cfg: &NmtTrainConfig, tok: &Tokenizers) -> Result<()> {
         std::fs::write(&path, text).map_err(crate::error::io_err(&path))?;
     }
     Ok(())
+}
+
+fn write_kind(job: &Path, kind: &str) -> Result<()> {
+    let p = job.join("kind");
+    std::fs::write(&p, kind).map_err(crate::error::io_err(&p))
+}
+
+/// A CTR job: its configuration and where worker 0 saves the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CtrJob {
+    pub cfg: CtrTrainConfig,
+    pub out: PathBuf,
+}
+
+/// Writes a CTR job's files into `RUN/job`.
+pub fn write_ctr_job(run_dir: &Path, j: &CtrJob) -> Result<()> {
+    let job = run_dir.join("job");
+    std::fs::create_dir_all(job.join("logs")).map_err(crate::error::io_err(&job))?;
+    write_kind(&job, "ctr")?;
+    let p = job.join("ctr.json");
+    let text = serde_json::to_string_pretty(j).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(&p, text).map_err(crate::error::io_err(&p))
+}
+
+fn read_ctr_job(job: &Path) -> Result<CtrJob> {
+    let p = job.join("ctr.json");
+    let text = std::fs::read_to_string(&p).map_err(crate::error::io_err(&p))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+}
+
+/// The dense length and row width of a CTR job's model (fields from the data header).
+fn ctr_shape(cfg: &CtrTrainConfig) -> Result<(usize, usize)> {
+    let f = std::fs::File::open(&cfg.data).map_err(crate::error::io_err(&cfg.data))?;
+    let mut header = String::new();
+    BufReader::new(f)
+        .read_line(&mut header)
+        .map_err(crate::error::io_err(&cfg.data))?;
+    let fields = shoal_data::ctr::Schema::from_header(&header).fields.len();
+    let m = CtrModel::new(CtrConfig {
+        kind: cfg.kind,
+        fields,
+        dim: cfg.dim,
+        hidden: cfg.hidden.clone(),
+    })?;
+    Ok((m.dense_len(), m.cfg.row_width()))
+}
+
+/// What a process of a job trains.
+enum Job {
+    Nmt(Box<NmtTrainConfig>, Box<Tokenizers>),
+    Ctr(Box<CtrJob>),
 }
 
 fn read_job(job: &Path) -> Result<(NmtTrainConfig, Tokenizers)> {
@@ -591,8 +652,24 @@ pub fn run_role() -> Result<()> {
     let run_dir = PathBuf::from(env(ENV_RUN)?);
     let host = std::env::var(ENV_HOST).unwrap_or_else(|_| "127.0.0.1".into());
     let resume = std::env::var_os(ENV_RESUME).map(PathBuf::from);
-    let (cfg, tok) = read_job(&job)?;
-    let d = cfg.dist.clone();
+    let kind = std::fs::read_to_string(job.join("kind")).unwrap_or_else(|_| "nmt".into());
+    let spec = match kind.trim() {
+        "nmt" => {
+            let (cfg, tok) = read_job(&job)?;
+            Job::Nmt(Box::new(cfg), Box::new(tok))
+        }
+        "ctr" => Job::Ctr(Box::new(read_ctr_job(&job)?)),
+        other => {
+            return Err(Error::Cluster(format!(
+                "{}: unknown job kind '{other}'",
+                job.join("kind").display()
+            )))
+        }
+    };
+    let d = match &spec {
+        Job::Nmt(cfg, _) => cfg.dist.clone(),
+        Job::Ctr(j) => j.cfg.dist.clone(),
+    };
     let hosts_shard = matches!(role.as_str(), "ps" | "worker+ps");
     let is_worker = role.starts_with("worker");
     if !(is_worker || role == "ps") {
@@ -640,7 +717,20 @@ pub fn run_role() -> Result<()> {
         )));
     }
     // This process's shard, if it hosts one.
-    let total = param_count(&cfg, &tok)?;
+    let (total, width, shard_cfg) = match &spec {
+        Job::Nmt(cfg, tok) => (param_count(cfg, tok)?, 0, shard_config(cfg, &token)),
+        Job::Ctr(j) => {
+            let (total, width) = ctr_shape(&j.cfg)?;
+            let mode = match d.mode {
+                DistMode::PsAsync => PsMode::Async {
+                    max_staleness: (d.max_staleness > 0).then_some(d.max_staleness),
+                },
+                _ => PsMode::Sync,
+            };
+            let c = crate::ctr::ctr_shard_config(&j.cfg, width, d.workers, mode, &token);
+            (total, width, c)
+        }
+    };
     let shards = shard_hosts.len();
     let server = match shard_listener {
         Some((l, _)) => {
@@ -649,7 +739,7 @@ pub fn run_role() -> Result<()> {
                 .position(|m| m.rank == reg.rank)
                 .ok_or_else(|| Error::Cluster(format!("{me}: not in the shard table")))?;
             let (a, b) = shard_range(total, shards, idx);
-            Some(PsServer::start(l, b - a, shard_config(&cfg, &token))?)
+            Some(PsServer::start(l, b - a, shard_cfg)?)
         }
         None => None,
     };
@@ -658,6 +748,19 @@ pub fn run_role() -> Result<()> {
             .iter()
             .position(|&r| r == reg.rank)
             .expect("a worker is in the worker table");
+        let shard_addrs = || {
+            shard_hosts
+                .iter()
+                .map(|m| parse_addr(&m.data_addr, &format!("shard host {}", m.rank)))
+                .collect::<Result<Vec<_>>>()
+        };
+        let (cfg, tok) = match spec {
+            Job::Nmt(cfg, tok) => (*cfg, *tok),
+            Job::Ctr(j) => {
+                let client = PsClient::connect(&shard_addrs()?, rank, total, width, &token)?;
+                return finish(ctr_worker(*j, rank, d.workers, client), server, dog, ctl);
+            }
+        };
         let exchange = match d.mode {
             DistMode::Allreduce => {
                 let t: Box<dyn Transport> = match ring_listener {
@@ -697,17 +800,24 @@ pub fn run_role() -> Result<()> {
                 Exchange::Allreduce(comm)
             }
             DistMode::PsSync | DistMode::PsAsync => {
-                let addrs = shard_hosts
-                    .iter()
-                    .map(|m| parse_addr(&m.data_addr, &format!("shard host {}", m.rank)))
-                    .collect::<Result<Vec<_>>>()?;
-                Exchange::Ps(PsClient::connect(&addrs, rank, total, 0, &token)?)
+                Exchange::Ps(PsClient::connect(&shard_addrs()?, rank, total, 0, &token)?)
             }
         };
         worker(cfg, &run_dir, tok, resume.as_deref(), rank, exchange)
     } else {
         Ok(())
     };
+    finish(result, server, dog, ctl)
+}
+
+/// Waits for this process's shard (if any) to be released by every worker, then leaves
+/// the job (or abandons it after a failure).
+fn finish(
+    result: Result<()>,
+    server: Option<PsServer>,
+    dog: Watchdog,
+    ctl: Arc<ControlClient>,
+) -> Result<()> {
     let result = result.and_then(|()| match server {
         Some(s) => s.join().map_err(Error::from),
         None => Ok(()),
@@ -719,6 +829,67 @@ pub fn run_role() -> Result<()> {
         (_, Err(_)) => {}
     }
     result
+}
+
+/// A CTR worker against the job's shards; worker 0 evaluates and saves the model.
+fn ctr_worker(j: CtrJob, rank: usize, workers: usize, client: PsClient) -> Result<()> {
+    let mut t = CtrTrainer::new(j.cfg)?;
+    t.attach_ps(rank, workers, client)?;
+    let start = Instant::now();
+    let mut pending = 0usize;
+    let mut steps = 0u64;
+    let mut last_emit = Instant::now();
+    let e = t.run(|ev| match ev {
+        CtrEvent::Started {
+            steps_per_epoch, ..
+        } => emit(&Report::Started {
+            rank,
+            total_steps: 0,
+            start_step: 0,
+            batches_per_epoch: *steps_per_epoch,
+            params: 0,
+        }),
+        CtrEvent::Step {
+            step, epoch, loss, ..
+        } => {
+            steps = *step;
+            pending += 1;
+            // A report every half second, not every update.
+            if last_emit.elapsed().as_millis() >= 500 {
+                last_emit = Instant::now();
+                emit(&Report::Step {
+                    rank,
+                    step: *step,
+                    epoch: *epoch,
+                    loss: *loss as f32,
+                    grad_norm: 0.0,
+                    lr: 0.0,
+                    tokens: std::mem::take(&mut pending),
+                });
+            }
+        }
+        CtrEvent::Eval { epoch, eval } => emit(&Report::CtrEval {
+            epoch: *epoch,
+            auc: eval.auc,
+            logloss: eval.logloss,
+            planted_auc: eval.planted_auc,
+        }),
+    })?;
+    let _ = e;
+    if rank == 0 {
+        t.save(&j.out)?;
+    }
+    let examples_per_s = t.examples_trained as f64 / t.train_seconds.max(1e-9);
+    t.detach_ps()?;
+    emit(&Report::Done {
+        rank,
+        steps,
+        seconds: start.elapsed().as_secs_f64(),
+        tokens_per_s: examples_per_s,
+        timing: PhaseTimes::default(),
+        checkpoint: j.out.clone(),
+    });
+    Ok(())
 }
 
 fn worker(

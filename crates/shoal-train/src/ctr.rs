@@ -49,6 +49,10 @@ pub struct CtrTrainConfig {
     /// Sparse rows start uniform in +-init_scale.
     pub init_scale: f32,
     pub seed: u64,
+    /// Workers and parameter servers (`shoal train ctr --workers N --ps M`); CTR across
+    /// workers needs a ps mode: the rows live on the shards.
+    #[serde(default)]
+    pub dist: crate::config::DistSection,
 }
 
 impl Default for CtrTrainConfig {
@@ -69,6 +73,7 @@ impl Default for CtrTrainConfig {
             sparse_rule: SparseRule::Adagrad { eps: 1e-8 },
             init_scale: 0.01,
             seed: 1,
+            dist: Default::default(),
         }
     }
 }
@@ -87,6 +92,16 @@ impl CtrTrainConfig {
         }
         if self.epochs == 0 && self.max_steps == 0 {
             return bad("epochs", "must be at least 1 when max_steps is 0");
+        }
+        let d = &self.dist;
+        if d.workers == 0 {
+            return bad("workers", "must be at least 1");
+        }
+        if d.is_cluster() && (d.mode == crate::config::DistMode::Allreduce || d.ps == 0) {
+            return bad(
+                "workers",
+                "CTR across workers keeps its rows on parameter servers: give --ps M (and a ps mode)",
+            );
         }
         Ok(())
     }

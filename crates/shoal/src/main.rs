@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use shoal_train::config::NmtTrainConfig;
+use shoal_train::config::{DistMode, NmtTrainConfig};
 use shoal_train::progress::Progress;
 use shoal_train::{NmtTrainer, Translator};
 use std::io::{BufRead, Write};
@@ -109,6 +109,16 @@ struct CtrArgs {
     /// Where to save the model.
     #[arg(long, default_value = "runs/ctr")]
     out: PathBuf,
+    /// Worker processes (the rows then live on parameter servers: give --ps).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Parameter-server shards (sets --mode ps-sync unless given).
+    #[arg(long, default_value_t = 0)]
+    ps: usize,
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    #[arg(long, value_enum, default_value = "separate")]
+    ps_placement: PsPlacement,
     /// Print the final scores as JSON.
     #[arg(long)]
     json: bool,
@@ -888,8 +898,26 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
                 l2: 0.0,
             },
         },
+        dist: shoal_train::config::DistSection {
+            workers: a.workers,
+            ps: a.ps,
+            mode: match (a.mode, a.ps) {
+                (Some(Mode::Allreduce), _) | (None, 0) => DistMode::Allreduce,
+                (Some(Mode::PsAsync), _) => DistMode::PsAsync,
+                _ => DistMode::PsSync,
+            },
+            placement: match a.ps_placement {
+                PsPlacement::Colocated => shoal_train::config::Placement::Colocated,
+                PsPlacement::Separate => shoal_train::config::Placement::Separate,
+            },
+            ..Default::default()
+        },
         ..Default::default()
     };
+    cfg.validate()?;
+    if cfg.dist.is_cluster() {
+        return train_ctr_cluster(&a, cfg);
+    }
     eprintln!("reading {}...", a.data.display());
     let mut t = CtrTrainer::new(cfg)?;
     let mut last = std::time::Instant::now();
@@ -946,6 +974,92 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
                 "examples_per_s": t.examples_trained as f64 / t.train_seconds.max(1e-9),
                 "train_seconds": t.train_seconds,
                 "rows_touched": t.table.len(), "table_bytes": t.table.bytes(), "checkpoint": a.out})
+        );
+    }
+    Ok(())
+}
+
+/// CTR training as worker and shard processes of this program.
+fn train_ctr_cluster(a: &CtrArgs, cfg: shoal_train::ctr::CtrTrainConfig) -> Result<()> {
+    use shoal_train::cluster::{launch_job, write_ctr_job, CtrJob, LaunchOptions, Report};
+    let run_dir = PathBuf::from(format!("{}.cluster", a.out.display()));
+    let d = cfg.dist.clone();
+    write_ctr_job(
+        &run_dir,
+        &CtrJob {
+            cfg,
+            out: a.out.clone(),
+        },
+    )?;
+    eprintln!(
+        "starting {} workers and {} parameter-server shards ({:?}, {:?}); logs in {}",
+        d.workers,
+        d.ps,
+        d.mode,
+        d.placement,
+        run_dir.join("job/logs").display()
+    );
+    let opts = LaunchOptions {
+        exe: std::env::current_exe().context("finding this program's path")?,
+        args: vec!["role".into()],
+        resume: None,
+    };
+    let mut last = std::time::Instant::now();
+    let mut eval = None;
+    let summary = launch_job(&d, 1, &run_dir, &opts, |r, rates| match r {
+        Report::Step {
+            rank: 0,
+            step,
+            epoch,
+            loss,
+            ..
+        } => {
+            if last.elapsed().as_secs_f64() >= 5.0 {
+                last = std::time::Instant::now();
+                let per: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
+                eprintln!(
+                    "epoch {} step {step}: logloss {loss:.4}, {:.0} examples/s (workers: {})",
+                    epoch + 1,
+                    rates.iter().sum::<f64>(),
+                    per.join(" + ")
+                );
+            }
+        }
+        Report::CtrEval {
+            epoch,
+            auc,
+            logloss,
+            planted_auc,
+        } => {
+            eprintln!(
+                "epoch {} held-out AUC {auc:.4}, logloss {logloss:.4}{}",
+                epoch + 1,
+                planted_auc
+                    .map(|p| format!(" (planted model's AUC {p:.4})"))
+                    .unwrap_or_default()
+            );
+            eval = Some((*auc, *logloss, *planted_auc));
+        }
+        _ => {}
+    })?;
+    let (auc, logloss, planted_auc) = eval.context("worker 0 reported no evaluation")?;
+    println!(
+        "held-out AUC {auc:.4}, logloss {logloss:.4}; {:.0} examples/s ({} per worker); model saved to {}",
+        summary.tokens_per_s,
+        summary
+            .worker_tokens_per_s
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        a.out.display()
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"auc": auc, "logloss": logloss, "planted_auc": planted_auc,
+                "examples_per_s": summary.tokens_per_s, "worker_examples_per_s": summary.worker_tokens_per_s,
+                "checkpoint": a.out})
         );
     }
     Ok(())

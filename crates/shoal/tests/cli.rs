@@ -451,6 +451,42 @@ fn ctr_train_predict_and_bad_rows() {
     assert_eq!(probs.len(), 200);
     assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
     assert!(text(&o.stderr).contains("200 rows: AUC"));
+    // Two worker processes and a parameter-server shard; the model saved from the
+    // shard scores the file too.
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "ctr",
+            "--data",
+            criteo,
+            "--workers",
+            "2",
+            "--ps",
+            "1",
+            "--out",
+            "m2",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(v["worker_examples_per_s"].as_array().unwrap().len(), 2);
+    let o = shoal(
+        d.path(),
+        &["predict", "--checkpoint", "m2", "--data", criteo],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).lines().count(), 200);
+    let o = shoal(
+        d.path(),
+        &["train", "ctr", "--data", criteo, "--workers", "2"],
+        None,
+    );
+    assert_clear_error(&o, &["--ps"]);
     std::fs::write(d.path().join("bad.csv"), "label,I1,C1\n1,2,a\n0,zz,b\n").unwrap();
     let o = shoal(d.path(), &["train", "ctr", "--data", "bad.csv"], None);
     assert_clear_error(&o, &["bad.csv:3", "I1 is 'zz'"]);
