@@ -1013,17 +1013,15 @@ fn train_ctr_cluster(a: &CtrArgs, cfg: shoal_train::ctr::CtrTrainConfig) -> Resu
             epoch,
             loss,
             ..
-        } => {
-            if last.elapsed().as_secs_f64() >= 5.0 {
-                last = std::time::Instant::now();
-                let per: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
-                eprintln!(
-                    "epoch {} step {step}: logloss {loss:.4}, {:.0} examples/s (workers: {})",
-                    epoch + 1,
-                    rates.iter().sum::<f64>(),
-                    per.join(" + ")
-                );
-            }
+        } if last.elapsed().as_secs_f64() >= 5.0 => {
+            last = std::time::Instant::now();
+            let per: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
+            eprintln!(
+                "epoch {} step {step}: logloss {loss:.4}, {:.0} examples/s (workers: {})",
+                epoch + 1,
+                rates.iter().sum::<f64>(),
+                per.join(" + ")
+            );
         }
         Report::CtrEval {
             epoch,
