@@ -408,6 +408,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
+    /// Sparse rows at scale: bytes per touched row, rows created per second, and sparse
+    /// push + pull rows per second through 1 and 2 parameter-server shards.
+    CtrScale {
+        /// Distinct keys to create.
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        /// Values per row (DeepFM: 1 + embedding dim).
+        #[arg(long, default_value_t = 9)]
+        dim: usize,
+        #[arg(long, default_value_t = 20_000)]
+        ps_keys: usize,
+        #[arg(long, default_value_t = 30)]
+        ps_steps: usize,
+    },
     /// One recurrent layer, forward + backward, on random input.
     RnnLayer {
         #[arg(long, value_enum, default_value = "gru")]
@@ -1239,6 +1253,15 @@ fn bench(b: BenchCmd) -> Result<()> {
                         "shm_gbps": gbs(shm), "tcp_gbps": gbs(tcp), "grpc_gbps": gbs(grpc)})
                 );
             }
+        }
+        BenchCmd::CtrScale {
+            rows,
+            dim,
+            ps_keys,
+            ps_steps,
+        } => {
+            let r = shoal_train::bench::ctr_scale(rows, dim, ps_keys, ps_steps)?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         BenchCmd::PsShards {
             sizes,
