@@ -530,10 +530,10 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                         for x in [keys.len(), values.len(), state.len(), steps.len()] {
                             out.extend_from_slice(&(x as u64).to_le_bytes());
                         }
-                        out.extend_from_slice(u64_bytes(keys));
-                        out.extend_from_slice(f32_bytes(values));
-                        out.extend_from_slice(f32_bytes(state));
-                        for x in steps {
+                        out.extend_from_slice(u64_bytes(&keys));
+                        out.extend_from_slice(f32_bytes(&values));
+                        out.extend_from_slice(f32_bytes(&state));
+                        for x in &steps {
                             out.extend_from_slice(&x.to_le_bytes());
                         }
                         out

@@ -1,12 +1,15 @@
 //! A sparse embedding table keyed by 64-bit feature ids: rows are created on first touch
 //! (initial values drawn from a hash of the key, so they do not depend on the order rows
 //! appear in), and only the rows a batch touches are read and updated. Values and
-//! optimizer state live in two flat arenas with an index from key to slot, so memory
-//! grows with the touched rows, not with the key space.
+//! optimizer state live in arenas of fixed-size blocks (growing never copies or leaves
+//! more than one block unused) with an index from key to slot, so memory grows with the
+//! touched rows, not with the key space; keys are stored once, in the index.
 //!
-//! Update rules per row: SGD, Adagrad (PyTorch's rule, as the dense optimizer), lazy Adam
-//! (moments and bias correction advance only when the row is touched) and FTRL-Proximal
-//! (McMahan et al. 2013; per coordinate `z`, `n`).
+//! Update rules per row: SGD, Adagrad (PyTorch's rule, as the dense optimizer), row-wise
+//! Adagrad (one accumulator per row, the mean of its squared gradient, as DLRM's
+//! embeddings use: 4 bytes of state per row instead of 4 per value), lazy Adam (moments
+//! and bias correction advance only when the row is touched) and FTRL-Proximal (McMahan
+//! et al. 2013; per coordinate `z`, `n`).
 
 use crate::{Error, OptimizerConfig, OptimizerKind, Result};
 use serde::{Deserialize, Serialize};
@@ -18,6 +21,10 @@ use std::collections::HashMap;
 pub enum SparseRule {
     Sgd,
     Adagrad {
+        eps: f32,
+    },
+    /// Adagrad with one accumulator per row (`acc += mean(g^2)`).
+    RowAdagrad {
         eps: f32,
     },
     /// Adam whose moments and step count advance only on the rows a batch touches.
@@ -49,13 +56,74 @@ impl SparseRule {
         }
     }
 
-    /// State values per parameter value.
-    fn state_per_value(&self) -> usize {
+    /// State values per row of `dim` values.
+    fn state_len(&self, dim: usize) -> usize {
         match self {
             Self::Sgd => 0,
-            Self::Adagrad { .. } => 1,
-            Self::LazyAdam { .. } | Self::Ftrl { .. } => 2,
+            Self::RowAdagrad { .. } => 1,
+            Self::Adagrad { .. } => dim,
+            Self::LazyAdam { .. } | Self::Ftrl { .. } => 2 * dim,
         }
+    }
+}
+
+/// Slots per block of an arena.
+const BLOCK: usize = 1 << 14;
+
+/// Fixed-size blocks of `per` values per slot.
+#[derive(Debug, Clone, Default)]
+struct Blocks {
+    per: usize,
+    blocks: Vec<Box<[f32]>>,
+    len: usize,
+}
+
+impl Blocks {
+    fn new(per: usize) -> Self {
+        Self {
+            per,
+            blocks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Appends a slot, its values from `init(j)`.
+    fn push(&mut self, init: impl Fn(usize) -> f32) {
+        if self.per > 0 && self.len % BLOCK == 0 {
+            self.blocks
+                .push(vec![0.0; BLOCK * self.per].into_boxed_slice());
+        }
+        let s = self.len;
+        self.len += 1;
+        for (j, v) in self.get_mut(s).iter_mut().enumerate() {
+            *v = init(j);
+        }
+    }
+
+    fn get(&self, s: usize) -> &[f32] {
+        if self.per == 0 {
+            return &[];
+        }
+        let o = (s % BLOCK) * self.per;
+        &self.blocks[s / BLOCK][o..o + self.per]
+    }
+
+    fn get_mut(&mut self, s: usize) -> &mut [f32] {
+        if self.per == 0 {
+            return &mut [];
+        }
+        let o = (s % BLOCK) * self.per;
+        &mut self.blocks[s / BLOCK][o..o + self.per]
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks.len() * BLOCK * self.per * 4 + self.blocks.capacity() * 16
+    }
+
+    fn to_vec(&self) -> Vec<f32> {
+        (0..self.len)
+            .flat_map(|s| self.get(s).iter().copied())
+            .collect()
     }
 }
 
@@ -67,9 +135,8 @@ pub struct SparseTable {
     init_scale: f32,
     seed: u64,
     index: HashMap<u64, u32>,
-    keys: Vec<u64>,
-    values: Vec<f32>,
-    state: Vec<f32>,
+    values: Blocks,
+    state: Blocks,
     /// Lazy Adam: updates applied to each row.
     steps: Vec<u32>,
 }
@@ -78,6 +145,11 @@ fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+fn init_value(seed: u64, scale: f32, key: u64, j: usize) -> f32 {
+    let h = mix64(key ^ mix64(seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    ((h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
 }
 
 impl SparseTable {
@@ -97,9 +169,8 @@ impl SparseTable {
             init_scale,
             seed,
             index: HashMap::new(),
-            keys: Vec::new(),
-            values: Vec::new(),
-            state: Vec::new(),
+            values: Blocks::new(dim),
+            state: Blocks::new(rule.state_len(dim)),
             steps: Vec::new(),
         })
     }
@@ -114,27 +185,25 @@ impl SparseTable {
 
     /// Rows created so far.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.values.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.values.len == 0
     }
 
-    /// Bytes held: values, optimizer state, keys, step counters and the index (its
-    /// allocated buckets: key, slot and control byte each).
+    /// Bytes held: value and state blocks, step counters and the index (its allocated
+    /// buckets: key, slot and control byte each).
     pub fn bytes(&self) -> usize {
-        self.values.capacity() * 4
-            + self.state.capacity() * 4
-            + self.keys.capacity() * 8
+        self.values.bytes()
+            + self.state.bytes()
             + self.steps.capacity() * 4
             + self.index.capacity() * (8 + 4 + 1)
     }
 
     /// The initial value of column `j` of row `key`.
     pub fn init_value(&self, key: u64, j: usize) -> f32 {
-        let h = mix64(key ^ mix64(self.seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        ((h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * self.init_scale
+        init_value(self.seed, self.init_scale, key, j)
     }
 
     /// The slot of `key`, creating the row on first touch.
@@ -142,17 +211,19 @@ impl SparseTable {
         if let Some(&s) = self.index.get(&key) {
             return s as usize;
         }
-        let s = self.keys.len();
+        let s = self.values.len;
         self.index.insert(key, s as u32);
-        self.keys.push(key);
+        // FTRL weights start at zero (its weight is a function of z and n).
         let ftrl = matches!(self.rule, SparseRule::Ftrl { .. });
-        for j in 0..self.dim {
-            // FTRL weights start at zero (its weight is a function of z and n).
-            let v = if ftrl { 0.0 } else { self.init_value(key, j) };
-            self.values.push(v);
-        }
-        let per = self.rule.state_per_value() * self.dim;
-        self.state.extend(std::iter::repeat_n(0.0, per));
+        let (seed, scale) = (self.seed, self.init_scale);
+        self.values.push(|j| {
+            if ftrl {
+                0.0
+            } else {
+                init_value(seed, scale, key, j)
+            }
+        });
+        self.state.push(|_| 0.0);
         if matches!(self.rule, SparseRule::LazyAdam { .. }) {
             self.steps.push(0);
         }
@@ -161,9 +232,7 @@ impl SparseTable {
 
     /// The row of `key` if it exists.
     pub fn get(&self, key: u64) -> Option<&[f32]> {
-        self.index
-            .get(&key)
-            .map(|&s| &self.values[s as usize * self.dim..(s as usize + 1) * self.dim])
+        self.index.get(&key).map(|&s| self.values.get(s as usize))
     }
 
     /// Copies the rows of `keys` into `out` (`keys.len() * dim`) without creating any:
@@ -174,7 +243,7 @@ impl SparseTable {
         for (i, &k) in keys.iter().enumerate() {
             let o = &mut out[i * d..(i + 1) * d];
             match self.index.get(&k) {
-                Some(&s) => o.copy_from_slice(&self.values[s as usize * d..(s as usize + 1) * d]),
+                Some(&s) => o.copy_from_slice(self.values.get(s as usize)),
                 None => {
                     for (j, v) in o.iter_mut().enumerate() {
                         *v = if ftrl { 0.0 } else { self.init_value(k, j) };
@@ -196,7 +265,7 @@ impl SparseTable {
         }
         for (i, &k) in keys.iter().enumerate() {
             let s = self.slot(k);
-            out[i * d..(i + 1) * d].copy_from_slice(&self.values[s * d..(s + 1) * d]);
+            out[i * d..(i + 1) * d].copy_from_slice(self.values.get(s));
         }
         Ok(())
     }
@@ -215,7 +284,8 @@ impl SparseTable {
         for (i, &k) in keys.iter().enumerate() {
             let s = self.slot(k);
             let g = &grads[i * d..(i + 1) * d];
-            let w = &mut self.values[s * d..(s + 1) * d];
+            let w = self.values.get_mut(s);
+            let st = self.state.get_mut(s);
             match self.rule {
                 SparseRule::Sgd => {
                     for (w, g) in w.iter_mut().zip(g) {
@@ -223,10 +293,16 @@ impl SparseTable {
                     }
                 }
                 SparseRule::Adagrad { eps } => {
-                    let acc = &mut self.state[s * d..(s + 1) * d];
-                    for ((w, &g), a) in w.iter_mut().zip(g).zip(acc) {
+                    for ((w, &g), a) in w.iter_mut().zip(g).zip(st) {
                         *a += g * g;
                         *w -= lr * g / (a.sqrt() + eps);
+                    }
+                }
+                SparseRule::RowAdagrad { eps } => {
+                    st[0] += g.iter().map(|x| x * x).sum::<f32>() / d as f32;
+                    let scale = lr / (st[0].sqrt() + eps);
+                    for (w, &g) in w.iter_mut().zip(g) {
+                        *w -= scale * g;
                     }
                 }
                 SparseRule::LazyAdam { beta1, beta2, eps } => {
@@ -235,7 +311,6 @@ impl SparseTable {
                     let bc1 = 1.0 - (beta1 as f64).powi(t);
                     let bc2_sqrt = (1.0 - (beta2 as f64).powi(t)).sqrt() as f32;
                     let step = (lr as f64 / bc1) as f32;
-                    let st = &mut self.state[s * 2 * d..(s + 1) * 2 * d];
                     let (m, v) = st.split_at_mut(d);
                     for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
                         *m = beta1 * *m + (1.0 - beta1) * g;
@@ -245,7 +320,6 @@ impl SparseTable {
                 }
                 SparseRule::Ftrl { beta, l1, l2 } => {
                     let alpha = lr;
-                    let st = &mut self.state[s * 2 * d..(s + 1) * 2 * d];
                     for (j, (w, &g)) in w.iter_mut().zip(g).enumerate() {
                         let (z, n) = (st[2 * j], st[2 * j + 1]);
                         let sigma = ((n + g * g).sqrt() - n.sqrt()) / alpha;
@@ -265,14 +339,20 @@ impl SparseTable {
         Ok(())
     }
 
-    /// Every row: keys, and their values row-major (for checkpoints).
-    pub fn rows(&self) -> (&[u64], &[f32]) {
-        (&self.keys, &self.values)
+    /// Every row: keys, and their values row-major, in slot order (copies, for
+    /// checkpoints).
+    pub fn rows(&self) -> (Vec<u64>, Vec<f32>) {
+        let mut keys = vec![0u64; self.values.len];
+        for (&k, &s) in &self.index {
+            keys[s as usize] = k;
+        }
+        (keys, self.values.to_vec())
     }
 
-    /// The optimizer state, row-major in key order, and lazy Adam's per-row step counts.
-    pub fn state(&self) -> (&[f32], &[u32]) {
-        (&self.state, &self.steps)
+    /// The optimizer state, row-major in slot order, and lazy Adam's per-row step counts
+    /// (copies, for checkpoints).
+    pub fn state(&self) -> (Vec<f32>, Vec<u32>) {
+        (self.state.to_vec(), self.steps.clone())
     }
 
     /// Restores rows saved by [`SparseTable::rows`] and [`SparseTable::state`].
@@ -284,7 +364,7 @@ impl SparseTable {
         steps: &[u32],
     ) -> Result<()> {
         let d = self.dim;
-        let per = self.rule.state_per_value() * d;
+        let per = self.rule.state_len(d);
         let want_steps = if matches!(self.rule, SparseRule::LazyAdam { .. }) {
             keys.len()
         } else {
@@ -310,9 +390,12 @@ impl SparseTable {
         if self.index.len() != keys.len() {
             return Err(Error::State("sparse table restore: repeated key".into()));
         }
-        self.keys = keys.to_vec();
-        self.values = values.to_vec();
-        self.state = state.to_vec();
+        self.values = Blocks::new(d);
+        self.state = Blocks::new(per);
+        for i in 0..keys.len() {
+            self.values.push(|j| values[i * d + j]);
+            self.state.push(|j| state[i * per + j]);
+        }
         self.steps = steps.to_vec();
         Ok(())
     }

@@ -125,10 +125,29 @@ fn rows_are_created_on_first_touch_and_restored_exactly() {
     let (keys, values) = t.rows();
     let (state, steps) = t.state();
     let mut r = SparseTable::new(3, rule, 0.01, 9).unwrap();
-    r.restore(keys, values, state, steps).unwrap();
+    r.restore(&keys, &values, &state, &steps).unwrap();
     t.apply(&[u64::MAX, 7], &[0.1; 6], 0.01).unwrap();
     r.apply(&[u64::MAX, 7], &[0.1; 6], 0.01).unwrap();
     assert_eq!(t.get(u64::MAX), r.get(u64::MAX));
     assert_eq!(t.get(7), r.get(7));
     assert!(r.restore(&[1, 1], &[0.0; 6], &[0.0; 12], &[0, 0]).is_err());
+}
+
+#[test]
+fn row_adagrad_keeps_one_accumulator_per_row() {
+    let eps = 1e-8f32;
+    let mut t = SparseTable::new(3, SparseRule::RowAdagrad { eps }, 0.1, 4).unwrap();
+    let mut w: Vec<f32> = (0..3).map(|j| t.init_value(99, j)).collect();
+    let mut acc = 0.0f32;
+    for s in 0..15 {
+        let g: Vec<f32> = (0..3).map(|j| grad(s, 1, j)).collect();
+        t.apply(&[99], &g, 0.05).unwrap();
+        acc += g.iter().map(|x| x * x).sum::<f32>() / 3.0;
+        for (w, g) in w.iter_mut().zip(&g) {
+            *w -= 0.05 * g / (acc.sqrt() + eps);
+        }
+    }
+    assert!(close(t.get(99).unwrap(), &w));
+    // One state value per row.
+    assert_eq!(t.state().0.len(), 1);
 }

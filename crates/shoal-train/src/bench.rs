@@ -377,13 +377,18 @@ pub struct CtrScaleResult {
     pub ps_rows_per_s: [f64; 2],
 }
 
-/// Creates `rows` rows of `dim` values (Adagrad state) with keys spread over the whole
+/// Creates `rows` rows of `dim` values (with `rule`'s state) with keys spread over the whole
 /// 64-bit space, then times sparse push + pull of `ps_keys`-key batches by 2 workers
 /// through 1 and 2 parameter-server shards.
-pub fn ctr_scale(rows: usize, dim: usize, ps_keys: usize, ps_steps: usize) -> Result<CtrScaleResult> {
+pub fn ctr_scale(
+    rows: usize,
+    dim: usize,
+    rule: shoal_optim::SparseRule,
+    ps_keys: usize,
+    ps_steps: usize,
+) -> Result<CtrScaleResult> {
     use shoal_comm::ps::{PsClient, PsMode, PsServer, ShardConfig};
-    use shoal_optim::{SparseRule, SparseTable};
-    let rule = SparseRule::Adagrad { eps: 1e-8 };
+    use shoal_optim::SparseTable;
     let mut t = SparseTable::new(dim, rule, 0.01, 1)?;
     let batch = 4096;
     let mut keys = vec![0u64; batch];
@@ -414,38 +419,40 @@ pub fn ctr_scale(rows: usize, dim: usize, ps_keys: usize, ps_steps: usize) -> Re
         };
         let servers = (0..shards)
             .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(crate::error::io_err("127.0.0.1"))?;
+                let l = std::net::TcpListener::bind("127.0.0.1:0")
+                    .map_err(crate::error::io_err("127.0.0.1"))?;
                 Ok(PsServer::start(l, 0, cfg.clone())?)
             })
             .collect::<Result<Vec<_>>>()?;
         let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-        let hs: Vec<_> = (0..2)
-            .map(|w| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || -> Result<f64> {
-                    let mut c = PsClient::connect(&addrs, w, 0, dim, "scale")?;
-                    if w == 0 {
-                        c.init(&[])?;
-                    }
-                    let mut rows = vec![0.0f32; ps_keys * dim];
-                    let grads = vec![0.01f32; ps_keys * dim];
-                    let mut keys: Vec<u64> = Vec::with_capacity(ps_keys);
-                    let start = Instant::now();
-                    for s in 0..ps_steps {
-                        keys.clear();
-                        keys.extend((0..ps_keys).map(|i| {
-                            shoal_data::ctr::mix64(((s * ps_keys + i) * 2 + w) as u64)
-                        }));
-                        c.pull_sparse(&keys, &mut rows)?;
-                        c.push(s as u64, &[], Some((&keys, &grads)))?;
-                        c.pull(s as u64 + 1, &mut [])?;
-                    }
-                    let secs = start.elapsed().as_secs_f64();
-                    c.close()?;
-                    Ok((ps_keys * ps_steps) as f64 / secs)
+        let hs: Vec<_> =
+            (0..2)
+                .map(|w| {
+                    let addrs = addrs.clone();
+                    std::thread::spawn(move || -> Result<f64> {
+                        let mut c = PsClient::connect(&addrs, w, 0, dim, "scale")?;
+                        if w == 0 {
+                            c.init(&[])?;
+                        }
+                        let mut rows = vec![0.0f32; ps_keys * dim];
+                        let grads = vec![0.01f32; ps_keys * dim];
+                        let mut keys: Vec<u64> = Vec::with_capacity(ps_keys);
+                        let start = Instant::now();
+                        for s in 0..ps_steps {
+                            keys.clear();
+                            keys.extend((0..ps_keys).map(|i| {
+                                shoal_data::ctr::mix64(((s * ps_keys + i) * 2 + w) as u64)
+                            }));
+                            c.pull_sparse(&keys, &mut rows)?;
+                            c.push(s as u64, &[], Some((&keys, &grads)))?;
+                            c.pull(s as u64 + 1, &mut [])?;
+                        }
+                        let secs = start.elapsed().as_secs_f64();
+                        c.close()?;
+                        Ok((ps_keys * ps_steps) as f64 / secs)
+                    })
                 })
-            })
-            .collect();
+                .collect();
         let mut total = 0.0;
         for h in hs {
             total += h

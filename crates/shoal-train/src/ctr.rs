@@ -610,21 +610,21 @@ fn save_ctr(
         ),
         (
             "sparse.keys",
-            TensorView::new(Dtype::U64, vec![n], bytes_of(keys)).map_err(err)?,
+            TensorView::new(Dtype::U64, vec![n], bytes_of(&keys)).map_err(err)?,
         ),
         (
             "sparse.values",
-            TensorView::new(Dtype::F32, vec![n, w], bytes_of(values)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![n, w], bytes_of(&values)).map_err(err)?,
         ),
         (
             "sparse.state",
-            TensorView::new(Dtype::F32, vec![state.len()], bytes_of(state)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![state.len()], bytes_of(&state)).map_err(err)?,
         ),
     ];
     if !steps.is_empty() {
         tensors.push((
             "sparse.steps",
-            TensorView::new(Dtype::U32, vec![n], bytes_of(steps)).map_err(err)?,
+            TensorView::new(Dtype::U32, vec![n], bytes_of(&steps)).map_err(err)?,
         ));
     }
     let mut meta = HashMap::new();

@@ -65,8 +65,28 @@ enum CtrModelArg {
 enum SparseOpt {
     Sgd,
     Adagrad,
+    RowAdagrad,
     LazyAdam,
     Ftrl,
+}
+
+fn sparse_rule(o: SparseOpt) -> shoal_optim::SparseRule {
+    use shoal_optim::SparseRule;
+    match o {
+        SparseOpt::Sgd => SparseRule::Sgd,
+        SparseOpt::Adagrad => SparseRule::Adagrad { eps: 1e-8 },
+        SparseOpt::RowAdagrad => SparseRule::RowAdagrad { eps: 1e-8 },
+        SparseOpt::LazyAdam => SparseRule::LazyAdam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        SparseOpt::Ftrl => SparseRule::Ftrl {
+            beta: 1.0,
+            l1: 0.0,
+            l2: 0.0,
+        },
+    }
 }
 
 #[derive(Args)]
@@ -417,6 +437,9 @@ enum BenchCmd {
         /// Values per row (DeepFM: 1 + embedding dim).
         #[arg(long, default_value_t = 9)]
         dim: usize,
+        /// Update rule of the rows (its state is part of each row's bytes).
+        #[arg(long, value_enum, default_value = "row-adagrad")]
+        rule: SparseOpt,
         #[arg(long, default_value_t = 20_000)]
         ps_keys: usize,
         #[arg(long, default_value_t = 30)]
@@ -871,7 +894,6 @@ fn print_predictions(preds: &[shoal_train::plan::Prediction]) {
 
 fn train_ctr(a: CtrArgs) -> Result<()> {
     use shoal_model::ctr::CtrKind;
-    use shoal_optim::SparseRule;
     use shoal_train::ctr::{CtrEvent, CtrTrainConfig, CtrTrainer};
     let hidden = a
         .hidden
@@ -898,20 +920,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         max_steps: a.max_steps,
         lr: a.lr,
         sparse_lr: a.sparse_lr,
-        sparse_rule: match a.sparse_opt {
-            SparseOpt::Sgd => SparseRule::Sgd,
-            SparseOpt::Adagrad => SparseRule::Adagrad { eps: 1e-8 },
-            SparseOpt::LazyAdam => SparseRule::LazyAdam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            },
-            SparseOpt::Ftrl => SparseRule::Ftrl {
-                beta: 1.0,
-                l1: 0.0,
-                l2: 0.0,
-            },
-        },
+        sparse_rule: sparse_rule(a.sparse_opt),
         dist: shoal_train::config::DistSection {
             workers: a.workers,
             ps: a.ps,
@@ -1257,10 +1266,11 @@ fn bench(b: BenchCmd) -> Result<()> {
         BenchCmd::CtrScale {
             rows,
             dim,
+            rule,
             ps_keys,
             ps_steps,
         } => {
-            let r = shoal_train::bench::ctr_scale(rows, dim, ps_keys, ps_steps)?;
+            let r = shoal_train::bench::ctr_scale(rows, dim, sparse_rule(rule), ps_keys, ps_steps)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         BenchCmd::PsShards {
