@@ -89,7 +89,7 @@ impl Blocks {
 
     /// Appends a slot, its values from `init(j)`.
     fn push(&mut self, init: impl Fn(usize) -> f32) {
-        if self.per > 0 && self.len % BLOCK == 0 {
+        if self.per > 0 && self.len.is_multiple_of(BLOCK) {
             self.blocks
                 .push(vec![0.0; BLOCK * self.per].into_boxed_slice());
         }
