@@ -381,26 +381,20 @@ impl PsServer {
         sh.params.clone()
     }
 
+    /// A measure of the shard's sparse table (0 without one).
+    fn sparse_measure(&self, f: impl Fn(&SparseTable) -> usize) -> usize {
+        let sh = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+        sh.sparse.as_ref().map_or(0, f)
+    }
+
     /// Number of sparse rows the shard holds.
     pub fn sparse_rows(&self) -> usize {
-        self.state
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sparse
-            .as_ref()
-            .map_or(0, |t| t.len())
+        self.sparse_measure(SparseTable::len)
     }
 
     /// Bytes held by the shard's sparse table (rows, optimizer state, index).
     pub fn sparse_bytes(&self) -> usize {
-        self.state
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sparse
-            .as_ref()
-            .map_or(0, |t| t.bytes())
+        self.sparse_measure(SparseTable::bytes)
     }
 
     /// Waits until every worker has said goodbye (or one failed).

@@ -2,29 +2,15 @@
 //! ranks, sizes from 1 element to 64 MB (and not divisible by the rank count), over the
 //! in-process and the TCP transports; and the TCP transport's refusals.
 
+mod common;
+
+use common::{expected_sum, input};
 use shoal_comm::local::LocalTransport;
 use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
-
-/// Rank r's input: small integers (exactly representable, so sums are exact).
-fn input(rank: usize, len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0)
-        .collect()
-}
-
-fn expected_sum(n: usize, len: usize) -> Vec<f32> {
-    let mut s = vec![0.0f32; len];
-    for r in 0..n {
-        for (a, b) in s.iter_mut().zip(input(r, len)) {
-            *a += b;
-        }
-    }
-    s
-}
 
 /// Runs `body` on `n` ranks (threads), each with its own transport.
 fn run<T: Transport + 'static>(

@@ -3,24 +3,11 @@
 //! sizes from 1 value to 64 MB; a wrong-sized message is refused.
 #![cfg(feature = "mpi")]
 
+mod common;
+
+use common::{expected_sum, input};
 use shoal_comm::mpi::MpiTransport;
 use shoal_comm::{Communicator, Transport};
-
-fn input(rank: usize, len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0)
-        .collect()
-}
-
-fn expected_sum(n: usize, len: usize) -> Vec<f32> {
-    let mut s = vec![0.0f32; len];
-    for r in 0..n {
-        for (a, b) in s.iter_mut().zip(input(r, len)) {
-            *a += b;
-        }
-    }
-    s
-}
 
 /// Starts this test binary under `mpirun -n ranks`, running `mpi_rank` in each.
 #[test]
