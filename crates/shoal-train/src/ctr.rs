@@ -48,11 +48,37 @@ pub struct CtrTrainConfig {
     pub sparse_rule: SparseRule,
     /// Sparse rows start uniform in +-init_scale.
     pub init_scale: f32,
+    /// Frequency filter: a key seen in fewer training rows than this shares its field's
+    /// "rare" row (1: off). Unseen keys map to it too when scoring.
+    #[serde(default = "one")]
+    pub min_count: u32,
     pub seed: u64,
     /// Workers and parameter servers (`shoal train ctr --workers N --ps M`); CTR across
     /// workers needs a ps mode: the rows live on the shards.
     #[serde(default)]
     pub dist: crate::config::DistSection,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The key all rare (and unseen) values of field `f` share under the frequency filter.
+pub fn rare_key(f: usize) -> u64 {
+    shoal_data::ctr::feature_key(f, b"\x00rare")
+}
+
+/// Replaces in rows `which` of `data` every key for which `keep` is false by its
+/// field's rare key.
+fn map_rare(data: &mut CtrData, which: impl Iterator<Item = usize>, keep: impl Fn(u64) -> bool) {
+    let f = data.fields;
+    for i in which {
+        for (j, k) in data.keys[i * f..(i + 1) * f].iter_mut().enumerate() {
+            if !keep(*k) {
+                *k = rare_key(j);
+            }
+        }
+    }
 }
 
 impl Default for CtrTrainConfig {
@@ -73,6 +99,7 @@ impl Default for CtrTrainConfig {
             sparse_rule: SparseRule::Adagrad { eps: 1e-8 },
             init_scale: 0.01,
             seed: 1,
+            min_count: 1,
             dist: Default::default(),
         }
     }
@@ -295,6 +322,22 @@ impl CtrTrainer {
             None => None,
         };
         let (train_idx, valid_idx) = data.split(cfg.valid_fraction, cfg.seed);
+        let mut data = data;
+        if cfg.min_count > 1 {
+            // Count each key's training rows, then send the rare ones (and, in the
+            // held-out rows, the unseen ones) to their field's rare row.
+            let mut counts: HashMap<u64, u32> = HashMap::new();
+            for &i in &train_idx {
+                for &k in data.row(i) {
+                    *counts.entry(k).or_insert(0) += 1;
+                }
+            }
+            let min = cfg.min_count;
+            let n = data.len();
+            map_rare(&mut data, 0..n, |k| {
+                counts.get(&k).is_some_and(|&c| c >= min)
+            });
+        }
         let model = CtrModel::new(CtrConfig {
             kind: cfg.kind,
             fields: data.fields,
@@ -426,6 +469,15 @@ impl CtrTrainer {
             data,
             idx,
         )
+    }
+
+    /// Click probabilities of the held-out rows, in split order.
+    pub fn predict_held_out(&mut self) -> Result<Vec<f32>> {
+        let idx = self.valid_idx.clone();
+        let data = std::mem::take(&mut self.data);
+        let probs = self.predict(&data, &idx);
+        self.data = data;
+        probs
     }
 
     /// AUC and log loss on the held-out rows.
@@ -652,6 +704,7 @@ fn save_ctr(
 /// A trained CTR model loaded for scoring.
 pub struct CtrPredictor {
     pub model: CtrModel,
+    min_count: u32,
     dense: Vec<f32>,
     table: SparseTable,
     ws: Workspace,
@@ -727,6 +780,7 @@ impl CtrPredictor {
             .map_err(|e| fail(e.to_string()))?;
         Ok(Self {
             model,
+            min_count: cfg.min_count,
             dense,
             table,
             ws: Workspace::default(),
@@ -743,6 +797,17 @@ impl CtrPredictor {
             )));
         }
         let idx: Vec<usize> = (0..data.len()).collect();
+        let mut mapped;
+        let data = if self.min_count > 1 {
+            // Keys the model never kept share their field's rare row.
+            mapped = data.clone();
+            let n = mapped.len();
+            let t = &self.table;
+            map_rare(&mut mapped, 0..n, |k| t.get(k).is_some());
+            &mapped
+        } else {
+            data
+        };
         score(
             &self.model,
             &self.dense,

@@ -1,6 +1,6 @@
-//! The live progress display of a training run: a bar with epoch, step, loss, target
-//! tokens/s and ETA on a terminal, and a plain line every few seconds otherwise (logs,
-//! CI).
+//! The live progress displays of training runs (NMT and CTR): a bar with epoch, step,
+//! loss, throughput and ETA on a terminal, and a plain line every few seconds otherwise
+//! (logs, CI).
 
 use crate::nmt::Event;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -114,6 +114,104 @@ impl Progress {
             Event::Checkpoint { step, path } => {
                 self.say(&format!("checkpoint at step {step}: {}", path.display()));
             }
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// The progress display of a CTR run: a bar with epoch, step, running log loss and
+/// examples/s on a terminal, a plain line every few seconds otherwise; held-out scores
+/// after each epoch.
+pub struct CtrProgress {
+    bar: Option<ProgressBar>,
+    last_line: Instant,
+    epochs: u64,
+    per_epoch: u64,
+}
+
+impl CtrProgress {
+    pub fn new(epochs: u64) -> Self {
+        Self {
+            bar: None,
+            last_line: Instant::now(),
+            epochs,
+            per_epoch: 0,
+        }
+    }
+
+    fn say(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Handles one event.
+    pub fn on_event(&mut self, e: &crate::ctr::CtrEvent) {
+        use crate::ctr::CtrEvent;
+        match e {
+            CtrEvent::Started {
+                train_rows,
+                valid_rows,
+                skipped_rows,
+                steps_per_epoch,
+            } => {
+                self.per_epoch = *steps_per_epoch as u64;
+                eprintln!(
+                    "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
+                    if *skipped_rows > 0 {
+                        format!(", {skipped_rows} malformed rows skipped")
+                    } else {
+                        String::new()
+                    }
+                );
+                if std::io::stderr().is_terminal() {
+                    let total = self.per_epoch * self.epochs.max(1);
+                    let bar =
+                        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    self.bar = Some(bar);
+                }
+            }
+            CtrEvent::Step {
+                step,
+                epoch,
+                loss,
+                examples_per_s,
+            } => {
+                let msg = format!(
+                    "epoch {}/{} logloss {loss:.4} {examples_per_s:.0} examples/s",
+                    epoch + 1,
+                    self.epochs
+                );
+                if let Some(b) = &self.bar {
+                    b.set_position(*step);
+                    b.set_message(msg);
+                } else if self.last_line.elapsed() >= Duration::from_secs(5) {
+                    self.last_line = Instant::now();
+                    eprintln!("step {step}: {msg}");
+                }
+            }
+            CtrEvent::Eval { epoch, eval } => self.say(&format!(
+                "epoch {} held-out AUC {:.4}, logloss {:.4}{}",
+                epoch + 1,
+                eval.auc,
+                eval.logloss,
+                eval.planted_auc
+                    .map(|p| format!(" (planted model's AUC {p:.4})"))
+                    .unwrap_or_default()
+            )),
         }
     }
 

@@ -144,3 +144,59 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
     let r = rel(&mine, &theirs);
     assert!(r < 1e-5, "saved model's predictions differ by {r:e}");
 }
+
+/// The frequency filter: keys seen in fewer than `min_count` training rows share their
+/// field's rare row, so the table holds only the frequent keys plus one row per field;
+/// a saved model maps unseen keys the same way when scoring.
+#[test]
+fn frequency_filter_keeps_frequent_keys_only() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("s.csv");
+    let syn = SynthConfig {
+        rows: 30_000,
+        fields: 4,
+        ids_per_field: 100_000,
+        ..Default::default()
+    };
+    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let (rows, _, _) = shoal_data::ctr::read_csv(&data, shoal_data::ctr::BadRows::Fail).unwrap();
+    let cfg = CtrTrainConfig {
+        kind: CtrKind::Fm,
+        dim: 4,
+        data: data.clone(),
+        min_count: 5,
+        // A whole epoch: every frequent key gets its row.
+        epochs: 1,
+        ..Default::default()
+    };
+    let mut t = CtrTrainer::new(cfg.clone()).unwrap();
+    t.run(|_| {}).unwrap();
+    // Reference count of keys with >= 5 rows among the training rows.
+    let (train, valid) = rows.split(cfg.valid_fraction, cfg.seed);
+    let mut counts = std::collections::HashMap::new();
+    for &i in &train {
+        for &k in rows.row(i) {
+            *counts.entry(k).or_insert(0usize) += 1;
+        }
+    }
+    let frequent = counts.values().filter(|&&c| c >= 5).count();
+    let all = counts.len();
+    assert!(
+        frequent < all / 2,
+        "{frequent} of {all} keys frequent: the test needs rare ones"
+    );
+    assert!(
+        t.table.len() <= frequent + 4,
+        "{} rows for {frequent} frequent keys",
+        t.table.len()
+    );
+    let out = d.path().join("m");
+    t.save(&out).unwrap();
+    let held = rows.select(&valid);
+    let mut p = CtrPredictor::load(&out).unwrap();
+    let ours: Vec<f32> = t.predict_held_out().unwrap();
+    assert!(
+        p.predict(&held).unwrap() == ours,
+        "the saved model scores differently"
+    );
+}

@@ -124,6 +124,9 @@ struct CtrArgs {
     sparse_lr: f32,
     #[arg(long, value_enum, default_value = "adagrad")]
     sparse_opt: SparseOpt,
+    /// Frequency filter: keys seen in fewer training rows share a per-field row.
+    #[arg(long, default_value_t = 1)]
+    min_count: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Where to save the model.
@@ -894,7 +897,7 @@ fn print_predictions(preds: &[shoal_train::plan::Prediction]) {
 
 fn train_ctr(a: CtrArgs) -> Result<()> {
     use shoal_model::ctr::CtrKind;
-    use shoal_train::ctr::{CtrEvent, CtrTrainConfig, CtrTrainer};
+    use shoal_train::ctr::{CtrTrainConfig, CtrTrainer};
     let hidden = a
         .hidden
         .split(',')
@@ -921,6 +924,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         lr: a.lr,
         sparse_lr: a.sparse_lr,
         sparse_rule: sparse_rule(a.sparse_opt),
+        min_count: a.min_count,
         dist: shoal_train::config::DistSection {
             workers: a.workers,
             ps: a.ps,
@@ -943,45 +947,10 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
     }
     eprintln!("reading {}...", a.data.display());
     let mut t = CtrTrainer::new(cfg)?;
-    let mut last = std::time::Instant::now();
-    let mut total = 0usize;
-    let eval = t.run(|e| match e {
-        CtrEvent::Started {
-            train_rows,
-            valid_rows,
-            skipped_rows,
-            steps_per_epoch,
-        } => {
-            total = *steps_per_epoch;
-            eprintln!(
-                "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
-                if *skipped_rows > 0 { format!(", {skipped_rows} malformed rows skipped") } else { String::new() }
-            );
-        }
-        CtrEvent::Step {
-            step,
-            epoch,
-            loss,
-            examples_per_s,
-        } => {
-            if last.elapsed().as_secs_f64() >= 5.0 {
-                last = std::time::Instant::now();
-                eprintln!(
-                    "epoch {} step {step} ({total} per epoch): logloss {loss:.4}, {examples_per_s:.0} examples/s",
-                    epoch + 1
-                );
-            }
-        }
-        CtrEvent::Eval { epoch, eval } => eprintln!(
-            "epoch {} held-out AUC {:.4}, logloss {:.4}{}",
-            epoch + 1,
-            eval.auc,
-            eval.logloss,
-            eval.planted_auc
-                .map(|p| format!(" (planted model's AUC {p:.4})"))
-                .unwrap_or_default()
-        ),
-    })?;
+    let mut progress = shoal_train::progress::CtrProgress::new(a.epochs);
+    let eval = t.run(|e| progress.on_event(e));
+    progress.finish();
+    let eval = eval?;
     t.save(&a.out)?;
     println!(
         "held-out AUC {:.4}, logloss {:.4}; {} sparse rows; model saved to {}",
