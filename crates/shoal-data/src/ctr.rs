@@ -419,3 +419,126 @@ pub fn write_synth(cfg: &SynthConfig, path: &Path, probs_path: &Path) -> Result<
     let auc = crate::metrics::auc(&probs, &labels).unwrap_or(f64::NAN);
     Ok((labels.len(), auc))
 }
+
+/// Reads a click log in libffm format (`label field:feature:value ...`, fields numbered
+/// from 0): each field's feature becomes `hash(field, feature)` (the value is ignored:
+/// binary features, as in the Criteo libffm files), a field absent from a row its
+/// "missing" key; the field count is the largest field number + 1.
+pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut rows: Vec<(f32, Vec<(usize, String)>)> = Vec::new();
+    let mut report = ReadReport::default();
+    let mut fields = 0usize;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::InvalidUtf8 {
+                path: path.to_path_buf(),
+                line: n,
+            },
+            _ => io(e),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = (|| -> std::result::Result<(f32, Vec<(usize, String)>), String> {
+            let mut it = line.split_whitespace();
+            let label = match it.next() {
+                Some("0") | Some("-1") => 0.0,
+                Some("1") | Some("+1") => 1.0,
+                Some(other) => return Err(format!("label '{other}' is not 0/1 (or -1/+1)")),
+                None => return Err("empty row".into()),
+            };
+            let mut feats = Vec::new();
+            for tok in it {
+                let mut p = tok.splitn(3, ':');
+                let (f, x) = match (p.next(), p.next(), p.next()) {
+                    (Some(f), Some(x), Some(_)) => (f, x),
+                    _ => return Err(format!("'{tok}' is not field:feature:value")),
+                };
+                let f: usize =
+                    f.parse().ok().filter(|f| *f < 4096).ok_or_else(|| {
+                        format!("field '{f}' in '{tok}' is not a number below 4096")
+                    })?;
+                feats.push((f, x.to_string()));
+            }
+            Ok((label, feats))
+        })();
+        match parsed {
+            Ok(r) => {
+                fields = fields.max(r.1.iter().map(|(f, _)| f + 1).max().unwrap_or(0));
+                rows.push(r);
+            }
+            Err(why) => match bad {
+                BadRows::Fail => {
+                    return Err(Error::Ctr {
+                        path: path.to_path_buf(),
+                        line: n,
+                        why,
+                    })
+                }
+                BadRows::Skip => {
+                    report.skipped += 1;
+                    if report.first_problem.is_none() {
+                        report.first_problem = Some(format!("{}:{n}: {why}", path.display()));
+                    }
+                }
+            },
+        }
+    }
+    if fields == 0 {
+        return Err(Error::Ctr {
+            path: path.to_path_buf(),
+            line: 1,
+            why: "no field:feature:value entries".into(),
+        });
+    }
+    let mut data = CtrData {
+        fields,
+        labels: Vec::with_capacity(rows.len()),
+        keys: Vec::with_capacity(rows.len() * fields),
+    };
+    for (label, feats) in rows {
+        let start = data.keys.len();
+        data.keys
+            .extend((0..fields).map(|f| feature_key(f, b"\x00missing")));
+        for (f, x) in feats {
+            data.keys[start + f] = feature_key(f, x.as_bytes());
+        }
+        data.labels.push(label);
+    }
+    report.rows = data.len();
+    let schema = Schema {
+        label_col: Some(0),
+        fields: (0..fields)
+            .map(|f| (f, format!("field{f}"), FieldKind::Categorical))
+            .collect(),
+        columns: fields + 1,
+    };
+    Ok((data, schema, report))
+}
+
+/// Reads a click log in CSV with a header or in libffm format, told apart by the file's
+/// first line (a comma-separated header, or `label field:feature:value` entries).
+pub fn read_click_log(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut first = String::new();
+    let _ = BufReader::new(file).read_line(&mut first);
+    let ffm = !first.contains(',')
+        && first
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|t| t.matches(':').count() == 2);
+    if ffm {
+        read_libffm(path, bad)
+    } else {
+        read_csv(path, bad)
+    }
+}

@@ -136,3 +136,29 @@ fn generator_is_seeded_zipfian_and_learnable() {
     assert_eq!((n, &back), (300, &mem));
     assert!((auc_w - auc(&probs, &mem.labels).unwrap()).abs() < 1e-12);
 }
+
+#[test]
+fn libffm_rows_become_keyed_fields() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.ffm");
+    std::fs::write(&p, "1 0:5:1 2:7:1\n0 1:9:1 0:5:0.5\n\n-1 2:1:1\n").unwrap();
+    let (data, schema, rep) = ctr::read_click_log(&p, BadRows::Fail).unwrap();
+    assert_eq!((data.len(), data.fields, rep.rows), (3, 3, 3));
+    assert_eq!(schema.label_col, Some(0));
+    assert_eq!(data.labels, vec![1.0, 0.0, 0.0]);
+    assert_eq!(data.row(0)[0], ctr::feature_key(0, b"5"));
+    assert_eq!(data.row(0)[1], ctr::feature_key(1, b"\x00missing"));
+    assert_eq!(data.row(0)[2], ctr::feature_key(2, b"7"));
+    assert_eq!(data.row(1)[1], ctr::feature_key(1, b"9"));
+    std::fs::write(&p, "1 0:5:1\n0 zz\n1 x:1:1\n").unwrap();
+    let e = ctr::read_click_log(&p, BadRows::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a.ffm:2") && e.contains("'zz'"), "{e}");
+    let (data, _, rep) = ctr::read_click_log(&p, BadRows::Skip).unwrap();
+    assert_eq!((data.len(), rep.skipped), (1, 2));
+    // A CSV is still read as CSV.
+    let (c, _, _) =
+        ctr::read_click_log(&Path::new(DATA).join("criteo_sample.txt"), BadRows::Fail).unwrap();
+    assert_eq!(c.fields, 39);
+}

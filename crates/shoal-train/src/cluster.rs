@@ -19,6 +19,7 @@ use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
 use shoal_control::{ControlClient, Coordinator, CoordinatorConfig};
+use shoal_data::ctr::BadRows;
 use shoal_data::SubwordTokenizer;
 use shoal_model::ctr::{CtrConfig, CtrModel};
 use shoal_model::{Cpu, FlatLayout};
@@ -171,7 +172,14 @@ fn ctr_shape(cfg: &CtrTrainConfig) -> Result<(usize, usize)> {
     BufReader::new(f)
         .read_line(&mut header)
         .map_err(crate::error::io_err(&cfg.data))?;
-    let fields = shoal_data::ctr::Schema::from_header(&header).fields.len();
+    let fields = if header.contains(',') {
+        shoal_data::ctr::Schema::from_header(&header).fields.len()
+    } else {
+        // libffm: the field count is the largest field number in the file.
+        shoal_data::ctr::read_click_log(&cfg.data, BadRows::Skip)?
+            .0
+            .fields
+    };
     let m = CtrModel::new(CtrConfig {
         kind: cfg.kind,
         fields,

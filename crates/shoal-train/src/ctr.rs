@@ -14,7 +14,7 @@
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use shoal_comm::ps::{PsClient, PsMode, ShardConfig};
-use shoal_data::ctr::{read_csv, BadRows, CtrData};
+use shoal_data::ctr::{read_click_log, BadRows, CtrData};
 use shoal_data::metrics::{auc, logloss};
 use shoal_model::ctr::{CtrConfig, CtrKind, CtrModel, Workspace};
 use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
@@ -304,7 +304,7 @@ impl CtrTrainer {
         } else {
             BadRows::Fail
         };
-        let (data, schema, report) = read_csv(&cfg.data, bad)?;
+        let (data, schema, report) = read_click_log(&cfg.data, bad)?;
         if schema.label_col.is_none() {
             return Err(Error::Config(format!(
                 "{}: no label column (label, click or y) to train on",

@@ -93,7 +93,8 @@ fn sparse_rule(o: SparseOpt) -> shoal_optim::SparseRule {
 struct CtrArgs {
     #[arg(long, value_enum, default_value = "deepfm")]
     model: CtrModelArg,
-    /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...).
+    /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...)
+    /// or libffm (`label field:feature:value ...`).
     #[arg(long)]
     data: PathBuf,
     /// Skip malformed rows (counted) instead of stopping at the first.
@@ -1062,7 +1063,7 @@ fn predict(a: PredictArgs) -> Result<()> {
     } else {
         shoal_data::ctr::BadRows::Fail
     };
-    let (data, schema, report) = shoal_data::ctr::read_csv(&a.data, bad)?;
+    let (data, schema, report) = shoal_data::ctr::read_click_log(&a.data, bad)?;
     let probs = p.predict(&data)?;
     let text: String = probs.iter().map(|p| format!("{p}\n")).collect();
     match &a.out {
