@@ -556,7 +556,10 @@ impl CtrTrainer {
         let start = Instant::now();
         let mut seen = 0usize;
         let mut last = None;
-        'epochs: for epoch in 0..epochs {
+        // Where a resumed run left off: its epoch, and the global batches done in it.
+        let per = per_epoch.max(1) as u64;
+        let (first_epoch, mut skip) = (self.step / per, (self.step % per) as usize);
+        'epochs: for epoch in first_epoch..epochs {
             // A seeded shuffle per epoch.
             let mut order = self.train_idx.clone();
             let mut s = self.cfg.seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -566,7 +569,7 @@ impl CtrTrainer {
                     .wrapping_add(1442695040888963407);
                 order.swap(i, ((s >> 33) % (i as u64 + 1)) as usize);
             }
-            for global in order.chunks(bs) {
+            for global in order.chunks(bs).skip(std::mem::take(&mut skip)) {
                 if self.step >= max_steps {
                     if rank == 0 {
                         last = Some(self.evaluate()?);
@@ -619,6 +622,10 @@ impl CtrTrainer {
     /// state) to `dir` atomically; with parameter servers the rows are fetched from the
     /// shards first (call it on one worker).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
+        let extra = Resumable {
+            opt: &self.opt,
+            step: self.step,
+        };
         if let Some((_, _, c)) = self.ps.as_mut() {
             let st = c.sparse_state()?;
             let mut t = SparseTable::new(
@@ -628,9 +635,52 @@ impl CtrTrainer {
                 self.cfg.seed,
             )?;
             t.restore(&st.keys, &st.values, &st.state, &st.steps)?;
-            return save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &t);
+            // With parameter servers the dense optimizer state lives on the shards: the
+            // saved model scores, but resuming it starts the MLP's Adam afresh.
+            return save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &t, None);
         }
-        save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &self.table)
+        save_ctr(
+            dir,
+            &self.cfg,
+            &self.model.cfg,
+            &self.dense,
+            &self.table,
+            Some(extra),
+        )
+    }
+
+    /// Continues the run saved at `dir` (one process): the dense parameters, the rows,
+    /// both optimizers' state and the position in the data; `adjust` may change the
+    /// saved configuration's stopping rules (epochs, max_steps).
+    pub fn resume(dir: &Path, adjust: impl FnOnce(&mut CtrTrainConfig)) -> Result<Self> {
+        let ck = CtrCheckpoint::load(dir)?;
+        let mut cfg = ck.cfg.clone();
+        adjust(&mut cfg);
+        let mut t = Self::new(cfg)?;
+        let fail = |why: String| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            why,
+        };
+        if t.model.cfg != ck.model.cfg {
+            return Err(fail(
+                "its model does not fit the data it was trained on".into(),
+            ));
+        }
+        let Some(step) = ck.step else {
+            return Err(fail(
+                "it holds no optimizer state (saved from parameter servers)".into(),
+            ));
+        };
+        t.dense = ck.dense;
+        t.table = ck.table;
+        let bufs: Vec<(&str, &[f32])> = ck
+            .dense_opt
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        t.opt.load_state(ck.dense_opt_steps, &bufs)?;
+        t.step = step;
+        Ok(t)
     }
 }
 
@@ -645,6 +695,7 @@ fn save_ctr(
     mcfg: &CtrConfig,
     dense: &[f32],
     table: &SparseTable,
+    extra: Option<Resumable>,
 ) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let (keys, values) = table.rows();
@@ -679,7 +730,22 @@ fn save_ctr(
             TensorView::new(Dtype::U32, vec![n], bytes_of(&steps)).map_err(err)?,
         ));
     }
+    let opt_state = extra.as_ref().map(|e| e.opt.state()).unwrap_or_default();
+    let names: Vec<String> = opt_state
+        .iter()
+        .map(|(n, _)| format!("dense_opt.{n}"))
+        .collect();
+    for ((_, b), name) in opt_state.iter().zip(&names) {
+        tensors.push((
+            name.as_str(),
+            TensorView::new(Dtype::F32, vec![b.len()], bytes_of(b)).map_err(err)?,
+        ));
+    }
     let mut meta = HashMap::new();
+    if let Some(e) = &extra {
+        meta.insert("step".to_string(), e.step.to_string());
+        meta.insert("dense_opt_steps".to_string(), e.opt.steps().to_string());
+    }
     meta.insert(
         "train_config".to_string(),
         serde_json::to_string(cfg).map_err(|e| Error::Config(e.to_string()))?,
@@ -701,18 +767,26 @@ fn save_ctr(
     Ok(())
 }
 
-/// A trained CTR model loaded for scoring.
-pub struct CtrPredictor {
-    pub model: CtrModel,
-    min_count: u32,
-    dense: Vec<f32>,
-    table: SparseTable,
-    ws: Workspace,
-    batch: Batch,
+/// What a resumable checkpoint adds to the model.
+struct Resumable<'a> {
+    opt: &'a Optimizer,
+    step: u64,
 }
 
-impl CtrPredictor {
-    /// Loads a model saved by [`CtrTrainer::save`].
+/// A saved CTR model.
+struct CtrCheckpoint {
+    cfg: CtrTrainConfig,
+    model: CtrModel,
+    dense: Vec<f32>,
+    table: SparseTable,
+    dense_opt: Vec<(String, Vec<f32>)>,
+    dense_opt_steps: u64,
+    /// Updates done (None: saved without optimizer state).
+    step: Option<u64>,
+}
+
+impl CtrCheckpoint {
+    /// Reads a model saved by [`CtrTrainer::save`].
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("model.safetensors");
         let fail = |why: String| Error::Checkpoint {
@@ -778,11 +852,51 @@ impl CtrPredictor {
                 &steps,
             )
             .map_err(|e| fail(e.to_string()))?;
+        let mut dense_opt = Vec::new();
+        for name in st.names() {
+            if let Some(n) = name.strip_prefix("dense_opt.") {
+                dense_opt.push((n.to_string(), f32s(name)?));
+            }
+        }
+        let num = |k: &str| -> Result<Option<u64>> {
+            md.get(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| fail(format!("'{k}' is '{v}'")))
+                })
+                .transpose()
+        };
         Ok(Self {
+            cfg,
             model,
-            min_count: cfg.min_count,
             dense,
             table,
+            dense_opt,
+            dense_opt_steps: num("dense_opt_steps")?.unwrap_or(0),
+            step: num("step")?,
+        })
+    }
+}
+
+/// A trained CTR model loaded for scoring.
+pub struct CtrPredictor {
+    pub model: CtrModel,
+    min_count: u32,
+    dense: Vec<f32>,
+    table: SparseTable,
+    ws: Workspace,
+    batch: Batch,
+}
+
+impl CtrPredictor {
+    /// Loads a model saved by [`CtrTrainer::save`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let ck = CtrCheckpoint::load(dir)?;
+        Ok(Self {
+            min_count: ck.cfg.min_count,
+            model: ck.model,
+            dense: ck.dense,
+            table: ck.table,
             ws: Workspace::default(),
             batch: Batch::default(),
         })

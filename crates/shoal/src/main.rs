@@ -95,8 +95,12 @@ struct CtrArgs {
     model: CtrModelArg,
     /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...)
     /// or libffm (`label field:feature:value ...`).
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Continue the run saved in this model directory (one process; --epochs and
+    /// --max-steps may change).
     #[arg(long)]
-    data: PathBuf,
+    resume: Option<PathBuf>,
     /// Skip malformed rows (counted) instead of stopping at the first.
     #[arg(long)]
     skip_bad_rows: bool,
@@ -915,7 +919,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         },
         dim: a.dim,
         hidden,
-        data: a.data.clone(),
+        data: a.data.clone().unwrap_or_default(),
         skip_bad_rows: a.skip_bad_rows,
         valid_fraction: a.valid_fraction,
         planted: a.planted.clone(),
@@ -942,12 +946,24 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         },
         ..Default::default()
     };
-    cfg.validate()?;
-    if cfg.dist.is_cluster() {
-        return train_ctr_cluster(&a, cfg);
-    }
-    eprintln!("reading {}...", a.data.display());
-    let mut t = CtrTrainer::new(cfg)?;
+    let mut t = match &a.resume {
+        Some(dir) => {
+            eprintln!("resuming {}...", dir.display());
+            let (epochs, max_steps) = (a.epochs, a.max_steps);
+            CtrTrainer::resume(dir, |c| {
+                c.epochs = epochs;
+                c.max_steps = max_steps;
+            })?
+        }
+        None => {
+            cfg.validate()?;
+            if cfg.dist.is_cluster() {
+                return train_ctr_cluster(&a, cfg);
+            }
+            eprintln!("reading {}...", cfg.data.display());
+            CtrTrainer::new(cfg)?
+        }
+    };
     let mut progress = shoal_train::progress::CtrProgress::new(a.epochs);
     let eval = t.run(|e| progress.on_event(e));
     progress.finish();
