@@ -28,6 +28,7 @@ const OP_BYE: u32 = 6;
 const OP_STATE: u32 = 7;
 const OP_INIT_STATE: u32 = 8;
 const OP_SPARSE_STATE: u32 = 9;
+const OP_SPARSE_RESTORE: u32 = 10;
 const OP_OK: u32 = 100;
 const OP_ERR: u32 = 101;
 
@@ -215,6 +216,66 @@ pub struct SparseState {
     pub values: Vec<f32>,
     pub state: Vec<f32>,
     pub steps: Vec<u32>,
+}
+
+fn encode_sparse(st: &SparseState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        32 + 8 * st.keys.len() + 4 * (st.values.len() + st.state.len() + st.steps.len()),
+    );
+    for x in [
+        st.keys.len(),
+        st.values.len(),
+        st.state.len(),
+        st.steps.len(),
+    ] {
+        out.extend_from_slice(&(x as u64).to_le_bytes());
+    }
+    out.extend_from_slice(u64_bytes(&st.keys));
+    out.extend_from_slice(f32_bytes(&st.values));
+    out.extend_from_slice(f32_bytes(&st.state));
+    for x in &st.steps {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn decode_sparse(b: &[u8], peer: usize) -> Result<SparseState> {
+    let n = |at| read_u64(b, at, peer).map(|x| x as usize);
+    let (nk, nv, ns, nt) = (n(0)?, n(8)?, n(16)?, n(24)?);
+    let want = [
+        nk.checked_mul(8),
+        nv.checked_mul(4),
+        ns.checked_mul(4),
+        nt.checked_mul(4),
+    ]
+    .into_iter()
+    .try_fold(32usize, |acc, x| x.and_then(|x| acc.checked_add(x)));
+    if want != Some(b.len()) {
+        return Err(Error::Frame {
+            peer,
+            why: "malformed sparse state".into(),
+        });
+    }
+    let mut at = 32;
+    let keys = b[at..at + 8 * nk]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    at += 8 * nk;
+    let values = f32s(&b[at..at + 4 * nv]);
+    at += 4 * nv;
+    let state = f32s(&b[at..at + 4 * ns]);
+    at += 4 * ns;
+    let steps = b[at..at + 4 * nt]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(SparseState {
+        keys,
+        values,
+        state,
+        steps,
+    })
 }
 
 /// A shard's (or, assembled, the whole buffer's) parameters and optimizer state.
@@ -518,24 +579,31 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                     Some(t) => {
                         let (keys, values) = t.rows();
                         let (state, steps) = t.state();
-                        let mut out = Vec::with_capacity(
-                            32 + 8 * keys.len() + 4 * (values.len() + state.len() + steps.len()),
-                        );
-                        for x in [keys.len(), values.len(), state.len(), steps.len()] {
-                            out.extend_from_slice(&(x as u64).to_le_bytes());
-                        }
-                        out.extend_from_slice(u64_bytes(&keys));
-                        out.extend_from_slice(f32_bytes(&values));
-                        out.extend_from_slice(f32_bytes(&state));
-                        for x in &steps {
-                            out.extend_from_slice(&x.to_le_bytes());
-                        }
-                        out
+                        encode_sparse(&SparseState {
+                            keys,
+                            values,
+                            state,
+                            steps,
+                        })
                     }
                     None => vec![0u8; 32],
                 };
                 drop(sh);
                 send_frame(&mut s, OP_OK, &[&bytes], worker)?;
+            }
+            OP_SPARSE_RESTORE => {
+                let r = decode_sparse(&buf, worker).and_then(|st| {
+                    let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                    match sh.sparse.as_mut() {
+                        Some(t) => Ok(t.restore(&st.keys, &st.values, &st.state, &st.steps)?),
+                        None => Err(Error::Mismatch("this shard holds no sparse table".into())),
+                    }
+                });
+                if let Err(e) = r {
+                    let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+                    fail(&mut sh, &e);
+                    return Err(e);
+                }
             }
             OP_STATE => {
                 let sh = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -970,41 +1038,40 @@ impl PsClient {
         for (i, s) in self.conns.iter_mut().enumerate() {
             send_frame(s, OP_SPARSE_STATE, &[], i)?;
             expect_ok(s, &mut self.buf, i)?;
-            let b = &self.buf;
-            let n = |at| read_u64(b, at, i).map(|x| x as usize);
-            let (nk, nv, ns, nt) = (n(0)?, n(8)?, n(16)?, n(24)?);
-            let want = [
-                nk.checked_mul(8),
-                nv.checked_mul(4),
-                ns.checked_mul(4),
-                nt.checked_mul(4),
-            ]
-            .into_iter()
-            .try_fold(32usize, |acc, x| x.and_then(|x| acc.checked_add(x)));
-            if want != Some(b.len()) {
-                return Err(Error::Frame {
-                    peer: i,
-                    why: "malformed sparse state".into(),
-                });
-            }
-            let mut at = 32;
-            all.keys.extend(
-                b[at..at + 8 * nk]
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
-            );
-            at += 8 * nk;
-            all.values.extend(f32s(&b[at..at + 4 * nv]));
-            at += 4 * nv;
-            all.state.extend(f32s(&b[at..at + 4 * ns]));
-            at += 4 * ns;
-            all.steps.extend(
-                b[at..at + 4 * nt]
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            let part = decode_sparse(&self.buf, i)?;
+            all.keys.extend(part.keys);
+            all.values.extend(part.values);
+            all.state.extend(part.state);
+            all.steps.extend(part.steps);
         }
         Ok(all)
+    }
+
+    /// Replaces the shards' sparse rows by `st` (each row sent to the shard its key
+    /// belongs to): the resume counterpart of [`PsClient::sparse_state`], before training.
+    pub fn restore_sparse(&mut self, st: &SparseState) -> Result<()> {
+        let m = self.conns.len();
+        let n = st.keys.len();
+        let (d, per) = if n == 0 {
+            (0, 0)
+        } else {
+            (st.values.len() / n, st.state.len() / n)
+        };
+        let lazy = !st.steps.is_empty();
+        let mut parts = vec![SparseState::default(); m];
+        for (i, &k) in st.keys.iter().enumerate() {
+            let p = &mut parts[sparse_shard(k, m)];
+            p.keys.push(k);
+            p.values.extend_from_slice(&st.values[i * d..(i + 1) * d]);
+            p.state.extend_from_slice(&st.state[i * per..(i + 1) * per]);
+            if lazy {
+                p.steps.push(st.steps[i]);
+            }
+        }
+        for (i, (s, p)) in self.conns.iter_mut().zip(&parts).enumerate() {
+            send_frame(s, OP_SPARSE_RESTORE, &[&encode_sparse(p)], i)?;
+        }
+        Ok(())
     }
 
     /// Tells every shard this worker is done.

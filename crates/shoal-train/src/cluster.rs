@@ -766,7 +766,8 @@ pub fn run_role() -> Result<()> {
             Job::Nmt(cfg, tok) => (*cfg, *tok),
             Job::Ctr(j) => {
                 let client = PsClient::connect(&shard_addrs()?, rank, total, width, &token)?;
-                return finish(ctr_worker(*j, rank, d.workers, client), server, dog, ctl);
+                let r = ctr_worker(*j, resume.as_deref(), rank, d.workers, client);
+                return finish(r, server, dog, ctl);
             }
         };
         let exchange = match d.mode {
@@ -840,8 +841,20 @@ fn finish(
 }
 
 /// A CTR worker against the job's shards; worker 0 evaluates and saves the model.
-fn ctr_worker(j: CtrJob, rank: usize, workers: usize, client: PsClient) -> Result<()> {
-    let mut t = CtrTrainer::new(j.cfg)?;
+fn ctr_worker(
+    j: CtrJob,
+    resume: Option<&Path>,
+    rank: usize,
+    workers: usize,
+    client: PsClient,
+) -> Result<()> {
+    let mut t = match resume {
+        Some(p) => CtrTrainer::resume(p, |c| {
+            c.epochs = j.cfg.epochs;
+            c.max_steps = j.cfg.max_steps;
+        })?,
+        None => CtrTrainer::new(j.cfg)?,
+    };
     t.attach_ps(rank, workers, client)?;
     let start = Instant::now();
     let mut pending = 0usize;

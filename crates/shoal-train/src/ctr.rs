@@ -13,7 +13,7 @@
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use shoal_comm::ps::{PsClient, PsMode, ShardConfig};
+use shoal_comm::ps::{PsClient, PsMode, PsState, ShardConfig, SparseState};
 use shoal_data::ctr::{read_click_log, BadRows, CtrData};
 use shoal_data::metrics::{auc, logloss};
 use shoal_model::ctr::{CtrConfig, CtrKind, CtrModel, Workspace};
@@ -106,6 +106,11 @@ impl Default for CtrTrainConfig {
 }
 
 impl CtrTrainConfig {
+    /// The configuration saved in a model directory.
+    pub fn saved_in(dir: &Path) -> Result<Self> {
+        Ok(CtrCheckpoint::load(dir)?.cfg)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, why: &str| Err(Error::Config(format!("{f}: {why}")));
         if self.batch_size == 0 {
@@ -382,7 +387,28 @@ impl CtrTrainer {
             return Err(Error::Cluster(format!("worker rank {rank} of {workers}")));
         }
         if rank == 0 {
-            client.init(&self.dense)?;
+            // The shards start from this trainer's state (a resumed run's included).
+            client.init_state(&PsState {
+                applied: self.step,
+                optimizer_steps: self.opt.steps(),
+                params: self.dense.clone(),
+                buffers: self
+                    .opt
+                    .state()
+                    .into_iter()
+                    .map(|(n, b)| (n.to_string(), b.to_vec()))
+                    .collect(),
+            })?;
+            if !self.table.is_empty() {
+                let (keys, values) = self.table.rows();
+                let (state, steps) = self.table.state();
+                client.restore_sparse(&SparseState {
+                    keys,
+                    values,
+                    state,
+                    steps,
+                })?;
+            }
         }
         client.pull(self.step, &mut self.dense)?;
         self.ps = Some((rank, workers, client));
@@ -622,12 +648,10 @@ impl CtrTrainer {
     /// state) to `dir` atomically; with parameter servers the rows are fetched from the
     /// shards first (call it on one worker).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
-        let extra = Resumable {
-            opt: &self.opt,
-            step: self.step,
-        };
         if let Some((_, _, c)) = self.ps.as_mut() {
+            // The rows and the MLP's optimizer state live on the shards.
             let st = c.sparse_state()?;
+            let dense = c.state()?;
             let mut t = SparseTable::new(
                 self.model.cfg.row_width(),
                 self.cfg.sparse_rule,
@@ -635,10 +659,30 @@ impl CtrTrainer {
                 self.cfg.seed,
             )?;
             t.restore(&st.keys, &st.values, &st.state, &st.steps)?;
-            // With parameter servers the dense optimizer state lives on the shards: the
-            // saved model scores, but resuming it starts the MLP's Adam afresh.
-            return save_ctr(dir, &self.cfg, &self.model.cfg, &self.dense, &t, None);
+            let extra = Resumable {
+                opt_state: dense.buffers,
+                opt_steps: dense.optimizer_steps,
+                step: self.step,
+            };
+            return save_ctr(
+                dir,
+                &self.cfg,
+                &self.model.cfg,
+                &self.dense,
+                &t,
+                Some(extra),
+            );
         }
+        let extra = Resumable {
+            opt_state: self
+                .opt
+                .state()
+                .into_iter()
+                .map(|(n, b)| (n.to_string(), b.to_vec()))
+                .collect(),
+            opt_steps: self.opt.steps(),
+            step: self.step,
+        };
         save_ctr(
             dir,
             &self.cfg,
@@ -730,7 +774,8 @@ fn save_ctr(
             TensorView::new(Dtype::U32, vec![n], bytes_of(&steps)).map_err(err)?,
         ));
     }
-    let opt_state = extra.as_ref().map(|e| e.opt.state()).unwrap_or_default();
+    let empty = Vec::new();
+    let opt_state = extra.as_ref().map_or(&empty, |e| &e.opt_state);
     let names: Vec<String> = opt_state
         .iter()
         .map(|(n, _)| format!("dense_opt.{n}"))
@@ -744,7 +789,7 @@ fn save_ctr(
     let mut meta = HashMap::new();
     if let Some(e) = &extra {
         meta.insert("step".to_string(), e.step.to_string());
-        meta.insert("dense_opt_steps".to_string(), e.opt.steps().to_string());
+        meta.insert("dense_opt_steps".to_string(), e.opt_steps.to_string());
     }
     meta.insert(
         "train_config".to_string(),
@@ -768,8 +813,9 @@ fn save_ctr(
 }
 
 /// What a resumable checkpoint adds to the model.
-struct Resumable<'a> {
-    opt: &'a Optimizer,
+struct Resumable {
+    opt_state: Vec<(String, Vec<f32>)>,
+    opt_steps: u64,
     step: u64,
 }
 

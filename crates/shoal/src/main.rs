@@ -948,6 +948,15 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
     };
     let mut t = match &a.resume {
         Some(dir) => {
+            let saved = shoal_train::ctr::CtrTrainConfig::saved_in(dir)?;
+            if saved.dist.is_cluster() {
+                let cfg = shoal_train::ctr::CtrTrainConfig {
+                    epochs: a.epochs,
+                    max_steps: a.max_steps,
+                    ..saved
+                };
+                return train_ctr_cluster(&a, cfg, Some(dir.clone()));
+            }
             eprintln!("resuming {}...", dir.display());
             let (epochs, max_steps) = (a.epochs, a.max_steps);
             CtrTrainer::resume(dir, |c| {
@@ -958,7 +967,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         None => {
             cfg.validate()?;
             if cfg.dist.is_cluster() {
-                return train_ctr_cluster(&a, cfg);
+                return train_ctr_cluster(&a, cfg, None);
             }
             eprintln!("reading {}...", cfg.data.display());
             CtrTrainer::new(cfg)?
@@ -989,7 +998,11 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
 }
 
 /// CTR training as worker and shard processes of this program.
-fn train_ctr_cluster(a: &CtrArgs, cfg: shoal_train::ctr::CtrTrainConfig) -> Result<()> {
+fn train_ctr_cluster(
+    a: &CtrArgs,
+    cfg: shoal_train::ctr::CtrTrainConfig,
+    resume: Option<PathBuf>,
+) -> Result<()> {
     use shoal_train::cluster::{launch_job, write_ctr_job, CtrJob, LaunchOptions, Report};
     let run_dir = PathBuf::from(format!("{}.cluster", a.out.display()));
     let d = cfg.dist.clone();
@@ -1008,10 +1021,25 @@ fn train_ctr_cluster(a: &CtrArgs, cfg: shoal_train::ctr::CtrTrainConfig) -> Resu
         d.placement,
         run_dir.join("job/logs").display()
     );
+    // A resumed job reads its checkpoint before the model is saved over it.
+    let resume = match resume {
+        Some(dir) if dir == a.out => {
+            let copy = run_dir.join("resume-from");
+            let _ = std::fs::remove_dir_all(&copy);
+            std::fs::create_dir_all(&copy)?;
+            std::fs::copy(
+                dir.join("model.safetensors"),
+                copy.join("model.safetensors"),
+            )
+            .with_context(|| format!("copying {}", dir.display()))?;
+            Some(copy)
+        }
+        other => other,
+    };
     let opts = LaunchOptions {
         exe: std::env::current_exe().context("finding this program's path")?,
         args: vec!["role".into()],
-        resume: None,
+        resume,
     };
     let mut last = std::time::Instant::now();
     let mut eval = None;
