@@ -1052,11 +1052,8 @@ impl PsClient {
     pub fn restore_sparse(&mut self, st: &SparseState) -> Result<()> {
         let m = self.conns.len();
         let n = st.keys.len();
-        let (d, per) = if n == 0 {
-            (0, 0)
-        } else {
-            (st.values.len() / n, st.state.len() / n)
-        };
+        let d = st.values.len().checked_div(n).unwrap_or(0);
+        let per = st.state.len().checked_div(n).unwrap_or(0);
         let lazy = !st.steps.is_empty();
         let mut parts = vec![SparseState::default(); m];
         for (i, &k) in st.keys.iter().enumerate() {
