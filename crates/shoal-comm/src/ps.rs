@@ -95,6 +95,38 @@ pub fn sparse_shard(key: u64, m: usize) -> usize {
     ((z ^ (z >> 31)) % m as u64) as usize
 }
 
+/// Sparse gradients summed per key into flat buffers that keep their capacity from
+/// one update to the next (no allocation per key or per step once warm).
+#[derive(Default)]
+struct SparseSum {
+    slot: HashMap<u64, u32>,
+    keys: Vec<u64>,
+    grads: Vec<f32>,
+}
+
+impl SparseSum {
+    /// Adds `w * g` to key `k`'s sum.
+    fn add(&mut self, k: u64, g: &[f32], w: f32) {
+        let n = self.keys.len() as u32;
+        let s = *self.slot.entry(k).or_insert(n) as usize;
+        let d = g.len();
+        if s == n as usize {
+            self.keys.push(k);
+            self.grads.extend(g.iter().map(|x| w * x));
+        } else {
+            for (a, b) in self.grads[s * d..(s + 1) * d].iter_mut().zip(g) {
+                *a += w * b;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slot.clear();
+        self.keys.clear();
+        self.grads.clear();
+    }
+}
+
 struct Shard {
     cfg: ShardConfig,
     params: Option<Vec<f32>>,
@@ -104,14 +136,11 @@ struct Shard {
     /// Sync mode: the weighted sum of this step's pushes, the sum of their weights,
     /// the learning rate they carry, and how many arrived.
     pending: Vec<f32>,
-    pending_sparse: HashMap<u64, Vec<f32>>,
+    pending_sparse: SparseSum,
     pending_weight: f32,
     pending_lr: f32,
     arrived: usize,
     sparse: Option<SparseTable>,
-    /// Reused flat keys and gradients of one sparse update.
-    sparse_keys: Vec<u64>,
-    sparse_grads: Vec<f32>,
     failed: Option<String>,
     done: usize,
 }
@@ -125,7 +154,7 @@ impl Shard {
         lr: f32,
         weight: f32,
         dense: &mut [f32],
-        sparse: &mut HashMap<u64, Vec<f32>>,
+        sparse: &mut SparseSum,
     ) -> Result<()> {
         let scale = if self.cfg.average && self.cfg.mode == PsMode::Sync && weight > 0.0 {
             1.0 / weight
@@ -139,15 +168,12 @@ impl Shard {
             o.step(lr, p, dense)?;
         }
         if let Some(t) = self.sparse.as_mut() {
-            self.sparse_keys.clear();
-            self.sparse_grads.clear();
-            for (k, g) in sparse.iter() {
-                self.sparse_keys.push(*k);
-                self.sparse_grads.extend(g.iter().map(|x| x * scale));
+            if scale != 1.0 {
+                sparse.grads.iter_mut().for_each(|x| *x *= scale);
             }
             t.apply(
-                &self.sparse_keys,
-                &self.sparse_grads,
+                &sparse.keys,
+                &sparse.grads,
                 self.cfg.sparse_lr.unwrap_or(lr),
             )?;
         }
@@ -380,9 +406,7 @@ impl PsServer {
         };
         let shard = Shard {
             pending: vec![0.0; len],
-            pending_sparse: HashMap::new(),
-            sparse_keys: Vec::new(),
-            sparse_grads: Vec::new(),
+            pending_sparse: SparseSum::default(),
             pending_weight: 0.0,
             pending_lr: 0.0,
             params: None,
@@ -491,8 +515,10 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
         )
     };
     let mut buf = Vec::new();
-    // Decoded push payloads, reused from one push to the next.
+    // Decoded push payloads and pulled rows, reused from one request to the next.
     let (mut dense, mut rows) = (Vec::new(), Vec::new());
+    let mut pushed = SparseSum::default();
+    let (mut pull_keys, mut pull_rows) = (Vec::new(), Vec::new());
     // Hello: worker rank and token.
     let op = recv_frame(&mut s, &mut buf, usize::MAX, 4096)?;
     let worker = read_u64(&buf, 0, usize::MAX)? as usize;
@@ -646,22 +672,16 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 f32s_into(&buf[H..H + 4 * nd], &mut dense);
                 let kb = &buf[H + 4 * nd..H + 4 * nd + 8 * nk];
                 f32s_into(&buf[H + 4 * nd + 8 * nk..], &mut rows);
-                let mut sparse: HashMap<u64, Vec<f32>> = HashMap::new();
+                pushed.clear();
                 for (i, k) in kb.chunks_exact(8).enumerate() {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(k);
-                    let g = sparse
-                        .entry(u64::from_le_bytes(a))
-                        .or_insert_with(|| vec![0.0; dim]);
-                    for (x, y) in g.iter_mut().zip(&rows[i * dim..(i + 1) * dim]) {
-                        *x += y;
-                    }
+                    let key = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
+                    pushed.add(key, &rows[i * dim..(i + 1) * dim], 1.0);
                 }
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
                 let lr = if lr.is_nan() { sh.cfg.lr } else { lr };
                 match sh.cfg.mode {
                     PsMode::Async { .. } => {
-                        sh.apply(lr, weight, &mut dense, &mut sparse)?;
+                        sh.apply(lr, weight, &mut dense, &mut pushed)?;
                         cv.notify_all();
                     }
                     PsMode::Sync => {
@@ -687,11 +707,9 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                         for (p, g) in sh.pending.iter_mut().zip(&dense) {
                             *p += weight * g;
                         }
-                        for (k, g) in sparse {
-                            let e = sh.pending_sparse.entry(k).or_insert_with(|| vec![0.0; dim]);
-                            for (x, y) in e.iter_mut().zip(&g) {
-                                *x += weight * y;
-                            }
+                        for (i, &k) in pushed.keys.iter().enumerate() {
+                            sh.pending_sparse
+                                .add(k, &pushed.grads[i * dim..(i + 1) * dim], weight);
                         }
                         sh.pending_weight += weight;
                         sh.pending_lr = lr;
@@ -703,6 +721,8 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                             sh.apply(lr, w, &mut dense, &mut sp)?;
                             sh.pending = dense;
                             sh.pending.fill(0.0);
+                            sp.clear();
+                            sh.pending_sparse = sp;
                             sh.pending_weight = 0.0;
                             sh.arrived = 0;
                             cv.notify_all();
@@ -749,19 +769,23 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 send_frame(&mut s, OP_OK, &[f32_bytes(&p)], worker)?;
             }
             OP_PULL_SPARSE => {
-                let keys: Vec<u64> = buf
-                    .chunks_exact(8)
-                    .map(|k| u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]))
-                    .collect();
-                let mut out = vec![0.0f32; keys.len() * dim];
+                pull_keys.clear();
+                pull_keys.extend(
+                    buf.chunks_exact(8).map(|k| {
+                        u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]])
+                    }),
+                );
+                pull_rows.clear();
+                pull_rows.resize(pull_keys.len() * dim, 0.0f32);
+                let (keys, out) = (&pull_keys, &mut pull_rows);
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
                 let r = match sh.sparse.as_mut() {
-                    Some(t) => t.pull(&keys, &mut out).map_err(Error::from),
+                    Some(t) => t.pull(keys, out).map_err(Error::from),
                     None => Err(Error::Mismatch("this shard holds no sparse table".into())),
                 };
                 drop(sh);
                 match r {
-                    Ok(()) => send_frame(&mut s, OP_OK, &[f32_bytes(&out)], worker)?,
+                    Ok(()) => send_frame(&mut s, OP_OK, &[f32_bytes(&pull_rows)], worker)?,
                     Err(e) => send_frame(&mut s, OP_ERR, &[e.to_string().as_bytes()], worker)?,
                 }
             }
@@ -792,6 +816,8 @@ pub struct PsClient {
     buf: Vec<u8>,
     keys: Vec<Vec<u64>>,
     rows: Vec<Vec<f32>>,
+    /// Per shard, where each routed key sits in the caller's list (sparse pulls).
+    pos: Vec<Vec<usize>>,
 }
 
 fn expect_ok(s: &mut TcpStream, buf: &mut Vec<u8>, shard: usize) -> Result<()> {
@@ -842,6 +868,7 @@ impl PsClient {
             buf,
             keys: vec![Vec::new(); m],
             rows: vec![Vec::new(); m],
+            pos: vec![Vec::new(); m],
         })
     }
 
@@ -946,13 +973,22 @@ impl PsClient {
     pub fn pull_sparse(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
         let m = self.conns.len();
         let dim = self.dim;
+        if out.len() != keys.len() * dim {
+            return Err(Error::Mismatch(format!(
+                "sparse pull of {} keys into {} values (rows of {dim})",
+                keys.len(),
+                out.len()
+            )));
+        }
         for i in 0..m {
             self.keys[i].clear();
+            self.pos[i].clear();
         }
-        for k in keys {
-            self.keys[sparse_shard(*k, m)].push(*k);
+        for (j, k) in keys.iter().enumerate() {
+            let sh = sparse_shard(*k, m);
+            self.keys[sh].push(*k);
+            self.pos[sh].push(j);
         }
-        let mut rows: HashMap<u64, Vec<f32>> = HashMap::with_capacity(keys.len());
         for i in 0..m {
             if self.keys[i].is_empty() {
                 continue;
@@ -964,13 +1000,26 @@ impl PsClient {
                 i,
             )?;
             expect_ok(&mut self.conns[i], &mut self.buf, i)?;
-            let vals = f32s(&self.buf);
-            for (j, k) in self.keys[i].iter().enumerate() {
-                rows.insert(*k, vals[j * dim..(j + 1) * dim].to_vec());
+            if self.buf.len() != 4 * dim * self.keys[i].len() {
+                return Err(Error::Frame {
+                    peer: i,
+                    why: format!(
+                        "{} bytes for {} sparse rows",
+                        self.buf.len(),
+                        self.keys[i].len()
+                    ),
+                });
             }
-        }
-        for (j, k) in keys.iter().enumerate() {
-            out[j * dim..(j + 1) * dim].copy_from_slice(&rows[k]);
+            // Each row straight from the reply into its place in `out`.
+            for (n, &j) in self.pos[i].iter().enumerate() {
+                let src = &self.buf[n * 4 * dim..(n + 1) * 4 * dim];
+                for (d, c) in out[j * dim..(j + 1) * dim]
+                    .iter_mut()
+                    .zip(src.chunks_exact(4))
+                {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
         }
         Ok(())
     }
