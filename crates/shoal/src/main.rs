@@ -738,6 +738,22 @@ fn train_nmt_cluster(
 
 fn plan(a: PlanArgs) -> Result<()> {
     use shoal_train::plan::{self, Cluster, Link, Strategy};
+    let positive = |name: &str, v: Option<f64>| match v {
+        Some(x) if !(x > 0.0 && x.is_finite()) => bail!("--{name} must be positive, got {x}"),
+        _ => Ok(()),
+    };
+    positive("inter-gbs", Some(a.inter_gbs))?;
+    positive("intra-gbs", a.intra_gbs)?;
+    positive("stream-gbs", a.stream_gbs)?;
+    positive("compute-ms", a.compute_ms)?;
+    positive("values", a.values)?;
+    positive("words-per-step", a.words_per_step)?;
+    if a.inter_latency_us < 0.0 || a.opt_ns.is_some_and(|x| x < 0.0) {
+        bail!("--inter-latency-us and --opt-ns must be >= 0");
+    }
+    if a.nodes == 0 || a.workers_per_node == 0 || a.cores_per_node == Some(0) {
+        bail!("--nodes, --workers-per-node and --cores-per-node must be at least 1");
+    }
     let gbs = |x: f64, lat_us: f64| Link {
         bytes_per_s: x * 1e9,
         latency_s: lat_us * 1e-6,
@@ -1370,6 +1386,17 @@ fn chain(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Role) {
+        // Commands whose output is piped (`shoal predict ... | head`) end quietly when
+        // the reader goes away, as Unix tools do. Training keeps Rust's default (SIGPIPE
+        // ignored) so that a peer's closed socket is an error naming it, not a silent
+        // death.
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition of one signal before any threads start.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Some(t) = cli.threads {
         if t == 0 {
             eprintln!("error: --threads must be at least 1");

@@ -497,3 +497,57 @@ fn ctr_train_predict_and_bad_rows() {
     );
     assert_clear_error(&o, &["nothing"]);
 }
+
+/// `shoal plan` on a described cluster (no measurement when everything is given), and
+/// bad cluster descriptions named.
+#[test]
+fn plan_ranks_options_and_refuses_bad_clusters() {
+    let d = tempfile::tempdir().unwrap();
+    let given = [
+        "plan",
+        "--nodes",
+        "2",
+        "--workers-per-node",
+        "4",
+        "--values",
+        "3670000",
+        "--compute-ms",
+        "67",
+        "--opt-ns",
+        "2.4",
+        "--words-per-step",
+        "457",
+        "--intra-gbs",
+        "5",
+        "--stream-gbs",
+        "1.5",
+        "--cores-per-node",
+        "16",
+        "--json",
+    ];
+    let o = shoal(d.path(), &given, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    let opts = v["options"].as_array().unwrap();
+    assert!(opts.len() > 3);
+    // Fastest first, and each option's efficiency is its speed-up over 8 workers.
+    let steps: Vec<f64> = opts.iter().map(|o| o["step_s"].as_f64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]));
+    for o in opts {
+        let (sp, ef) = (
+            o["speedup"].as_f64().unwrap(),
+            o["efficiency"].as_f64().unwrap(),
+        );
+        assert!((sp / 8.0 - ef).abs() < 1e-9);
+    }
+    let o = shoal(d.path(), &["plan", "--seed"], None);
+    assert!(o.status.success() && text(&o.stdout).contains("2 ps / 8 workers"));
+    assert_clear_error(
+        &shoal(d.path(), &["plan", "--nodes", "0"], None),
+        &["--nodes"],
+    );
+    assert_clear_error(
+        &shoal(d.path(), &["plan", "--inter-gbs", "-1"], None),
+        &["--inter-gbs"],
+    );
+}
