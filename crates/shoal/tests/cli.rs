@@ -547,7 +547,7 @@ fn plan_ranks_options_and_refuses_bad_clusters() {
         &["--nodes"],
     );
     assert_clear_error(
-        &shoal(d.path(), &["plan", "--inter-gbs", "-1"], None),
+        &shoal(d.path(), &["plan", "--inter-gbs", "0"], None),
         &["--inter-gbs"],
     );
 }
