@@ -387,7 +387,20 @@ impl CtrTrainer {
             return Err(Error::Cluster(format!("worker rank {rank} of {workers}")));
         }
         if rank == 0 {
-            // The shards start from this trainer's state (a resumed run's included).
+            // The shards start from this trainer's state (a resumed run's included). The
+            // rows go first: the other workers wait for the dense parameters, so by the
+            // time those arrive on a shard (on this same connection, in order) its rows
+            // are back too, and no worker can pull a row before it is restored.
+            if !self.table.is_empty() {
+                let (keys, values) = self.table.rows();
+                let (state, steps) = self.table.state();
+                client.restore_sparse(&SparseState {
+                    keys,
+                    values,
+                    state,
+                    steps,
+                })?;
+            }
             client.init_state(&PsState {
                 applied: self.step,
                 optimizer_steps: self.opt.steps(),
@@ -399,16 +412,6 @@ impl CtrTrainer {
                     .map(|(n, b)| (n.to_string(), b.to_vec()))
                     .collect(),
             })?;
-            if !self.table.is_empty() {
-                let (keys, values) = self.table.rows();
-                let (state, steps) = self.table.state();
-                client.restore_sparse(&SparseState {
-                    keys,
-                    values,
-                    state,
-                    steps,
-                })?;
-            }
         }
         client.pull(self.step, &mut self.dense)?;
         self.ps = Some((rank, workers, client));
