@@ -196,6 +196,30 @@ fn parse_row(line: &str, schema: &Schema, keys: &mut Vec<u64>) -> std::result::R
     Ok(label)
 }
 
+/// A malformed row at `line`: an error naming it, or counted and skipped.
+fn bad_row(
+    bad: BadRows,
+    path: &Path,
+    line: usize,
+    why: String,
+    report: &mut ReadReport,
+) -> Result<()> {
+    match bad {
+        BadRows::Fail => Err(Error::Ctr {
+            path: path.to_path_buf(),
+            line,
+            why,
+        }),
+        BadRows::Skip => {
+            report.skipped += 1;
+            if report.first_problem.is_none() {
+                report.first_problem = Some(format!("{}:{line}: {why}", path.display()));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Reads a click log in CSV with a header (see [`Schema::from_header`]); rows of a file
 /// without a label column get label 0.
 pub fn read_csv(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
@@ -245,21 +269,7 @@ pub fn read_csv(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRepor
         }
         match parse_row(&line, &schema, &mut data.keys) {
             Ok(label) => data.labels.push(label),
-            Err(why) => match bad {
-                BadRows::Fail => {
-                    return Err(Error::Ctr {
-                        path: path.to_path_buf(),
-                        line: n,
-                        why,
-                    })
-                }
-                BadRows::Skip => {
-                    report.skipped += 1;
-                    if report.first_problem.is_none() {
-                        report.first_problem = Some(format!("{}:{n}: {why}", path.display()));
-                    }
-                }
-            },
+            Err(why) => bad_row(bad, path, n, why, &mut report)?,
         }
     }
     report.rows = data.len();
@@ -473,21 +483,7 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
                 fields = fields.max(r.1.iter().map(|(f, _)| f + 1).max().unwrap_or(0));
                 rows.push(r);
             }
-            Err(why) => match bad {
-                BadRows::Fail => {
-                    return Err(Error::Ctr {
-                        path: path.to_path_buf(),
-                        line: n,
-                        why,
-                    })
-                }
-                BadRows::Skip => {
-                    report.skipped += 1;
-                    if report.first_problem.is_none() {
-                        report.first_problem = Some(format!("{}:{n}: {why}", path.display()));
-                    }
-                }
-            },
+            Err(why) => bad_row(bad, path, n, why, &mut report)?,
         }
     }
     if fields == 0 {

@@ -194,6 +194,14 @@ impl Optimizer {
         }
     }
 
+    /// [`Optimizer::state`] copied out (to send or save while the optimizer goes on).
+    pub fn state_owned(&self) -> Vec<(String, Vec<f32>)> {
+        self.state()
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d.to_vec()))
+            .collect()
+    }
+
     /// Restores state saved by [`Optimizer::state`] and the step counter.
     pub fn load_state(&mut self, steps: u64, buffers: &[(&str, &[f32])]) -> Result<()> {
         let names: Vec<&'static str> = self.state().iter().map(|(n, _)| *n).collect();

@@ -405,12 +405,7 @@ impl CtrTrainer {
                 applied: self.step,
                 optimizer_steps: self.opt.steps(),
                 params: self.dense.clone(),
-                buffers: self
-                    .opt
-                    .state()
-                    .into_iter()
-                    .map(|(n, b)| (n.to_string(), b.to_vec()))
-                    .collect(),
+                buffers: self.opt.state_owned(),
             })?;
         }
         client.pull(self.step, &mut self.dense)?;
@@ -677,12 +672,7 @@ impl CtrTrainer {
             );
         }
         let extra = Resumable {
-            opt_state: self
-                .opt
-                .state()
-                .into_iter()
-                .map(|(n, b)| (n.to_string(), b.to_vec()))
-                .collect(),
+            opt_state: self.opt.state_owned(),
             opt_steps: self.opt.steps(),
             step: self.step,
         };

@@ -385,12 +385,7 @@ impl Learner {
                         applied: step,
                         optimizer_steps: self.opt.steps(),
                         params: self.params.clone(),
-                        buffers: self
-                            .opt
-                            .state()
-                            .into_iter()
-                            .map(|(n, b)| (n.to_string(), b.to_vec()))
-                            .collect(),
+                        buffers: self.opt.state_owned(),
                     })?;
                 }
                 client.pull(step, &mut self.params)?;
@@ -407,14 +402,7 @@ impl Learner {
             let st = client.state()?;
             return Ok((st.optimizer_steps, st.buffers));
         }
-        Ok((
-            self.opt.steps(),
-            self.opt
-                .state()
-                .into_iter()
-                .map(|(n, d)| (n.to_string(), d.to_vec()))
-                .collect(),
-        ))
+        Ok((self.opt.steps(), self.opt.state_owned()))
     }
 }
 

@@ -5,19 +5,27 @@
 use shoal_data::ctr::{write_synth, SynthConfig};
 use shoal_model::ctr::CtrKind;
 use shoal_train::ctr::{CtrPredictor, CtrTrainConfig, CtrTrainer};
+use std::path::{Path, PathBuf};
+
+/// Writes a synthetic click log of `rows` rows into `dir`; returns its path (the
+/// planted probabilities are beside it, with `.p` appended).
+fn synth(dir: &Path, rows: usize, fields: usize, ids_per_field: u64) -> PathBuf {
+    let data = dir.join("s.csv");
+    let syn = SynthConfig {
+        rows,
+        fields,
+        ids_per_field,
+        ..Default::default()
+    };
+    write_synth(&syn, &data, &dir.join("s.csv.p")).unwrap();
+    data
+}
 
 #[test]
 fn ctr_models_learn_the_planted_model_and_round_trip() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("s.csv");
+    let data = synth(d.path(), 600_000, 6, 30);
     let probs = d.path().join("s.csv.p");
-    let syn = SynthConfig {
-        rows: 600_000,
-        fields: 6,
-        ids_per_field: 30,
-        ..Default::default()
-    };
-    write_synth(&syn, &data, &probs).unwrap();
     for kind in [CtrKind::Lr, CtrKind::Fm, CtrKind::Deepfm, CtrKind::WideDeep] {
         let cfg = CtrTrainConfig {
             kind,
@@ -65,14 +73,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
     use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
     use shoal_train::ctr::ctr_shard_config;
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("s.csv");
-    let syn = SynthConfig {
-        rows: 20_000,
-        fields: 5,
-        ids_per_field: 40,
-        ..Default::default()
-    };
-    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let data = synth(d.path(), 20_000, 5, 40);
     let cfg = |batch| CtrTrainConfig {
         kind: CtrKind::Deepfm,
         dim: 4,
@@ -151,14 +152,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
 #[test]
 fn frequency_filter_keeps_frequent_keys_only() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("s.csv");
-    let syn = SynthConfig {
-        rows: 30_000,
-        fields: 4,
-        ids_per_field: 100_000,
-        ..Default::default()
-    };
-    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let data = synth(d.path(), 30_000, 4, 100_000);
     let (rows, _, _) = shoal_data::ctr::read_csv(&data, shoal_data::ctr::BadRows::Fail).unwrap();
     let cfg = CtrTrainConfig {
         kind: CtrKind::Fm,
@@ -207,14 +201,7 @@ fn frequency_filter_keeps_frequent_keys_only() {
 #[test]
 fn stopped_and_resumed_ctr_run_matches_an_uninterrupted_one() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("s.csv");
-    let syn = SynthConfig {
-        rows: 5_000,
-        fields: 4,
-        ids_per_field: 60,
-        ..Default::default()
-    };
-    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let data = synth(d.path(), 5_000, 4, 60);
     let cfg = CtrTrainConfig {
         kind: CtrKind::Deepfm,
         dim: 4,
@@ -324,14 +311,7 @@ fn ps_job(
 #[test]
 fn parameter_server_job_resumes_on_fresh_shards() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("s.csv");
-    let syn = SynthConfig {
-        rows: 8_000,
-        fields: 4,
-        ids_per_field: 50,
-        ..Default::default()
-    };
-    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let data = synth(d.path(), 8_000, 4, 50);
     let cfg = |steps| CtrTrainConfig {
         kind: CtrKind::Deepfm,
         dim: 4,
