@@ -196,6 +196,20 @@ fn parse_row(line: &str, schema: &Schema, keys: &mut Vec<u64>) -> std::result::R
     Ok(label)
 }
 
+/// The error of reading line `line` of `path`: not UTF-8, or an I/O failure.
+fn line_error(path: &Path, line: usize) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::InvalidData => Error::InvalidUtf8 {
+            path: path.to_path_buf(),
+            line,
+        },
+        _ => Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
 /// A malformed row at `line`: an error naming it, or counted and skipped.
 fn bad_row(
     bad: BadRows,
@@ -257,13 +271,7 @@ pub fn read_csv(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRepor
     let mut report = ReadReport::default();
     for (i, line) in lines.enumerate() {
         let n = i + 2;
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => Error::InvalidUtf8 {
-                path: path.to_path_buf(),
-                line: n,
-            },
-            _ => io(e),
-        })?;
+        let line = line.map_err(line_error(path, n))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -445,13 +453,7 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
     let mut fields = 0usize;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i + 1;
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => Error::InvalidUtf8 {
-                path: path.to_path_buf(),
-                line: n,
-            },
-            _ => io(e),
-        })?;
+        let line = line.map_err(line_error(path, n))?;
         if line.trim().is_empty() {
             continue;
         }
