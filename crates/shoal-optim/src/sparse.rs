@@ -120,6 +120,23 @@ impl Blocks {
         self.blocks.len() * BLOCK * self.per * 4 + self.blocks.capacity() * 16
     }
 
+    /// Copies slot `from`'s values over slot `to`'s.
+    fn copy_slot(&mut self, from: usize, to: usize) {
+        if self.per == 0 || from == to {
+            return;
+        }
+        let row: Vec<f32> = self.get(from).to_vec();
+        self.get_mut(to).copy_from_slice(&row);
+    }
+
+    /// Keeps the first `len` slots, dropping the blocks past them.
+    fn truncate(&mut self, len: usize) {
+        self.len = len.min(self.len);
+        if self.per > 0 {
+            self.blocks.truncate(self.len.div_ceil(BLOCK));
+        }
+    }
+
     fn to_vec(&self) -> Vec<f32> {
         (0..self.len)
             .flat_map(|s| self.get(s).iter().copied())
@@ -139,6 +156,9 @@ pub struct SparseTable {
     state: Blocks,
     /// Lazy Adam: updates applied to each row.
     steps: Vec<u32>,
+    /// With eviction on: the clock value of each row's last update, and the clock.
+    touched: Option<Vec<u32>>,
+    clock: u32,
 }
 
 fn mix64(mut z: u64) -> u64 {
@@ -172,6 +192,8 @@ impl SparseTable {
             values: Blocks::new(dim),
             state: Blocks::new(rule.state_len(dim)),
             steps: Vec::new(),
+            touched: None,
+            clock: 0,
         })
     }
 
@@ -198,6 +220,7 @@ impl SparseTable {
         self.values.bytes()
             + self.state.bytes()
             + self.steps.capacity() * 4
+            + self.touched.as_ref().map_or(0, |t| t.capacity() * 4)
             + self.index.capacity() * (8 + 4 + 1)
     }
 
@@ -226,6 +249,9 @@ impl SparseTable {
         self.state.push(|_| 0.0);
         if matches!(self.rule, SparseRule::LazyAdam { .. }) {
             self.steps.push(0);
+        }
+        if let Some(t) = self.touched.as_mut() {
+            t.push(self.clock);
         }
         s
     }
@@ -283,6 +309,9 @@ impl SparseTable {
         }
         for (i, &k) in keys.iter().enumerate() {
             let s = self.slot(k);
+            if let Some(t) = self.touched.as_mut() {
+                t[s] = self.clock;
+            }
             let g = &grads[i * d..(i + 1) * d];
             let w = self.values.get_mut(s);
             let st = self.state.get_mut(s);
@@ -339,6 +368,59 @@ impl SparseTable {
         Ok(())
     }
 
+    /// Starts recording when each row was last updated (4 bytes per row), for
+    /// [`SparseTable::evict_idle`]; existing rows count as updated now.
+    pub fn track_updates(&mut self) {
+        if self.touched.is_none() {
+            self.touched = Some(vec![self.clock; self.len()]);
+        }
+    }
+
+    /// Advances the clock [`SparseTable::evict_idle`] measures idleness in (e.g. once
+    /// per training step).
+    pub fn tick(&mut self) {
+        self.clock = self.clock.wrapping_add(1);
+    }
+
+    /// Removes the rows not updated in the last `max_idle` ticks (their keys start
+    /// afresh if seen again) and returns how many went. The survivors are compacted, so
+    /// memory is reused; needs [`SparseTable::track_updates`].
+    pub fn evict_idle(&mut self, max_idle: u32) -> Result<usize> {
+        let Some(touched) = self.touched.take() else {
+            return Err(Error::State("evict_idle needs track_updates first".into()));
+        };
+        let n = self.len();
+        let mut key_of = vec![0u64; n];
+        for (&k, &s) in &self.index {
+            key_of[s as usize] = k;
+        }
+        let mut kept = 0usize;
+        let mut new_touched = Vec::with_capacity(n);
+        for s in 0..n {
+            let k = key_of[s];
+            if self.clock.wrapping_sub(touched[s]) > max_idle {
+                self.index.remove(&k);
+                continue;
+            }
+            if kept != s {
+                self.values.copy_slot(s, kept);
+                self.state.copy_slot(s, kept);
+                if !self.steps.is_empty() {
+                    self.steps[kept] = self.steps[s];
+                }
+                self.index.insert(k, kept as u32);
+            }
+            new_touched.push(touched[s]);
+            kept += 1;
+        }
+        self.values.truncate(kept);
+        self.state.truncate(kept);
+        self.steps
+            .truncate(if self.steps.is_empty() { 0 } else { kept });
+        self.touched = Some(new_touched);
+        Ok(n - kept)
+    }
+
     /// Every row: keys, and their values row-major, in slot order (copies, for
     /// checkpoints).
     pub fn rows(&self) -> (Vec<u64>, Vec<f32>) {
@@ -387,6 +469,9 @@ impl SparseTable {
             .enumerate()
             .map(|(i, &k)| (k, i as u32))
             .collect();
+        if self.touched.is_some() {
+            self.touched = Some(vec![self.clock; keys.len()]);
+        }
         if self.index.len() != keys.len() {
             return Err(Error::State("sparse table restore: repeated key".into()));
         }

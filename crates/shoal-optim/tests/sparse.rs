@@ -151,3 +151,49 @@ fn row_adagrad_keeps_one_accumulator_per_row() {
     // One state value per row.
     assert_eq!(t.state().0.len(), 1);
 }
+
+#[test]
+fn idle_rows_are_evicted_and_the_rest_kept_intact() {
+    let rule = SparseRule::LazyAdam {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    let mut t = SparseTable::new(2, rule, 0.1, 3).unwrap();
+    assert!(t.evict_idle(1).is_err(), "eviction needs tracking");
+    t.track_updates();
+    // Keys 0..40 updated at ticks 0..4; then only the even ones for 10 more ticks.
+    for tick in 0..14u32 {
+        let keys: Vec<u64> = (0..40u64).filter(|k| tick < 4 || k % 2 == 0).collect();
+        let g = vec![0.1f32; keys.len() * 2];
+        t.apply(&keys, &g, 0.01).unwrap();
+        t.tick();
+    }
+    // A copy to compare the survivors with.
+    let mut reference = t.clone();
+    let before: Vec<Vec<f32>> = (0..40u64)
+        .map(|k| reference.get(k).unwrap().to_vec())
+        .collect();
+    assert_eq!(t.evict_idle(5).unwrap(), 20);
+    assert_eq!(t.len(), 20);
+    for k in 0..40u64 {
+        match t.get(k) {
+            Some(row) => {
+                assert_eq!(k % 2, 0, "odd key {k} should have gone");
+                assert_eq!(row, &before[k as usize][..]);
+            }
+            None => assert_eq!(k % 2, 1, "even key {k} was evicted"),
+        }
+    }
+    // Survivors keep their optimizer state: one more update matches the reference.
+    t.apply(&[2, 4], &[0.3; 4], 0.01).unwrap();
+    reference.apply(&[2, 4], &[0.3; 4], 0.01).unwrap();
+    assert_eq!(t.get(2), reference.get(2));
+    assert_eq!(t.get(4), reference.get(4));
+    // An evicted key starts afresh.
+    let mut fresh = vec![0.0; 2];
+    t.pull(&[1], &mut fresh).unwrap();
+    assert_eq!(fresh, vec![t.init_value(1, 0), t.init_value(1, 1)]);
+    let (keys, _) = t.rows();
+    assert_eq!(keys.len(), 21);
+}

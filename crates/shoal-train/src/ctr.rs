@@ -52,6 +52,10 @@ pub struct CtrTrainConfig {
     /// "rare" row (1: off). Unseen keys map to it too when scoring.
     #[serde(default = "one")]
     pub min_count: u32,
+    /// Eviction: every this many updates, rows not updated during the last this many
+    /// are removed (0: off; one process only).
+    #[serde(default)]
+    pub evict_idle_steps: u64,
     pub seed: u64,
     /// Workers and parameter servers (`shoal train ctr --workers N --ps M`); CTR across
     /// workers needs a ps mode: the rows live on the shards.
@@ -100,6 +104,7 @@ impl Default for CtrTrainConfig {
             init_scale: 0.01,
             seed: 1,
             min_count: 1,
+            evict_idle_steps: 0,
             dist: Default::default(),
         }
     }
@@ -126,6 +131,15 @@ impl CtrTrainConfig {
             return bad("epochs", "must be at least 1 when max_steps is 0");
         }
         let d = &self.dist;
+        if self.evict_idle_steps > 0 && d.is_cluster() {
+            return bad(
+                "evict_idle_steps",
+                "eviction runs in one process only (the shards do not evict yet)",
+            );
+        }
+        if self.evict_idle_steps > u32::MAX as u64 {
+            return bad("evict_idle_steps", "too large");
+        }
         if d.workers == 0 {
             return bad("workers", "must be at least 1");
         }
@@ -351,12 +365,15 @@ impl CtrTrainer {
         })?;
         let dense = model.init_dense(cfg.seed);
         let opt = Optimizer::new(OptimizerConfig::default(), model.dense_len())?;
-        let table = SparseTable::new(
+        let mut table = SparseTable::new(
             model.cfg.row_width(),
             cfg.sparse_rule,
             cfg.init_scale,
             cfg.seed,
         )?;
+        if cfg.evict_idle_steps > 0 {
+            table.track_updates();
+        }
         let dense_grad = vec![0.0; model.dense_len()];
         Ok(Self {
             cfg,
@@ -475,6 +492,13 @@ impl CtrTrainer {
                     .apply(&b.uniq, &b.uniq_grad, self.cfg.sparse_lr)?;
                 self.opt
                     .step(self.cfg.lr, &mut self.dense, &self.dense_grad)?;
+                let every = self.cfg.evict_idle_steps;
+                if every > 0 {
+                    self.table.tick();
+                    if (self.step + 1).is_multiple_of(every) {
+                        self.table.evict_idle(every as u32)?;
+                    }
+                }
             }
         }
         self.step += 1;
@@ -710,6 +734,9 @@ impl CtrTrainer {
         };
         t.dense = ck.dense;
         t.table = ck.table;
+        if t.cfg.evict_idle_steps > 0 {
+            t.table.track_updates();
+        }
         let bufs: Vec<(&str, &[f32])> = ck
             .dense_opt
             .iter()

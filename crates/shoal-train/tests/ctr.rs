@@ -339,3 +339,32 @@ fn parameter_server_job_resumes_on_fresh_shards() {
         "resumed job differs: dense {rd:e}, rows {rr:e}"
     );
 }
+
+/// Eviction bounds the table: with rows dropped after 10 idle updates, a log with a
+/// long tail of ids keeps far fewer rows than it touches, and still learns (rows of rare
+/// ids evicted and relearned cost some AUC: the trade of a memory bound).
+#[test]
+fn eviction_bounds_the_table() {
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 60_000, 4, 3_000);
+    let run = |evict| {
+        let mut t = CtrTrainer::new(CtrTrainConfig {
+            kind: CtrKind::Fm,
+            dim: 4,
+            data: data.clone(),
+            evict_idle_steps: evict,
+            ..Default::default()
+        })
+        .unwrap();
+        let e = t.run(|_| {}).unwrap();
+        (t.table.len(), e.auc)
+    };
+    let (all, auc_all) = run(0);
+    let (kept, auc_kept) = run(10);
+    assert!(kept * 3 < all * 2, "eviction kept {kept} of {all} rows");
+    eprintln!("rows {kept} of {all}, AUC {auc_kept} vs {auc_all}");
+    assert!(
+        auc_all > 0.55 && auc_kept > 0.53,
+        "AUC {auc_kept} vs {auc_all}"
+    );
+}

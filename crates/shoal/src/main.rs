@@ -132,6 +132,9 @@ struct CtrArgs {
     /// Frequency filter: keys seen in fewer training rows share a per-field row.
     #[arg(long, default_value_t = 1)]
     min_count: u32,
+    /// Eviction: every N updates, drop the rows not updated in the last N (0: off).
+    #[arg(long, default_value_t = 0)]
+    evict_idle_steps: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Where to save the model.
@@ -946,6 +949,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         sparse_lr: a.sparse_lr,
         sparse_rule: sparse_rule(a.sparse_opt),
         min_count: a.min_count,
+        evict_idle_steps: a.evict_idle_steps,
         dist: shoal_train::config::DistSection {
             workers: a.workers,
             ps: a.ps,
