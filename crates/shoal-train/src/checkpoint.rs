@@ -59,17 +59,34 @@ pub struct Checkpoint {
     pub optimizer: Vec<(String, Vec<f32>)>,
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
+/// Little-endian bytes of numbers (safetensors' byte order), and back.
+pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn bytes_f32(b: &[u8]) -> Vec<f32> {
+pub(crate) fn u64_bytes(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub(crate) fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub(crate) fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub(crate) fn bytes_u64(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+pub(crate) fn bytes_u32(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
 
@@ -84,6 +101,35 @@ fn sync_dir(path: &Path) -> Result<()> {
     fs::File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io_err(path))
+}
+
+/// Writes `files` (name, bytes) as directory `dir` atomically: into `NAME.tmp/`, each
+/// file and the directory fsync'ed, then renamed over `dir` (an existing one replaced)
+/// and the parent fsync'ed. A crash leaves either the old directory or the new one.
+pub(crate) fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let name = dir.file_name().ok_or_else(|| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        why: "not a directory name".into(),
+    })?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = parent.join(format!("{}.tmp", name.to_string_lossy()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    for (file, bytes) in files {
+        write_synced(&tmp.join(file), bytes)?;
+    }
+    sync_dir(&tmp)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    }
+    fs::rename(&tmp, dir).map_err(io_err(dir))?;
+    sync_dir(parent)
 }
 
 fn serialize_tensors(tensors: &[(String, Vec<usize>, &[f32])], path: &Path) -> Result<Vec<u8>> {
@@ -107,18 +153,6 @@ impl Checkpoint {
     /// Writes the checkpoint as directory `dir` atomically (see the module docs).
     /// An existing directory of that name is replaced.
     pub fn save(&mut self, dir: &Path) -> Result<()> {
-        let name = dir.file_name().ok_or_else(|| Error::Checkpoint {
-            path: dir.to_path_buf(),
-            why: "not a directory name".into(),
-        })?;
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-        let tmp = parent.join(format!("{}.tmp", name.to_string_lossy()));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-        }
-        fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-
         let mut named = Vec::with_capacity(self.meta.params.len());
         let mut offset = 0;
         for (pname, shape) in &self.meta.params {
@@ -133,31 +167,29 @@ impl Checkpoint {
             named.push((pname.clone(), shape.clone(), slice));
             offset += len;
         }
-        let model = serialize_tensors(&named, &tmp.join(MODEL_FILE))?;
+        let model = serialize_tensors(&named, &dir.join(MODEL_FILE))?;
         let optim_named: Vec<(String, Vec<usize>, &[f32])> = self
             .optimizer
             .iter()
             .map(|(n, d)| (n.clone(), vec![d.len()], d.as_slice()))
             .collect();
-        let optim = serialize_tensors(&optim_named, &tmp.join(OPTIM_FILE))?;
+        let optim = serialize_tensors(&optim_named, &dir.join(OPTIM_FILE))?;
         self.meta.crc32 = BTreeMap::from([
             (MODEL_FILE.to_string(), crc32fast::hash(&model)),
             (OPTIM_FILE.to_string(), crc32fast::hash(&optim)),
         ]);
-        write_synced(&tmp.join(MODEL_FILE), &model)?;
-        write_synced(&tmp.join(OPTIM_FILE), &optim)?;
         let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| Error::Checkpoint {
             path: dir.to_path_buf(),
             why: e.to_string(),
         })?;
-        write_synced(&tmp.join(META_FILE), &meta)?;
-        sync_dir(&tmp)?;
-        if dir.exists() {
-            fs::remove_dir_all(dir).map_err(io_err(dir))?;
-        }
-        fs::rename(&tmp, dir).map_err(io_err(dir))?;
-        sync_dir(parent)?;
-        Ok(())
+        write_dir_atomically(
+            dir,
+            &[
+                (MODEL_FILE, &model),
+                (OPTIM_FILE, &optim),
+                (META_FILE, &meta),
+            ],
+        )
     }
 
     /// Loads and verifies a checkpoint directory.

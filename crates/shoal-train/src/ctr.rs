@@ -11,6 +11,9 @@
 //! gradients (dense, and one per distinct key) weighted by its share; in sync mode this
 //! is the same computation as one process on the global batch.
 
+use crate::checkpoint::{
+    bytes_f32, bytes_u32, bytes_u64, f32_bytes, u32_bytes, u64_bytes, write_dir_atomically,
+};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use shoal_comm::ps::{PsClient, PsMode, PsState, ShardConfig, SparseState};
@@ -748,11 +751,6 @@ impl CtrTrainer {
     }
 }
 
-fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: plain numeric slices (f32, u32, u64) viewed as their bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
 fn save_ctr(
     dir: &Path,
     cfg: &CtrTrainConfig,
@@ -766,6 +764,8 @@ fn save_ctr(
     let (state, steps) = table.state();
     let w = table.dim();
     let n = keys.len();
+    let (dense_b, keys_b, values_b) = (f32_bytes(dense), u64_bytes(&keys), f32_bytes(&values));
+    let (state_b, steps_b) = (f32_bytes(&state), u32_bytes(&steps));
     let err = |e: safetensors::SafeTensorError| Error::Checkpoint {
         path: dir.to_path_buf(),
         why: e.to_string(),
@@ -773,25 +773,25 @@ fn save_ctr(
     let mut tensors = vec![
         (
             "dense",
-            TensorView::new(Dtype::F32, vec![dense.len()], bytes_of(dense)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![dense.len()], &dense_b).map_err(err)?,
         ),
         (
             "sparse.keys",
-            TensorView::new(Dtype::U64, vec![n], bytes_of(&keys)).map_err(err)?,
+            TensorView::new(Dtype::U64, vec![n], &keys_b).map_err(err)?,
         ),
         (
             "sparse.values",
-            TensorView::new(Dtype::F32, vec![n, w], bytes_of(&values)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![n, w], &values_b).map_err(err)?,
         ),
         (
             "sparse.state",
-            TensorView::new(Dtype::F32, vec![state.len()], bytes_of(&state)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![state.len()], &state_b).map_err(err)?,
         ),
     ];
     if !steps.is_empty() {
         tensors.push((
             "sparse.steps",
-            TensorView::new(Dtype::U32, vec![n], bytes_of(&steps)).map_err(err)?,
+            TensorView::new(Dtype::U32, vec![n], &steps_b).map_err(err)?,
         ));
     }
     let empty = Vec::new();
@@ -800,10 +800,11 @@ fn save_ctr(
         .iter()
         .map(|(n, _)| format!("dense_opt.{n}"))
         .collect();
-    for ((_, b), name) in opt_state.iter().zip(&names) {
+    let opt_b: Vec<Vec<u8>> = opt_state.iter().map(|(_, b)| f32_bytes(b)).collect();
+    for (((_, b), bytes), name) in opt_state.iter().zip(&opt_b).zip(&names) {
         tensors.push((
             name.as_str(),
-            TensorView::new(Dtype::F32, vec![b.len()], bytes_of(b)).map_err(err)?,
+            TensorView::new(Dtype::F32, vec![b.len()], bytes).map_err(err)?,
         ));
     }
     let mut meta = HashMap::new();
@@ -820,16 +821,7 @@ fn save_ctr(
         serde_json::to_string(mcfg).map_err(|e| Error::Config(e.to_string()))?,
     );
     let bytes = safetensors::serialize(tensors, Some(meta)).map_err(err)?;
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(crate::error::io_err(&tmp))?;
-    let file = tmp.join("model.safetensors");
-    std::fs::write(&file, &bytes).map_err(crate::error::io_err(&file))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(crate::error::io_err(dir))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(crate::error::io_err(dir))?;
-    Ok(())
+    write_dir_atomically(dir, &[("model.safetensors", &bytes)])
 }
 
 /// What a resumable checkpoint adds to the model.
@@ -876,10 +868,7 @@ impl CtrCheckpoint {
         let model = CtrModel::new(mcfg)?;
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
+            Ok(bytes_f32(t.data()))
         };
         let dense = f32s("dense")?;
         if dense.len() != model.dense_len() {
@@ -889,21 +878,14 @@ impl CtrCheckpoint {
                 model.dense_len()
             )));
         }
-        let keys: Vec<u64> = st
-            .tensor("sparse.keys")
-            .map_err(|e| fail(format!("sparse.keys: {e}")))?
-            .data()
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
-        let steps: Vec<u32> = match st.tensor("sparse.steps") {
-            Ok(t) => t
-                .data()
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let keys = bytes_u64(
+            st.tensor("sparse.keys")
+                .map_err(|e| fail(format!("sparse.keys: {e}")))?
+                .data(),
+        );
+        let steps = st
+            .tensor("sparse.steps")
+            .map_or_else(|_| Vec::new(), |t| bytes_u32(t.data()));
         let mut table = SparseTable::new(
             model.cfg.row_width(),
             cfg.sparse_rule,
