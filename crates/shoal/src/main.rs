@@ -520,15 +520,10 @@ fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
         put("train.checkpoint_every", v.to_string());
     }
     if let Some(c) = a.cell {
-        put("model.cell", format!("{:?}", cell_name(c)));
+        put("model.cell", format!("{:?}", value_name(c)));
     }
     if let Some(at) = a.attention {
-        let n = match at {
-            Attn::None => "none",
-            Attn::Luong => "luong",
-            Attn::Bahdanau => "bahdanau",
-        };
-        put("model.attention", format!("{n:?}"));
+        put("model.attention", format!("{:?}", value_name(at)));
     }
     if a.layer_norm {
         put("model.layer_norm", "true".into());
@@ -549,38 +544,33 @@ fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
         }
     }
     if let Some(m) = a.mode {
-        let n = match m {
-            Mode::Allreduce => "allreduce",
-            Mode::PsSync => "ps-sync",
-            Mode::PsAsync => "ps-async",
-        };
-        put("dist.mode", format!("{n:?}"));
+        put("dist.mode", format!("{:?}", value_name(m)));
         if a.ps.is_none() && !matches!(m, Mode::Allreduce) {
             put("dist.ps", "1".into());
         }
     }
     if let Some(p) = a.ps_placement {
-        let n = match p {
-            PsPlacement::Colocated => "colocated",
-            PsPlacement::Separate => "separate",
-        };
-        put("dist.placement", format!("{n:?}"));
+        put("dist.placement", format!("{:?}", value_name(p)));
     }
     if let Some(p) = a.transport {
-        let n = match p {
-            Plane::Shm => "shm",
-            Plane::Tcp => "tcp",
-        };
-        put("dist.transport", format!("{n:?}"));
+        put("dist.transport", format!("{:?}", value_name(p)));
     }
     Ok(o)
 }
 
-fn cell_name(c: Cell) -> &'static str {
-    match c {
-        Cell::Gru => "gru",
-        Cell::Lstm => "lstm",
-    }
+/// A command-line choice's value name: kebab-case, as the configuration spells it.
+fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// The library value a command-line choice names, through the configuration's names
+/// (one spelling for flags, TOML and checkpoints).
+fn lib_value<T: serde::de::DeserializeOwned>(v: impl ValueEnum) -> Result<T> {
+    let name = value_name(v);
+    serde_json::from_value(serde_json::Value::String(name.clone()))
+        .with_context(|| format!("'{name}' names no configuration value"))
 }
 
 fn train_nmt(a: NmtArgs) -> Result<()> {
@@ -920,7 +910,6 @@ fn print_predictions(preds: &[shoal_train::plan::Prediction]) {
 }
 
 fn train_ctr(a: CtrArgs) -> Result<()> {
-    use shoal_model::ctr::CtrKind;
     use shoal_train::ctr::{CtrTrainConfig, CtrTrainer};
     let hidden = a
         .hidden
@@ -930,12 +919,7 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .with_context(|| format!("--hidden '{}': expected widths like 128,64", a.hidden))?;
     let cfg = CtrTrainConfig {
-        kind: match a.model {
-            CtrModelArg::Lr => CtrKind::Lr,
-            CtrModelArg::Fm => CtrKind::Fm,
-            CtrModelArg::Deepfm => CtrKind::Deepfm,
-            CtrModelArg::WideDeep => CtrKind::WideDeep,
-        },
+        kind: lib_value(a.model)?,
         dim: a.dim,
         hidden,
         data: a.data.clone().unwrap_or_default(),
@@ -954,14 +938,11 @@ fn train_ctr(a: CtrArgs) -> Result<()> {
             workers: a.workers,
             ps: a.ps,
             mode: match (a.mode, a.ps) {
-                (Some(Mode::Allreduce), _) | (None, 0) => DistMode::Allreduce,
-                (Some(Mode::PsAsync), _) => DistMode::PsAsync,
-                _ => DistMode::PsSync,
+                (Some(m), _) => lib_value(m)?,
+                (None, 0) => DistMode::Allreduce,
+                (None, _) => DistMode::PsSync,
             },
-            placement: match a.ps_placement {
-                PsPlacement::Colocated => shoal_train::config::Placement::Colocated,
-                PsPlacement::Separate => shoal_train::config::Placement::Separate,
-            },
+            placement: lib_value(a.ps_placement)?,
             ..Default::default()
         },
         ..Default::default()
@@ -1233,11 +1214,7 @@ fn bench(b: BenchCmd) -> Result<()> {
                 steps,
                 warmup,
                 dump_batches,
-                cell: if matches!(cell, Cell::Lstm) {
-                    shoal_model::CellKind::Lstm
-                } else {
-                    shoal_model::CellKind::Gru
-                },
+                cell: lib_value(cell)?,
                 layer_norm,
                 fused: !unfused,
                 ..Default::default()
@@ -1339,11 +1316,7 @@ fn bench(b: BenchCmd) -> Result<()> {
             unfused,
         } => {
             let o = shoal_train::bench::RnnLayerOptions {
-                cell: if matches!(cell, Cell::Lstm) {
-                    shoal_model::CellKind::Lstm
-                } else {
-                    shoal_model::CellKind::Gru
-                },
+                cell: lib_value(cell)?,
                 batch,
                 hidden,
                 input: input.unwrap_or(hidden),
