@@ -508,18 +508,26 @@ impl CtrTrainer {
         Ok(loss)
     }
 
-    /// Click probabilities of rows `idx` of `data` (rows not in the table read as their
-    /// initial values; nothing is created).
+    /// Click probabilities of rows `idx` of `data`: rows not in the local table read as
+    /// their initial values (nothing is created); with parameter servers the rows come
+    /// from the shards.
     pub fn predict(&mut self, data: &CtrData, idx: &[usize]) -> Result<Vec<f32>> {
-        score(
-            &self.model,
-            &self.dense,
-            &self.table,
-            &mut self.ws,
-            &mut self.batch,
-            data,
-            idx,
-        )
+        let Self {
+            model,
+            dense,
+            table,
+            ws,
+            batch,
+            ps,
+            ..
+        } = self;
+        score(model, dense, ws, batch, data, idx, |keys, out| {
+            match ps.as_mut() {
+                Some((_, _, c)) => c.pull_sparse(keys, out)?,
+                None => table.peek(keys, out),
+            }
+            Ok(())
+        })
     }
 
     /// Click probabilities of the held-out rows, in split order.
@@ -535,11 +543,7 @@ impl CtrTrainer {
     pub fn evaluate(&mut self) -> Result<Eval> {
         let idx = self.valid_idx.clone();
         let data = std::mem::take(&mut self.data);
-        let probs = if self.ps.is_some() {
-            self.predict_via_ps(&data, &idx)
-        } else {
-            self.predict(&data, &idx)
-        };
+        let probs = self.predict(&data, &idx);
         self.data = data;
         let probs = probs?;
         let labels: Vec<f32> = idx.iter().map(|&i| self.data.labels[i]).collect();
@@ -552,28 +556,6 @@ impl CtrTrainer {
             logloss: logloss(&probs, &labels),
             planted_auc,
         })
-    }
-
-    /// Scores rows with the rows pulled from the parameter servers.
-    fn predict_via_ps(&mut self, data: &CtrData, idx: &[usize]) -> Result<Vec<f32>> {
-        let w = self.model.cfg.row_width();
-        let mut out = Vec::with_capacity(idx.len());
-        for chunk in idx.chunks(1024) {
-            let mut b = std::mem::take(&mut self.batch);
-            b.fill(data, chunk);
-            b.uniq_rows.resize(b.uniq.len() * w, 0.0);
-            let r = self.pull_rows(&b.uniq, &mut b.uniq_rows);
-            b.expand(w);
-            let r = r.and_then(|()| {
-                Ok(self
-                    .model
-                    .forward(&self.dense, &b.rows, chunk.len(), &mut self.ws)?)
-            });
-            self.batch = b;
-            r?;
-            out.extend(self.ws.logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())));
-        }
-        Ok(out)
     }
 
     /// The current dense parameters.
@@ -970,34 +952,39 @@ impl CtrPredictor {
         } else {
             data
         };
+        let table = &self.table;
         score(
             &self.model,
             &self.dense,
-            &self.table,
             &mut self.ws,
             &mut self.batch,
             data,
             &idx,
+            |keys, out| {
+                table.peek(keys, out);
+                Ok(())
+            },
         )
     }
 }
 
-/// Click probabilities of rows `idx` of `data`, in batches of 1,024.
+/// Click probabilities of rows `idx` of `data`, in batches of 1,024, the sparse rows of
+/// each batch's distinct keys read by `rows`.
 fn score(
     model: &CtrModel,
     dense: &[f32],
-    table: &SparseTable,
     ws: &mut Workspace,
     b: &mut Batch,
     data: &CtrData,
     idx: &[usize],
+    mut rows: impl FnMut(&[u64], &mut [f32]) -> Result<()>,
 ) -> Result<Vec<f32>> {
     let w = model.cfg.row_width();
     let mut out = Vec::with_capacity(idx.len());
     for chunk in idx.chunks(1024) {
         b.fill(data, chunk);
         b.uniq_rows.resize(b.uniq.len() * w, 0.0);
-        table.peek(&b.uniq, &mut b.uniq_rows);
+        rows(&b.uniq, &mut b.uniq_rows)?;
         b.expand(w);
         model.forward(dense, &b.rows, chunk.len(), ws)?;
         out.extend(ws.logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())));
