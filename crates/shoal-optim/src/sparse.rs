@@ -120,13 +120,21 @@ impl Blocks {
         self.blocks.len() * BLOCK * self.per * 4 + self.blocks.capacity() * 16
     }
 
-    /// Copies slot `from`'s values over slot `to`'s.
+    /// Copies slot `from`'s values over slot `to`'s (`to < from`), without a buffer.
     fn copy_slot(&mut self, from: usize, to: usize) {
         if self.per == 0 || from == to {
             return;
         }
-        let row: Vec<f32> = self.get(from).to_vec();
-        self.get_mut(to).copy_from_slice(&row);
+        let p = self.per;
+        let (bf, of) = (from / BLOCK, (from % BLOCK) * p);
+        let (bt, ot) = (to / BLOCK, (to % BLOCK) * p);
+        if bf == bt {
+            self.blocks[bf].copy_within(of..of + p, ot);
+        } else {
+            // `to < from`, so the target block comes first.
+            let (lo, hi) = self.blocks.split_at_mut(bf);
+            lo[bt][ot..ot + p].copy_from_slice(&hi[0][of..of + p]);
+        }
     }
 
     /// Keeps the first `len` slots, dropping the blocks past them.

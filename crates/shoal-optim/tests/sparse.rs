@@ -197,3 +197,25 @@ fn idle_rows_are_evicted_and_the_rest_kept_intact() {
     let (keys, _) = t.rows();
     assert_eq!(keys.len(), 21);
 }
+
+/// Eviction compacts across the table's fixed blocks (16,384 rows each): survivors moved
+/// from later blocks into earlier ones keep their values.
+#[test]
+fn eviction_compacts_across_blocks() {
+    let mut t = SparseTable::new(3, SparseRule::RowAdagrad { eps: 1e-8 }, 0.1, 8).unwrap();
+    t.track_updates();
+    let keys: Vec<u64> = (0..40_000u64).collect();
+    t.apply(&keys, &vec![0.2; keys.len() * 3], 0.01).unwrap();
+    t.tick();
+    t.tick();
+    // Keep every third key fresh; the rest go idle.
+    let fresh: Vec<u64> = keys.iter().copied().filter(|k| k % 3 == 0).collect();
+    t.apply(&fresh, &vec![-0.1; fresh.len() * 3], 0.01).unwrap();
+    let want: Vec<Vec<f32>> = fresh.iter().map(|&k| t.get(k).unwrap().to_vec()).collect();
+    assert_eq!(t.evict_idle(1).unwrap(), keys.len() - fresh.len());
+    assert_eq!(t.len(), fresh.len());
+    for (k, w) in fresh.iter().zip(&want) {
+        assert_eq!(t.get(*k).unwrap(), &w[..], "key {k}");
+    }
+    assert!(t.get(1).is_none() && t.get(39_998).is_none());
+}
