@@ -116,7 +116,7 @@ impl Default for CtrTrainConfig {
 impl CtrTrainConfig {
     /// The configuration saved in a model directory.
     pub fn saved_in(dir: &Path) -> Result<Self> {
-        Ok(CtrCheckpoint::load(dir)?.cfg)
+        Ok(CtrCheckpoint::configs(dir)?.0)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -803,7 +803,7 @@ fn save_ctr(
         serde_json::to_string(mcfg).map_err(|e| Error::Config(e.to_string()))?,
     );
     let bytes = safetensors::serialize(tensors, Some(meta)).map_err(err)?;
-    write_dir_atomically(dir, &[("model.safetensors", &bytes)])
+    write_dir_atomically(dir, &[(MODEL_FILE, &bytes)])
 }
 
 /// What a resumable checkpoint adds to the model.
@@ -825,19 +825,61 @@ struct CtrCheckpoint {
     step: Option<u64>,
 }
 
+/// The one file of a saved CTR model.
+const MODEL_FILE: &str = "model.safetensors";
+
+fn model_file(dir: &Path) -> PathBuf {
+    dir.join(MODEL_FILE)
+}
+
+fn checkpoint_error(file: &Path) -> impl Fn(String) -> Error + '_ {
+    move |why| Error::Checkpoint {
+        path: file.to_path_buf(),
+        why,
+    }
+}
+
+/// The string metadata of a safetensors header.
+fn parse_meta(bytes: &[u8], file: &Path) -> Result<HashMap<String, String>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| checkpoint_error(file)(e.to_string()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 impl CtrCheckpoint {
-    /// Reads a model saved by [`CtrTrainer::save`].
-    pub fn load(dir: &Path) -> Result<Self> {
-        let file = dir.join("model.safetensors");
-        let fail = |why: String| Error::Checkpoint {
-            path: file.clone(),
-            why,
-        };
-        let bytes = std::fs::read(&file).map_err(crate::error::io_err(&file))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| fail(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
-        let md = meta.metadata().clone().unwrap_or_default();
+    /// The training and model configurations and the rest of the metadata, reading only
+    /// the file's header (a table of 10^8 rows is not loaded to learn its settings).
+    fn configs(dir: &Path) -> Result<(CtrTrainConfig, CtrConfig, HashMap<String, String>)> {
+        use std::io::Read;
+        let file = model_file(dir);
+        let fail = checkpoint_error(&file);
+        let mut f = std::fs::File::open(&file).map_err(crate::error::io_err(&file))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|e| fail(format!("reading its header: {e}")))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(fail(format!("a header of {n} bytes")));
+        }
+        let mut head = vec![0u8; n as usize];
+        f.read_exact(&mut head)
+            .map_err(|e| fail(format!("reading its header: {e}")))?;
+        // The header is JSON; its "__metadata__" holds our strings.
+        #[derive(serde::Deserialize)]
+        struct Header {
+            #[serde(rename = "__metadata__", default)]
+            metadata: HashMap<String, String>,
+        }
+        let h: Header =
+            serde_json::from_slice(&head).map_err(|e| fail(format!("its header: {e}")))?;
+        Self::configs_of(h.metadata, &file)
+    }
+
+    fn configs_of(
+        md: HashMap<String, String>,
+        file: &Path,
+    ) -> Result<(CtrTrainConfig, CtrConfig, HashMap<String, String>)> {
+        let fail = checkpoint_error(file);
         let get = |k: &str| {
             md.get(k)
                 .cloned()
@@ -847,6 +889,16 @@ impl CtrCheckpoint {
             serde_json::from_str(&get("train_config")?).map_err(|e| fail(e.to_string()))?;
         let mcfg: CtrConfig =
             serde_json::from_str(&get("model_config")?).map_err(|e| fail(e.to_string()))?;
+        Ok((cfg, mcfg, md))
+    }
+
+    /// Reads a model saved by [`CtrTrainer::save`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = model_file(dir);
+        let fail = checkpoint_error(&file);
+        let bytes = std::fs::read(&file).map_err(crate::error::io_err(&file))?;
+        let (cfg, mcfg, md) = Self::configs_of(parse_meta(&bytes, &file)?, &file)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
         let model = CtrModel::new(mcfg)?;
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;

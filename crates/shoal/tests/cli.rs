@@ -481,6 +481,20 @@ fn ctr_train_predict_and_bad_rows() {
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout).lines().count(), 200);
+    // The job resumes as a job (its saved configuration names the workers and shards).
+    let o = shoal(
+        d.path(),
+        &[
+            "train", "ctr", "--resume", "m2", "--epochs", "2", "--out", "m2", "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("parameter-server shards"),
+        "{}",
+        text(&o.stderr)
+    );
     let o = shoal(
         d.path(),
         &["train", "ctr", "--data", criteo, "--workers", "2"],
