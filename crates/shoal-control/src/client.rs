@@ -26,6 +26,16 @@ pub struct ControlClient {
     beat: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// What a process tells the coordinator when it joins.
+#[derive(Debug, Clone, Default)]
+pub struct Joining {
+    pub role: String,
+    pub host: String,
+    pub data_addr: String,
+    /// Its index within its role (a pod's completion or task index), if it has one.
+    pub index: Option<u32>,
+}
+
 impl ControlClient {
     /// Connects to the coordinator at `addr` (`http://host:port`) and registers; returns
     /// when the whole job has registered.
@@ -36,6 +46,20 @@ impl ControlClient {
         host: &str,
         data_addr: &str,
     ) -> Result<(Self, Registration)> {
+        let mut c = Self::connect(addr, token, Duration::ZERO)?;
+        let reg = c.join(&Joining {
+            role: role.into(),
+            host: host.into(),
+            data_addr: data_addr.into(),
+            index: None,
+        })?;
+        Ok((c, reg))
+    }
+
+    /// Connects to the coordinator at `addr`, retrying for up to `wait` while it cannot
+    /// be reached (on a cluster, processes start in any order and the coordinator's
+    /// name may not resolve yet). Does not register: see [`ControlClient::join`].
+    pub fn connect(addr: &str, token: &str, wait: Duration) -> Result<Self> {
         // One worker thread drives the connection and the heartbeat task, whatever the
         // calling thread is doing.
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -46,18 +70,40 @@ impl ControlClient {
                 what: "starting the control client runtime".into(),
                 why: e.to_string(),
             })?;
-        let mut client = rt
-            .block_on(CoordinatorClient::connect(addr.to_string()))
-            .map_err(|e| Error::Transport {
-                what: format!("connecting to the coordinator at {addr}"),
-                why: e.to_string(),
-            })?;
-        let reply = rt
-            .block_on(client.register(RegisterRequest {
-                token: token.into(),
-                role: role.into(),
-                host: host.into(),
-                data_addr: data_addr.into(),
+        let deadline = std::time::Instant::now() + wait;
+        let client = loop {
+            match rt.block_on(CoordinatorClient::connect(addr.to_string())) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(Error::Transport {
+                        what: format!("connecting to the coordinator at {addr} (waited {wait:?})"),
+                        why: error_chain(&e),
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        };
+        Ok(Self {
+            rt,
+            client,
+            token: token.into(),
+            rank: u32::MAX,
+            failure: Arc::new(Mutex::new(None)),
+            beat: None,
+        })
+    }
+
+    /// Registers this process; returns once the whole job has registered, and keeps
+    /// heartbeating from then on.
+    pub fn join(&mut self, j: &Joining) -> Result<Registration> {
+        let reply = self
+            .rt
+            .block_on(self.client.register(RegisterRequest {
+                token: self.token.clone(),
+                role: j.role.clone(),
+                host: j.host.clone(),
+                data_addr: j.data_addr.clone(),
+                index: j.index,
             }))?
             .into_inner();
         let reg = Registration {
@@ -65,16 +111,9 @@ impl ControlClient {
             members: reply.members,
             heartbeat: Duration::from_millis(reply.heartbeat_ms),
         };
-        let mut c = Self {
-            rt,
-            client,
-            token: token.into(),
-            rank: reg.rank,
-            failure: Arc::new(Mutex::new(None)),
-            beat: None,
-        };
-        c.start_heartbeat(reg.heartbeat);
-        Ok((c, reg))
+        self.rank = reg.rank;
+        self.start_heartbeat(reg.heartbeat);
+        Ok(reg)
     }
 
     fn start_heartbeat(&mut self, every: Duration) {
@@ -166,4 +205,16 @@ impl Drop for ControlClient {
     fn drop(&mut self) {
         self.stop_heartbeat();
     }
+}
+
+/// An error with its causes (a connection error's own message is often just "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

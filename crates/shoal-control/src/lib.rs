@@ -16,6 +16,6 @@ pub mod proto {
     tonic::include_proto!("shoal.control.v1");
 }
 
-pub use client::{ControlClient, Registration};
+pub use client::{ControlClient, Joining, Registration};
 pub use error::{Error, Result};
 pub use server::{Coordinator, CoordinatorConfig};

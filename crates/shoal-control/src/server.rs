@@ -106,6 +106,7 @@ impl CoordinatorRpc for Service {
                 role: r.role,
                 host: r.host,
                 data_addr: r.data_addr,
+                index: r.index,
             });
             st.last_seen.push(Instant::now());
             st.left.push(false);
@@ -188,11 +189,14 @@ pub struct Coordinator {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     state: Arc<Mutex<State>>,
+    world: u32,
+    rendezvous_timeout: Duration,
 }
 
 impl Coordinator {
     /// Starts serving on `addr` (port 0 picks a free port; see [`Coordinator::addr`]).
     pub fn start(addr: SocketAddr, cfg: CoordinatorConfig) -> Result<Self> {
+        let (world, rendezvous_timeout) = (cfg.world, cfg.rendezvous_timeout);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -265,7 +269,45 @@ impl Coordinator {
             stop: Some(tx),
             thread: Some(thread),
             state,
+            world,
+            rendezvous_timeout,
         })
+    }
+
+    /// Blocks until the job is over: `Ok` once every member has registered and left in
+    /// order; an error naming the member if one fails, or if the job has not assembled
+    /// within the rendezvous timeout.
+    pub fn wait_finished(&self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            {
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(f) = st.failed.first() {
+                    let who = st
+                        .members
+                        .get(f.rank as usize)
+                        .map(|m| format!("{} (rank {})", m.role, f.rank))
+                        .unwrap_or_else(|| format!("rank {}", f.rank));
+                    return Err(Error::PeerFailed {
+                        rank: f.rank,
+                        reason: format!("{who}: {}", f.reason),
+                    });
+                }
+                let all = st.members.len() as u32 >= self.world;
+                if all && st.left.iter().all(|&l| l) {
+                    return Ok(());
+                }
+                if !all && start.elapsed() > self.rendezvous_timeout {
+                    return Err(Error::Status(format!(
+                        "rendezvous: {} of {} processes after {:?}",
+                        st.members.len(),
+                        self.world,
+                        self.rendezvous_timeout
+                    )));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Members declared failed so far.

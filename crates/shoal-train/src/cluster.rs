@@ -18,7 +18,7 @@ use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
 use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
-use shoal_control::{ControlClient, Coordinator, CoordinatorConfig};
+use shoal_control::{ControlClient, Coordinator, CoordinatorConfig, Joining};
 use shoal_data::ctr::BadRows;
 use shoal_data::SubwordTokenizer;
 use shoal_model::ctr::{CtrConfig, CtrModel};
@@ -45,6 +45,11 @@ pub const ENV_RUN: &str = "SHOAL_RUN_DIR";
 pub const ENV_RESUME: &str = "SHOAL_RESUME";
 /// The address this process's data plane listens on and advertises (default 127.0.0.1).
 pub const ENV_HOST: &str = "SHOAL_HOST";
+/// This process's index within its role; Kubernetes' indexed Jobs set
+/// `JOB_COMPLETION_INDEX` and Volcano's env plugin `VC_TASK_INDEX`, read when this is unset.
+pub const ENV_INDEX: &str = "SHOAL_INDEX";
+/// How long to wait for the coordinator to be reachable, in seconds (default 60).
+pub const ENV_CONNECT_TIMEOUT: &str = "SHOAL_CONNECT_TIMEOUT_S";
 
 /// What a worker tells the launcher, one JSON object per stdout line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -650,16 +655,141 @@ pub fn shard_config(cfg: &NmtTrainConfig, token: &str) -> ShardConfig {
     }
 }
 
+/// This process's index within its role, from [`ENV_INDEX`] or what a scheduler sets.
+fn role_index() -> Result<Option<u32>> {
+    for name in [ENV_INDEX, "JOB_COMPLETION_INDEX", "VC_TASK_INDEX"] {
+        if let Ok(v) = std::env::var(name) {
+            return v
+                .trim()
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| Error::Cluster(format!("{name} is '{v}', not a process index")));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads a job's training configuration (`kind` nmt: the `train nmt` TOML; ctr: a
+/// [`CtrTrainConfig`] as TOML), lets `adjust` change its `[dist]` section, validates
+/// it, and returns it as TOML text with the resulting job shape.
+pub fn job_config(
+    kind: &str,
+    path: &Path,
+    adjust: impl FnOnce(&mut DistSection),
+) -> Result<(String, DistSection)> {
+    match kind {
+        "nmt" => {
+            let mut cfg = NmtTrainConfig::load(Some(path), &[])?;
+            adjust(&mut cfg.dist);
+            cfg.validate()?;
+            Ok((cfg.to_toml(), cfg.dist))
+        }
+        "ctr" => {
+            let mut cfg = read_ctr_config(path)?;
+            adjust(&mut cfg.dist);
+            cfg.validate()?;
+            let text = toml::to_string(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+            Ok((text, cfg.dist))
+        }
+        other => Err(Error::Config(format!(
+            "unknown job kind '{other}'; expected nmt or ctr"
+        ))),
+    }
+}
+
+fn read_ctr_config(path: &Path) -> Result<CtrTrainConfig> {
+    let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
+    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// Prepares `RUN/job` for the processes of a job from its configuration file (NMT:
+/// learns the subword vocabularies; CTR: worker 0 saves the model to `RUN/model`);
+/// returns the job's shape.
+pub fn prepare_job(kind: &str, config: &Path, run_dir: &Path) -> Result<DistSection> {
+    let job = run_dir.join("job");
+    match kind {
+        "nmt" => {
+            let cfg = NmtTrainConfig::load(Some(config), &[])?;
+            let tok = NmtTrainer::learn_tokenizers(&cfg)?;
+            write_job(&job, &cfg, &tok)?;
+            Ok(cfg.dist)
+        }
+        "ctr" => {
+            let cfg = read_ctr_config(config)?;
+            cfg.validate()?;
+            let d = cfg.dist.clone();
+            let out = run_dir.join("model");
+            write_ctr_job(run_dir, &CtrJob { cfg, out })?;
+            Ok(d)
+        }
+        other => Err(Error::Config(format!(
+            "unknown job kind '{other}'; expected nmt or ctr"
+        ))),
+    }
+}
+
+/// Serves as the coordinator of a job whose processes a scheduler starts: prepares the
+/// job directory, serves on `listen`, and returns when every process has left in order
+/// (an error if one fails or the job does not assemble within `rendezvous`).
+pub fn run_coordinator(
+    kind: &str,
+    config: &Path,
+    run_dir: &Path,
+    listen: SocketAddr,
+    token: &str,
+    rendezvous: Duration,
+) -> Result<()> {
+    let d = prepare_job(kind, config, run_dir)?;
+    let world = d.workers + d.separate_servers();
+    let coord = Coordinator::start(
+        listen,
+        CoordinatorConfig {
+            token: token.into(),
+            world: world as u32,
+            heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
+            rendezvous_timeout: rendezvous,
+        },
+    )?;
+    eprintln!(
+        "coordinator of a {kind} job on {}: expecting {} workers and {} separate shards",
+        coord.addr,
+        d.workers,
+        d.separate_servers()
+    );
+    coord.wait_finished()?;
+    eprintln!("every process of the job has finished");
+    Ok(())
+}
+
 /// Runs this process's part of a job, its role and the job taken from the environment
 /// (see the `ENV_*` constants). A worker prints [`Report`]s on stdout.
 pub fn run_role() -> Result<()> {
-    let role = env(ENV_ROLE)?;
+    let mut role = env(ENV_ROLE)?;
     let coordinator = env(ENV_COORDINATOR)?;
     let token = env(ENV_TOKEN)?;
-    let job = PathBuf::from(env(ENV_JOB)?);
     let run_dir = PathBuf::from(env(ENV_RUN)?);
+    let job = std::env::var_os(ENV_JOB)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| run_dir.join("job"));
     let host = std::env::var(ENV_HOST).unwrap_or_else(|_| "127.0.0.1".into());
     let resume = std::env::var_os(ENV_RESUME).map(PathBuf::from);
+    let index = role_index()?;
+    let wait = match std::env::var(ENV_CONNECT_TIMEOUT) {
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .ok_or_else(|| {
+                Error::Cluster(format!(
+                    "{ENV_CONNECT_TIMEOUT} is '{v}', not a number of seconds"
+                ))
+            })?,
+        Err(_) => 60.0,
+    };
+    // The coordinator prepares the job directory before it serves, so once it answers
+    // the job's files are there (on a cluster: on the shared volume).
+    let mut ctl = ControlClient::connect(&coordinator, &token, Duration::from_secs_f64(wait))?;
     let kind = std::fs::read_to_string(job.join("kind")).unwrap_or_else(|_| "nmt".into());
     let spec = match kind.trim() {
         "nmt" => {
@@ -678,6 +808,14 @@ pub fn run_role() -> Result<()> {
         Job::Nmt(cfg, _) => cfg.dist.clone(),
         Job::Ctr(j) => j.cfg.dist.clone(),
     };
+    // A scheduler starts all workers from one template: with colocated shards, the
+    // workers with the lowest indexes host them.
+    if role == "worker" && d.mode != DistMode::Allreduce && d.placement == Placement::Colocated {
+        if let Some(i) = index.filter(|&i| (i as usize) < d.ps) {
+            eprintln!("worker index {i} hosts parameter-server shard {i} (colocated placement)");
+            role = "worker+ps".into();
+        }
+    }
     let hosts_shard = matches!(role.as_str(), "ps" | "worker+ps");
     let is_worker = role.starts_with("worker");
     if !(is_worker || role == "ps") {
@@ -702,17 +840,24 @@ pub fn run_role() -> Result<()> {
         .or(ring_listener.as_ref())
         .map(|(_, a)| a.to_string())
         .unwrap_or_default();
-    let (ctl, reg) = ControlClient::register(&coordinator, &token, &role, &host, &advertised)?;
+    let reg = ctl.join(&Joining {
+        role: role.clone(),
+        host: host.clone(),
+        data_addr: advertised,
+        index,
+    })?;
     let me = format!("{role} (control rank {})", reg.rank);
     let ctl = Arc::new(ctl);
     let dog = Watchdog::start(ctl.clone(), me.clone());
-    let shard_hosts: Vec<&shoal_control::proto::Member> = reg
-        .members
+    // Members in role order: by index where the scheduler gave one, else by rank.
+    let mut members: Vec<&shoal_control::proto::Member> = reg.members.iter().collect();
+    members.sort_by_key(|m| (m.index.unwrap_or(u32::MAX), m.rank));
+    let shard_hosts: Vec<&shoal_control::proto::Member> = members
         .iter()
+        .copied()
         .filter(|m| m.role == "ps" || m.role == "worker+ps")
         .collect();
-    let worker_ranks: Vec<u32> = reg
-        .members
+    let worker_ranks: Vec<u32> = members
         .iter()
         .filter(|m| m.role.starts_with("worker"))
         .map(|m| m.rank)
@@ -781,8 +926,7 @@ pub fn run_role() -> Result<()> {
                         Duration::from_secs(60),
                     )?),
                     Some((l, _)) => {
-                        let addrs = reg
-                            .members
+                        let addrs = members
                             .iter()
                             .filter(|m| m.role.starts_with("worker"))
                             .map(|m| parse_addr(&m.data_addr, &format!("worker {}", m.rank)))
@@ -796,9 +940,9 @@ pub fn run_role() -> Result<()> {
                 };
                 let mut comm = Communicator::new(t);
                 // Ranks on several hosts: the two-level allreduce.
-                let workers: Vec<&shoal_control::proto::Member> = reg
-                    .members
+                let workers: Vec<&shoal_control::proto::Member> = members
                     .iter()
+                    .copied()
                     .filter(|m| m.role.starts_with("worker"))
                     .collect();
                 let host_of: Vec<usize> = workers

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 /// Everything a CTR run is configured by (saved in its checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CtrTrainConfig {
     pub kind: CtrKind,
     pub dim: usize,

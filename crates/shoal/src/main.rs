@@ -43,6 +43,29 @@ enum Cmd {
     /// variables (started by `train --workers`, or by a cluster scheduler).
     #[command(name = "role", hide = true)]
     Role,
+    /// The coordinator of a job whose processes a cluster scheduler starts (`shoal
+    /// role` in each): prepares the job directory from the training configuration,
+    /// serves rendezvous and health checks, and exits when the job ends.
+    Coordinator(CoordinatorArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// What the job trains.
+    #[arg(long, value_parser = ["nmt", "ctr"])]
+    kind: String,
+    /// Its training configuration (TOML; for ctr the fields of `train ctr`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Address to serve the control plane on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: std::net::SocketAddr,
+    /// The run directory shared by the job's processes (default: $SHOAL_RUN_DIR).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Fail if the job's processes have not all registered within this many seconds.
+    #[arg(long, default_value_t = 900.0)]
+    rendezvous_timeout_s: f64,
 }
 
 #[derive(Subcommand)]
@@ -1360,10 +1383,35 @@ fn chain(e: &anyhow::Error) -> String {
     msg
 }
 
+fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    use shoal_train::cluster::{ENV_RUN, ENV_TOKEN};
+    let token =
+        std::env::var(ENV_TOKEN).with_context(|| format!("the job token: set {ENV_TOKEN}"))?;
+    let run_dir = match a.run_dir {
+        Some(d) => d,
+        None => PathBuf::from(
+            std::env::var(ENV_RUN)
+                .with_context(|| format!("the run directory: pass --run-dir or set {ENV_RUN}"))?,
+        ),
+    };
+    if !(a.rendezvous_timeout_s.is_finite() && a.rendezvous_timeout_s > 0.0) {
+        bail!("--rendezvous-timeout-s must be a positive number of seconds");
+    }
+    shoal_train::cluster::run_coordinator(
+        &a.kind,
+        &a.config,
+        &run_dir,
+        a.listen,
+        &token,
+        std::time::Duration::from_secs_f64(a.rendezvous_timeout_s),
+    )?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Role) {
+    if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Role | Cmd::Coordinator(_)) {
         // Commands whose output is piped (`shoal predict ... | head`) end quietly when
         // the reader goes away, as Unix tools do. Training keeps Rust's default (SIGPIPE
         // ignored) so that a peer's closed socket is an error naming it, not a silent
@@ -1398,6 +1446,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval(a),
         Cmd::Bench(b) => bench(b),
         Cmd::Role => shoal_train::cluster::run_role().map_err(Into::into),
+        Cmd::Coordinator(a) => coordinator(a),
         Cmd::Plan(a) => plan(a),
     };
     match r {

@@ -565,3 +565,146 @@ fn plan_ranks_options_and_refuses_bad_clusters() {
         &["--inter-gbs"],
     );
 }
+
+/// A free loopback port (bound, then released for the process under test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A job as a cluster scheduler runs it (the environment of a Kubernetes pod, the
+/// Service's DNS name replaced by a loopback name): `shoal coordinator` prepares the job
+/// and serves, `shoal role` in each "pod" finds it by name, takes its rank from the pod
+/// index, and waits for the coordinator to come up (the workers start first here).
+/// Both an allreduce job over TCP and a parameter-server job whose shard the worker of
+/// index 0 hosts (colocated placement, derived from the index) train and checkpoint.
+#[test]
+fn pods_find_the_coordinator_and_take_rank_from_their_index() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 96);
+    for (name, dist) in [
+        ("allreduce", &["--set", "dist.mode=allreduce"][..]),
+        (
+            "ps",
+            &[
+                "--set",
+                "dist.mode=ps-sync",
+                "--set",
+                "dist.ps=1",
+                "--set",
+                "dist.placement=colocated",
+            ][..],
+        ),
+    ] {
+        let mut args = vec!["train", "nmt", "--data-dir", ".", "--max-steps", "4"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&["--set", "dist.workers=2", "--set", "dist.transport=tcp"]);
+        args.extend_from_slice(dist);
+        args.push("--print-config");
+        let o = shoal(d.path(), &args, None);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let cfg = format!("{name}.toml");
+        std::fs::write(d.path().join(&cfg), &o.stdout).unwrap();
+        let run = format!("run-{name}");
+        let port = free_port();
+        let pod = |args: &[&str], envs: &[(&str, String)]| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+            c.current_dir(d.path())
+                .args(args)
+                .env("RAYON_NUM_THREADS", "1")
+                .env("SHOAL_JOB_TOKEN", "pod-token")
+                .env("SHOAL_RUN_DIR", &run)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in envs {
+                c.env(k, v);
+            }
+            c.spawn().unwrap()
+        };
+        let coordinator = format!("http://localhost:{port}");
+        let workers: Vec<_> = [1, 0]
+            .iter()
+            .map(|i| {
+                pod(
+                    &["role"],
+                    &[
+                        ("SHOAL_ROLE", "worker".into()),
+                        ("SHOAL_COORDINATOR", coordinator.clone()),
+                        ("SHOAL_HOST", "127.0.0.1".into()),
+                        ("JOB_COMPLETION_INDEX", i.to_string()),
+                    ],
+                )
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let listen = format!("127.0.0.1:{port}");
+        let coord = pod(
+            &[
+                "coordinator",
+                "--kind",
+                "nmt",
+                "--config",
+                &cfg,
+                "--listen",
+                &listen,
+            ],
+            &[],
+        );
+        let outs: Vec<Output> = workers
+            .into_iter()
+            .map(|w| w.wait_with_output().unwrap())
+            .collect();
+        let co = coord.wait_with_output().unwrap();
+        for (i, o) in [1, 0].iter().zip(&outs) {
+            assert!(
+                o.status.success(),
+                "{name}: worker {i}: {}",
+                text(&o.stderr)
+            );
+            // Its reports carry the rank its index gave it.
+            let done = text(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["ev"] == "done")
+                .unwrap_or_else(|| panic!("{name}: worker {i} reported no end"));
+            assert_eq!(done["rank"], *i, "{name}");
+            assert_eq!(done["steps"], 4, "{name}");
+        }
+        assert!(co.status.success(), "{name}: {}", text(&co.stderr));
+        assert!(text(&co.stderr).contains("expecting 2 workers"));
+        if name == "ps" {
+            assert!(text(&outs[1].stderr).contains("hosts parameter-server shard 0"));
+        }
+        let o = shoal(
+            d.path(),
+            &["translate", "--checkpoint", &run],
+            Some("A man.\n"),
+        );
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+    }
+    // A coordinator with no token, or a pod that never finds its coordinator: errors.
+    let o = shoal(
+        d.path(),
+        &["coordinator", "--kind", "nmt", "--config", "ps.toml"],
+        None,
+    );
+    assert_clear_error(&o, &["SHOAL_JOB_TOKEN"]);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    let o = c
+        .current_dir(d.path())
+        .arg("role")
+        .envs([
+            ("SHOAL_ROLE", "worker"),
+            ("SHOAL_COORDINATOR", "http://localhost:1"),
+            ("SHOAL_JOB_TOKEN", "t"),
+            ("SHOAL_RUN_DIR", "nowhere"),
+            ("SHOAL_CONNECT_TIMEOUT_S", "1"),
+        ])
+        .output()
+        .unwrap();
+    assert_clear_error(&o, &["coordinator at http://localhost:1"]);
+}
