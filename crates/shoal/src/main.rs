@@ -43,10 +43,72 @@ enum Cmd {
     /// variables (started by `train --workers`, or by a cluster scheduler).
     #[command(name = "role", hide = true)]
     Role,
+    /// Run a training job on Kubernetes (plain Jobs, Volcano or Kubeflow Trainer):
+    /// `launch --k8s job.toml` prints the objects as YAML, `--apply` submits them;
+    /// `launch status|logs|delete JOB` follow and clean up.
+    Launch(LaunchArgs),
     /// The coordinator of a job whose processes a cluster scheduler starts (`shoal
     /// role` in each): prepares the job directory from the training configuration,
     /// serves rendezvous and health checks, and exits when the job ends.
     Coordinator(CoordinatorArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LaunchArgs {
+    #[command(subcommand)]
+    action: Option<LaunchAction>,
+    /// The job spec (TOML: name, image, kind, config, workers, ps, data volume,
+    /// resources; see README).
+    #[arg(long, value_name = "JOB.toml")]
+    k8s: Option<PathBuf>,
+    /// Print the objects as YAML for `kubectl apply -f -` (the default).
+    #[arg(long, conflicts_with = "apply")]
+    dry_run: bool,
+    /// Submit the objects through the Kubernetes API (kubeconfig or in-cluster
+    /// account; needs a build with `--features k8s`).
+    #[arg(long)]
+    apply: bool,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    namespace: Option<String>,
+    /// kubernetes (indexed Jobs + headless Service), volcano (gang-scheduled) or
+    /// kubeflow (Trainer TrainJob).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    workers: Option<i64>,
+    #[arg(long)]
+    ps: Option<i64>,
+    #[arg(long)]
+    gpus_per_worker: Option<i64>,
+}
+
+#[derive(Subcommand)]
+enum LaunchAction {
+    /// The job's Jobs and pods and where they stand.
+    Status(LaunchJobArgs),
+    /// The logs of the job's pods.
+    Logs {
+        #[command(flatten)]
+        job: LaunchJobArgs,
+        /// Only the last N lines of each pod.
+        #[arg(long)]
+        tail: Option<i64>,
+    },
+    /// Delete every object of the job (its pods go with them).
+    Delete(LaunchJobArgs),
+}
+
+#[derive(Args)]
+struct LaunchJobArgs {
+    /// The job's name.
+    job: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
 }
 
 #[derive(Args)]
@@ -1383,6 +1445,102 @@ fn chain(e: &anyhow::Error) -> String {
     msg
 }
 
+fn launch(a: LaunchArgs) -> Result<()> {
+    use shoal_launch::{JobSpec, Overrides, Scheduler};
+    if let Some(action) = a.action {
+        return launch_action(action);
+    }
+    let Some(path) = a.k8s else {
+        bail!("give a job spec (--k8s job.toml), or one of: status, logs, delete");
+    };
+    let ov = Overrides {
+        name: a.name,
+        namespace: a.namespace,
+        scheduler: a.scheduler.as_deref().map(Scheduler::parse).transpose()?,
+        image: a.image,
+        workers: a.workers,
+        ps: a.ps,
+        gpus_per_worker: a.gpus_per_worker,
+    };
+    let spec = JobSpec::load(&path, &ov)?;
+    // The training configuration the pods get: its [dist] section from the spec, the
+    // data plane over TCP (pods share no memory).
+    let (config, dist) = shoal_train::cluster::job_config(&spec.kind, &spec.config, |d| {
+        d.workers = spec.workers as usize;
+        d.ps = spec.ps as usize;
+        if d.ps > 0 && d.mode == DistMode::Allreduce {
+            d.mode = DistMode::PsSync;
+        }
+        if d.ps == 0 {
+            d.mode = DistMode::Allreduce;
+        }
+        d.transport = shoal_train::config::DataPlane::Tcp;
+    })
+    .with_context(|| format!("the training configuration {}", spec.config.display()))?;
+    let token = shoal_launch::manifest::new_token()?;
+    let objects = shoal_launch::objects(&shoal_launch::Plan {
+        spec: &spec,
+        config_toml: &config,
+        ps_pods: dist.separate_servers(),
+        token: &token,
+    });
+    if !a.apply {
+        print!("{}", shoal_launch::yaml::documents(&objects));
+        return Ok(());
+    }
+    submit(&spec, &objects)
+}
+
+#[cfg(feature = "k8s")]
+fn submit(spec: &shoal_launch::JobSpec, objects: &[serde_json::Value]) -> Result<()> {
+    let c = shoal_launch::kube_api::Cluster::connect()?;
+    for what in c.apply(objects)? {
+        eprintln!("applied {what}");
+    }
+    eprintln!(
+        "job {} submitted to namespace {}; follow it with `shoal launch status {} --namespace {}`",
+        spec.name, spec.namespace, spec.name, spec.namespace
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "k8s"))]
+fn submit(_: &shoal_launch::JobSpec, _: &[serde_json::Value]) -> Result<()> {
+    bail!(
+        "this shoal was built without the Kubernetes client: rebuild with `cargo build --release --features k8s`, or pipe `shoal launch --k8s JOB.toml` into `kubectl apply -f -`"
+    )
+}
+
+#[cfg(feature = "k8s")]
+fn launch_action(action: LaunchAction) -> Result<()> {
+    let c = shoal_launch::kube_api::Cluster::connect()?;
+    match action {
+        LaunchAction::Status(j) => print!("{}", c.status(&j.namespace, &j.job)?.render()),
+        LaunchAction::Logs { job, tail } => print!("{}", c.logs(&job.namespace, &job.job, tail)?),
+        LaunchAction::Delete(j) => {
+            let gone = c.delete(&j.namespace, &j.job)?;
+            if gone.is_empty() {
+                eprintln!("no objects of job {} in namespace {}", j.job, j.namespace);
+            }
+            for g in gone {
+                eprintln!("deleted {g}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "k8s"))]
+fn launch_action(action: LaunchAction) -> Result<()> {
+    let (LaunchAction::Status(j) | LaunchAction::Logs { job: j, .. } | LaunchAction::Delete(j)) =
+        action;
+    bail!(
+        "this shoal was built without the Kubernetes client (rebuild with `--features k8s`); meanwhile: kubectl -n {} get jobs,pods -l shoal.dev/job={}",
+        j.namespace,
+        j.job
+    )
+}
+
 fn coordinator(a: CoordinatorArgs) -> Result<()> {
     use shoal_train::cluster::{ENV_RUN, ENV_TOKEN};
     let token =
@@ -1447,6 +1605,7 @@ fn main() -> ExitCode {
         Cmd::Bench(b) => bench(b),
         Cmd::Role => shoal_train::cluster::run_role().map_err(Into::into),
         Cmd::Coordinator(a) => coordinator(a),
+        Cmd::Launch(a) => launch(a),
         Cmd::Plan(a) => plan(a),
     };
     match r {

@@ -579,12 +579,23 @@ fn free_port() -> u16 {
 /// Service's DNS name replaced by a loopback name): `shoal coordinator` prepares the job
 /// and serves, `shoal role` in each "pod" finds it by name, takes its rank from the pod
 /// index, and waits for the coordinator to come up (the workers start first here).
-/// Both an allreduce job over TCP and a parameter-server job whose shard the worker of
-/// index 0 hosts (colocated placement, derived from the index) train and checkpoint.
+/// An NMT allreduce job over TCP, an NMT parameter-server job whose shard the worker of
+/// index 0 hosts (colocated placement, derived from the index), and a CTR job with a
+/// separate shard pod all train and save what they should.
 #[test]
 fn pods_find_the_coordinator_and_take_rank_from_their_index() {
     let d = tempfile::tempdir().unwrap();
     slice(d.path(), 96);
+    let criteo = Path::new(DATA).join("../ctr/criteo_sample.txt");
+    std::fs::write(
+        d.path().join("ctr.toml"),
+        format!(
+            "kind = \"deepfm\"\ndim = 4\nhidden = [8]\ndata = {:?}\nbatch_size = 64\nepochs = 1\n\
+             [dist]\nworkers = 2\nps = 1\nmode = \"ps-sync\"\ntransport = \"tcp\"\n",
+            criteo.to_str().unwrap()
+        ),
+    )
+    .unwrap();
     for (name, dist) in [
         ("allreduce", &["--set", "dist.mode=allreduce"][..]),
         (
@@ -598,16 +609,20 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
                 "dist.placement=colocated",
             ][..],
         ),
+        ("ctr", &[][..]),
     ] {
-        let mut args = vec!["train", "nmt", "--data-dir", ".", "--max-steps", "4"];
-        args.extend_from_slice(TINY);
-        args.extend_from_slice(&["--set", "dist.workers=2", "--set", "dist.transport=tcp"]);
-        args.extend_from_slice(dist);
-        args.push("--print-config");
-        let o = shoal(d.path(), &args, None);
-        assert!(o.status.success(), "{}", text(&o.stderr));
+        let kind = if name == "ctr" { "ctr" } else { "nmt" };
         let cfg = format!("{name}.toml");
-        std::fs::write(d.path().join(&cfg), &o.stdout).unwrap();
+        if kind == "nmt" {
+            let mut args = vec!["train", "nmt", "--data-dir", ".", "--max-steps", "4"];
+            args.extend_from_slice(TINY);
+            args.extend_from_slice(&["--set", "dist.workers=2", "--set", "dist.transport=tcp"]);
+            args.extend_from_slice(dist);
+            args.push("--print-config");
+            let o = shoal(d.path(), &args, None);
+            assert!(o.status.success(), "{}", text(&o.stderr));
+            std::fs::write(d.path().join(&cfg), &o.stdout).unwrap();
+        }
         let run = format!("run-{name}");
         let port = free_port();
         let pod = |args: &[&str], envs: &[(&str, String)]| {
@@ -626,27 +641,26 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
             c.spawn().unwrap()
         };
         let coordinator = format!("http://localhost:{port}");
-        let workers: Vec<_> = [1, 0]
-            .iter()
-            .map(|i| {
-                pod(
-                    &["role"],
-                    &[
-                        ("SHOAL_ROLE", "worker".into()),
-                        ("SHOAL_COORDINATOR", coordinator.clone()),
-                        ("SHOAL_HOST", "127.0.0.1".into()),
-                        ("JOB_COMPLETION_INDEX", i.to_string()),
-                    ],
-                )
-            })
-            .collect();
+        let role_pod = |role: &str, i: usize| {
+            pod(
+                &["role"],
+                &[
+                    ("SHOAL_ROLE", role.into()),
+                    ("SHOAL_COORDINATOR", coordinator.clone()),
+                    ("SHOAL_HOST", "127.0.0.1".into()),
+                    ("JOB_COMPLETION_INDEX", i.to_string()),
+                ],
+            )
+        };
+        let workers: Vec<_> = [1, 0].iter().map(|&i| role_pod("worker", i)).collect();
+        let shard = (kind == "ctr").then(|| role_pod("ps", 0));
         std::thread::sleep(std::time::Duration::from_millis(1500));
         let listen = format!("127.0.0.1:{port}");
         let coord = pod(
             &[
                 "coordinator",
                 "--kind",
-                "nmt",
+                kind,
                 "--config",
                 &cfg,
                 "--listen",
@@ -658,6 +672,10 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
             .into_iter()
             .map(|w| w.wait_with_output().unwrap())
             .collect();
+        if let Some(s) = shard {
+            let o = s.wait_with_output().unwrap();
+            assert!(o.status.success(), "{name}: shard: {}", text(&o.stderr));
+        }
         let co = coord.wait_with_output().unwrap();
         for (i, o) in [1, 0].iter().zip(&outs) {
             assert!(
@@ -672,18 +690,35 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
                 .find(|v| v["ev"] == "done")
                 .unwrap_or_else(|| panic!("{name}: worker {i} reported no end"));
             assert_eq!(done["rank"], *i, "{name}");
-            assert_eq!(done["steps"], 4, "{name}");
+            if kind == "nmt" {
+                assert_eq!(done["steps"], 4, "{name}");
+            }
         }
         assert!(co.status.success(), "{name}: {}", text(&co.stderr));
         assert!(text(&co.stderr).contains("expecting 2 workers"));
         if name == "ps" {
             assert!(text(&outs[1].stderr).contains("hosts parameter-server shard 0"));
         }
-        let o = shoal(
-            d.path(),
-            &["translate", "--checkpoint", &run],
-            Some("A man.\n"),
-        );
+        let o = if kind == "nmt" {
+            shoal(
+                d.path(),
+                &["translate", "--checkpoint", &run],
+                Some("A man.\n"),
+            )
+        } else {
+            let model = format!("{run}/model");
+            shoal(
+                d.path(),
+                &[
+                    "predict",
+                    "--checkpoint",
+                    &model,
+                    "--data",
+                    criteo.to_str().unwrap(),
+                ],
+                None,
+            )
+        };
         assert!(o.status.success(), "{name}: {}", text(&o.stderr));
     }
     // A coordinator with no token, or a pod that never finds its coordinator: errors.
@@ -707,4 +742,98 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
         .output()
         .unwrap();
     assert_clear_error(&o, &["coordinator at http://localhost:1"]);
+}
+
+/// `shoal launch --k8s` prints a job's Kubernetes objects (its training configuration
+/// inside, [dist] set from the spec, data plane over TCP); flags override the spec; a bad
+/// spec is a clear error and prints nothing.
+#[test]
+fn launch_prints_the_objects_and_refuses_bad_specs() {
+    let d = tempfile::tempdir().unwrap();
+    let mut args = vec!["train", "nmt", "--data-dir", "/data/multi30k"];
+    args.extend_from_slice(TINY);
+    args.push("--print-config");
+    let o = shoal(d.path(), &args, None);
+    std::fs::write(d.path().join("nmt.toml"), &o.stdout).unwrap();
+    std::fs::write(
+        d.path().join("job.toml"),
+        "name = \"nmt-demo\"\nimage = \"shoal:cpu\"\nkind = \"nmt\"\nconfig = \"nmt.toml\"\nworkers = 3\n[data]\nclaim = \"shoal-data\"\n",
+    )
+    .unwrap();
+    let o = shoal(
+        d.path(),
+        &["launch", "--k8s", "job.toml", "--dry-run"],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let y = text(&o.stdout);
+    assert_eq!(y.matches("\n---\n").count(), 4, "5 objects: {y}");
+    for want in [
+        "kind: Secret",
+        "kind: ConfigMap",
+        "clusterIP: None",
+        "name: nmt-demo-worker",
+        "completions: 3",
+        "value: http://nmt-demo-coordinator-0.nmt-demo:7070",
+        "workers = 3",
+        "transport = \"tcp\"",
+        "mode = \"allreduce\"",
+    ] {
+        assert!(y.contains(want), "'{want}' not in:\n{y}");
+    }
+    let o = shoal(
+        d.path(),
+        &[
+            "launch",
+            "--k8s",
+            "job.toml",
+            "--scheduler",
+            "volcano",
+            "--workers",
+            "2",
+            "--ps",
+            "1",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let y = text(&o.stdout);
+    for want in [
+        "apiVersion: batch.volcano.sh/v1alpha1",
+        "minAvailable: 4",
+        "mode = \"ps-sync\"",
+    ] {
+        assert!(y.contains(want), "'{want}' not in:\n{y}");
+    }
+    for (flags, needle) in [
+        (&["--workers", "0"][..], "at least one worker"),
+        (&["--name", "Bad_Name"][..], "not a DNS label"),
+        (&["--scheduler", "slurm"][..], "slurm"),
+        (&["--ps=-2"][..], "ps = -2"),
+    ] {
+        let mut a = vec!["launch", "--k8s", "job.toml"];
+        a.extend_from_slice(flags);
+        let o = shoal(d.path(), &a, None);
+        assert_clear_error(&o, &[needle]);
+        assert!(o.stdout.is_empty(), "{flags:?} printed objects");
+    }
+    std::fs::write(
+        d.path().join("nocfg.toml"),
+        "name = \"x\"\nimage = \"i\"\nkind = \"nmt\"\nconfig = \"missing.toml\"\n[data]\nclaim = \"c\"\n",
+    )
+    .unwrap();
+    assert_clear_error(
+        &shoal(d.path(), &["launch", "--k8s", "nocfg.toml"], None),
+        &["missing.toml"],
+    );
+    if !cfg!(feature = "k8s") {
+        assert_clear_error(
+            &shoal(d.path(), &["launch", "--k8s", "job.toml", "--apply"], None),
+            &["--features k8s"],
+        );
+        assert_clear_error(
+            &shoal(d.path(), &["launch", "status", "nmt-demo"], None),
+            &["--features k8s", "shoal.dev/job=nmt-demo"],
+        );
+    }
 }

@@ -1,0 +1,329 @@
+//! The Kubernetes objects of a job, as JSON values (printed as YAML, or submitted):
+//! the token Secret and configuration ConfigMap, then per scheduler the pods' owners.
+//! Every pod runs the same `shoal` binary: `shoal coordinator` in one, `shoal role` in
+//! the workers' and servers', which find the coordinator by its DNS name and take their
+//! index from what the scheduler sets.
+
+use crate::spec::{quantity, JobSpec, Resources, Scheduler};
+use serde_json::{json, Value};
+
+/// The label every object of a job carries (`status`, `logs` and `delete` select on it).
+pub const JOB_LABEL: &str = "shoal.dev/job";
+/// The role of a pod: coordinator, worker or ps.
+pub const ROLE_LABEL: &str = "shoal.dev/role";
+/// Where the training configuration is mounted.
+pub const CONFIG_DIR: &str = "/etc/shoal";
+
+/// What to generate: the spec, the training configuration it ships (its `[dist]`
+/// section already set from the spec), the number of parameter-server pods (shards
+/// colocated with workers have none), and the job token.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub spec: &'a JobSpec,
+    pub config_toml: &'a str,
+    pub ps_pods: usize,
+    pub token: &'a str,
+}
+
+/// The host name of the coordinator's pod, as each scheduler names it, with the
+/// job's headless service as subdomain.
+pub fn coordinator_host(spec: &JobSpec) -> String {
+    let n = &spec.name;
+    match spec.scheduler {
+        // Indexed Job pods: <job>-<index>; Volcano's svc plugin: <job>-<task>-<index>.
+        Scheduler::Kubernetes | Scheduler::Volcano => format!("{n}-coordinator-0.{n}"),
+        // JobSet pods: <jobset>-<replicated job>-<job index>-<pod index>.
+        Scheduler::Kubeflow => format!("{n}-coordinator-0-0.{n}"),
+    }
+}
+
+fn labels(spec: &JobSpec, role: Option<&str>) -> Value {
+    let mut l = json!({
+        "app.kubernetes.io/name": "shoal",
+        "app.kubernetes.io/managed-by": "shoal",
+        JOB_LABEL: spec.name,
+    });
+    if let Some(r) = role {
+        l[ROLE_LABEL] = json!(r);
+    }
+    l
+}
+
+fn metadata(spec: &JobSpec, name: &str, role: Option<&str>) -> Value {
+    json!({"name": name, "namespace": spec.namespace, "labels": labels(spec, role)})
+}
+
+fn resources(r: &Resources, gpus: i64) -> Value {
+    let mut amounts = serde_json::Map::new();
+    if let Some(c) = &r.cpu {
+        amounts.insert("cpu".into(), json!(c));
+    }
+    if let Some(m) = &r.memory {
+        amounts.insert("memory".into(), json!(m));
+    }
+    let mut limits = amounts.clone();
+    if gpus > 0 {
+        limits.insert("nvidia.com/gpu".into(), json!(gpus.to_string()));
+    }
+    let mut out = json!({});
+    if !amounts.is_empty() {
+        out["requests"] = Value::Object(amounts);
+    }
+    if !limits.is_empty() {
+        out["limits"] = Value::Object(limits);
+    }
+    out
+}
+
+/// The pod template of one role.
+fn pod(p: &Plan, role: &str, container: &str) -> Value {
+    let s = p.spec;
+    let (command, res, gpus) = match role {
+        "coordinator" => (
+            json!([
+                "shoal",
+                "coordinator",
+                "--kind",
+                s.kind,
+                "--config",
+                format!("{CONFIG_DIR}/train.toml"),
+                "--listen",
+                format!("0.0.0.0:{}", s.port),
+                "--rendezvous-timeout-s",
+                s.rendezvous_timeout_s.to_string(),
+            ]),
+            &s.resources.coordinator,
+            0,
+        ),
+        "worker" => (
+            json!(["shoal", "role"]),
+            &s.resources.worker,
+            s.gpus_per_worker,
+        ),
+        _ => (json!(["shoal", "role"]), &s.resources.ps, 0),
+    };
+    let mut env = vec![
+        json!({"name": "SHOAL_ROLE", "value": role}),
+        json!({"name": "SHOAL_COORDINATOR",
+               "value": format!("http://{}:{}", coordinator_host(s), s.port)}),
+        json!({"name": "SHOAL_JOB_TOKEN",
+               "valueFrom": {"secretKeyRef": {"name": format!("{}-token", s.name), "key": "token"}}}),
+        json!({"name": "SHOAL_RUN_DIR", "value": s.run_dir()}),
+        json!({"name": "SHOAL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        json!({"name": "SHOAL_CONNECT_TIMEOUT_S", "value": s.rendezvous_timeout_s.to_string()}),
+    ];
+    // The engine uses as many threads as the pod has whole CPUs.
+    if let Some(cpus) = res.cpu.as_deref().and_then(|c| quantity(c).ok()) {
+        if cpus >= 1.0 {
+            env.push(
+                json!({"name": "RAYON_NUM_THREADS", "value": (cpus.floor() as u64).to_string()}),
+            );
+        }
+    }
+    for (k, v) in &s.env {
+        env.push(json!({"name": k, "value": v}));
+    }
+    let mut c = json!({
+        "name": container,
+        "image": s.image,
+        "command": command,
+        "env": env,
+        "resources": resources(res, gpus),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+            {"name": "data", "mountPath": s.data.mount},
+        ],
+    });
+    if let Some(pp) = &s.image_pull_policy {
+        c["imagePullPolicy"] = json!(pp);
+    }
+    if role == "coordinator" {
+        c["ports"] = json!([{"name": "control", "containerPort": s.port, "protocol": "TCP"}]);
+    }
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "containers": [c],
+        "volumes": [
+            {"name": "config", "configMap": {"name": format!("{}-config", s.name)}},
+            {"name": "data", "persistentVolumeClaim": {"claimName": s.data.claim}},
+        ],
+    });
+    if let Some(a) = &s.service_account {
+        spec["serviceAccountName"] = json!(a);
+    }
+    if s.scheduler == Scheduler::Kubernetes {
+        // Pod DNS names <hostname>.<subdomain> through the headless Service.
+        spec["subdomain"] = json!(s.name);
+    }
+    json!({"metadata": {"labels": labels(s, Some(role))}, "spec": spec})
+}
+
+/// (role, pods) of the job, in start order.
+fn roles(p: &Plan) -> Vec<(&'static str, usize)> {
+    let mut r = vec![("coordinator", 1), ("worker", p.spec.workers as usize)];
+    if p.ps_pods > 0 {
+        r.push(("ps", p.ps_pods));
+    }
+    r
+}
+
+/// Every object of the job, in the order to create them.
+pub fn objects(p: &Plan) -> Vec<Value> {
+    let s = p.spec;
+    let mut out = vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(s, &format!("{}-token", s.name), None),
+            "type": "Opaque",
+            "stringData": {"token": p.token},
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata(s, &format!("{}-config", s.name), None),
+            "data": {"train.toml": p.config_toml},
+        }),
+    ];
+    match s.scheduler {
+        Scheduler::Kubernetes => {
+            out.push(json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata(s, &s.name, None),
+                "spec": {
+                    "clusterIP": "None",
+                    // Processes look each other up before they are ready.
+                    "publishNotReadyAddresses": true,
+                    "selector": {JOB_LABEL: s.name},
+                    "ports": [{"name": "control", "port": s.port, "targetPort": s.port, "protocol": "TCP"}],
+                },
+            }));
+            for (role, n) in roles(p) {
+                out.push(json!({
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": metadata(s, &format!("{}-{role}", s.name), Some(role)),
+                    "spec": {
+                        "completionMode": "Indexed",
+                        "completions": n,
+                        "parallelism": n,
+                        // One process failing fails the job (the others stop on their
+                        // own when the coordinator reports it).
+                        "backoffLimit": 0,
+                        "template": pod(p, role, "shoal"),
+                    },
+                }));
+            }
+        }
+        Scheduler::Volcano => {
+            let total: usize = roles(p).iter().map(|(_, n)| n).sum();
+            let tasks: Vec<Value> = roles(p)
+                .into_iter()
+                .map(|(role, n)| {
+                    let mut t =
+                        json!({"name": role, "replicas": n, "template": pod(p, role, "shoal")});
+                    if role == "coordinator" {
+                        // The coordinator ends last, when every process has left.
+                        t["policies"] =
+                            json!([{"event": "TaskCompleted", "action": "CompleteJob"}]);
+                    }
+                    t
+                })
+                .collect();
+            out.push(json!({
+                "apiVersion": "batch.volcano.sh/v1alpha1",
+                "kind": "Job",
+                "metadata": metadata(s, &s.name, None),
+                "spec": {
+                    "schedulerName": "volcano",
+                    // Gang scheduling: every pod of the job or none.
+                    "minAvailable": total,
+                    "queue": s.queue.clone().unwrap_or_else(|| "default".into()),
+                    "maxRetry": 1,
+                    "plugins": {
+                        // Headless service <job>, pod host names <job>-<task>-<index>.
+                        "svc": ["--publish-not-ready-addresses=true"],
+                        // VC_TASK_INDEX in every container.
+                        "env": [],
+                    },
+                    "policies": [
+                        {"event": "PodFailed", "action": "AbortJob"},
+                        {"event": "PodEvicted", "action": "AbortJob"},
+                    ],
+                    "tasks": tasks,
+                },
+            }));
+        }
+        Scheduler::Kubeflow => {
+            let jobs: Vec<Value> = roles(p)
+                .into_iter()
+                .map(|(role, n)| {
+                    // The Trainer drives the replicated job named `node` (container
+                    // `node`): the workers.
+                    let (name, container) = match role {
+                        "worker" => ("node", "node"),
+                        r => (r, "shoal"),
+                    };
+                    let mut tpl = pod(p, role, container);
+                    let mut meta = json!({"labels": labels(s, Some(role))});
+                    if role == "worker" {
+                        meta["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] =
+                            json!("trainer");
+                    }
+                    tpl["metadata"] = meta.clone();
+                    json!({
+                        "name": name,
+                        "replicas": 1,
+                        "template": {
+                            "metadata": meta,
+                            "spec": {
+                                "completionMode": "Indexed",
+                                "completions": n,
+                                "parallelism": n,
+                                "backoffLimit": 0,
+                                "template": tpl,
+                            },
+                        },
+                    })
+                })
+                .collect();
+            out.push(json!({
+                "apiVersion": "trainer.kubeflow.org/v1alpha1",
+                "kind": "TrainingRuntime",
+                "metadata": metadata(s, &s.name, None),
+                "spec": {
+                    "mlPolicy": {"numNodes": s.workers},
+                    "template": {"spec": {"replicatedJobs": jobs}},
+                },
+            }));
+            out.push(json!({
+                "apiVersion": "trainer.kubeflow.org/v1alpha1",
+                "kind": "TrainJob",
+                "metadata": metadata(s, &s.name, None),
+                "spec": {
+                    "runtimeRef": {
+                        "apiGroup": "trainer.kubeflow.org",
+                        "kind": "TrainingRuntime",
+                        "name": s.name,
+                    },
+                    "trainer": {"numNodes": s.workers},
+                },
+            }));
+        }
+    }
+    out
+}
+
+/// A fresh job token (random from the OS).
+pub fn new_token() -> crate::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| crate::Error::Io {
+            path: "/dev/urandom".into(),
+            source: e,
+        })?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
