@@ -29,6 +29,7 @@ const OP_STATE: u32 = 7;
 const OP_INIT_STATE: u32 = 8;
 const OP_SPARSE_STATE: u32 = 9;
 const OP_SPARSE_RESTORE: u32 = 10;
+const OP_PEEK_SPARSE: u32 = 11;
 const OP_OK: u32 = 100;
 const OP_ERR: u32 = 101;
 
@@ -60,6 +61,9 @@ pub struct ShardConfig {
     pub sparse_lr: Option<f32>,
     /// New sparse rows start uniform in +-scale, from a hash of (seed, key).
     pub sparse_init: (f32, u64),
+    /// Eviction of cold rows: every this many shard updates, the rows not updated in the
+    /// last this many are removed (a key seen again starts afresh); 0: off.
+    pub sparse_evict_idle: u64,
     pub token: String,
     /// How long a pull waits for the other workers before failing.
     pub timeout: Duration,
@@ -77,6 +81,7 @@ impl Default for ShardConfig {
             sparse_rule: None,
             sparse_lr: None,
             sparse_init: (0.01, 0),
+            sparse_evict_idle: 0,
             token: String::new(),
             timeout: Duration::from_secs(60),
         }
@@ -176,6 +181,13 @@ impl Shard {
                 &sparse.grads,
                 self.cfg.sparse_lr.unwrap_or(lr),
             )?;
+            let every = self.cfg.sparse_evict_idle;
+            if every > 0 {
+                t.tick();
+                if (self.applied + 1).is_multiple_of(every) {
+                    t.evict_idle(every.min(u32::MAX as u64) as u32)?;
+                }
+            }
         }
         self.applied += 1;
         Ok(())
@@ -395,12 +407,12 @@ impl PsServer {
             let rule = cfg
                 .sparse_rule
                 .unwrap_or_else(|| SparseRule::from_dense(&cfg.optimizer));
-            Some(SparseTable::new(
-                cfg.sparse_dim,
-                rule,
-                cfg.sparse_init.0,
-                cfg.sparse_init.1,
-            )?)
+            let mut t =
+                SparseTable::new(cfg.sparse_dim, rule, cfg.sparse_init.0, cfg.sparse_init.1)?;
+            if cfg.sparse_evict_idle > 0 {
+                t.track_updates();
+            }
+            Some(t)
         } else {
             None
         };
@@ -768,7 +780,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 drop(sh);
                 send_frame(&mut s, OP_OK, &[f32_bytes(&p)], worker)?;
             }
-            OP_PULL_SPARSE => {
+            op @ (OP_PULL_SPARSE | OP_PEEK_SPARSE) => {
                 pull_keys.clear();
                 pull_keys.extend(
                     buf.chunks_exact(8).map(|k| {
@@ -780,6 +792,12 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 let (keys, out) = (&pull_keys, &mut pull_rows);
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
                 let r = match sh.sparse.as_mut() {
+                    // A peek (scoring) reads missing rows as their initial values
+                    // without creating them.
+                    Some(t) if op == OP_PEEK_SPARSE => {
+                        t.peek(keys, out);
+                        Ok(())
+                    }
                     Some(t) => t.pull(keys, out).map_err(Error::from),
                     None => Err(Error::Mismatch("this shard holds no sparse table".into())),
                 };
@@ -971,6 +989,16 @@ impl PsClient {
     /// Pulls sparse rows for `keys` into `out` (`keys.len() * dim`), creating missing
     /// rows on their shards.
     pub fn pull_sparse(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        self.sparse_request(OP_PULL_SPARSE, keys, out)
+    }
+
+    /// Reads sparse rows for `keys` into `out` without creating any: a missing row
+    /// reads as its initial values (for scoring).
+    pub fn peek_sparse(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        self.sparse_request(OP_PEEK_SPARSE, keys, out)
+    }
+
+    fn sparse_request(&mut self, op: u32, keys: &[u64], out: &mut [f32]) -> Result<()> {
         let m = self.conns.len();
         let dim = self.dim;
         if out.len() != keys.len() * dim {
@@ -993,12 +1021,7 @@ impl PsClient {
             if self.keys[i].is_empty() {
                 continue;
             }
-            send_frame(
-                &mut self.conns[i],
-                OP_PULL_SPARSE,
-                &[u64_bytes(&self.keys[i])],
-                i,
-            )?;
+            send_frame(&mut self.conns[i], op, &[u64_bytes(&self.keys[i])], i)?;
             expect_ok(&mut self.conns[i], &mut self.buf, i)?;
             if self.buf.len() != 4 * dim * self.keys[i].len() {
                 return Err(Error::Frame {

@@ -153,6 +153,53 @@ fn sparse_rows_match_local_updates() {
     }
 }
 
+/// A shard that evicts cold rows does exactly what one local table does with the same
+/// updates, ticks and evictions: the idle rows go (and come back fresh when touched
+/// again), the others keep their values.
+#[test]
+fn shards_evict_idle_rows_like_a_local_table() {
+    use shoal_optim::{SparseRule, SparseTable};
+    let dim = 3;
+    let mut c = cfg(1, PsMode::Sync, OptimizerKind::Adagrad, dim);
+    c.sparse_rule = Some(SparseRule::Adagrad { eps: 1e-8 });
+    c.sparse_evict_idle = 3;
+    c.sparse_init = (0.1, 7);
+    let (servers, addrs) = start(2, 0, &c);
+    let mut cl = PsClient::connect(&addrs, 0, 0, dim, "tok").unwrap();
+    cl.init(&[]).unwrap();
+    let mut local = SparseTable::new(dim, SparseRule::Adagrad { eps: 1e-8 }, 0.1, 7).unwrap();
+    local.track_updates();
+    let hot: Vec<u64> = (0..40).map(|i| i * 1_000_003).collect();
+    let cold: Vec<u64> = (0..40).map(|i| (i + 1) << 33).collect();
+    for step in 0..10u64 {
+        // The cold keys are touched only at steps 0 and 8.
+        let mut keys = hot.clone();
+        if step == 0 || step == 8 {
+            keys.extend(&cold);
+        }
+        let g: Vec<f32> = (0..keys.len() * dim).map(|i| grad(0, step, i)).collect();
+        cl.push(step, &[], Some((&keys, &g))).unwrap();
+        cl.pull(step + 1, &mut []).unwrap();
+        local.apply(&keys, &g, c.lr).unwrap();
+        local.tick();
+        if (step + 1) % 3 == 0 {
+            local.evict_idle(3).unwrap();
+        }
+        let rows: usize = servers.iter().map(|s| s.sparse_rows()).sum();
+        assert_eq!(rows, local.len(), "step {step}");
+    }
+    let all: Vec<u64> = hot.iter().chain(&cold).copied().collect();
+    let mut got = vec![0.0; all.len() * dim];
+    cl.pull_sparse(&all, &mut got).unwrap();
+    let mut want = vec![0.0; all.len() * dim];
+    local.peek(&all, &mut want);
+    assert_eq!(got, want);
+    cl.close().unwrap();
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
 #[test]
 fn async_training_converges() {
     let (total, workers) = (64, 2);

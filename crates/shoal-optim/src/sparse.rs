@@ -11,9 +11,9 @@
 //! and bias correction advance only when the row is touched) and FTRL-Proximal (McMahan
 //! et al. 2013; per coordinate `z`, `n`).
 
+use crate::key_index::KeyIndex;
 use crate::{Error, OptimizerConfig, OptimizerKind, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// How touched rows are updated.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -159,7 +159,7 @@ pub struct SparseTable {
     rule: SparseRule,
     init_scale: f32,
     seed: u64,
-    index: HashMap<u64, u32>,
+    index: KeyIndex,
     values: Blocks,
     state: Blocks,
     /// Lazy Adam: updates applied to each row.
@@ -196,7 +196,7 @@ impl SparseTable {
             rule,
             init_scale,
             seed,
-            index: HashMap::new(),
+            index: KeyIndex::default(),
             values: Blocks::new(dim),
             state: Blocks::new(rule.state_len(dim)),
             steps: Vec::new(),
@@ -223,13 +223,13 @@ impl SparseTable {
     }
 
     /// Bytes held: value and state blocks, step counters and the index (its allocated
-    /// buckets: key, slot and control byte each).
+    /// buckets: key and slot each).
     pub fn bytes(&self) -> usize {
         self.values.bytes()
             + self.state.bytes()
             + self.steps.capacity() * 4
             + self.touched.as_ref().map_or(0, |t| t.capacity() * 4)
-            + self.index.capacity() * (8 + 4 + 1)
+            + self.index.bytes()
     }
 
     /// The initial value of column `j` of row `key`.
@@ -239,11 +239,11 @@ impl SparseTable {
 
     /// The slot of `key`, creating the row on first touch.
     fn slot(&mut self, key: u64) -> usize {
-        if let Some(&s) = self.index.get(&key) {
+        if let Some(s) = self.index.get(key) {
             return s as usize;
         }
         let s = self.values.len;
-        self.index.insert(key, s as u32);
+        self.index.insert_new(key, s as u32);
         // FTRL weights start at zero (its weight is a function of z and n).
         let ftrl = matches!(self.rule, SparseRule::Ftrl { .. });
         let (seed, scale) = (self.seed, self.init_scale);
@@ -266,7 +266,7 @@ impl SparseTable {
 
     /// The row of `key` if it exists.
     pub fn get(&self, key: u64) -> Option<&[f32]> {
-        self.index.get(&key).map(|&s| self.values.get(s as usize))
+        self.index.get(key).map(|s| self.values.get(s as usize))
     }
 
     /// Copies the rows of `keys` into `out` (`keys.len() * dim`) without creating any:
@@ -276,8 +276,8 @@ impl SparseTable {
         let ftrl = matches!(self.rule, SparseRule::Ftrl { .. });
         for (i, &k) in keys.iter().enumerate() {
             let o = &mut out[i * d..(i + 1) * d];
-            match self.index.get(&k) {
-                Some(&s) => o.copy_from_slice(self.values.get(s as usize)),
+            match self.index.get(k) {
+                Some(s) => o.copy_from_slice(self.values.get(s as usize)),
                 None => {
                     for (j, v) in o.iter_mut().enumerate() {
                         *v = if ftrl { 0.0 } else { self.init_value(k, j) };
@@ -398,16 +398,11 @@ impl SparseTable {
             return Err(Error::State("evict_idle needs track_updates first".into()));
         };
         let n = self.len();
-        let mut key_of = vec![0u64; n];
-        for (&k, &s) in &self.index {
-            key_of[s as usize] = k;
-        }
+        let mut new_slot = vec![u32::MAX; n];
         let mut kept = 0usize;
         let mut new_touched = Vec::with_capacity(n);
         for s in 0..n {
-            let k = key_of[s];
             if self.clock.wrapping_sub(touched[s]) > max_idle {
-                self.index.remove(&k);
                 continue;
             }
             if kept != s {
@@ -416,11 +411,13 @@ impl SparseTable {
                 if !self.steps.is_empty() {
                     self.steps[kept] = self.steps[s];
                 }
-                self.index.insert(k, kept as u32);
             }
+            new_slot[s] = kept as u32;
             new_touched.push(touched[s]);
             kept += 1;
         }
+        self.index
+            .remap(|s| Some(new_slot[s as usize]).filter(|&n| n != u32::MAX));
         self.values.truncate(kept);
         self.state.truncate(kept);
         self.steps
@@ -433,7 +430,7 @@ impl SparseTable {
     /// checkpoints).
     pub fn rows(&self) -> (Vec<u64>, Vec<f32>) {
         let mut keys = vec![0u64; self.values.len];
-        for (&k, &s) in &self.index {
+        for (k, s) in self.index.iter() {
             keys[s as usize] = k;
         }
         (keys, self.values.to_vec())
@@ -472,16 +469,17 @@ impl SparseTable {
                 steps.len()
             )));
         }
-        self.index = keys
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| (k, i as u32))
-            .collect();
+        self.index.clear_to(keys.len());
+        for (i, &k) in keys.iter().enumerate() {
+            if !self.index.insert_new(k, i as u32) {
+                self.index.clear_to(0);
+                return Err(Error::State(format!(
+                    "sparse table restore: key {k:#x} appears twice"
+                )));
+            }
+        }
         if self.touched.is_some() {
             self.touched = Some(vec![self.clock; keys.len()]);
-        }
-        if self.index.len() != keys.len() {
-            return Err(Error::State("sparse table restore: repeated key".into()));
         }
         self.values = Blocks::new(d);
         self.state = Blocks::new(per);

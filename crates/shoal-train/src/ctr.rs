@@ -56,7 +56,7 @@ pub struct CtrTrainConfig {
     #[serde(default = "one")]
     pub min_count: u32,
     /// Eviction: every this many updates, rows not updated during the last this many
-    /// are removed (0: off; one process only).
+    /// are removed (0: off; on parameter servers each shard counts its own updates).
     #[serde(default)]
     pub evict_idle_steps: u64,
     pub seed: u64,
@@ -134,12 +134,6 @@ impl CtrTrainConfig {
             return bad("epochs", "must be at least 1 when max_steps is 0");
         }
         let d = &self.dist;
-        if self.evict_idle_steps > 0 && d.is_cluster() {
-            return bad(
-                "evict_idle_steps",
-                "eviction runs in one process only (the shards do not evict yet)",
-            );
-        }
         if self.evict_idle_steps > u32::MAX as u64 {
             return bad("evict_idle_steps", "too large");
         }
@@ -290,6 +284,7 @@ pub fn ctr_shard_config(
         sparse_rule: Some(cfg.sparse_rule),
         sparse_lr: Some(cfg.sparse_lr),
         sparse_init: (cfg.init_scale, cfg.seed),
+        sparse_evict_idle: cfg.evict_idle_steps,
         token: token.into(),
         ..Default::default()
     }
@@ -523,7 +518,7 @@ impl CtrTrainer {
         } = self;
         score(model, dense, ws, batch, data, idx, |keys, out| {
             match ps.as_mut() {
-                Some((_, _, c)) => c.pull_sparse(keys, out)?,
+                Some((_, _, c)) => c.peek_sparse(keys, out)?,
                 None => table.peek(keys, out),
             }
             Ok(())

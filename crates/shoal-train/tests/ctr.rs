@@ -70,11 +70,20 @@ fn ctr_models_learn_the_planted_model_and_round_trip() {
 /// parameters and rows of 1 process x batch 64 after the same updates.
 #[test]
 fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
-    use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
-    use shoal_train::ctr::ctr_shard_config;
     let d = tempfile::tempdir().unwrap();
     let data = synth(d.path(), 20_000, 5, 40);
+    // Without eviction, and with the shards evicting cold rows as the one process does.
+    for evict in [0, 5] {
+        sync_ps_run(d.path(), &data, evict);
+    }
+}
+
+fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
+    use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
+    use shoal_train::ctr::ctr_shard_config;
+    let data = data.to_path_buf();
     let cfg = |batch| CtrTrainConfig {
+        evict_idle_steps: evict,
         kind: CtrKind::Deepfm,
         dim: 4,
         hidden: vec![8],
@@ -99,7 +108,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     // The rows the single process touched, to read back from the shards.
     let keys = std::sync::Arc::new(one.table.rows().0.to_vec());
-    let saved = d.path().join("from-ps");
+    let saved = dir.join(format!("from-ps-{evict}"));
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let (c, addrs, keys, saved) = (c.clone(), addrs.clone(), keys.clone(), saved.clone());
@@ -120,6 +129,15 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
         })
         .collect();
     let outs: Vec<(Vec<f32>, Vec<f32>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    if evict > 0 {
+        // The shards hold the rows the one process kept (plus those just pulled back).
+        let held: usize = servers.iter().map(|s| s.sparse_rows()).sum();
+        assert_eq!(
+            held,
+            keys.len(),
+            "rows on the shards with eviction every {evict}"
+        );
+    }
     for s in servers {
         s.join().unwrap();
     }
@@ -133,9 +151,15 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
     assert!(keys.len() > 100, "only {} rows touched", keys.len());
     for (rank, (dense, rows)) in outs.iter().enumerate() {
         let r = rel(dense, one.dense());
-        assert!(r < 1e-5, "worker {rank}: dense parameters differ by {r:e}");
+        assert!(
+            r < 1e-5,
+            "evict {evict}: worker {rank}: dense parameters differ by {r:e}"
+        );
         let r = rel(rows, &local);
-        assert!(r < 1e-5, "worker {rank}: sparse rows differ by {r:e}");
+        assert!(
+            r < 1e-5,
+            "evict {evict}: worker {rank}: sparse rows differ by {r:e}"
+        );
     }
     // The model saved from the shards scores like the single process's.
     let (rows, _, _) = shoal_data::ctr::read_csv(&data, shoal_data::ctr::BadRows::Fail).unwrap();
