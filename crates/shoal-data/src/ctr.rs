@@ -443,6 +443,24 @@ pub fn write_synth(cfg: &SynthConfig, path: &Path, probs_path: &Path) -> Result<
 /// binary features, as in the Criteo libffm files), a field absent from a row its
 /// "missing" key; the field count is the largest field number + 1.
 pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
+    read_sparse_format(path, bad, false)
+}
+
+/// Reads a click log in libsvm format (`label feature:value ...`) with one feature per
+/// field in field order, as in the libsvm versions of Criteo and Avazu: the feature at
+/// position `f` of a row is field `f`'s, hashed as `hash(f, feature)` (values ignored,
+/// as in libffm). Every row must have as many features as the first; one that has not
+/// is a bad row.
+pub fn read_libsvm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
+    read_sparse_format(path, bad, true)
+}
+
+/// libffm (`svm` false) or libsvm (`svm` true) rows.
+fn read_sparse_format(
+    path: &Path,
+    bad: BadRows,
+    svm: bool,
+) -> Result<(CtrData, Schema, ReadReport)> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -451,6 +469,8 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
     let mut rows: Vec<(f32, Vec<(usize, String)>)> = Vec::new();
     let mut report = ReadReport::default();
     let mut fields = 0usize;
+    // libsvm: the feature count of the first good row, which every row must have.
+    let mut width: Option<usize> = None;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i + 1;
         let line = line.map_err(line_error(path, n))?;
@@ -466,7 +486,16 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
                 None => return Err("empty row".into()),
             };
             let mut feats = Vec::new();
-            for tok in it {
+            for (pos, tok) in it.enumerate() {
+                if svm {
+                    match tok.split_once(':') {
+                        Some((x, v)) if !x.is_empty() && !v.contains(':') => {
+                            feats.push((pos, x.to_string()))
+                        }
+                        _ => return Err(format!("'{tok}' is not feature:value")),
+                    }
+                    continue;
+                }
                 let mut p = tok.splitn(3, ':');
                 let (f, x) = match (p.next(), p.next(), p.next()) {
                     (Some(f), Some(x), Some(_)) => (f, x),
@@ -478,10 +507,27 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
                     })?;
                 feats.push((f, x.to_string()));
             }
+            if svm {
+                match width {
+                    Some(w) if w != feats.len() => {
+                        return Err(format!(
+                            "{} features, the first row has {w} (libsvm: one feature per field, in field order)",
+                            feats.len()
+                        ))
+                    }
+                    _ if feats.len() > 4096 => {
+                        return Err(format!("{} features: at most 4096 fields", feats.len()))
+                    }
+                    _ => {}
+                }
+            }
             Ok((label, feats))
         })();
         match parsed {
             Ok(r) => {
+                if svm {
+                    width.get_or_insert(r.1.len());
+                }
                 fields = fields.max(r.1.iter().map(|(f, _)| f + 1).max().unwrap_or(0));
                 rows.push(r);
             }
@@ -492,7 +538,11 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
         return Err(Error::Ctr {
             path: path.to_path_buf(),
             line: 1,
-            why: "no field:feature:value entries".into(),
+            why: if svm {
+                "no feature:value entries".into()
+            } else {
+                "no field:feature:value entries".into()
+            },
         });
     }
     let mut data = CtrData {
@@ -520,8 +570,9 @@ pub fn read_libffm(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadRe
     Ok((data, schema, report))
 }
 
-/// Reads a click log in CSV with a header or in libffm format, told apart by the file's
-/// first line (a comma-separated header, or `label field:feature:value` entries).
+/// Reads a click log in CSV with a header, libffm or libsvm format, told apart by the
+/// file's first line (a comma-separated header, `label field:feature:value` or
+/// `label feature:value` entries).
 pub fn read_click_log(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, ReadReport)> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -529,14 +580,17 @@ pub fn read_click_log(path: &Path, bad: BadRows) -> Result<(CtrData, Schema, Rea
     })?;
     let mut first = String::new();
     let _ = BufReader::new(file).read_line(&mut first);
-    let ffm = !first.contains(',')
-        && first
+    let colons = if first.contains(',') {
+        0
+    } else {
+        first
             .split_whitespace()
             .nth(1)
-            .is_some_and(|t| t.matches(':').count() == 2);
-    if ffm {
-        read_libffm(path, bad)
-    } else {
-        read_csv(path, bad)
+            .map_or(0, |t| t.matches(':').count())
+    };
+    match colons {
+        2 => read_libffm(path, bad),
+        1 => read_libsvm(path, bad),
+        _ => read_csv(path, bad),
     }
 }

@@ -162,3 +162,38 @@ fn libffm_rows_become_keyed_fields() {
         ctr::read_click_log(&Path::new(DATA).join("criteo_sample.txt"), BadRows::Fail).unwrap();
     assert_eq!(c.fields, 39);
 }
+
+/// libsvm rows: the feature at position f is field f's; a row with another feature
+/// count is a bad row named by file and line; the same rows as libffm (fields spelt out)
+/// give the same keys.
+#[test]
+fn libsvm_rows_have_one_feature_per_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.svm");
+    std::fs::write(&p, "1 5:1 17:1 99:0.5\n-1 6:1 17:1 3:1\n\n+1 5:1 8:1 2:1\n").unwrap();
+    let (data, schema, rep) = ctr::read_click_log(&p, BadRows::Fail).unwrap();
+    assert_eq!((data.len(), data.fields, rep.rows), (3, 3, 3));
+    assert_eq!(schema.fields.len(), 3);
+    assert_eq!(data.labels, vec![1.0, 0.0, 1.0]);
+    let ffm = d.path().join("a.ffm");
+    std::fs::write(
+        &ffm,
+        "1 0:5:1 1:17:1 2:99:0.5\n-1 0:6:1 1:17:1 2:3:1\n+1 0:5:1 1:8:1 2:2:1\n",
+    )
+    .unwrap();
+    let (same, _, _) = ctr::read_click_log(&ffm, BadRows::Fail).unwrap();
+    assert_eq!(data, same);
+    assert_eq!(data.row(1)[2], ctr::feature_key(2, b"3"));
+    std::fs::write(&p, "1 5:1 17:1\n0 6:1\n1 7:1 8:1\n0 7:1 8\n").unwrap();
+    let e = ctr::read_click_log(&p, BadRows::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a.svm:2") && e.contains("1 features, the first row has 2"),
+        "{e}"
+    );
+    let (data, _, rep) = ctr::read_click_log(&p, BadRows::Skip).unwrap();
+    assert_eq!((data.len(), rep.skipped), (2, 2));
+    std::fs::write(&p, "1\n0\n").unwrap();
+    assert!(ctr::read_libsvm(&p, BadRows::Fail).is_err());
+}

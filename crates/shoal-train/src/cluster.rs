@@ -180,7 +180,7 @@ fn ctr_shape(cfg: &CtrTrainConfig) -> Result<(usize, usize)> {
     let fields = if header.contains(',') {
         shoal_data::ctr::Schema::from_header(&header).fields.len()
     } else {
-        // libffm: the field count is the largest field number in the file.
+        // libffm/libsvm: the field count comes from the rows.
         shoal_data::ctr::read_click_log(&cfg.data, BadRows::Skip)?
             .0
             .fields

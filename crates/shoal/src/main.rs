@@ -179,7 +179,8 @@ struct CtrArgs {
     #[arg(long, value_enum, default_value = "deepfm")]
     model: CtrModelArg,
     /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...)
-    /// or libffm (`label field:feature:value ...`).
+    /// libffm (`label field:feature:value ...`) or libsvm with one feature per field
+    /// (`label feature:value ...`).
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
     /// Continue the run saved in this model directory (one process; --epochs and
