@@ -28,6 +28,15 @@ pub enum Error {
         why: String,
     },
 
+    /// A malformed image or label file (IDX format).
+    #[error("{}: {why}", path.display())]
+    Images {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+
     /// A line of a text file is not valid UTF-8.
     #[error("{}:{line}: invalid UTF-8", path.display())]
     InvalidUtf8 {

@@ -19,6 +19,7 @@ pub mod bleu;
 pub mod corpus;
 pub mod ctr;
 pub mod error;
+pub mod images;
 pub mod metrics;
 pub mod tokenizer;
 

@@ -4,6 +4,7 @@
 //! Everything here is generic over the burn backend (fused operations need
 //! [`fused::FusedRnnBackend`]); [`Cpu`] and [`CpuTrain`] name the default CPU backend.
 
+pub mod cnn;
 pub mod ctr;
 pub mod decode;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Host (CPU) kernels on flat `f32` slices, independent of the engine: the fused GRU
 //! recurrence forward and backward through time, and the matrix-product helper they use.
 
+pub mod conv;
 pub mod gru;
 pub mod lstm;
 pub mod math;
