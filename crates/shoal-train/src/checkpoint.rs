@@ -132,7 +132,10 @@ pub(crate) fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Resul
     sync_dir(parent)
 }
 
-fn serialize_tensors(tensors: &[(String, Vec<usize>, &[f32])], path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn serialize_tensors(
+    tensors: &[(String, Vec<usize>, &[f32])],
+    path: &Path,
+) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, shape, _), b) in tensors.iter().zip(&bytes) {

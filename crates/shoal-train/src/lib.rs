@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cluster;
+pub mod cnn;
 pub mod config;
 pub mod ctr;
 pub mod error;

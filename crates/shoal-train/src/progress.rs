@@ -1,4 +1,4 @@
-//! The live progress displays of training runs (NMT and CTR): a bar with epoch, step,
+//! The live progress displays of training runs (NMT, CTR, CNN): a bar with epoch, step,
 //! loss, throughput and ETA on a terminal, and a plain line every few seconds otherwise
 //! (logs, CI).
 
@@ -125,23 +125,42 @@ impl Progress {
     }
 }
 
-/// The progress display of a CTR run: a bar with epoch, step, running log loss and
-/// examples/s on a terminal, a plain line every few seconds otherwise; held-out scores
-/// after each epoch.
-pub struct CtrProgress {
+/// A bar over the steps of a run on a terminal (a plain line every few seconds
+/// otherwise), with lines printed above it: what the CTR and CNN displays share.
+struct StepBar {
     bar: Option<ProgressBar>,
     last_line: Instant,
-    epochs: u64,
-    per_epoch: u64,
 }
 
-impl CtrProgress {
-    pub fn new(epochs: u64) -> Self {
+impl StepBar {
+    fn new() -> Self {
         Self {
             bar: None,
             last_line: Instant::now(),
-            epochs,
-            per_epoch: 0,
+        }
+    }
+
+    /// Starts the bar for `total` steps (on a terminal only).
+    fn start(&mut self, total: u64) {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            self.bar = Some(bar);
+        }
+    }
+
+    fn step(&mut self, step: u64, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+            b.set_message(msg);
+        } else if self.last_line.elapsed() >= Duration::from_secs(5) {
+            self.last_line = Instant::now();
+            eprintln!("step {step}: {msg}");
         }
     }
 
@@ -149,6 +168,29 @@ impl CtrProgress {
         match &self.bar {
             Some(b) => b.println(line),
             None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// The progress display of a CTR run: a bar with epoch, step, running log loss and
+/// examples/s on a terminal, a plain line every few seconds otherwise; held-out scores
+/// after each epoch.
+pub struct CtrProgress {
+    bar: StepBar,
+    epochs: u64,
+}
+
+impl CtrProgress {
+    pub fn new(epochs: u64) -> Self {
+        Self {
+            bar: StepBar::new(),
+            epochs,
         }
     }
 
@@ -162,7 +204,6 @@ impl CtrProgress {
                 skipped_rows,
                 steps_per_epoch,
             } => {
-                self.per_epoch = *steps_per_epoch as u64;
                 eprintln!(
                     "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
                     if *skipped_rows > 0 {
@@ -171,39 +212,22 @@ impl CtrProgress {
                         String::new()
                     }
                 );
-                if std::io::stderr().is_terminal() {
-                    let total = self.per_epoch * self.epochs.max(1);
-                    let bar =
-                        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                    );
-                    self.bar = Some(bar);
-                }
+                self.bar.start(*steps_per_epoch as u64 * self.epochs.max(1));
             }
             CtrEvent::Step {
                 step,
                 epoch,
                 loss,
                 examples_per_s,
-            } => {
-                let msg = format!(
+            } => self.bar.step(
+                *step,
+                format!(
                     "epoch {}/{} logloss {loss:.4} {examples_per_s:.0} examples/s",
                     epoch + 1,
                     self.epochs
-                );
-                if let Some(b) = &self.bar {
-                    b.set_position(*step);
-                    b.set_message(msg);
-                } else if self.last_line.elapsed() >= Duration::from_secs(5) {
-                    self.last_line = Instant::now();
-                    eprintln!("step {step}: {msg}");
-                }
-            }
-            CtrEvent::Eval { epoch, eval } => self.say(&format!(
+                ),
+            ),
+            CtrEvent::Eval { epoch, eval } => self.bar.say(&format!(
                 "epoch {} held-out AUC {:.4}, logloss {:.4}{}",
                 epoch + 1,
                 eval.auc,
@@ -217,8 +241,64 @@ impl CtrProgress {
 
     /// Removes the bar.
     pub fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
+        self.bar.finish();
+    }
+}
+
+/// The progress display of a CNN run (training, or fine-tuning in compression).
+pub struct CnnProgress {
+    bar: StepBar,
+    epochs: u64,
+}
+
+impl CnnProgress {
+    pub fn new(epochs: u64) -> Self {
+        Self {
+            bar: StepBar::new(),
+            epochs,
         }
+    }
+
+    /// Handles one event.
+    pub fn on_event(&mut self, e: &crate::cnn::CnnEvent) {
+        use crate::cnn::CnnEvent;
+        match e {
+            CnnEvent::Started {
+                train_images,
+                test_images,
+                steps,
+                params,
+            } => {
+                eprintln!(
+                    "training on {train_images} images ({test_images} test), {params} parameters, {steps} steps"
+                );
+                self.bar.start(*steps);
+            }
+            CnnEvent::Step {
+                step,
+                epoch,
+                loss,
+                images_per_s,
+            } => self.bar.step(
+                *step,
+                format!(
+                    "epoch {}/{} loss {loss:.4} {images_per_s:.0} images/s",
+                    epoch + 1,
+                    self.epochs
+                ),
+            ),
+            CnnEvent::Eval { epoch, eval } => self.bar.say(&format!(
+                "epoch {} test top-1 {:.2}%, top-5 {:.2}%, loss {:.4}",
+                epoch + 1,
+                eval.top1 * 100.0,
+                eval.top5 * 100.0,
+                eval.loss
+            )),
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&mut self) {
+        self.bar.finish();
     }
 }
