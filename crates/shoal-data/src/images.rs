@@ -91,7 +91,10 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 fn read_idx(path: &Path, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
     let b = read_maybe_gz(path)?;
     if b.len() < 4 + 4 * dims {
-        return Err(bad(path, format!("{} bytes: shorter than an IDX header", b.len())));
+        return Err(bad(
+            path,
+            format!("{} bytes: shorter than an IDX header", b.len()),
+        ));
     }
     if b[0] != 0 || b[1] != 0 || b[2] != 0x08 || b[3] as usize != dims {
         return Err(bad(
@@ -103,7 +106,9 @@ fn read_idx(path: &Path, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
         ));
     }
     let shape: Vec<usize> = (0..dims)
-        .map(|i| u32::from_be_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]) as usize)
+        .map(|i| {
+            u32::from_be_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]) as usize
+        })
         .collect();
     let want: usize = shape.iter().product();
     let data = &b[4 + 4 * dims..];
@@ -127,11 +132,19 @@ pub fn read_idx_pair(images: &Path, labels: &Path, classes: usize) -> Result<Ima
     if lshape[0] != shape[0] {
         return Err(bad(
             labels,
-            format!("{} labels for the {} images of {}", lshape[0], shape[0], images.display()),
+            format!(
+                "{} labels for the {} images of {}",
+                lshape[0],
+                shape[0],
+                images.display()
+            ),
         ));
     }
     if let Some(i) = labs.iter().position(|&l| l as usize >= classes) {
-        return Err(bad(labels, format!("item {i}: label {} of {classes} classes", labs[i])));
+        return Err(bad(
+            labels,
+            format!("item {i}: label {} of {classes} classes", labs[i]),
+        ));
     }
     Ok(ImageSet {
         rows: shape[1],

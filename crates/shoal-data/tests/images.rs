@@ -35,10 +35,26 @@ fn small_files_plain_and_gzipped() {
     assert_eq!(x[0], 6.0 / 255.0);
     // Truncated, wrong magic, label out of range, count mismatch, bad gzip.
     let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
-        (idx(&[2, 3, 2], &pixels[..10]), idx(&[2], &[7, 1]), "truncated or corrupt"),
-        (vec![0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], idx(&[2], &[7, 1]), "magic"),
-        (idx(&[2, 3, 2], &pixels), idx(&[2], &[7, 10]), "label 10 of 10"),
-        (idx(&[2, 3, 2], &pixels), idx(&[3], &[7, 1, 1]), "3 labels for the 2 images"),
+        (
+            idx(&[2, 3, 2], &pixels[..10]),
+            idx(&[2], &[7, 1]),
+            "truncated or corrupt",
+        ),
+        (
+            vec![0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            idx(&[2], &[7, 1]),
+            "magic",
+        ),
+        (
+            idx(&[2, 3, 2], &pixels),
+            idx(&[2], &[7, 10]),
+            "label 10 of 10",
+        ),
+        (
+            idx(&[2, 3, 2], &pixels),
+            idx(&[3], &[7, 1, 1]),
+            "3 labels for the 2 images",
+        ),
         (idx(&[2, 3, 2], &pixels), vec![0x1f, 0x8b, 1, 2, 3], "gzip"),
     ];
     for (i, l, want) in cases {
@@ -48,7 +64,10 @@ fn small_files_plain_and_gzipped() {
         assert!(e.contains(want), "'{want}' not in: {e}");
     }
     let e = load_mnist_dir(d.path()).unwrap_err().to_string();
-    assert!(e.contains("train-images-idx3-ubyte") && e.contains("dataset-fashion-mnist"), "{e}");
+    assert!(
+        e.contains("train-images-idx3-ubyte") && e.contains("dataset-fashion-mnist"),
+        "{e}"
+    );
 }
 
 /// The real data, when the Debian package is installed (`.ci/run` installs it).
@@ -67,6 +86,7 @@ fn fashion_mnist_as_debian_installs_it() {
         assert_eq!(test.labels.iter().filter(|&&l| l == c).count(), 1000);
     }
     // The published mean pixel of the training set: 0.2860.
-    let mean = train.pixels.iter().map(|&p| p as f64).sum::<f64>() / train.pixels.len() as f64 / 255.0;
+    let mean =
+        train.pixels.iter().map(|&p| p as f64).sum::<f64>() / train.pixels.len() as f64 / 255.0;
     assert!((mean - 0.2860).abs() < 5e-4, "{mean}");
 }

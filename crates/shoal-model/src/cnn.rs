@@ -181,7 +181,10 @@ impl Cnn {
         let bad = |field, why: String| Err(Error::Config { field, why });
         let [c0, h0, w0] = cfg.input;
         if c0 == 0 || h0 == 0 || w0 == 0 {
-            return bad("input", format!("{:?}: every dimension must be positive", cfg.input));
+            return bad(
+                "input",
+                format!("{:?}: every dimension must be positive", cfg.input),
+            );
         }
         if cfg.classes < 2 {
             return bad("classes", format!("{}: at least 2", cfg.classes));
@@ -215,12 +218,27 @@ impl Cnn {
                     return bad("blocks", "a convolution needs at least one channel".into());
                 }
                 k += 1;
-                let wt = add(&mut params, &mut at, format!("conv{k}.weight"), vec![cout, c, 3, 3]);
+                let wt = add(
+                    &mut params,
+                    &mut at,
+                    format!("conv{k}.weight"),
+                    vec![cout, c, 3, 3],
+                );
                 let (bias, bn) = if cfg.batch_norm {
                     let gamma = add(&mut params, &mut at, format!("bn{k}.weight"), vec![cout]);
                     let beta = add(&mut params, &mut at, format!("bn{k}.bias"), vec![cout]);
-                    let mean = add(&mut stats, &mut sat, format!("bn{k}.running_mean"), vec![cout]);
-                    let var = add(&mut stats, &mut sat, format!("bn{k}.running_var"), vec![cout]);
+                    let mean = add(
+                        &mut stats,
+                        &mut sat,
+                        format!("bn{k}.running_mean"),
+                        vec![cout],
+                    );
+                    let var = add(
+                        &mut stats,
+                        &mut sat,
+                        format!("bn{k}.running_var"),
+                        vec![cout],
+                    );
                     (
                         None,
                         Some(Bn {
@@ -232,7 +250,12 @@ impl Cnn {
                     )
                 } else {
                     (
-                        Some(add(&mut params, &mut at, format!("conv{k}.bias"), vec![cout])),
+                        Some(add(
+                            &mut params,
+                            &mut at,
+                            format!("conv{k}.bias"),
+                            vec![cout],
+                        )),
                         None,
                     )
                 };
@@ -259,11 +282,21 @@ impl Cnn {
         }
         let mut inp = c * h * w;
         let n_fc = cfg.fc.len() + 1;
-        for (i, &out) in cfg.fc.iter().chain(std::iter::once(&cfg.classes)).enumerate() {
+        for (i, &out) in cfg
+            .fc
+            .iter()
+            .chain(std::iter::once(&cfg.classes))
+            .enumerate()
+        {
             if out == 0 {
                 return bad("fc", "a layer needs at least one unit".into());
             }
-            let wt = add(&mut params, &mut at, format!("fc{}.weight", i + 1), vec![out, inp]);
+            let wt = add(
+                &mut params,
+                &mut at,
+                format!("fc{}.weight", i + 1),
+                vec![out, inp],
+            );
             let b = add(&mut params, &mut at, format!("fc{}.bias", i + 1), vec![out]);
             ops.push(Op::Fc {
                 inp,
@@ -364,7 +397,9 @@ impl Cnn {
         for (i, op) in self.ops.iter().enumerate() {
             ws.acts[i].resize(batch * op.out_len(), 0.0);
             match *op {
-                Op::Conv { cout, h, w, ref bn, .. } => {
+                Op::Conv {
+                    cout, h, w, ref bn, ..
+                } => {
                     ws.pre[i].resize(batch * cout * h * w, 0.0);
                     if bn.is_some() {
                         ws.xhat[i].resize(batch * cout * h * w, 0.0);
@@ -483,10 +518,9 @@ impl Cnn {
                             );
                             let n = (batch * hw) as f32;
                             for ci in 0..cout {
-                                let var = (1.0 / (ws.istd[i][ci] * ws.istd[i][ci]) - BN_EPS)
-                                    .max(0.0)
-                                    * n
-                                    / (n - 1.0).max(1.0);
+                                let var =
+                                    (1.0 / (ws.istd[i][ci] * ws.istd[i][ci]) - BN_EPS).max(0.0) * n
+                                        / (n - 1.0).max(1.0);
                                 let m = &mut stats[bn.mean + ci];
                                 *m += BN_MOMENTUM * (ws.mean[i][ci] - *m);
                                 let v = &mut stats[bn.var + ci];
@@ -496,7 +530,8 @@ impl Cnn {
                         (Some(bn), Mode::Infer { stats }) => {
                             for ci in 0..cout {
                                 let is = 1.0 / (stats[bn.var + ci] + BN_EPS).sqrt();
-                                let (g, bt, m) = (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
+                                let (g, bt, m) =
+                                    (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
                                 for bi in 0..batch {
                                     let r = (bi * cout + ci) * hw..(bi * cout + ci + 1) * hw;
                                     for (o, &v) in out[r.clone()].iter_mut().zip(&z[r]) {
@@ -527,7 +562,21 @@ impl Cnn {
                         row.copy_from_slice(&p[b..b + n]);
                     }
                     let threads = ws.scratch.len();
-                    sgemm(batch, n, inp, input, inp, 1, &p[w..], 1, inp, out, n, true, threads);
+                    sgemm(
+                        batch,
+                        n,
+                        inp,
+                        input,
+                        inp,
+                        1,
+                        &p[w..],
+                        1,
+                        inp,
+                        out,
+                        n,
+                        true,
+                        threads,
+                    );
                     if !last {
                         out.iter_mut().for_each(|v| *v = v.max(0.0));
                         let keep = 1.0 - self.cfg.dropout;
@@ -622,10 +671,38 @@ impl Cnn {
                     }
                     let threads = ws.scratch.len();
                     // dW [n, inp] += g^T [n, batch] . input [batch, inp]
-                    sgemm(n, inp, batch, g, 1, n, input, inp, 1, &mut grad[w..w + n * inp], inp, true, threads);
+                    sgemm(
+                        n,
+                        inp,
+                        batch,
+                        g,
+                        1,
+                        n,
+                        input,
+                        inp,
+                        1,
+                        &mut grad[w..w + n * inp],
+                        inp,
+                        true,
+                        threads,
+                    );
                     if need_dx {
                         ws.g2.resize(batch * inp, 0.0);
-                        sgemm(batch, inp, n, g, n, 1, &p[w..], inp, 1, &mut ws.g2, inp, false, threads);
+                        sgemm(
+                            batch,
+                            inp,
+                            n,
+                            g,
+                            n,
+                            1,
+                            &p[w..],
+                            inp,
+                            1,
+                            &mut ws.g2,
+                            inp,
+                            false,
+                            threads,
+                        );
                         std::mem::swap(&mut ws.g, &mut ws.g2);
                     }
                 }
@@ -747,7 +824,9 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        (0..n).map(|j| (unit(seed, j as u64) * 2.0 - 1.0) * scale).collect()
+        (0..n)
+            .map(|j| (unit(seed, j as u64) * 2.0 - 1.0) * scale)
+            .collect()
     }
 
     /// Every parameter's gradient against central differences of the loss, with BN and
@@ -789,7 +868,11 @@ mod tests {
                 let fd = (lp - lm) / (2.0 * eps);
                 let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-2));
                 worst = worst.max(err);
-                assert!(err < 2e-2, "bn {bn}: param {i}: analytic {} vs fd {fd}", g[i]);
+                assert!(
+                    err < 2e-2,
+                    "bn {bn}: param {i}: analytic {} vs fd {fd}",
+                    g[i]
+                );
             }
             assert!(worst < 2e-2);
         }

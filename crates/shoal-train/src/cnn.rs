@@ -120,7 +120,8 @@ impl CnnModel {
             tensors.push((t.name.clone(), t.shape.clone(), &self.stats[t.range()]));
         }
         let st = serialize_tensors(&tensors, dir)?;
-        let meta = serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Config(e.to_string()))?;
+        let meta =
+            serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Config(e.to_string()))?;
         write_dir_atomically(dir, &[("model.safetensors", &st), ("meta.json", &meta)])
     }
 
@@ -133,8 +134,8 @@ impl CnnModel {
         };
         let meta_path = dir.join("meta.json");
         let meta = std::fs::read(&meta_path).map_err(crate::error::io_err(&meta_path))?;
-        let cfg: CnnTrainConfig = serde_json::from_slice(&meta)
-            .map_err(|e| fail(format!("meta.json: {e}")))?;
+        let cfg: CnnTrainConfig =
+            serde_json::from_slice(&meta).map_err(|e| fail(format!("meta.json: {e}")))?;
         let net = Cnn::new(cfg.model.clone())?;
         let path = dir.join("model.safetensors");
         let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
@@ -315,7 +316,8 @@ impl CnnTrainer {
             }
             let end = (self.cursor + bs).min(self.order.len());
             let idx = &self.order[self.cursor..end];
-            self.train.normalized(idx, PIXEL_MEAN, PIXEL_STD, &mut self.x);
+            self.train
+                .normalized(idx, PIXEL_MEAN, PIXEL_STD, &mut self.x);
             let labels: Vec<u8> = idx.iter().map(|&i| self.train.labels[i]).collect();
             let m = &mut self.model;
             let loss = m.net.loss_and_grad(
@@ -373,16 +375,22 @@ impl CnnTrainer {
         while self.step < total {
             let n = (per - self.step % per).min(total - self.step);
             let epoch = self.step / per;
-            self.train_steps(n, lr, |_| {}, |_| {}, |step, ep, loss, ips| {
-                let e = ema.map_or(loss as f64, |e| 0.98 * e + 0.02 * loss as f64);
-                ema = Some(e);
-                on_event(&CnnEvent::Step {
-                    step,
-                    epoch: ep,
-                    loss: e,
-                    images_per_s: ips,
-                });
-            })?;
+            self.train_steps(
+                n,
+                lr,
+                |_| {},
+                |_| {},
+                |step, ep, loss, ips| {
+                    let e = ema.map_or(loss as f64, |e| 0.98 * e + 0.02 * loss as f64);
+                    ema = Some(e);
+                    on_event(&CnnEvent::Step {
+                        step,
+                        epoch: ep,
+                        loss: e,
+                        images_per_s: ips,
+                    });
+                },
+            )?;
             let e = self.evaluate()?;
             on_event(&CnnEvent::Eval { epoch, eval: e });
             eval = Some(e);
@@ -395,7 +403,12 @@ impl CnnTrainer {
 
     /// Test-set scores of the current parameters.
     pub fn evaluate(&self) -> Result<CnnEval> {
-        evaluate(&self.model.net, &self.model.params, &self.model.stats, &self.test)
+        evaluate(
+            &self.model.net,
+            &self.model.params,
+            &self.model.stats,
+            &self.test,
+        )
     }
 }
 

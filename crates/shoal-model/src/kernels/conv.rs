@@ -91,7 +91,21 @@ pub fn conv3_forward(
         }
         None => z.fill(0.0),
     }
-    sgemm(cout, hw, cin * 9, wt, cin * 9, 1, cols, hw, 1, z, hw, true, 1);
+    sgemm(
+        cout,
+        hw,
+        cin * 9,
+        wt,
+        cin * 9,
+        1,
+        cols,
+        hw,
+        1,
+        z,
+        hw,
+        true,
+        1,
+    );
 }
 
 /// One image's backward: `dw += dz . cols^T`, `db += sum(dz)` per channel when given,
