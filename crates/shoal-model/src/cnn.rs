@@ -27,6 +27,11 @@ pub struct CnnConfig {
     pub batch_norm: bool,
     /// Dropout after each hidden fully-connected layer (training only).
     pub dropout: f32,
+    /// Per fully-connected layer (hidden ones, then the output), the rank of its
+    /// factorization `W = U V` (`U` out x r, `V` r x in), 0 for a full matrix; empty:
+    /// all full. SVD compression produces these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fc_rank: Vec<usize>,
 }
 
 impl Default for CnnConfig {
@@ -38,6 +43,7 @@ impl Default for CnnConfig {
             classes: 10,
             batch_norm: true,
             dropout: 0.25,
+            fc_rank: Vec::new(),
         }
     }
 }
@@ -91,9 +97,12 @@ enum Op {
     Fc {
         inp: usize,
         out: usize,
+        /// The weight (`out x inp`), or `U` (`out x r`) of a factorized layer.
         w: usize,
         b: usize,
         last: bool,
+        /// A factorized layer's rank and the offset of its `V` (`r x inp`).
+        low_rank: Option<(usize, usize)>,
     },
 }
 
@@ -108,13 +117,16 @@ impl Op {
 }
 
 /// A fully-connected layer as compression sees it: the offsets of its `[out, in]`
-/// weight and its bias in the parameter buffer.
+/// weight (or factors) and its bias in the parameter buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FcLayer {
     pub inp: usize,
     pub out: usize,
+    /// The weight, or `U` (`out x rank`) of a factorized layer.
     pub weight: usize,
     pub bias: usize,
+    /// A factorized layer's rank and `V` (`rank x inp`).
+    pub low_rank: Option<(usize, usize)>,
 }
 
 /// BatchNorm epsilon (PyTorch's default).
@@ -162,6 +174,8 @@ pub struct CnnWork {
     mask: Vec<Vec<f32>>,
     g: Vec<f32>,
     g2: Vec<f32>,
+    /// A factorized layer's gradient at its rank.
+    lr: Vec<f32>,
     scratch: Vec<Scratch>,
 }
 
@@ -282,6 +296,15 @@ impl Cnn {
         }
         let mut inp = c * h * w;
         let n_fc = cfg.fc.len() + 1;
+        if !cfg.fc_rank.is_empty() && cfg.fc_rank.len() != n_fc {
+            return bad(
+                "fc_rank",
+                format!(
+                    "{} ranks for {n_fc} fully-connected layers",
+                    cfg.fc_rank.len()
+                ),
+            );
+        }
         for (i, &out) in cfg
             .fc
             .iter()
@@ -291,12 +314,36 @@ impl Cnn {
             if out == 0 {
                 return bad("fc", "a layer needs at least one unit".into());
             }
-            let wt = add(
-                &mut params,
-                &mut at,
-                format!("fc{}.weight", i + 1),
-                vec![out, inp],
-            );
+            let rank = cfg.fc_rank.get(i).copied().unwrap_or(0);
+            if rank > out.min(inp) {
+                return bad(
+                    "fc_rank",
+                    format!("rank {rank} of fc{}, a {out}x{inp} layer", i + 1),
+                );
+            }
+            let (wt, low_rank) = if rank > 0 {
+                let v = add(
+                    &mut params,
+                    &mut at,
+                    format!("fc{}.v.weight", i + 1),
+                    vec![rank, inp],
+                );
+                let u = add(
+                    &mut params,
+                    &mut at,
+                    format!("fc{}.u.weight", i + 1),
+                    vec![out, rank],
+                );
+                (u, Some((rank, v)))
+            } else {
+                let wt = add(
+                    &mut params,
+                    &mut at,
+                    format!("fc{}.weight", i + 1),
+                    vec![out, inp],
+                );
+                (wt, None)
+            };
             let b = add(&mut params, &mut at, format!("fc{}.bias", i + 1), vec![out]);
             ops.push(Op::Fc {
                 inp,
@@ -304,6 +351,7 @@ impl Cnn {
                 w: wt,
                 b,
                 last: i + 1 == n_fc,
+                low_rank,
             });
             inp = out;
         }
@@ -341,11 +389,19 @@ impl Cnn {
         self.ops
             .iter()
             .filter_map(|o| match *o {
-                Op::Fc { inp, out, w, b, .. } => Some(FcLayer {
+                Op::Fc {
+                    inp,
+                    out,
+                    w,
+                    b,
+                    low_rank,
+                    ..
+                } => Some(FcLayer {
                     inp,
                     out,
                     weight: w,
                     bias: b,
+                    low_rank,
                 }),
                 _ => None,
             })
@@ -408,9 +464,17 @@ impl Cnn {
                     }
                 }
                 Op::Pool { .. } => ws.arg[i].resize(batch * op.out_len(), 0),
-                Op::Fc { out, last, .. } => {
+                Op::Fc {
+                    out,
+                    last,
+                    low_rank,
+                    ..
+                } => {
                     if !last {
                         ws.mask[i].resize(batch * out, 1.0);
+                    }
+                    if let Some((r, _)) = low_rank {
+                        ws.pre[i].resize(batch * r, 0.0);
                     }
                 }
             }
@@ -557,26 +621,49 @@ impl Cnn {
                     w,
                     b,
                     last,
+                    low_rank,
                 } => {
                     for row in out.chunks_mut(n) {
                         row.copy_from_slice(&p[b..b + n]);
                     }
                     let threads = ws.scratch.len();
-                    sgemm(
-                        batch,
-                        n,
-                        inp,
-                        input,
-                        inp,
-                        1,
-                        &p[w..],
-                        1,
-                        inp,
-                        out,
-                        n,
-                        true,
-                        threads,
-                    );
+                    match low_rank {
+                        None => sgemm(
+                            batch,
+                            n,
+                            inp,
+                            input,
+                            inp,
+                            1,
+                            &p[w..],
+                            1,
+                            inp,
+                            out,
+                            n,
+                            true,
+                            threads,
+                        ),
+                        Some((r, v)) => {
+                            // t = x V^T, then out += t U^T.
+                            let t = &mut ws.pre[i];
+                            sgemm(
+                                batch,
+                                r,
+                                inp,
+                                input,
+                                inp,
+                                1,
+                                &p[v..],
+                                1,
+                                inp,
+                                t,
+                                r,
+                                false,
+                                threads,
+                            );
+                            sgemm(batch, n, r, t, r, 1, &p[w..], 1, r, out, n, true, threads);
+                        }
+                    }
                     if !last {
                         out.iter_mut().for_each(|v| *v = v.max(0.0));
                         let keep = 1.0 - self.cfg.dropout;
@@ -656,6 +743,7 @@ impl Cnn {
                     w,
                     b,
                     last,
+                    low_rank,
                 } => {
                     let g = &mut ws.g;
                     if !last {
@@ -670,40 +758,101 @@ impl Cnn {
                         }
                     }
                     let threads = ws.scratch.len();
-                    // dW [n, inp] += g^T [n, batch] . input [batch, inp]
-                    sgemm(
-                        n,
-                        inp,
-                        batch,
-                        g,
-                        1,
-                        n,
-                        input,
-                        inp,
-                        1,
-                        &mut grad[w..w + n * inp],
-                        inp,
-                        true,
-                        threads,
-                    );
-                    if need_dx {
-                        ws.g2.resize(batch * inp, 0.0);
-                        sgemm(
-                            batch,
-                            inp,
-                            n,
-                            g,
-                            n,
-                            1,
-                            &p[w..],
-                            inp,
-                            1,
-                            &mut ws.g2,
-                            inp,
-                            false,
-                            threads,
-                        );
-                        std::mem::swap(&mut ws.g, &mut ws.g2);
+                    match low_rank {
+                        None => {
+                            // dW [n, inp] += g^T [n, batch] . input [batch, inp]
+                            sgemm(
+                                n,
+                                inp,
+                                batch,
+                                g,
+                                1,
+                                n,
+                                input,
+                                inp,
+                                1,
+                                &mut grad[w..w + n * inp],
+                                inp,
+                                true,
+                                threads,
+                            );
+                            if need_dx {
+                                ws.g2.resize(batch * inp, 0.0);
+                                sgemm(
+                                    batch,
+                                    inp,
+                                    n,
+                                    g,
+                                    n,
+                                    1,
+                                    &p[w..],
+                                    inp,
+                                    1,
+                                    &mut ws.g2,
+                                    inp,
+                                    false,
+                                    threads,
+                                );
+                                std::mem::swap(&mut ws.g, &mut ws.g2);
+                            }
+                        }
+                        Some((r, v)) => {
+                            let t = &ws.pre[i];
+                            // dU [n, r] += g^T t; dt [batch, r] = g U; dV [r, inp] += dt^T x;
+                            // dx = dt V.
+                            sgemm(
+                                n,
+                                r,
+                                batch,
+                                g,
+                                1,
+                                n,
+                                t,
+                                r,
+                                1,
+                                &mut grad[w..w + n * r],
+                                r,
+                                true,
+                                threads,
+                            );
+                            let dt = &mut ws.lr;
+                            dt.resize(batch * r, 0.0);
+                            sgemm(batch, r, n, g, n, 1, &p[w..], r, 1, dt, r, false, threads);
+                            sgemm(
+                                r,
+                                inp,
+                                batch,
+                                dt,
+                                1,
+                                r,
+                                input,
+                                inp,
+                                1,
+                                &mut grad[v..v + r * inp],
+                                inp,
+                                true,
+                                threads,
+                            );
+                            if need_dx {
+                                ws.g2.resize(batch * inp, 0.0);
+                                sgemm(
+                                    batch,
+                                    inp,
+                                    r,
+                                    dt,
+                                    r,
+                                    1,
+                                    &p[v..],
+                                    inp,
+                                    1,
+                                    &mut ws.g2,
+                                    inp,
+                                    false,
+                                    threads,
+                                );
+                                std::mem::swap(&mut ws.g, &mut ws.g2);
+                            }
+                        }
                     }
                 }
                 &Op::Pool { c, h, w } => {
@@ -819,6 +968,8 @@ mod tests {
             classes: 3,
             batch_norm,
             dropout,
+            // With BN, the hidden layer factorized (rank 2).
+            fc_rank: if batch_norm { vec![2, 0] } else { vec![] },
         })
         .unwrap()
     }
