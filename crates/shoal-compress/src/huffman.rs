@@ -27,7 +27,7 @@ fn lengths(freq: &[u64; 256]) -> [u8; 256] {
             .collect();
         len = [0u8; 256];
         while nodes.len() > 1 {
-            nodes.sort_by(|a, b| b.0.cmp(&a.0));
+            nodes.sort_by_key(|n| std::cmp::Reverse(n.0));
             let (wa, a) = nodes.pop().expect("two nodes");
             let (wb, b) = nodes.pop().expect("two nodes");
             for &s in a.iter().chain(&b) {
@@ -105,8 +105,7 @@ pub fn decode(b: &[u8]) -> Result<Vec<u8>> {
     // Decoding by (length, code) -> symbol, canonical: per length, the first code and
     // the symbols in order.
     let mut by_len: Vec<Vec<(u32, u8)>> = vec![Vec::new(); MAX_LEN as usize + 1];
-    for s in 0..256 {
-        let (c, l) = table[s];
+    for (s, &(c, l)) in table.iter().enumerate() {
         if l > 0 {
             by_len[l as usize].push((c, s as u8));
         }

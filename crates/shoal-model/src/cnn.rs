@@ -495,7 +495,7 @@ impl Cnn {
         seed: u64,
         ws: &'w mut CnnWork,
     ) -> Result<&'w [f32]> {
-        self.forward(p, Mode::Train { stats, seed }, x, batch, ws)
+        self.forward(p, Mode::Train { stats, seed }, x, batch, self.ops.len(), ws)
     }
 
     /// Logits of `batch` images for inference (running statistics, no dropout).
@@ -507,15 +507,40 @@ impl Cnn {
         batch: usize,
         ws: &'w mut CnnWork,
     ) -> Result<&'w [f32]> {
-        self.forward(p, Mode::Infer { stats }, x, batch, ws)
+        self.forward(p, Mode::Infer { stats }, x, batch, self.ops.len(), ws)
     }
 
+    /// The flattened output of the convolutional part for inference (the input of the
+    /// fully-connected head), `[batch, features]`.
+    pub fn features<'w>(
+        &self,
+        p: &[f32],
+        stats: &[f32],
+        x: &[f32],
+        batch: usize,
+        ws: &'w mut CnnWork,
+    ) -> Result<&'w [f32]> {
+        let head = self
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Fc { .. }))
+            .unwrap_or(self.ops.len());
+        if head == 0 {
+            return Err(Error::Layout(
+                "the network has no convolutional part".into(),
+            ));
+        }
+        self.forward(p, Mode::Infer { stats }, x, batch, head, ws)
+    }
+
+    /// Runs the first `upto` operations; returns the last one's output.
     fn forward<'w>(
         &self,
         p: &[f32],
         mut mode: Mode<'_>,
         x: &[f32],
         batch: usize,
+        upto: usize,
         ws: &'w mut CnnWork,
     ) -> Result<&'w [f32]> {
         let (stats_len, train, seed) = match &mode {
@@ -538,12 +563,12 @@ impl Cnn {
             )));
         }
         self.ensure(ws, batch);
-        for i in 0..self.ops.len() {
+        for i in 0..upto {
             let (before, rest) = ws.acts.split_at_mut(i);
             let input: &[f32] = if i == 0 { x } else { &before[i - 1] };
             let out = &mut rest[0];
-            match &self.ops[i] {
-                &Op::Conv {
+            match self.ops[i] {
+                Op::Conv {
                     cin,
                     cout,
                     h,
@@ -608,14 +633,14 @@ impl Cnn {
                     }
                     out.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
-                &Op::Pool { c, h, w } => {
+                Op::Pool { c, h, w } => {
                     let (isz, osz) = (c * h * w, c * (h / 2) * (w / 2));
                     out.par_chunks_mut(osz)
                         .zip(ws.arg[i].par_chunks_mut(osz))
                         .zip(input.par_chunks(isz))
                         .for_each(|((o, a), xi)| maxpool2(xi, (c, h, w), o, a));
                 }
-                &Op::Fc {
+                Op::Fc {
                     inp,
                     out: n,
                     w,
@@ -684,7 +709,7 @@ impl Cnn {
                 }
             }
         }
-        Ok(&ws.acts[self.ops.len() - 1])
+        Ok(&ws.acts[upto - 1])
     }
 
     /// Softmax cross-entropy of a training batch (mean over the batch) and its gradient
@@ -736,8 +761,8 @@ impl Cnn {
             let input: &[f32] = if i == 0 { x } else { &before[i - 1] };
             let output = &rest[0];
             let need_dx = i > 0;
-            match &self.ops[i] {
-                &Op::Fc {
+            match self.ops[i] {
+                Op::Fc {
                     inp,
                     out: n,
                     w,
@@ -855,7 +880,7 @@ impl Cnn {
                         }
                     }
                 }
-                &Op::Pool { c, h, w } => {
+                Op::Pool { c, h, w } => {
                     let (isz, osz) = (c * h * w, c * (h / 2) * (w / 2));
                     ws.g2.resize(batch * isz, 0.0);
                     ws.g2.fill(0.0);
@@ -870,7 +895,7 @@ impl Cnn {
                     }
                     std::mem::swap(&mut ws.g, &mut ws.g2);
                 }
-                &Op::Conv {
+                Op::Conv {
                     cin,
                     cout,
                     h,

@@ -43,6 +43,9 @@ enum Cmd {
     /// variables (started by `train --workers`, or by a cluster scheduler).
     #[command(name = "role", hide = true)]
     Role,
+    /// Compress a trained CNN (prune, quantize, factorize, chained, with fine-tuning) and
+    /// report accuracy, size and measured speed-up; `--schedule` runs a table of them.
+    Compress(CompressArgs),
     /// Run a training job on Kubernetes (plain Jobs, Volcano or Kubeflow Trainer):
     /// `launch --k8s job.toml` prints the objects as YAML, `--apply` submits them;
     /// `launch status|logs|delete JOB` follow and clean up.
@@ -51,6 +54,57 @@ enum Cmd {
     /// role` in each): prepares the job directory from the training configuration,
     /// serves rendezvous and health checks, and exits when the job ends.
     Coordinator(CoordinatorArgs),
+}
+
+#[derive(Args)]
+struct CompressArgs {
+    /// The trained model (a `train cnn` output directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Factorize the hidden fully-connected layers by SVD to this size ratio per layer.
+    #[arg(long)]
+    svd_ratio: Option<f64>,
+    /// ... or at the rank keeping this share of the singular values' energy.
+    #[arg(long)]
+    svd_energy: Option<f64>,
+    /// Fraction of fully-connected weights to prune (e.g. 0.9).
+    #[arg(long, default_value_t = 0.0)]
+    prune_fc: f64,
+    /// Fraction of convolution weights to prune.
+    #[arg(long, default_value_t = 0.0)]
+    prune_conv: f64,
+    /// One magnitude threshold over all weights (at --prune-fc) instead of per layer.
+    #[arg(long)]
+    prune_global: bool,
+    /// int8 (per output channel), or a k-means codebook of this many bits (1-8).
+    #[arg(long, value_name = "int8|BITS")]
+    quant: Option<String>,
+    /// Fine-tuning updates after each stage (pruning ramps its sparsity over them).
+    #[arg(long, default_value_t = 0)]
+    fine_tune_steps: u64,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    /// A TOML table of configurations (`[[config]]` with the fields above, snake_case)
+    /// run one after the other into one report.
+    #[arg(long, conflicts_with_all = ["svd_ratio", "svd_energy", "quant"])]
+    schedule: Option<PathBuf>,
+    /// Where the compressed model goes (one configuration).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Save the report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print accuracy vs sparsity for each weight tensor pruned alone, and stop.
+    #[arg(long)]
+    sensitivity: bool,
+    /// Use only the first N training / test images (0: the model's settings).
+    #[arg(long, default_value_t = 0)]
+    train_limit: usize,
+    #[arg(long, default_value_t = 0)]
+    test_limit: usize,
+    /// Print the JSON report as the last line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -1645,6 +1699,163 @@ fn train_cnn(a: CnnArgs) -> Result<()> {
     Ok(())
 }
 
+fn compress(a: CompressArgs) -> Result<()> {
+    use shoal_train::cnn::{evaluate, load_data, CnnModel};
+    use shoal_train::compress::{self as cz, CompressSpec, Quant};
+    let model = CnnModel::load(&a.model)?;
+    let mut dcfg = model.cfg.clone();
+    if a.train_limit > 0 {
+        dcfg.train_limit = a.train_limit;
+    }
+    if a.test_limit > 0 {
+        dcfg.test_limit = a.test_limit;
+    }
+    let specs: Vec<CompressSpec> = match &a.schedule {
+        Some(path) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Schedule {
+                config: Vec<CompressSpec>,
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let s: Schedule =
+                toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            s.config
+        }
+        None => {
+            let quant = match a.quant.as_deref() {
+                None => None,
+                Some("int8") => Some(Quant::Int8),
+                Some(b) => Some(Quant::Codebook {
+                    bits: b.parse().with_context(|| {
+                        format!("--quant '{b}': expected int8 or a number of bits (1-8)")
+                    })?,
+                }),
+            };
+            vec![CompressSpec {
+                svd_ratio: a.svd_ratio,
+                svd_energy: a.svd_energy,
+                prune_fc: a.prune_fc,
+                prune_conv: a.prune_conv,
+                prune_global: a.prune_global,
+                quant,
+                fine_tune_steps: a.fine_tune_steps,
+                lr: a.lr,
+            }]
+        }
+    };
+    for (i, s) in specs.iter().enumerate() {
+        s.validate()
+            .with_context(|| format!("configuration {} ({})", i + 1, s.label()))?;
+    }
+    if a.out.is_some() && specs.len() != 1 {
+        bail!("--out takes one configuration; a schedule writes only its report");
+    }
+    let (train, test) = load_data(&dcfg)?;
+    if a.sensitivity {
+        let levels = [0.5, 0.7, 0.8, 0.9, 0.95];
+        println!(
+            "{:<16} {}",
+            "tensor",
+            levels.map(|l| format!("{:>7.0}%", l * 100.0)).join("")
+        );
+        for (name, accs) in cz::sensitivity(&model, &test, &levels)? {
+            let cols: String = accs
+                .iter()
+                .map(|a| format!("{:>7.2}%", a * 100.0))
+                .collect();
+            println!("{name:<16} {cols}");
+        }
+        return Ok(());
+    }
+    let base = evaluate(&model.net, &model.params, &model.stats, &test)?;
+    eprintln!(
+        "dense model: test top-1 {:.2}%, top-5 {:.2}% on {} images",
+        base.top1 * 100.0,
+        base.top5 * 100.0,
+        test.len()
+    );
+    let mut rows = Vec::new();
+    for s in &specs {
+        eprintln!("compressing: {}", s.label());
+        let mut last = std::time::Instant::now();
+        let r = cz::run(
+            &model,
+            s,
+            &train,
+            &test,
+            a.out.as_deref(),
+            |stage, step, of, loss| {
+                if last.elapsed().as_secs_f64() >= 5.0 {
+                    last = std::time::Instant::now();
+                    eprintln!("  {stage} fine-tuning {step}/{of}: loss {loss:.4}");
+                }
+            },
+        )?;
+        rows.push(r);
+    }
+    println!(
+        "{:<40} {:>7} {:>7} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "configuration",
+        "top-1",
+        "top-5",
+        "bytes",
+        "ratio",
+        "weights",
+        "x b1",
+        "x b64",
+        "fc b1",
+        "fc b64"
+    );
+    println!(
+        "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
+        "dense (baseline)",
+        base.top1 * 100.0,
+        base.top5 * 100.0,
+        rows.first().map_or(0, |r| r.dense_bytes),
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1.0
+    );
+    for r in &rows {
+        let l = &r.latency_ms;
+        println!(
+            "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
+            r.label,
+            r.top1 * 100.0,
+            r.top5 * 100.0,
+            r.bytes,
+            r.ratio,
+            r.weight_ratio,
+            l.speedup_b1(),
+            l.speedup_b64(),
+            l.fc_speedup_b1(),
+            l.fc_speedup_b64()
+        );
+    }
+    let report = serde_json::json!({
+        "model": a.model,
+        "test_images": test.len(),
+        "dense": {"top1": base.top1, "top5": base.top5},
+        "results": rows,
+    });
+    if let Some(p) = &a.report {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(o) = &a.out {
+        eprintln!("compressed model written to {}", o.display());
+    }
+    if a.json {
+        println!("{report}");
+    }
+    Ok(())
+}
+
 fn coordinator(a: CoordinatorArgs) -> Result<()> {
     use shoal_train::cluster::{ENV_RUN, ENV_TOKEN};
     let token =
@@ -1711,6 +1922,7 @@ fn main() -> ExitCode {
         Cmd::Role => shoal_train::cluster::run_role().map_err(Into::into),
         Cmd::Coordinator(a) => coordinator(a),
         Cmd::Launch(a) => launch(a),
+        Cmd::Compress(a) => compress(a),
         Cmd::Plan(a) => plan(a),
     };
     match r {
