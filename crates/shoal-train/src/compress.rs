@@ -549,7 +549,7 @@ enum Head {
 #[derive(Default)]
 struct HeadScratch {
     sc: Scratch,
-    xq: Vec<i8>,
+    qs: shoal_compress::quant::Scratch,
     tmp: Vec<f32>,
 }
 
@@ -596,7 +596,7 @@ impl Head {
                 );
             }
             Head::Sparse(c) => c.matmul_t(x, batch, bias, &mut hs.sc, y),
-            Head::Int8(q) => q.matmul_t(x, batch, bias, &mut hs.xq, y),
+            Head::Int8(q) => q.matmul_t(x, batch, bias, &mut hs.qs, y),
             Head::LowRank { v, u, r, zeros } => {
                 let mut t = std::mem::take(&mut hs.tmp);
                 t.resize(batch * r, 0.0);
