@@ -837,3 +837,149 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
         );
     }
 }
+
+/// `shoal train cnn` then `shoal compress` on Fashion-MNIST (a slice of it; `.ci/run`
+/// installs Debian's dataset-fashion-mnist): one configuration with its file and JSON
+/// report, a schedule of two, the sensitivity table, and bad settings refused with
+/// nothing written.
+#[test]
+fn train_cnn_and_compress_it() {
+    if !Path::new(shoal_data_dir()).exists() {
+        eprintln!("{} is not installed; skipped", shoal_data_dir());
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "cnn",
+            "--train-limit",
+            "2000",
+            "--test-limit",
+            "500",
+            "--epochs",
+            "1",
+            "--blocks",
+            "8/16",
+            "--fc",
+            "64",
+            "--out",
+            "m",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert!(v["top1"].as_f64().unwrap() > 0.5, "{v}");
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m",
+            "--prune-fc",
+            "0.9",
+            "--quant",
+            "4",
+            "--fine-tune-steps",
+            "20",
+            "--test-limit",
+            "500",
+            "--train-limit",
+            "2000",
+            "--out",
+            "m.shoalz",
+            "--report",
+            "r.json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("prune fc 90% conv 0% + 4-bit codebook"),
+        "{}",
+        text(&o.stdout)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("r.json")).unwrap()).unwrap();
+    let res = &r["results"][0];
+    assert_eq!(
+        res["bytes"].as_u64().unwrap(),
+        std::fs::metadata(d.path().join("m.shoalz")).unwrap().len()
+    );
+    assert!(res["ratio"].as_f64().unwrap() > 5.0, "{res}");
+    std::fs::write(
+        d.path().join("s.toml"),
+        "[[config]]\nquant = { kind = \"int8\" }\n\n[[config]]\nsvd_ratio = 4.0\nfine_tune_steps = 10\n",
+    )
+    .unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m",
+            "--schedule",
+            "s.toml",
+            "--test-limit",
+            "200",
+            "--train-limit",
+            "500",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("int8") && text(&o.stdout).contains("svd x4"));
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m",
+            "--sensitivity",
+            "--test-limit",
+            "200",
+        ],
+        None,
+    );
+    assert!(
+        o.status.success() && text(&o.stdout).contains("fc1.weight"),
+        "{}",
+        text(&o.stderr)
+    );
+    for (args, needle) in [
+        (&["--prune-fc", "1.2"][..], "sparsity"),
+        (&["--quant", "0"][..], "bits"),
+        (&["--quant", "eight"][..], "--quant"),
+        (&["--svd-ratio", "0.5"][..], "ratio"),
+    ] {
+        let mut a = vec!["compress", "--model", "m", "--out", "bad.shoalz"];
+        a.extend_from_slice(args);
+        assert_clear_error(&shoal(d.path(), &a, None), &[needle]);
+        assert!(!d.path().join("bad.shoalz").exists());
+    }
+    std::fs::write(d.path().join("bad.toml"), "[[config]]\nprune = 0.5\n").unwrap();
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["compress", "--model", "m", "--schedule", "bad.toml"],
+            None,
+        ),
+        &["bad.toml", "prune"],
+    );
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["compress", "--model", "nowhere", "--quant", "int8"],
+            None,
+        ),
+        &["nowhere"],
+    );
+}
+
+fn shoal_data_dir() -> &'static str {
+    "/usr/share/datasets/fashion-mnist"
+}
