@@ -27,7 +27,7 @@ fn write_set(dir: &Path, prefix: &str, n: usize, seed: u64) {
         let band = 3 + (c / 2) * 5;
         for y in 0..28 {
             for x in 0..28 {
-                let on = if c % 2 == 0 {
+                let on = if c.is_multiple_of(2) {
                     (band..band + 3).contains(&y)
                 } else {
                     (band..band + 3).contains(&x)
