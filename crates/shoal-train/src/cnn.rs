@@ -184,6 +184,7 @@ fn mix64(mut z: u64) -> u64 {
 
 /// Scores of `params` on `set` (batches of 256): top-1, top-5, mean loss.
 pub fn evaluate(net: &Cnn, params: &[f32], stats: &[f32], set: &ImageSet) -> Result<CnnEval> {
+    check_images(&net.cfg, set)?;
     let classes = net.cfg.classes;
     let mut ws = CnnWork::default();
     let mut x = Vec::new();
@@ -250,13 +251,8 @@ impl CnnTrainer {
 
     /// Continues from `model` (fine-tuning) on the given data.
     pub fn with(model: CnnModel, train: ImageSet, test: ImageSet) -> Result<Self> {
-        let [c, h, w] = model.cfg.model.input;
-        if c != 1 || (train.rows, train.cols) != (h, w) || (test.rows, test.cols) != (h, w) {
-            return Err(Error::Config(format!(
-                "the network takes {c}x{h}x{w} images, the data has 1x{}x{}",
-                train.rows, train.cols
-            )));
-        }
+        check_images(&model.cfg.model, &train)?;
+        check_images(&model.cfg.model, &test)?;
         if train.is_empty() || test.is_empty() {
             return Err(Error::Config("no training or no test images".into()));
         }
@@ -410,6 +406,18 @@ impl CnnTrainer {
             &self.test,
         )
     }
+}
+
+/// Fails unless the network takes the set's images (one channel, same size).
+pub fn check_images(cfg: &CnnConfig, set: &ImageSet) -> Result<()> {
+    let [c, h, w] = cfg.input;
+    if c != 1 || (set.rows, set.cols) != (h, w) {
+        return Err(Error::Config(format!(
+            "the network takes {c}x{h}x{w} images, the data has 1x{}x{}",
+            set.rows, set.cols
+        )));
+    }
+    Ok(())
 }
 
 /// The configured training and test sets (limited as configured).

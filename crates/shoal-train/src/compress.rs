@@ -768,7 +768,7 @@ pub fn engine_eval(m: &CnnModel, spec: &CompressSpec, set: &ImageSet) -> Result<
 }
 
 /// Compresses `dense` by `spec`, writes the file to `out` (atomically), reads it back,
-/// scores it on `test` and times it: one row of the report.
+/// scores it on `test` and times it: one row of the report, and the model as stored.
 pub fn run(
     dense: &CnnModel,
     spec: &CompressSpec,
@@ -776,7 +776,7 @@ pub fn run(
     test: &ImageSet,
     out: Option<&Path>,
     on_step: impl FnMut(&str, u64, u64, f32),
-) -> Result<CompressResult> {
+) -> Result<(CompressResult, CnnModel)> {
     let (m, books) = compress(dense, spec, train, test, on_step)?;
     let bytes = encode(&m, spec, &books, false)?;
     let path = out
@@ -792,7 +792,7 @@ pub fn run(
     let weight_bytes = encode(&m, spec, &books, true)?.len();
     let dense_weight_bytes = encode(dense, &dense_spec, &[], true)?.len();
     let latency_ms = latency(dense, &stored, spec, test)?;
-    Ok(CompressResult {
+    let result = CompressResult {
         label: spec.label(),
         spec: spec.clone(),
         top1: eval.top1,
@@ -804,7 +804,8 @@ pub fn run(
         dense_weight_bytes,
         weight_ratio: dense_weight_bytes as f64 / weight_bytes as f64,
         latency_ms,
-    })
+    };
+    Ok((result, stored))
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename (no half-written file).

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cluster;
 pub mod cnn;
+pub mod cnn_onnx;
 pub mod compress;
 pub mod config;
 pub mod ctr;

@@ -315,7 +315,7 @@ fn bad_settings_and_damaged_files_are_refused_and_nothing_is_left_half_written()
         quant: Some(Quant::Int8),
         ..Default::default()
     };
-    let r = compress::run(
+    let (r, _) = compress::run(
         &t.model,
         &ok,
         &t.train,

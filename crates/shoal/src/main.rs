@@ -58,9 +58,14 @@ enum Cmd {
 
 #[derive(Args)]
 struct CompressArgs {
-    /// The trained model (a `train cnn` output directory).
+    /// The trained model: a `train cnn` output directory, or an ONNX file (e.g. exported
+    /// from PyTorch: Conv/BatchNormalization/Relu/MaxPool, then Gemm layers).
     #[arg(long)]
     model: PathBuf,
+    /// Also write the (compressed) model as ONNX here (int8 as DequantizeLinear + int8
+    /// weights; pruned and shared weights as their float values).
+    #[arg(long)]
+    onnx: Option<PathBuf>,
     /// Factorize the hidden fully-connected layers by SVD to this size ratio per layer.
     #[arg(long)]
     svd_ratio: Option<f64>,
@@ -1702,7 +1707,14 @@ fn train_cnn(a: CnnArgs) -> Result<()> {
 fn compress(a: CompressArgs) -> Result<()> {
     use shoal_train::cnn::{evaluate, load_data, CnnModel};
     use shoal_train::compress::{self as cz, CompressSpec, Quant};
-    let model = CnnModel::load(&a.model)?;
+    let model = if a.model.extension().is_some_and(|e| e == "onnx") {
+        let mut m = shoal_train::cnn_onnx::import(&a.model)?;
+        // Data for fine-tuning and scoring: Fashion-MNIST unless the model says otherwise.
+        m.cfg.data_dir = shoal_data::images::FASHION_MNIST_DIR.into();
+        m
+    } else {
+        CnnModel::load(&a.model)?
+    };
     let mut dcfg = model.cfg.clone();
     if a.train_limit > 0 {
         dcfg.train_limit = a.train_limit;
@@ -1749,8 +1761,8 @@ fn compress(a: CompressArgs) -> Result<()> {
         s.validate()
             .with_context(|| format!("configuration {} ({})", i + 1, s.label()))?;
     }
-    if a.out.is_some() && specs.len() != 1 {
-        bail!("--out takes one configuration; a schedule writes only its report");
+    if (a.out.is_some() || a.onnx.is_some()) && specs.len() != 1 {
+        bail!("--out and --onnx take one configuration; a schedule writes only its report");
     }
     let (train, test) = load_data(&dcfg)?;
     if a.sensitivity {
@@ -1777,6 +1789,7 @@ fn compress(a: CompressArgs) -> Result<()> {
         test.len()
     );
     let mut rows = Vec::new();
+    let mut last_model = None;
     for s in &specs {
         eprintln!("compressing: {}", s.label());
         let mut last = std::time::Instant::now();
@@ -1793,7 +1806,8 @@ fn compress(a: CompressArgs) -> Result<()> {
                 }
             },
         )?;
-        rows.push(r);
+        rows.push(r.0);
+        last_model = Some(r.1);
     }
     println!(
         "{:<40} {:>7} {:>7} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
@@ -1849,6 +1863,11 @@ fn compress(a: CompressArgs) -> Result<()> {
     }
     if let Some(o) = &a.out {
         eprintln!("compressed model written to {}", o.display());
+    }
+    if let (Some(path), Some(m)) = (&a.onnx, &last_model) {
+        let int8 = specs[0].quant == Some(Quant::Int8);
+        shoal_onnx::save(&shoal_train::cnn_onnx::export(m, int8)?, path)?;
+        eprintln!("ONNX model written to {}", path.display());
     }
     if a.json {
         println!("{report}");

@@ -933,6 +933,44 @@ fn train_cnn_and_compress_it() {
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("int8") && text(&o.stdout).contains("svd x4"));
+    // ONNX out (int8 as QDQ) and back in: the re-imported model compresses the same.
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m",
+            "--quant",
+            "int8",
+            "--test-limit",
+            "300",
+            "--onnx",
+            "m8.onnx",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let first: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m8.onnx",
+            "--quant",
+            "int8",
+            "--test-limit",
+            "300",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let again: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(first["results"][0]["top1"], again["results"][0]["top1"]);
     let o = shoal(
         d.path(),
         &[
