@@ -578,19 +578,38 @@ impl Cnn {
                     ref bn,
                 } => {
                     let (isz, osz) = (cin * h * w, cout * h * w);
-                    let per = batch.div_ceil(ws.scratch.len());
+                    let threads = ws.scratch.len();
+                    let per = batch.div_ceil(threads);
                     let wts = &p[wt..wt + cout * cin * 9];
                     let b = bias.map(|o| &p[o..o + cout]);
                     let z = &mut ws.pre[i];
-                    z.par_chunks_mut(per * osz)
-                        .zip(input.par_chunks(per * isz))
-                        .zip(ws.scratch.par_iter_mut())
-                        .for_each(|((zc, xc), sc)| {
-                            sc.cols.resize(cin * 9 * h * w, 0.0);
-                            for (zi, xi) in zc.chunks_mut(osz).zip(xc.chunks(isz)) {
-                                conv3_forward(xi, (cin, h, w), wts, b, cout, &mut sc.cols, zi);
-                            }
-                        });
+                    if batch < threads {
+                        // Fewer images than threads: each product on all of them.
+                        let sc = &mut ws.scratch[0];
+                        sc.cols.resize(cin * 9 * h * w, 0.0);
+                        for (zi, xi) in z.chunks_mut(osz).zip(input.chunks(isz)) {
+                            conv3_forward(xi, (cin, h, w), wts, b, cout, &mut sc.cols, zi, threads);
+                        }
+                    } else {
+                        z.par_chunks_mut(per * osz)
+                            .zip(input.par_chunks(per * isz))
+                            .zip(ws.scratch.par_iter_mut())
+                            .for_each(|((zc, xc), sc)| {
+                                sc.cols.resize(cin * 9 * h * w, 0.0);
+                                for (zi, xi) in zc.chunks_mut(osz).zip(xc.chunks(isz)) {
+                                    conv3_forward(
+                                        xi,
+                                        (cin, h, w),
+                                        wts,
+                                        b,
+                                        cout,
+                                        &mut sc.cols,
+                                        zi,
+                                        1,
+                                    );
+                                }
+                            });
+                    }
                     let hw = h * w;
                     match (bn, &mut mode) {
                         (Some(bn), Mode::Train { stats, .. }) => {

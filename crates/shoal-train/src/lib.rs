@@ -13,6 +13,7 @@ pub mod ctr;
 pub mod error;
 pub mod nmt;
 pub mod plan;
+pub mod plot;
 pub mod progress;
 
 pub use config::NmtTrainConfig;

@@ -99,6 +99,9 @@ struct CompressArgs {
     /// Save the report as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Plot top-1 against compression ratio to this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Print accuracy vs sparsity for each weight tensor pruned alone, and stop.
     #[arg(long)]
     sensitivity: bool,
@@ -1860,6 +1863,16 @@ fn compress(a: CompressArgs) -> Result<()> {
     if let Some(p) = &a.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        let mut points = vec![(1.0, base.top1)];
+        points.extend(rows.iter().map(|r| (r.ratio, r.top1)));
+        std::fs::write(p, shoal_train::plot::accuracy_vs_ratio_png(&points))
+            .with_context(|| format!("writing {}", p.display()))?;
+        eprintln!(
+            "plot written to {} (black: dense; then each configuration in order)",
+            p.display()
+        );
     }
     if let Some(o) = &a.out {
         eprintln!("compressed model written to {}", o.display());

@@ -71,7 +71,9 @@ pub fn col2im3_add(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
     }
 }
 
-/// One image: `z[co, :] = W[co, :] . cols` (+ `bias[co]` when given), `W` `[cout, cin*9]`.
+/// One image: `z[co, :] = W[co, :] . cols` (+ `bias[co]` when given), `W` `[cout, cin*9]`;
+/// the product on `threads` threads.
+#[allow(clippy::too_many_arguments)]
 pub fn conv3_forward(
     x: &[f32],
     (cin, h, w): (usize, usize, usize),
@@ -80,6 +82,7 @@ pub fn conv3_forward(
     cout: usize,
     cols: &mut [f32],
     z: &mut [f32],
+    threads: usize,
 ) {
     let hw = h * w;
     im2col3(x, cin, h, w, cols);
@@ -104,7 +107,7 @@ pub fn conv3_forward(
         z,
         hw,
         true,
-        1,
+        threads,
     );
 }
 
@@ -248,7 +251,7 @@ mod tests {
         let b = test_values(cout, 3);
         let mut cols = vec![0.0; cin * 9 * h * w];
         let mut z = vec![0.0; cout * h * w];
-        conv3_forward(&x, (cin, h, w), &wt, Some(&b), cout, &mut cols, &mut z);
+        conv3_forward(&x, (cin, h, w), &wt, Some(&b), cout, &mut cols, &mut z, 1);
         for co in 0..cout {
             for y in 0..h {
                 for xx in 0..w {
