@@ -147,6 +147,8 @@ pub struct CompressResult {
     pub weight_bytes: usize,
     pub dense_weight_bytes: usize,
     pub weight_ratio: f64,
+    /// Fully-connected weights (or factors) only: dense bytes over compressed.
+    pub fc_ratio: f64,
     /// Inference latency of the whole model (ms per batch) at batch 1 and 64, dense
     /// and compressed, and of the fully-connected head alone.
     pub latency_ms: Latency,
@@ -434,29 +436,35 @@ pub fn encode(
     m: &CnnModel,
     spec: &CompressSpec,
     books: &[(String, Vec<f32>)],
-    weights_only: bool,
+    part: Part,
 ) -> Result<Vec<u8>> {
+    let weights_only = part != Part::All;
     let pruned = spec.prune_fc > 0.0 || spec.prune_conv > 0.0;
     let mut tensors = Vec::new();
     for t in &m.net.params {
         let is_weight = m.net.weights().iter().any(|w| w.name == t.name);
-        if weights_only && !is_weight {
+        if (weights_only && !is_weight) || (part == Part::FcWeights && !is_fc(&t.name)) {
             continue;
         }
+        let data = &m.params[t.range()];
+        let zeros = data.iter().filter(|v| **v == 0.0).count();
+        let sparse = is_weight && pruned && zeros * 2 > data.len();
         let values = if !is_weight {
             Values::F32
         } else {
             match (spec.quant, books.iter().find(|(n, _)| n == &t.name)) {
                 (Some(Quant::Int8), _) => Values::Int8,
-                (Some(Quant::Codebook { .. }), Some((_, c))) => Values::Codebook {
-                    centroids: c.clone(),
-                },
+                (Some(Quant::Codebook { .. }), Some((_, c))) => {
+                    // Stored dense, pruned zeros need a code of their own.
+                    let mut centroids = c.clone();
+                    if !sparse && zeros > 0 && !centroids.contains(&0.0) {
+                        centroids.insert(0, 0.0);
+                    }
+                    Values::Codebook { centroids }
+                }
                 _ => Values::F32,
             }
         };
-        let data = &m.params[t.range()];
-        let sparse =
-            is_weight && pruned && data.iter().filter(|v| **v == 0.0).count() * 2 > data.len();
         tensors.push(TensorIn {
             name: t.name.clone(),
             shape: t.shape.clone(),
@@ -478,6 +486,17 @@ pub fn encode(
     }
     let cfg = serde_json::json!({"cnn": m.cfg, "compression": spec});
     format::write(cfg, &tensors).map_err(|e| Error::Config(e.to_string()))
+}
+
+/// Which tensors a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The whole model (parameters and statistics).
+    All,
+    /// Convolution and fully-connected weights only (for the weights' ratio).
+    Weights,
+    /// Fully-connected weights (and factors) only.
+    FcWeights,
 }
 
 /// Reads a compressed file back into a model (what it computes with) and its spec.
@@ -778,7 +797,7 @@ pub fn run(
     on_step: impl FnMut(&str, u64, u64, f32),
 ) -> Result<(CompressResult, CnnModel)> {
     let (m, books) = compress(dense, spec, train, test, on_step)?;
-    let bytes = encode(&m, spec, &books, false)?;
+    let bytes = encode(&m, spec, &books, Part::All)?;
     let path = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| "compressed".into());
@@ -788,9 +807,11 @@ pub fn run(
     let (stored, _) = decode(&bytes, &path)?;
     let eval = evaluate(&stored.net, &stored.params, &stored.stats, test)?;
     let dense_spec = CompressSpec::default();
-    let dense_bytes = encode(dense, &dense_spec, &[], false)?.len();
-    let weight_bytes = encode(&m, spec, &books, true)?.len();
-    let dense_weight_bytes = encode(dense, &dense_spec, &[], true)?.len();
+    let dense_bytes = encode(dense, &dense_spec, &[], Part::All)?.len();
+    let weight_bytes = encode(&m, spec, &books, Part::Weights)?.len();
+    let dense_weight_bytes = encode(dense, &dense_spec, &[], Part::Weights)?.len();
+    let fc_bytes = encode(&m, spec, &books, Part::FcWeights)?.len();
+    let dense_fc_bytes = encode(dense, &dense_spec, &[], Part::FcWeights)?.len();
     let latency_ms = latency(dense, &stored, spec, test)?;
     let result = CompressResult {
         label: spec.label(),
@@ -803,6 +824,7 @@ pub fn run(
         weight_bytes,
         dense_weight_bytes,
         weight_ratio: dense_weight_bytes as f64 / weight_bytes as f64,
+        fc_ratio: dense_fc_bytes as f64 / fc_bytes as f64,
         latency_ms,
     };
     Ok((result, stored))

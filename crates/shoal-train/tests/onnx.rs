@@ -65,10 +65,10 @@ fn a_pytorch_export_imports_and_compresses() {
         ..Default::default()
     };
     let (q, books) = compress::compress(&m, &spec, &dummy(), &dummy(), |_, _, _, _| {}).unwrap();
-    let bytes = compress::encode(&q, &spec, &books, false).unwrap();
+    let bytes = compress::encode(&q, &spec, &books, compress::Part::All).unwrap();
     assert!(
         bytes.len()
-            < compress::encode(&m, &CompressSpec::default(), &[], false)
+            < compress::encode(&m, &CompressSpec::default(), &[], compress::Part::All)
                 .unwrap()
                 .len()
     );

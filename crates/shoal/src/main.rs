@@ -1813,24 +1813,26 @@ fn compress(a: CompressArgs) -> Result<()> {
         last_model = Some(r.1);
     }
     println!(
-        "{:<40} {:>7} {:>7} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<40} {:>7} {:>7} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "configuration",
         "top-1",
         "top-5",
         "bytes",
         "ratio",
         "weights",
+        "fc",
         "x b1",
         "x b64",
         "fc b1",
         "fc b64"
     );
     println!(
-        "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
+        "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
         "dense (baseline)",
         base.top1 * 100.0,
         base.top5 * 100.0,
         rows.first().map_or(0, |r| r.dense_bytes),
+        1.0,
         1.0,
         1.0,
         1.0,
@@ -1841,13 +1843,14 @@ fn compress(a: CompressArgs) -> Result<()> {
     for r in &rows {
         let l = &r.latency_ms;
         println!(
-            "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
+            "{:<40} {:>6.2}% {:>6.2}% {:>10} {:>6.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x",
             r.label,
             r.top1 * 100.0,
             r.top5 * 100.0,
             r.bytes,
             r.ratio,
             r.weight_ratio,
+            r.fc_ratio,
             l.speedup_b1(),
             l.speedup_b64(),
             l.fc_speedup_b1(),
