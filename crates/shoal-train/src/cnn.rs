@@ -109,6 +109,41 @@ pub struct CnnModel {
 }
 
 impl CnnModel {
+    /// The model of `cfg` with every parameter and statistic taken from `tensor` (the
+    /// values of a tensor by name and shape; an error for a missing or misshapen one).
+    pub fn assemble(
+        cfg: CnnTrainConfig,
+        mut tensor: impl FnMut(&shoal_model::cnn::Tensor) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let net = Cnn::new(cfg.model.clone())?;
+        let mut params = vec![0.0f32; net.len()];
+        let mut stats = vec![0.0f32; net.stats_len()];
+        for (t, is_param) in net
+            .params
+            .iter()
+            .map(|t| (t, true))
+            .chain(net.stats.iter().map(|t| (t, false)))
+        {
+            let buf = if is_param { &mut params } else { &mut stats };
+            let v = tensor(t)?;
+            if v.len() != t.len() {
+                return Err(Error::Config(format!(
+                    "tensor {}: {} values, the network needs {:?}",
+                    t.name,
+                    v.len(),
+                    t.shape
+                )));
+            }
+            buf[t.range()].copy_from_slice(&v);
+        }
+        Ok(Self {
+            cfg,
+            net,
+            params,
+            stats,
+        })
+    }
+
     /// Saves `model.safetensors` (every parameter and statistic under its name) and
     /// `meta.json` (the configuration) as directory `dir`, atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -136,43 +171,36 @@ impl CnnModel {
         let meta = std::fs::read(&meta_path).map_err(crate::error::io_err(&meta_path))?;
         let cfg: CnnTrainConfig =
             serde_json::from_slice(&meta).map_err(|e| fail(format!("meta.json: {e}")))?;
-        let net = Cnn::new(cfg.model.clone())?;
         let path = dir.join("model.safetensors");
         let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| fail(format!("model.safetensors: {e}")))?;
-        let read = |ts: &[shoal_model::cnn::Tensor], len: usize| -> Result<Vec<f32>> {
-            let mut out = vec![0.0f32; len];
-            for t in ts {
-                let v = st
-                    .tensor(&t.name)
-                    .map_err(|e| fail(format!("tensor {}: {e}", t.name)))?;
-                if v.dtype() != safetensors::Dtype::F32 || v.shape() != t.shape.as_slice() {
-                    return Err(fail(format!(
-                        "tensor {}: {:?} {:?}, the configuration says F32 {:?}",
-                        t.name,
-                        v.dtype(),
-                        v.shape(),
-                        t.shape
-                    )));
-                }
-                for (o, c) in out[t.range()].iter_mut().zip(v.data().chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+        let m = Self::assemble(cfg, |t| {
+            let v = st
+                .tensor(&t.name)
+                .map_err(|e| fail(format!("tensor {}: {e}", t.name)))?;
+            if v.dtype() != safetensors::Dtype::F32 || v.shape() != t.shape.as_slice() {
+                return Err(fail(format!(
+                    "tensor {}: {:?} {:?}, the configuration says F32 {:?}",
+                    t.name,
+                    v.dtype(),
+                    v.shape(),
+                    t.shape
+                )));
             }
-            Ok(out)
-        };
-        let params = read(&net.params, net.len())?;
-        let stats = read(&net.stats, net.stats_len())?;
-        if params.iter().chain(&stats).any(|v| !v.is_finite()) {
+            Ok(v.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        })
+        .map_err(|e| match e {
+            Error::Config(why) => fail(why),
+            other => other,
+        })?;
+        if m.params.iter().chain(&m.stats).any(|v| !v.is_finite()) {
             return Err(fail("model.safetensors holds non-finite values".into()));
         }
-        Ok(Self {
-            cfg,
-            net,
-            params,
-            stats,
-        })
+        Ok(m)
     }
 }
 

@@ -518,43 +518,20 @@ pub fn import(path: &Path) -> Result<CnnModel> {
             Vec::new()
         },
     };
-    let net = Cnn::new(model.clone()).map_err(|e| fail(format!("the graph's network: {e}")))?;
-    let mut params = vec![0.0f32; net.len()];
-    let mut stats = vec![0.0f32; net.stats_len()];
-    for t in net
-        .params
-        .iter()
-        .map(|t| (t, true))
-        .chain(net.stats.iter().map(|t| (t, false)))
-    {
-        let (t, is_param) = t;
-        let v = named
+    Cnn::new(model.clone()).map_err(|e| fail(format!("the graph's network: {e}")))?;
+    let cfg = CnnTrainConfig {
+        model,
+        ..Default::default()
+    };
+    CnnModel::assemble(cfg, |t| {
+        named
             .iter()
             .find(|(n, _)| n == &t.name)
-            .map(|(_, v)| v)
-            .ok_or_else(|| fail(format!("no tensor for {}", t.name)))?;
-        if v.len() != t.len() {
-            return Err(fail(format!(
-                "{}: {} values, the network needs {:?}",
-                t.name,
-                v.len(),
-                t.shape
-            )));
-        }
-        let dst = if is_param {
-            &mut params[t.range()]
-        } else {
-            &mut stats[t.range()]
-        };
-        dst.copy_from_slice(v);
-    }
-    Ok(CnnModel {
-        cfg: CnnTrainConfig {
-            model,
-            ..Default::default()
-        },
-        net,
-        params,
-        stats,
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| fail(format!("no tensor for {}", t.name)))
+    })
+    .map_err(|e| match e {
+        Error::Config(why) => fail(why),
+        other => other,
     })
 }

@@ -510,16 +510,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(CnnModel, CompressSpec)> {
         .map_err(|e| fail(format!("configuration: {e}")))?;
     let spec: CompressSpec = serde_json::from_value(cfg["compression"].clone())
         .map_err(|e| fail(format!("compression settings: {e}")))?;
-    let net = Cnn::new(cnn_cfg.model.clone())?;
-    let mut params = vec![0.0f32; net.len()];
-    let mut stats = vec![0.0f32; net.stats_len()];
-    for t in net
-        .params
-        .iter()
-        .map(|t| (t, true))
-        .chain(net.stats.iter().map(|t| (t, false)))
-    {
-        let (t, is_param) = t;
+    let m = CnnModel::assemble(cnn_cfg, |t| {
         let (_, shape, data) = tensors
             .iter()
             .find(|(n, _, _)| n == &t.name)
@@ -530,22 +521,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(CnnModel, CompressSpec)> {
                 t.name, t.shape
             )));
         }
-        let dst = if is_param {
-            &mut params[t.range()]
-        } else {
-            &mut stats[t.range()]
-        };
-        dst.copy_from_slice(data);
-    }
-    Ok((
-        CnnModel {
-            cfg: cnn_cfg,
-            net,
-            params,
-            stats,
-        },
-        spec,
-    ))
+        Ok(data.clone())
+    })?;
+    Ok((m, spec))
 }
 
 /// One fully-connected layer on the kernel that suits how it is stored.
