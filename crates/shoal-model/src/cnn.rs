@@ -583,14 +583,9 @@ impl Cnn {
                     let wts = &p[wt..wt + cout * cin * 9];
                     let b = bias.map(|o| &p[o..o + cout]);
                     let z = &mut ws.pre[i];
-                    if batch < threads {
-                        // Fewer images than threads: each product on all of them.
-                        let sc = &mut ws.scratch[0];
-                        sc.cols.resize(cin * 9 * h * w, 0.0);
-                        for (zi, xi) in z.chunks_mut(osz).zip(input.chunks(isz)) {
-                            conv3_forward(xi, (cin, h, w), wts, b, cout, &mut sc.cols, zi, threads);
-                        }
-                    } else {
+                    // (Splitting one image's product over the threads measured slower at
+                    // batch 1: the products are small; images are the unit of work.)
+                    {
                         z.par_chunks_mut(per * osz)
                             .zip(input.par_chunks(per * isz))
                             .zip(ws.scratch.par_iter_mut())
