@@ -130,42 +130,245 @@ impl QuantI8 {
                 *d = (v as i16 + 128) as u8;
             }
         }
-        // acc[r, b] = sum_c xu[b, c] * q[r, c]; blocks of 4 output rows in parallel.
-        sc.acc.resize(rows * batch, 0);
-        let (xu, packed) = (&sc.xu[..], &self.packed[..]);
         let fast = fast && vnni();
-        sc.acc
-            .par_chunks_mut(4 * batch)
-            .enumerate()
-            .for_each(|(blk, acc)| {
-                let r0 = blk * 4;
-                let nr = (rows - r0).min(4);
-                let w = &packed[r0 * kp..(r0 + nr) * kp];
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has the features (checked above); the slices hold
-                    // `nr` rows of `kp` weights, `batch` rows of `kp` activations, and
-                    // `nr * batch` outputs, which is all the kernel reads and writes.
-                    unsafe { tile_vnni(xu, batch, w, nr, kp, acc) };
-                    return;
-                }
-                let _ = fast;
-                for ri in 0..nr {
-                    for b in 0..batch {
-                        acc[ri * batch + b] = w[ri * kp..(ri + 1) * kp]
-                            .iter()
-                            .zip(&xu[b * kp..(b + 1) * kp])
-                            .map(|(&a, &u)| a as i32 * u as i32)
-                            .sum();
-                    }
-                }
-            });
+        product_u8(&self.packed, rows, kp, &sc.xu, batch, &mut sc.acc, fast);
         for b in 0..batch {
             for r in 0..rows {
                 let v = sc.acc[r * batch + b] - 128 * self.row_sum[r];
                 y[b * rows + r] = bias[r] + v as f32 * self.scale[r] * sc.xs[b];
             }
         }
+    }
+}
+
+/// The i32 products of `rows` packed weight rows with `n` unsigned input rows (both of
+/// `kp` bytes), `[rows, n]`; blocks of 4 weight rows in parallel.
+fn product_u8(
+    packed: &[i8],
+    rows: usize,
+    kp: usize,
+    xu: &[u8],
+    n: usize,
+    acc: &mut Vec<i32>,
+    fast: bool,
+) {
+    acc.resize(rows * n, 0);
+    acc.par_chunks_mut(4 * n)
+        .enumerate()
+        .for_each(|(blk, acc)| {
+            let r0 = blk * 4;
+            let nr = (rows - r0).min(4);
+            let w = &packed[r0 * kp..(r0 + nr) * kp];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: `fast` only when the CPU has the features; the slices hold `nr`
+                // rows of `kp` weights, `n` rows of `kp` inputs, and `nr * n` outputs, which
+                // is all the kernel reads and writes.
+                unsafe { tile_vnni(xu, n, w, nr, kp, acc) };
+                return;
+            }
+            let _ = fast;
+            for ri in 0..nr {
+                for j in 0..n {
+                    acc[ri * n + j] = w[ri * kp..(ri + 1) * kp]
+                        .iter()
+                        .zip(&xu[j * kp..(j + 1) * kp])
+                        .map(|(&a, &u)| a as i32 * u as i32)
+                        .sum();
+                }
+            }
+        });
+}
+
+/// A 3x3, padding-1 convolution with int8 weights (one scale per output channel) on
+/// unsigned int8 images, laid out for `vpdpbusd` over pixels: the patches as groups of
+/// 4 consecutive patch values per pixel (`[k / 4][pixel][4]`), each output channel's
+/// 4 weights of a group broadcast to all 16 lanes, so 16 pixels accumulate per
+/// instruction with no horizontal sums (small patch lengths make those dominate in a
+/// row-times-row product).
+#[derive(Debug, Clone)]
+pub struct ConvI8 {
+    pub cin: usize,
+    pub cout: usize,
+    /// Weights `[cout, groups]`, 4 int8 codes packed per i32 (patch order
+    /// `ci * 9 + ky * 3 + kx`, zero-padded to a multiple of 4).
+    w4: Vec<i32>,
+    groups: usize,
+    /// Per output channel: the weight scale and the sum of codes.
+    pub scale: Vec<f32>,
+    pub row_sum: Vec<i32>,
+}
+
+/// Buffers of [`ConvI8::run`].
+#[derive(Debug, Default, Clone)]
+pub struct ConvScratch {
+    cols: Vec<u8>,
+}
+
+impl ConvI8 {
+    /// From f32 weights `[cout, cin, 3, 3]`.
+    pub fn new(w: &[f32], cout: usize, cin: usize) -> Result<Self> {
+        let k = cin * 9;
+        let q = QuantI8::from_dense(w, cout, k)?;
+        let groups = k.div_ceil(4);
+        let mut w4 = vec![0i32; cout * groups];
+        for co in 0..cout {
+            for g in 0..groups {
+                let mut b = [0u8; 4];
+                for (j, v) in b.iter_mut().enumerate() {
+                    if let Some(&c) = q.q.get(co * k + g * 4 + j).filter(|_| g * 4 + j < k) {
+                        *v = c as u8;
+                    }
+                }
+                w4[co * groups + g] = i32::from_le_bytes(b);
+            }
+        }
+        Ok(Self {
+            cin,
+            cout,
+            w4,
+            groups,
+            scale: q.scale.clone(),
+            row_sum: q.row_sum.clone(),
+        })
+    }
+
+    /// `acc[co * np + p]` = the i32 product of output channel `co` at pixel `p` of the
+    /// `[cin, h, w]` unsigned image `xu` (`q + 128`; the offset not taken back), with
+    /// `np` = the pixel count rounded up to 32. Output channels in blocks of 4 on the
+    /// thread pool when `parallel`.
+    pub fn run(
+        &self,
+        xu: &[u8],
+        hw2: (usize, usize),
+        sc: &mut ConvScratch,
+        acc: &mut Vec<i32>,
+        parallel: bool,
+    ) -> usize {
+        self.run_with(xu, hw2, sc, acc, parallel, vnni())
+    }
+
+    fn run_with(
+        &self,
+        xu: &[u8],
+        (h, w): (usize, usize),
+        sc: &mut ConvScratch,
+        acc: &mut Vec<i32>,
+        parallel: bool,
+        fast: bool,
+    ) -> usize {
+        let hw = h * w;
+        let np = hw.div_ceil(32) * 32;
+        let g_n = self.groups;
+        // Patches: cols[(g * np + p) * 4 + j] = patch value g * 4 + j of pixel p.
+        let cols = &mut sc.cols;
+        cols.clear();
+        cols.resize(g_n * np * 4, 128);
+        for ci in 0..self.cin {
+            let img = &xu[ci * hw..(ci + 1) * hw];
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let kk = ci * 9 + ky * 3 + kx;
+                    let (g, j) = (kk / 4, kk % 4);
+                    let plane = &mut cols[g * np * 4..(g * np + hw) * 4];
+                    for y in 0..h {
+                        let sy = y as isize + ky as isize - 1;
+                        if sy < 0 || sy >= h as isize {
+                            continue;
+                        }
+                        let row = &img[sy as usize * w..(sy as usize + 1) * w];
+                        let dst = &mut plane[y * w * 4..(y + 1) * w * 4];
+                        // Output pixel x reads input column x + kx - 1.
+                        let (d, r) = match kx {
+                            0 => (&mut dst[4..], &row[..w - 1]),
+                            1 => (&mut dst[..], row),
+                            _ => (&mut dst[..(w - 1) * 4], &row[1..]),
+                        };
+                        for (px, &v) in d.chunks_exact_mut(4).zip(r) {
+                            px[j] = v;
+                        }
+                    }
+                }
+            }
+        }
+        acc.resize(self.cout * np, 0);
+        let cols = &cols[..];
+        let fast = fast && vnni();
+        let block = |(blk, out): (usize, &mut [i32])| {
+            let co0 = blk * 4;
+            let nco = (self.cout - co0).min(4);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has the features; `cols` holds `g_n * np * 4` bytes,
+                // `w4` `cout * g_n` words, `out` `nco * np` outputs, `np` a multiple of
+                // 32: every load and store below stays inside them.
+                unsafe {
+                    conv_tile_vnni(
+                        cols,
+                        g_n,
+                        np,
+                        &self.w4[co0 * g_n..(co0 + nco) * g_n],
+                        nco,
+                        out,
+                    )
+                };
+                return;
+            }
+            for r in 0..nco {
+                for p in 0..np {
+                    let mut s = 0i32;
+                    for g in 0..g_n {
+                        let wb = self.w4[(co0 + r) * g_n + g].to_le_bytes();
+                        for j in 0..4 {
+                            s += cols[(g * np + p) * 4 + j] as i32 * wb[j] as i8 as i32;
+                        }
+                    }
+                    out[r * np + p] = s;
+                }
+            }
+        };
+        if parallel {
+            acc.par_chunks_mut(4 * np).enumerate().for_each(block);
+        } else {
+            acc.chunks_mut(4 * np).enumerate().for_each(block);
+        }
+        np
+    }
+}
+
+/// `out[r * np + p] = sum_g dot4(cols[g][p], w4[r][g])` for `nco` (<= 4) output
+/// channels, 32 pixels (two registers) at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn conv_tile_vnni(
+    cols: &[u8],
+    g_n: usize,
+    np: usize,
+    w4: &[i32],
+    nco: usize,
+    out: &mut [i32],
+) {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_si512();
+    let mut p0 = 0;
+    while p0 < np {
+        let mut a = [[zero; 2]; 4];
+        for g in 0..g_n {
+            let base = cols.as_ptr().add((g * np + p0) * 4);
+            let x0 = _mm512_loadu_si512(base as *const _);
+            let x1 = _mm512_loadu_si512(base.add(64) as *const _);
+            for (r, ar) in a.iter_mut().enumerate().take(nco) {
+                let wv = _mm512_set1_epi32(*w4.get_unchecked(r * g_n + g));
+                ar[0] = _mm512_dpbusd_epi32(ar[0], x0, wv);
+                ar[1] = _mm512_dpbusd_epi32(ar[1], x1, wv);
+            }
+        }
+        for (r, ar) in a.iter().enumerate().take(nco) {
+            let o = out.as_mut_ptr().add(r * np + p0);
+            _mm512_storeu_si512(o as *mut _, ar[0]);
+            _mm512_storeu_si512(o.add(16) as *mut _, ar[1]);
+        }
+        p0 += 32;
     }
 }
 
@@ -208,6 +411,56 @@ unsafe fn tile_vnni(xu: &[u8], batch: usize, w: &[i8], nr: usize, kp: usize, acc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The int8 convolution equals a direct integer convolution of the same codes, on
+    /// the VNNI kernel and the portable loop, serial and parallel.
+    #[test]
+    fn int8_convolution_is_exact_in_integers() {
+        let (cin, cout, h, w) = (3, 6, 5, 7);
+        let wf: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let conv = ConvI8::new(&wf, cout, cin).unwrap();
+        let q = QuantI8::from_dense(&wf, cout, cin * 9).unwrap();
+        let xu: Vec<u8> = (0..cin * h * w).map(|i| (i * 37 % 251) as u8).collect();
+        for (fast, par) in [(true, true), (true, false), (false, true)] {
+            let mut acc = Vec::new();
+            let np = conv.run_with(
+                &xu,
+                (h, w),
+                &mut ConvScratch::default(),
+                &mut acc,
+                par,
+                fast,
+            );
+            for co in 0..cout {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut s = 0i32;
+                        for ci in 0..cin {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (sy, sx) = (
+                                        y as isize + ky as isize - 1,
+                                        x as isize + kx as isize - 1,
+                                    );
+                                    let v =
+                                        if sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize
+                                        {
+                                            xu[ci * h * w + sy as usize * w + sx as usize] as i32
+                                        } else {
+                                            128
+                                        };
+                                    s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
+                                }
+                            }
+                        }
+                        assert_eq!(acc[co * np + y * w + x], s, "fast {fast} par {par}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn int8_is_within_half_a_step_and_the_product_exact_in_integers() {

@@ -8,11 +8,12 @@
 
 use crate::cnn::{evaluate, CnnEval, CnnModel, CnnTrainer, PIXEL_MEAN, PIXEL_STD};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shoal_compress::format::{self, TensorIn, Values};
 use shoal_compress::kmeans::Codebook;
 use shoal_compress::prune;
-use shoal_compress::quant::QuantI8;
+use shoal_compress::quant::{ConvI8, QuantI8};
 use shoal_compress::sparse::{Csr, Scratch};
 use shoal_compress::svd::{factorize, RankBy};
 use shoal_data::images::ImageSet;
@@ -555,9 +556,157 @@ struct HeadScratch {
 pub struct Engine {
     m: CnnModel,
     layers: Vec<(Head, Vec<f32>, usize, usize)>,
+    /// The int8 convolutions (int8 models), else the network's f32 ones run.
+    convs: Option<Vec<Stage>>,
+    cs: Vec<ConvScratch>,
     ws: CnnWork,
     hs: HeadScratch,
     bufs: [Vec<f32>; 2],
+}
+
+/// A stage of the int8 convolutional part.
+enum Stage {
+    /// A 3x3 convolution with int8 weights (one scale per output channel), BatchNorm
+    /// (or the bias) folded into a per-channel scale and shift, then ReLU.
+    Conv {
+        conv: ConvI8,
+        dims: (usize, usize, usize),
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Pool {
+        dims: (usize, usize, usize),
+    },
+}
+
+/// Buffers of the int8 convolutions, reused from call to call.
+#[derive(Default, Clone)]
+struct ConvScratch {
+    xu: Vec<u8>,
+    cols: shoal_compress::quant::ConvScratch,
+    acc: Vec<i32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    arg: Vec<u32>,
+}
+
+/// The int8 stages of `m`'s convolutional part.
+fn int8_stages(m: &CnnModel) -> Result<Vec<Stage>> {
+    let cfg = &m.cfg.model;
+    let get = |name: &str| -> Result<&[f32]> {
+        let (t, buf) = m
+            .net
+            .params
+            .iter()
+            .map(|t| (t, &m.params))
+            .chain(m.net.stats.iter().map(|t| (t, &m.stats)))
+            .find(|(t, _)| t.name == name)
+            .ok_or_else(|| Error::Config(format!("the model has no tensor {name}")))?;
+        Ok(&buf[t.range()])
+    };
+    let [mut c, mut h, mut w] = cfg.input;
+    let mut out = Vec::new();
+    let mut k = 0;
+    for block in &cfg.blocks {
+        for &cout in block {
+            k += 1;
+            let conv = ConvI8::new(get(&format!("conv{k}.weight"))?, cout, c)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let (scale, shift) = if cfg.batch_norm {
+                let (g, b) = (get(&format!("bn{k}.weight"))?, get(&format!("bn{k}.bias"))?);
+                let (mean, var) = (
+                    get(&format!("bn{k}.running_mean"))?,
+                    get(&format!("bn{k}.running_var"))?,
+                );
+                let inv: Vec<f32> = var
+                    .iter()
+                    .map(|v| 1.0 / (v + shoal_model::cnn::BN_EPS).sqrt())
+                    .collect();
+                (
+                    (0..cout).map(|i| g[i] * inv[i]).collect(),
+                    (0..cout).map(|i| b[i] - mean[i] * g[i] * inv[i]).collect(),
+                )
+            } else {
+                (vec![1.0; cout], get(&format!("conv{k}.bias"))?.to_vec())
+            };
+            out.push(Stage::Conv {
+                conv,
+                dims: (c, h, w),
+                scale,
+                shift,
+            });
+            c = cout;
+        }
+        out.push(Stage::Pool { dims: (c, h, w) });
+        h /= 2;
+        w /= 2;
+    }
+    Ok(out)
+}
+
+/// The int8 convolutional part on one image `x` (`[C, H, W]`), into `out` (its
+/// features); the products on the thread pool when `parallel`.
+fn int8_features(
+    stages: &[Stage],
+    x: &[f32],
+    cs: &mut ConvScratch,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    let ConvScratch {
+        xu,
+        cols,
+        acc,
+        a,
+        b,
+        arg,
+    } = cs;
+    a.clear();
+    a.extend_from_slice(x);
+    for st in stages {
+        match st {
+            Stage::Conv {
+                conv,
+                dims,
+                scale,
+                shift,
+            } => {
+                let (_, h, w) = *dims;
+                let hw = h * w;
+                // The image to unsigned int8, one scale for all of it.
+                let m = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+                let inv = 1.0 / s;
+                xu.clear();
+                xu.extend(
+                    a.iter()
+                        .map(|v| ((v * inv).round().clamp(-127.0, 127.0) as i16 + 128) as u8),
+                );
+                let np = conv.run(xu, (h, w), cols, acc, parallel);
+                b.resize(conv.cout * hw, 0.0);
+                for co in 0..conv.cout {
+                    let k = conv.scale[co] * s * scale[co];
+                    let off = 128 * conv.row_sum[co];
+                    for (o, &v) in b[co * hw..(co + 1) * hw]
+                        .iter_mut()
+                        .zip(&acc[co * np..co * np + hw])
+                    {
+                        *o = ((v - off) as f32 * k + shift[co]).max(0.0);
+                    }
+                }
+                std::mem::swap(a, b);
+            }
+            Stage::Pool { dims } => {
+                let (c, h, w) = *dims;
+                let n = c * (h / 2) * (w / 2);
+                b.resize(n, 0.0);
+                arg.resize(n, 0);
+                shoal_model::kernels::conv::maxpool2(a, *dims, b, arg);
+                std::mem::swap(a, b);
+            }
+        }
+    }
+    out.copy_from_slice(a);
 }
 
 fn head_of(w: &[f32], out: usize, inp: usize, sparse: bool, int8: bool) -> Result<Head> {
@@ -638,6 +787,8 @@ impl Engine {
         Ok(Self {
             m: m.clone(),
             layers,
+            convs: if int8 { Some(int8_stages(m)?) } else { None },
+            cs: vec![ConvScratch::default()],
             ws: CnnWork::default(),
             hs: HeadScratch::default(),
             bufs: Default::default(),
@@ -651,11 +802,7 @@ impl Engine {
         let input: &[f32] = if head_only {
             x
         } else {
-            feats = self
-                .m
-                .net
-                .features(&self.m.params, &self.m.stats, x, batch, &mut self.ws)?
-                .to_vec();
+            feats = self.features(x, batch)?;
             &feats
         };
         let [a, b] = &mut self.bufs;
@@ -675,11 +822,35 @@ impl Engine {
 
     /// The features of `batch` images (the head's input).
     pub fn features(&mut self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
-        Ok(self
-            .m
-            .net
-            .features(&self.m.params, &self.m.stats, x, batch, &mut self.ws)?
-            .to_vec())
+        match &self.convs {
+            Some(stages) => {
+                let per = self.m.net.input_len();
+                let feats = self.m.net.fc_layers()[0].inp;
+                let mut out = vec![0.0f32; batch * feats];
+                if batch == 1 {
+                    int8_features(stages, &x[..per], &mut self.cs[0], &mut out, true);
+                } else {
+                    // Images over the threads, each on one thread with its own buffers.
+                    let threads = rayon::current_num_threads().max(1);
+                    self.cs.resize(threads, ConvScratch::default());
+                    let chunk = batch.div_ceil(threads);
+                    out.par_chunks_mut(chunk * feats)
+                        .zip(x.par_chunks(chunk * per))
+                        .zip(self.cs.par_iter_mut())
+                        .for_each(|((o, xs), cs)| {
+                            for (oi, xi) in o.chunks_mut(feats).zip(xs.chunks(per)) {
+                                int8_features(stages, xi, cs, oi, false);
+                            }
+                        });
+                }
+                Ok(out)
+            }
+            None => Ok(self
+                .m
+                .net
+                .features(&self.m.params, &self.m.stats, x, batch, &mut self.ws)?
+                .to_vec()),
+        }
     }
 }
 
@@ -783,7 +954,12 @@ pub fn run(
         write_atomically(p, &bytes)?;
     }
     let (stored, _) = decode(&bytes, &path)?;
-    let eval = evaluate(&stored.net, &stored.params, &stored.stats, test)?;
+    // int8 inference quantizes the activations too: its accuracy is the engine's.
+    let eval = if spec.quant == Some(Quant::Int8) {
+        engine_eval(&stored, spec, test)?
+    } else {
+        evaluate(&stored.net, &stored.params, &stored.stats, test)?
+    };
     let dense_spec = CompressSpec::default();
     let dense_bytes = encode(dense, &dense_spec, &[], Part::All)?.len();
     let weight_bytes = encode(&m, spec, &books, Part::Weights)?.len();
