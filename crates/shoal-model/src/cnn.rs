@@ -5,6 +5,7 @@
 //! carry PyTorch-style names and shapes (`conv1.weight` `[out, in, 3, 3]`,
 //! `fc1.weight` `[out, in]`); BN running statistics live in a second buffer.
 
+use crate::ctr::mix64;
 use crate::kernels::conv::{
     batchnorm_backward, batchnorm_train, conv3_backward, conv3_forward, maxpool2,
 };
@@ -177,12 +178,6 @@ pub struct CnnWork {
     /// A factorized layer's gradient at its rank.
     lr: Vec<f32>,
     scratch: Vec<Scratch>,
-}
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Uniform in [0, 1) from a hash of (a, b).

@@ -102,7 +102,8 @@ pub struct CtrModel {
     dense_len: usize,
 }
 
-fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's finaliser (seeded initial values; the CNN's too).
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -3,16 +3,12 @@
 //! capacity that grows by a quarter (not doubling) and a load of up to 90%, so the index
 //! costs 13.3 to 16.7 bytes per row instead of a general map's 20 to 40.
 
+use crate::sparse::mix64;
+
 /// A bucket holding no key.
 const EMPTY: u32 = u32::MAX;
 /// Highest load before growing, as a fraction num/den.
 const LOAD: (usize, usize) = (9, 10);
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Maps distinct `u64` keys to `u32` slots (`u32::MAX` is reserved).
 #[derive(Debug, Clone, Default)]

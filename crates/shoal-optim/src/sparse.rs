@@ -169,7 +169,8 @@ pub struct SparseTable {
     clock: u32,
 }
 
-fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's finaliser (the table's hash and its initial values' source).
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -97,6 +97,23 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes the file `path` atomically: a synced temporary file renamed over it, then
+/// the directory synced. A crash leaves the old file or the new one, never half of one.
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().ok_or_else(|| Error::Checkpoint {
+        path: path.to_path_buf(),
+        why: "not a file name".into(),
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = parent.join(format!("{}.tmp", name.to_string_lossy()));
+    write_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(parent)
+}
+
 fn sync_dir(path: &Path) -> Result<()> {
     fs::File::open(path)
         .and_then(|d| d.sync_all())

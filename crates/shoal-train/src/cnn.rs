@@ -7,6 +7,7 @@
 use crate::checkpoint::{serialize_tensors, write_dir_atomically};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use shoal_data::ctr::mix64;
 use shoal_data::images::{load_mnist_dir, ImageSet, FASHION_MNIST_DIR};
 use shoal_model::cnn::{Cnn, CnnConfig, CnnWork};
 use shoal_optim::{Optimizer, OptimizerConfig};
@@ -109,6 +110,18 @@ pub struct CnnModel {
 }
 
 impl CnnModel {
+    /// The values and shape of the parameter or statistic called `name`.
+    pub fn tensor(&self, name: &str) -> Result<(&[f32], &[usize])> {
+        self.net
+            .params
+            .iter()
+            .map(|t| (t, &self.params))
+            .chain(self.net.stats.iter().map(|t| (t, &self.stats)))
+            .find(|(t, _)| t.name == name)
+            .map(|(t, buf)| (&buf[t.range()], t.shape.as_slice()))
+            .ok_or_else(|| Error::Config(format!("the model has no tensor {name}")))
+    }
+
     /// The model of `cfg` with every parameter and statistic taken from `tensor` (the
     /// values of a tensor by name and shape; an error for a missing or misshapen one).
     pub fn assemble(
@@ -204,17 +217,22 @@ impl CnnModel {
     }
 }
 
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Scores of `params` on `set` (batches of 256): top-1, top-5, mean loss.
 pub fn evaluate(net: &Cnn, params: &[f32], stats: &[f32], set: &ImageSet) -> Result<CnnEval> {
     check_images(&net.cfg, set)?;
-    let classes = net.cfg.classes;
     let mut ws = CnnWork::default();
+    score(set, net.cfg.classes, |x, n| {
+        Ok(net.predict(params, stats, x, n, &mut ws)?.to_vec())
+    })
+}
+
+/// Top-1, top-5 and mean loss over `set`, in batches of 256 normalized images whose
+/// logits `logits(x, n)` gives (whatever computes them: the network, an engine).
+pub fn score(
+    set: &ImageSet,
+    classes: usize,
+    mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<CnnEval> {
     let mut x = Vec::new();
     let (mut top1, mut top5, mut loss) = (0usize, 0usize, 0.0f64);
     let n = set.len();
@@ -222,8 +240,8 @@ pub fn evaluate(net: &Cnn, params: &[f32], stats: &[f32], set: &ImageSet) -> Res
     while start < n {
         let idx: Vec<usize> = (start..(start + 256).min(n)).collect();
         set.normalized(&idx, PIXEL_MEAN, PIXEL_STD, &mut x);
-        let logits = net.predict(params, stats, &x, idx.len(), &mut ws)?;
-        for (row, &i) in logits.chunks(classes).zip(&idx) {
+        let out = logits(&x, idx.len())?;
+        for (row, &i) in out.chunks(classes).zip(&idx) {
             let y = set.labels[i] as usize;
             let above = row.iter().filter(|&&v| v > row[y]).count();
             top1 += (above == 0) as usize;
@@ -251,6 +269,7 @@ pub struct CnnTrainer {
     grad: Vec<f32>,
     ws: CnnWork,
     x: Vec<f32>,
+    labels: Vec<u8>,
     order: Vec<usize>,
     /// Updates made so far, and the position in the current epoch's order.
     pub step: u64,
@@ -294,6 +313,7 @@ impl CnnTrainer {
             grad,
             ws: CnnWork::default(),
             x: Vec::new(),
+            labels: Vec::new(),
             order: Vec::new(),
             step: 0,
             cursor: 0,
@@ -342,13 +362,15 @@ impl CnnTrainer {
             let idx = &self.order[self.cursor..end];
             self.train
                 .normalized(idx, PIXEL_MEAN, PIXEL_STD, &mut self.x);
-            let labels: Vec<u8> = idx.iter().map(|&i| self.train.labels[i]).collect();
+            self.labels.clear();
+            self.labels
+                .extend(idx.iter().map(|&i| self.train.labels[i]));
             let m = &mut self.model;
             let loss = m.net.loss_and_grad(
                 &m.params,
                 &mut m.stats,
                 &self.x,
-                &labels,
+                &self.labels,
                 mix64(m.cfg.seed ^ self.step),
                 &mut self.ws,
                 &mut self.grad,
@@ -362,7 +384,7 @@ impl CnnTrainer {
             on_grad(&mut self.grad);
             self.opt.step(lr(self.step), &mut m.params, &self.grad)?;
             after(&mut m.params);
-            seen += labels.len();
+            seen += self.labels.len();
             self.cursor = end;
             self.step += 1;
             on_step(

@@ -22,21 +22,7 @@ use std::path::Path;
 /// weight is stored as int8 with one scale per output channel.
 pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
     let cfg = &m.cfg.model;
-    let p = |name: &str| -> Result<(&[f32], Vec<usize>)> {
-        let t = m
-            .net
-            .params
-            .iter()
-            .chain(&m.net.stats)
-            .find(|t| t.name == name)
-            .ok_or_else(|| Error::Config(format!("the model has no tensor {name}")))?;
-        let buf = if m.net.params.iter().any(|x| x.name == name) {
-            &m.params
-        } else {
-            &m.stats
-        };
-        Ok((&buf[t.range()], t.shape.clone()))
-    };
+    let p = |name: &str| m.tensor(name);
     let mut g = GraphProto {
         name: "shoal-cnn".into(),
         ..Default::default()
@@ -57,7 +43,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
     let weight = |g: &mut GraphProto, name: &str| -> Result<String> {
         let (v, shape) = p(name)?;
         if !int8 {
-            g.initializer.push(tensor_f32(name, &shape, v));
+            g.initializer.push(tensor_f32(name, shape, v));
             return Ok(name.to_string());
         }
         let rows = shape[0];
@@ -70,7 +56,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
             format!("{name}_zero_point"),
             format!("{name}_dequantized"),
         );
-        g.initializer.push(tensor_i8(&qn, &shape, &q.q));
+        g.initializer.push(tensor_i8(&qn, shape, &q.q));
         g.initializer.push(tensor_f32(&sn, &[rows], &q.scale));
         g.initializer.push(tensor_i8(&zn, &[rows], &vec![0; rows]));
         g.node.push(node(
@@ -92,7 +78,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
             if !cfg.batch_norm {
                 let (b, s) = p(&format!("conv{k}.bias"))?;
                 g.initializer
-                    .push(tensor_f32(&format!("conv{k}.bias"), &s, b));
+                    .push(tensor_f32(&format!("conv{k}.bias"), s, b));
                 inputs.push(format!("conv{k}.bias"));
             }
             let out = format!("conv{k}");
@@ -116,7 +102,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
                     .collect();
                 for n in &names {
                     let (v, s) = p(n)?;
-                    g.initializer.push(tensor_f32(n, &s, v));
+                    g.initializer.push(tensor_f32(n, s, v));
                 }
                 let out = format!("bn{k}");
                 let mut ins = vec![x.as_str()];
@@ -160,7 +146,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
         let n = i + 1;
         let bias = format!("fc{n}.bias");
         let (b, s) = p(&bias)?;
-        g.initializer.push(tensor_f32(&bias, &s, b));
+        g.initializer.push(tensor_f32(&bias, s, b));
         let trans = vec![attr_int("transB", 1)];
         let out = if l.low_rank.is_some() {
             let v = weight(&mut g, &format!("fc{n}.v.weight"))?;

@@ -593,17 +593,7 @@ struct ConvScratch {
 /// The int8 stages of `m`'s convolutional part.
 fn int8_stages(m: &CnnModel) -> Result<Vec<Stage>> {
     let cfg = &m.cfg.model;
-    let get = |name: &str| -> Result<&[f32]> {
-        let (t, buf) = m
-            .net
-            .params
-            .iter()
-            .map(|t| (t, &m.params))
-            .chain(m.net.stats.iter().map(|t| (t, &m.stats)))
-            .find(|(t, _)| t.name == name)
-            .ok_or_else(|| Error::Config(format!("the model has no tensor {name}")))?;
-        Ok(&buf[t.range()])
-    };
+    let get = |name: &str| m.tensor(name).map(|(v, _)| v);
     let [mut c, mut h, mut w] = cfg.input;
     let mut out = Vec::new();
     let mut k = 0;
@@ -798,61 +788,66 @@ impl Engine {
     /// Logits of `batch` images (`x` normalized, `[batch, 1, H, W]`); with `head_only`,
     /// `x` is already the features and only the head runs.
     pub fn logits(&mut self, x: &[f32], batch: usize, head_only: bool) -> Result<&[f32]> {
-        let feats: Vec<f32>;
-        let input: &[f32] = if head_only {
-            x
+        let mut a = std::mem::take(&mut self.bufs[0]);
+        if head_only {
+            a.clear();
+            a.extend_from_slice(x);
         } else {
-            feats = self.features(x, batch)?;
-            &feats
-        };
-        let [a, b] = &mut self.bufs;
-        a.clear();
-        a.extend_from_slice(input);
+            self.features_into(x, batch, &mut a)?;
+        }
+        let b = &mut self.bufs[1];
         let n = self.layers.len();
         for (i, (h, bias, inp, out)) in self.layers.iter().enumerate() {
             b.resize(batch * out, 0.0);
-            h.run(a, batch, (*inp, *out), bias, &mut self.hs, b);
+            h.run(&a, batch, (*inp, *out), bias, &mut self.hs, b);
             if i + 1 < n {
                 b.iter_mut().for_each(|v| *v = v.max(0.0));
             }
-            std::mem::swap(a, b);
+            std::mem::swap(&mut a, b);
         }
+        self.bufs[0] = a;
         Ok(&self.bufs[0])
     }
 
     /// The features of `batch` images (the head's input).
     pub fn features(&mut self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
-        match &self.convs {
-            Some(stages) => {
-                let per = self.m.net.input_len();
-                let feats = self.m.net.fc_layers()[0].inp;
-                let mut out = vec![0.0f32; batch * feats];
-                if batch == 1 {
-                    // One image on one thread: spreading its small products over the
-                    // pool measured slower (0.78-0.83 ms against 0.48-0.58).
-                    int8_features(stages, &x[..per], &mut self.cs[0], &mut out, false);
-                } else {
-                    // Images over the threads, each on one thread with its own buffers.
-                    let threads = rayon::current_num_threads().max(1);
-                    self.cs.resize(threads, ConvScratch::default());
-                    let chunk = batch.div_ceil(threads);
-                    out.par_chunks_mut(chunk * feats)
-                        .zip(x.par_chunks(chunk * per))
-                        .zip(self.cs.par_iter_mut())
-                        .for_each(|((o, xs), cs)| {
-                            for (oi, xi) in o.chunks_mut(feats).zip(xs.chunks(per)) {
-                                int8_features(stages, xi, cs, oi, false);
-                            }
-                        });
-                }
-                Ok(out)
-            }
-            None => Ok(self
+        let mut out = Vec::new();
+        self.features_into(x, batch, &mut out)?;
+        Ok(out)
+    }
+
+    fn features_into(&mut self, x: &[f32], batch: usize, out: &mut Vec<f32>) -> Result<()> {
+        let Some(stages) = &self.convs else {
+            let f = self
                 .m
                 .net
-                .features(&self.m.params, &self.m.stats, x, batch, &mut self.ws)?
-                .to_vec()),
+                .features(&self.m.params, &self.m.stats, x, batch, &mut self.ws)?;
+            out.clear();
+            out.extend_from_slice(f);
+            return Ok(());
+        };
+        let per = self.m.net.input_len();
+        let feats = self.m.net.fc_layers()[0].inp;
+        out.resize(batch * feats, 0.0);
+        if batch == 1 {
+            // One image on one thread: spreading its small products over the pool
+            // measured slower (0.78-0.83 ms against 0.48-0.58).
+            int8_features(stages, &x[..per], &mut self.cs[0], out, false);
+        } else {
+            // Images over the threads, each on one thread with its own buffers.
+            let threads = rayon::current_num_threads().max(1);
+            self.cs.resize(threads, ConvScratch::default());
+            let chunk = batch.div_ceil(threads);
+            out.par_chunks_mut(chunk * feats)
+                .zip(x.par_chunks(chunk * per))
+                .zip(self.cs.par_iter_mut())
+                .for_each(|((o, xs), cs)| {
+                    for (oi, xi) in o.chunks_mut(feats).zip(xs.chunks(per)) {
+                        int8_features(stages, xi, cs, oi, false);
+                    }
+                });
         }
+        Ok(())
     }
 }
 
@@ -912,28 +907,10 @@ pub fn latency(
 /// Top-1 and top-5 of the compressed engine itself on `set` (its kernels, not the
 /// training network's), to check they agree.
 pub fn engine_eval(m: &CnnModel, spec: &CompressSpec, set: &ImageSet) -> Result<CnnEval> {
+    crate::cnn::check_images(&m.cfg.model, set)?;
     let mut e = Engine::new(m, spec)?;
-    let classes = m.cfg.model.classes;
-    let (mut top1, mut top5) = (0usize, 0usize);
-    let mut x = Vec::new();
-    let mut start = 0;
-    while start < set.len() {
-        let idx: Vec<usize> = (start..(start + 256).min(set.len())).collect();
-        set.normalized(&idx, PIXEL_MEAN, PIXEL_STD, &mut x);
-        let logits = e.logits(&x, idx.len(), false)?;
-        for (row, &i) in logits.chunks(classes).zip(&idx) {
-            let y = set.labels[i] as usize;
-            let above = row.iter().filter(|&&v| v > row[y]).count();
-            top1 += (above == 0) as usize;
-            top5 += (above < 5) as usize;
-        }
-        start += idx.len();
-    }
-    let n = set.len().max(1) as f64;
-    Ok(CnnEval {
-        top1: top1 as f64 / n,
-        top5: top5 as f64 / n,
-        loss: f64::NAN,
+    crate::cnn::score(set, m.cfg.model.classes, |x, n| {
+        Ok(e.logits(x, n, false)?.to_vec())
     })
 }
 
@@ -953,7 +930,7 @@ pub fn run(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| "compressed".into());
     if let Some(p) = out {
-        write_atomically(p, &bytes)?;
+        crate::checkpoint::write_file_atomically(p, &bytes)?;
     }
     let (stored, _) = decode(&bytes, &path)?;
     // int8 inference quantizes the activations too: its accuracy is the engine's.
@@ -984,17 +961,6 @@ pub fn run(
         latency_ms,
     };
     Ok((result, stored))
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename (no half-written file).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(crate::error::io_err(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(crate::error::io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(crate::error::io_err(path))
 }
 
 /// Accuracy when only one weight tensor is pruned, at each of `levels`, for every
