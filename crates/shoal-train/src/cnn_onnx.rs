@@ -426,7 +426,7 @@ pub fn import(path: &Path) -> Result<CnnModel> {
             Layer::Fc {
                 w,
                 out,
-                inp,
+                inp: _,
                 bias,
                 relu,
             } => {
@@ -441,7 +441,7 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                         out: o2,
                         inp: i2,
                         bias: b2,
-                        relu: r2,
+                        relu: _,
                     }),
                 ) = (*relu, bias, layers.get(i + 1))
                 {
@@ -454,12 +454,10 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                         ));
                         fc_rank.push(*out);
                         fc.push(*o2);
-                        let _ = r2;
                         i += 2;
                         continue;
                     }
                 }
-                let _ = inp;
                 named.push((format!("fc{n}.weight"), w.clone()));
                 named.push((
                     format!("fc{n}.bias"),

@@ -186,6 +186,11 @@ impl Latency {
 /// The shared values of each codebook-quantized tensor, by name.
 pub type Codebooks = Vec<(String, Vec<f32>)>;
 
+/// Whether a weight tensor is stored and run sparse: more than half of it pruned.
+fn stored_sparse(w: &[f32]) -> bool {
+    w.iter().filter(|v| **v == 0.0).count() * 2 > w.len()
+}
+
 /// Is this tensor a fully-connected weight (or factor)?
 fn is_fc(name: &str) -> bool {
     name.starts_with("fc")
@@ -325,27 +330,23 @@ pub fn compress(
             let ramp = (steps * 3 / 4).max(1);
             let every = (ramp / 10).max(1);
             let mut t = trainer(m, train, test)?;
-            let mut mk = masks(&t.model, spec, prune::agp(0.0, 1.0, 0, ramp).max(0.0))?;
             let mut done = 0;
             while done < steps {
                 let frac = prune::agp(0.0, 1.0, done.min(ramp), ramp);
-                mk = masks(&t.model, spec, frac)?;
+                let mk = masks(&t.model, spec, frac)?;
                 apply_masks(&mut t.model.params, &mk);
                 let n = every.min(steps - done);
-                let m2 = mk.clone();
                 t.train_steps(
                     n,
                     |_| lr,
-                    |g| apply_masks(g, &m2),
-                    |p| apply_masks(p, &m2),
+                    |g| apply_masks(g, &mk),
+                    |p| apply_masks(p, &mk),
                     |s, _, l, _| on_step("prune", s, steps, l),
                 )?;
                 done += n;
             }
-            let frac = 1.0;
-            let last = masks(&t.model, spec, frac)?;
+            let last = masks(&t.model, spec, 1.0)?;
             apply_masks(&mut t.model.params, &last);
-            let _ = mk;
             m = t.model;
             final_masks = Some(last);
         }
@@ -449,7 +450,7 @@ pub fn encode(
         }
         let data = &m.params[t.range()];
         let zeros = data.iter().filter(|v| **v == 0.0).count();
-        let sparse = is_weight && pruned && zeros * 2 > data.len();
+        let sparse = is_weight && pruned && stored_sparse(data);
         let values = if !is_weight {
             Values::F32
         } else {
@@ -750,18 +751,17 @@ impl Engine {
         let int8 = spec.quant == Some(Quant::Int8);
         let mut layers = Vec::new();
         for l in m.net.fc_layers() {
-            let sparse_of = |w: &[f32]| w.iter().filter(|v| **v == 0.0).count() * 2 > w.len();
             let head = match l.low_rank {
                 None => {
                     let w = &m.params[l.weight..l.weight + l.out * l.inp];
-                    head_of(w, l.out, l.inp, sparse_of(w), int8)?
+                    head_of(w, l.out, l.inp, stored_sparse(w), int8)?
                 }
                 Some((r, v)) => {
                     let vw = &m.params[v..v + r * l.inp];
                     let uw = &m.params[l.weight..l.weight + l.out * r];
                     Head::LowRank {
-                        v: Box::new(head_of(vw, r, l.inp, sparse_of(vw), int8)?),
-                        u: Box::new(head_of(uw, l.out, r, sparse_of(uw), int8)?),
+                        v: Box::new(head_of(vw, r, l.inp, stored_sparse(vw), int8)?),
+                        u: Box::new(head_of(uw, l.out, r, stored_sparse(uw), int8)?),
                         r,
                         zeros: vec![0.0; r],
                     }

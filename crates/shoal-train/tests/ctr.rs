@@ -79,8 +79,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
 }
 
 fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
-    use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
-    use shoal_train::ctr::ctr_shard_config;
+    use shoal_comm::ps::PsClient;
     let data = data.to_path_buf();
     let cfg = |batch| CtrTrainConfig {
         evict_idle_steps: evict,
@@ -97,15 +96,7 @@ fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
     let c = cfg(32);
     let width = one.model.cfg.row_width();
     let total = one.dense().len();
-    let shard_cfg = ctr_shard_config(&c, width, 2, PsMode::Sync, "t");
-    let servers: Vec<PsServer> = (0..2)
-        .map(|i| {
-            let (a, b) = shard_range(total, 2, i);
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
-        })
-        .collect();
-    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let (servers, addrs) = start_shards(&c, total, width);
     // The rows the single process touched, to read back from the shards.
     let keys = std::sync::Arc::new(one.table.rows().0.to_vec());
     let saved = dir.join(format!("from-ps-{evict}"));
@@ -285,19 +276,10 @@ fn ps_job(
     save: Option<std::path::PathBuf>,
     keys: std::sync::Arc<Vec<u64>>,
 ) -> (Vec<f32>, Vec<f32>) {
-    use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer};
-    use shoal_train::ctr::ctr_shard_config;
+    use shoal_comm::ps::PsClient;
     let probe = CtrTrainer::new(cfg.clone()).unwrap();
     let (total, width) = (probe.dense().len(), probe.model.cfg.row_width());
-    let shard_cfg = ctr_shard_config(cfg, width, 2, PsMode::Sync, "t");
-    let servers: Vec<PsServer> = (0..2)
-        .map(|i| {
-            let (a, b) = shard_range(total, 2, i);
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
-        })
-        .collect();
-    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let (servers, addrs) = start_shards(cfg, total, width);
     let hs: Vec<_> = (0..2)
         .map(|rank| {
             let (cfg, addrs, keys) = (cfg.clone(), addrs.clone(), keys.clone());
@@ -391,4 +373,24 @@ fn eviction_bounds_the_table() {
         auc_all > 0.55 && auc_kept > 0.53,
         "AUC {auc_kept} vs {auc_all}"
     );
+}
+
+/// Two sync parameter-server shards for `cfg`'s model (`total` dense values, rows of
+/// `width`), and their addresses.
+fn start_shards(
+    cfg: &CtrTrainConfig,
+    total: usize,
+    width: usize,
+) -> (Vec<shoal_comm::ps::PsServer>, Vec<std::net::SocketAddr>) {
+    use shoal_comm::ps::{shard_range, PsMode, PsServer};
+    let shard_cfg = shoal_train::ctr::ctr_shard_config(cfg, width, 2, PsMode::Sync, "t");
+    let servers: Vec<PsServer> = (0..2)
+        .map(|i| {
+            let (a, b) = shard_range(total, 2, i);
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
+        })
+        .collect();
+    let addrs = servers.iter().map(|s| s.addr).collect();
+    (servers, addrs)
 }
