@@ -1,6 +1,7 @@
 //! Timing helpers for `bench/run allreduce` and `bench/run transport`: an allreduce, or
 //! a push + pull of a buffer between two ranks, over a transport with ranks as threads
-//! of this process, and this machine's memcpy bandwidth as the reference ceiling.
+//! of this process (or one rank of a shared-memory group of processes), and this
+//! machine's memcpy bandwidth as the reference ceiling.
 
 use crate::local::LocalTransport;
 use crate::shm::ShmTransport;
@@ -17,22 +18,25 @@ pub enum Which {
     Tcp,
 }
 
+/// Seconds per allreduce of `values` values on one rank (after one warm-up).
+fn time_allreduce<T: Transport>(t: T, values: usize, iters: usize) -> Result<f64> {
+    let mut c = Communicator::new(t);
+    let mut d = vec![1.0f32; values];
+    c.allreduce_sum(&mut d)?; // warm-up
+    c.barrier()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        c.allreduce_sum(&mut d)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    c.barrier()?;
+    Ok(secs)
+}
+
 fn run_ranks<T: Transport + 'static>(ts: Vec<T>, values: usize, iters: usize) -> Result<f64> {
     let handles: Vec<_> = ts
         .into_iter()
-        .map(|t| {
-            std::thread::spawn(move || -> Result<f64> {
-                let mut c = Communicator::new(t);
-                let mut d = vec![1.0f32; values];
-                c.allreduce_sum(&mut d)?; // warm-up
-                c.barrier()?;
-                let start = Instant::now();
-                for _ in 0..iters {
-                    c.allreduce_sum(&mut d)?;
-                }
-                Ok(start.elapsed().as_secs_f64() / iters as f64)
-            })
-        })
+        .map(|t| std::thread::spawn(move || time_allreduce(t, values, iters)))
         .collect();
     let mut worst = 0.0f64;
     for h in handles {
@@ -141,6 +145,19 @@ pub fn push_pull_seconds(which: Which, bytes: usize, iters: usize) -> Result<f64
 /// Seconds per allreduce of `bytes` over `ranks` ranks (threads) on `which`.
 pub fn allreduce_seconds(which: Which, ranks: usize, bytes: usize, iters: usize) -> Result<f64> {
     run_ranks(group(which, ranks)?, bytes / 4, iters)
+}
+
+/// Seconds per allreduce of `bytes` for `rank` of a shared-memory group of `ranks`
+/// processes named `job` (each process calls this with its own rank).
+pub fn shm_rank_allreduce_seconds(
+    job: &str,
+    rank: usize,
+    ranks: usize,
+    bytes: usize,
+    iters: usize,
+) -> Result<f64> {
+    let t = ShmTransport::connect(job, rank, ranks, 8 << 20, Duration::from_secs(30))?;
+    time_allreduce(t, bytes / 4, iters)
 }
 
 /// This machine's single-thread memcpy bandwidth in bytes/s over a `bytes` buffer.

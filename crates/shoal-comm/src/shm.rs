@@ -4,7 +4,17 @@
 //! copies it into the ring and the receiver copies it out, coordinated by two atomic
 //! counters. A receiver that waits longer than the timeout, or whose sender's process
 //! has died, gets an error naming the peer instead of waiting for ever.
+//!
+//! Large allreduces take a single-copy path (as OpenMPI's shared-memory transport does
+//! with CMA): the ranks trade the addresses of their buffers through the rings, each
+//! rank reads its segment of every peer's buffer straight out of the peer's memory
+//! (`process_vm_readv`) and adds it into its own, then reads every peer's reduced segment
+//! straight into its buffer: one copy per byte instead of two, and no ring in between.
+//! Whether the kernel allows it is tried once when the group connects (every rank must
+//! be able to read every peer, or none uses it); `SHOAL_SHM_SINGLE_COPY=0` turns it off.
 
+use crate::collective::split_range;
+use crate::frame::f32_bytes_mut;
 use crate::transport::Transport;
 use crate::{Error, Result};
 use std::ffi::CString;
@@ -19,6 +29,21 @@ const OFF_TAIL: usize = 128;
 const OFF_WPID: usize = 192;
 const DATA: usize = 256;
 const REC: usize = 16;
+
+/// Smallest allreduce, in bytes, that takes the single-copy path (smaller ones go
+/// through the rings: three rounds of control messages cost more than they save).
+pub const SINGLE_COPY_MIN_BYTES: usize = 64 << 10;
+/// Values read from one peer per `process_vm_readv` while reducing (256 KB: the piece
+/// stays in cache between the read and the add).
+const SINGLE_COPY_PIECE: usize = 64 << 10;
+/// Tags of the single-copy path's control messages (outside the collectives' counter
+/// range in practice; a mix-up still fails as a tag mismatch).
+const TAG_PROBE: u32 = 0xC3A0_0001;
+const TAG_AGREE: u32 = 0xC3A0_0002;
+const TAG_ADDR: u32 = 0xC3A0_0003;
+const TAG_REDUCED: u32 = 0xC3A0_0004;
+const TAG_GATHERED: u32 = 0xC3A0_0005;
+const PROBE_MAGIC: u64 = u64::from_le_bytes(*b"SHLCMA01");
 
 /// One direction of one pair: a mapped ring.
 struct Ring {
@@ -178,10 +203,13 @@ impl Ring {
         }
     }
 
-    fn writer_alive(&self) -> bool {
+    fn writer_pid(&self) -> u32 {
         // SAFETY: 4-aligned offset in the header.
-        let pid =
-            unsafe { &*(self.base.add(OFF_WPID) as *const AtomicU32) }.load(Ordering::Relaxed);
+        unsafe { &*(self.base.add(OFF_WPID) as *const AtomicU32) }.load(Ordering::Relaxed)
+    }
+
+    fn writer_alive(&self) -> bool {
+        let pid = self.writer_pid();
         // SAFETY: kill with signal 0 only checks that the process exists.
         let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
         r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
@@ -260,23 +288,98 @@ impl Ring {
     }
 }
 
+/// Copies `dst.len()` bytes at address `remote` of process `pid` (rank `peer`) into
+/// `dst` with `process_vm_readv`.
+fn read_remote(pid: u32, remote: u64, dst: &mut [u8], peer: usize) -> Result<()> {
+    let mut done = 0;
+    while done < dst.len() {
+        let rest = &mut dst[done..];
+        let local = libc::iovec {
+            iov_base: rest.as_mut_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        let far = libc::iovec {
+            iov_base: (remote + done as u64) as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: `local` is a live, writable buffer of the stated length; the kernel
+        // checks the remote range and fails with EFAULT if it is not mapped.
+        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &far, 1, 0) };
+        if n <= 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Err(Error::Disconnected { peer });
+            }
+            return Err(Error::Io {
+                what: format!("reading rank {peer}'s buffer (process {pid})"),
+                source: e,
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Two `u64`s as one control message's bytes.
+fn pair_bytes(a: u64, b: u64) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[..8].copy_from_slice(&a.to_le_bytes());
+    m[8..].copy_from_slice(&b.to_le_bytes());
+    m
+}
+
+fn pair_of(m: &[u8; 16]) -> (u64, u64) {
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&m[..8]);
+    b.copy_from_slice(&m[8..]);
+    (u64::from_le_bytes(a), u64::from_le_bytes(b))
+}
+
 /// One rank's rings to and from every peer on this host.
 pub struct ShmTransport {
     rank: usize,
     size: usize,
     out: Vec<Option<Ring>>,
     inc: Vec<Option<Ring>>,
+    /// Every rank's process id (from the rings' headers).
+    pids: Vec<u32>,
+    /// Whether every rank can read every peer's memory (agreed when connecting).
+    single_copy: bool,
+    /// Peers' buffer addresses for the allreduce in progress.
+    remote: Vec<u64>,
+    /// One piece read from a peer, to be added in.
+    scratch: Vec<f32>,
+    /// What the peers read when trying the single-copy path (kept at a fixed address
+    /// for the transport's life).
+    probe: Box<u64>,
 }
 
 impl ShmTransport {
     /// Joins the group `job` (a name shared by its ranks, unique per run) as `rank` of
     /// `size`, with rings of `capacity` bytes; waits up to `timeout` for the peers.
+    /// Large allreduces are single-copy where the kernel allows it, unless
+    /// `SHOAL_SHM_SINGLE_COPY=0`.
     pub fn connect(
         job: &str,
         rank: usize,
         size: usize,
         capacity: usize,
         timeout: Duration,
+    ) -> Result<Self> {
+        let allowed = std::env::var("SHOAL_SHM_SINGLE_COPY").map_or(true, |v| v != "0");
+        Self::connect_with(job, rank, size, capacity, timeout, allowed)
+    }
+
+    /// As [`ShmTransport::connect`], with the single-copy path allowed or not by this
+    /// rank (it is used only if every rank allows it).
+    pub fn connect_with(
+        job: &str,
+        rank: usize,
+        size: usize,
+        capacity: usize,
+        timeout: Duration,
+        single_copy: bool,
     ) -> Result<Self> {
         if rank >= size {
             return Err(Error::BadRank {
@@ -301,12 +404,133 @@ impl ShmTransport {
                 Some(Ring::open(job, p, rank, timeout)?)
             });
         }
-        Ok(Self {
+        let pids = (0..size)
+            .map(|p| inc[p].as_ref().map_or(std::process::id(), Ring::writer_pid))
+            .collect();
+        let mut t = Self {
             rank,
             size,
             out,
             inc,
-        })
+            pids,
+            single_copy: false,
+            remote: vec![0; size],
+            scratch: Vec::new(),
+            probe: Box::new(PROBE_MAGIC ^ rank as u64),
+        };
+        t.single_copy = t.agree_single_copy(single_copy)?;
+        if t.single_copy {
+            t.scratch = vec![0.0; SINGLE_COPY_PIECE];
+        }
+        Ok(t)
+    }
+
+    /// Whether large allreduces read peers' buffers directly (see the module doc).
+    pub fn single_copy(&self) -> bool {
+        self.single_copy
+    }
+
+    fn peers(&self) -> impl Iterator<Item = usize> + use<> {
+        let rank = self.rank;
+        (0..self.size).filter(move |&p| p != rank)
+    }
+
+    /// Sends `msg` to every peer, then receives one message of the same size from each
+    /// into `got[peer]`.
+    fn all_to_all(&mut self, tag: u32, msg: [u8; 16], got: &mut [[u8; 16]]) -> Result<()> {
+        for p in self.peers() {
+            self.send(p, tag, &msg)?;
+        }
+        for p in self.peers() {
+            self.recv(p, tag, &mut got[p])?;
+        }
+        Ok(())
+    }
+
+    /// Each rank reads every peer's probe word; the single-copy path is used only if
+    /// every rank allows it and every read succeeded, on every rank.
+    fn agree_single_copy(&mut self, allowed: bool) -> Result<bool> {
+        let mut got = vec![[0u8; 16]; self.size];
+        let addr = &*self.probe as *const u64 as u64;
+        self.all_to_all(TAG_PROBE, pair_bytes(u64::from(allowed), addr), &mut got)?;
+        let mut ok = allowed;
+        for p in self.peers() {
+            let (theirs, at) = pair_of(&got[p]);
+            let mut word = [0u8; 8];
+            ok &= theirs == 1
+                && read_remote(self.pids[p], at, &mut word, p).is_ok()
+                && u64::from_le_bytes(word) == PROBE_MAGIC ^ p as u64;
+        }
+        self.all_to_all(TAG_AGREE, pair_bytes(u64::from(ok), 0), &mut got)?;
+        Ok(ok && self.peers().all(|p| pair_of(&got[p]).0 == 1))
+    }
+
+    /// Tells every peer this rank reached `tag`'s point, and waits until all have.
+    fn rendezvous(&mut self, tag: u32) -> Result<()> {
+        let mut got = [[0u8; 16]; 1];
+        for p in self.peers() {
+            self.send(p, tag, &[0u8; 16])?;
+        }
+        for p in self.peers() {
+            self.recv(p, tag, &mut got[0])?;
+        }
+        Ok(())
+    }
+
+    /// The single-copy sum allreduce: trade buffer addresses; reduce this rank's
+    /// segment by reading it from every peer (peers in rank order, so the sum is the
+    /// same whichever rank computes it); wait until every segment is reduced; copy every
+    /// peer's segment straight from its buffer; wait until nobody reads this buffer any
+    /// more.
+    fn allreduce_single_copy(&mut self, data: &mut [f32]) -> Result<()> {
+        let (n, r, len) = (self.size, self.rank, data.len());
+        let mut got = [[0u8; 16]; 1];
+        let mine = pair_bytes(data.as_ptr() as u64, len as u64);
+        for p in self.peers() {
+            self.send(p, TAG_ADDR, &mine)?;
+        }
+        for p in self.peers() {
+            self.recv(p, TAG_ADDR, &mut got[0])?;
+            let (at, their_len) = pair_of(&got[0]);
+            if their_len != len as u64 {
+                return Err(Error::Mismatch(format!(
+                    "allreduce of {len} values, rank {p} passed {their_len}"
+                )));
+            }
+            self.remote[p] = at;
+        }
+        let (a, b) = split_range(len, n, r);
+        let mut at = a;
+        while at < b {
+            let m = (b - at).min(self.scratch.len());
+            for p in 0..n {
+                if p == r {
+                    continue;
+                }
+                let s = &mut self.scratch[..m];
+                read_remote(
+                    self.pids[p],
+                    self.remote[p] + 4 * at as u64,
+                    f32_bytes_mut(s),
+                    p,
+                )?;
+                for (d, v) in data[at..at + m].iter_mut().zip(s.iter()) {
+                    *d += v;
+                }
+            }
+            at += m;
+        }
+        self.rendezvous(TAG_REDUCED)?;
+        for p in 0..n {
+            if p == r {
+                continue;
+            }
+            let (a, b) = split_range(len, n, p);
+            let dst = f32_bytes_mut(&mut data[a..b]);
+            read_remote(self.pids[p], self.remote[p] + 4 * a as u64, dst, p)?;
+        }
+        self.rendezvous(TAG_GATHERED)?;
+        Ok(())
     }
 }
 
@@ -365,5 +589,12 @@ impl Transport for ShmTransport {
             });
         }
         r.read(buf)
+    }
+
+    fn allreduce_sum_native(&mut self, data: &mut [f32]) -> Option<Result<()>> {
+        if !self.single_copy || data.len() * 4 < SINGLE_COPY_MIN_BYTES {
+            return None;
+        }
+        Some(self.allreduce_single_copy(data))
     }
 }

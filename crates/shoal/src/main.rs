@@ -609,6 +609,15 @@ enum BenchCmd {
         sizes: String,
         #[arg(long, default_value_t = 20)]
         iters: usize,
+        /// Ranks as processes (this program started once per rank) instead of threads
+        /// (shm only).
+        #[arg(long)]
+        processes: bool,
+        /// Internal: run as rank R of a group of processes named by --job.
+        #[arg(long, hide = true, requires = "job")]
+        rank: Option<usize>,
+        #[arg(long, hide = true)]
+        job: Option<String>,
     },
     /// Push + pull of a gradient between two ranks (threads) over shared memory and TCP,
     /// and through a tonic gRPC service, per size.
@@ -1422,8 +1431,21 @@ fn bench(b: BenchCmd) -> Result<()> {
             ranks,
             sizes,
             iters,
+            processes,
+            rank,
+            job,
         } => {
             use shoal_comm::bench::{allreduce_seconds, memcpy_bandwidth, Which};
+            if let (Some(rank), Some(job)) = (rank, &job) {
+                let bytes: usize = sizes.parse().context("--sizes: bytes expected")?;
+                let secs =
+                    shoal_comm::bench::shm_rank_allreduce_seconds(job, rank, ranks, bytes, iters)?;
+                println!("{secs}");
+                return Ok(());
+            }
+            if processes && transport != "shm" {
+                bail!("--processes works with --transport shm only");
+            }
             let which = match transport.as_str() {
                 "local" => Which::Local,
                 "shm" => Which::Shm,
@@ -1436,12 +1458,17 @@ fn bench(b: BenchCmd) -> Result<()> {
                     .parse()
                     .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
                 let bytes = (mb * 1048576.0) as usize / 4 * 4;
-                let secs = allreduce_seconds(which, ranks, bytes, iters)?;
+                let secs = if processes {
+                    shm_processes_seconds(ranks, bytes, iters)?
+                } else {
+                    allreduce_seconds(which, ranks, bytes, iters)?
+                };
                 let bus = 2.0 * (ranks as f64 - 1.0) / ranks as f64 * bytes as f64 / secs;
                 let memcpy = memcpy_bandwidth(bytes.min(64 << 20));
                 println!(
                     "{}",
                     serde_json::json!({"transport": transport, "ranks": ranks, "bytes": bytes,
+                        "processes": processes,
                         "seconds": secs, "bus_gbps": bus / 1e9, "memcpy_gbps": memcpy / 1e9})
                 );
             }
@@ -1654,6 +1681,39 @@ fn widths(s: &str, flag: &str) -> Result<Vec<usize>> {
         .map(|x| x.trim().parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()
         .with_context(|| format!("{flag} '{s}': expected widths like 64,64"))
+}
+
+/// Seconds per shared-memory allreduce of `bytes` with each of `ranks` ranks a process
+/// (this program, `bench allreduce --rank R --job J`): the slowest rank's time.
+fn shm_processes_seconds(ranks: usize, bytes: usize, iters: usize) -> Result<f64> {
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let job = format!("bench-{}-{}", std::process::id(), bytes);
+    let children = (0..ranks)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(["bench", "allreduce", "--ranks", &ranks.to_string()])
+                .args(["--sizes", &bytes.to_string(), "--iters", &iters.to_string()])
+                .args(["--rank", &r.to_string(), "--job", &job])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting benchmark rank {r}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut worst = 0.0f64;
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c
+            .wait_with_output()
+            .with_context(|| format!("waiting for rank {r}"))?;
+        if !out.status.success() {
+            bail!("benchmark rank {r} failed ({})", out.status);
+        }
+        let secs: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("rank {r} printed no time"))?;
+        worst = worst.max(secs);
+    }
+    Ok(worst)
 }
 
 fn train_cnn(a: CnnArgs) -> Result<()> {
