@@ -380,18 +380,15 @@ impl<B: Backend> Backward<B, 5> for LstmBackward {
     }
 }
 
-/// What the projection + cross-entropy node keeps: the logits (turned into their
-/// gradient in place), each row's log-sum-exp, and host copies of `x` and `W`.
+/// What the projection + cross-entropy node keeps: the gradient of the logits and the
+/// bias (computed with the loss), and host copies of `x` and `W`.
 #[derive(Debug, Clone)]
 struct XentState<D> {
-    logits: Arc<Vec<f32>>,
+    grad: Arc<xent::XentGrad>,
     x: Arc<Vec<f32>>,
     w: Arc<Vec<f32>>,
     hidden: usize,
     vocab: usize,
-    targets: Arc<[u32]>,
-    weights: Arc<[f32]>,
-    lse: Arc<Vec<f32>>,
     device: D,
 }
 
@@ -409,19 +406,10 @@ impl<B: Backend> Backward<B, 3> for XentBackward {
     ) {
         let s = ops.state;
         let (g, _) = host::<B, 1>(grads.consume::<B>(&ops.node));
-        let n = s.targets.len();
-        let logits = Arc::try_unwrap(s.logits).unwrap_or_else(|shared| (*shared).clone());
-        let (dx, dw, db) = xent::linear_backward(
-            logits,
-            &s.x,
-            &s.w,
-            s.hidden,
-            &s.targets,
-            &s.weights,
-            &s.lse,
-            g[0],
-            big_threads(),
-        );
+        let n = s.grad.dlogits.len() / s.vocab.max(1);
+        let grad = Arc::try_unwrap(s.grad).unwrap_or_else(|shared| (*shared).clone());
+        let (dx, dw, db) =
+            xent::linear_backward_from_grad(grad, &s.x, &s.w, s.hidden, g[0], big_threads());
         let dev = &s.device;
         register_grads!(
             grads,
@@ -552,34 +540,37 @@ impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
         let (xh, [_, h]) = host::<B, 2>(x.primitive);
         let (wh, [v, _]) = host::<B, 2>(w.primitive);
         let (bh, _) = host::<B, 1>(b.primitive);
-        let mut logits = Vec::new();
-        let (loss, lse) = xent::linear_forward(
-            &xh,
-            &wh,
-            &bh,
-            h,
-            &targets,
-            &weights,
-            &mut logits,
-            big_threads(),
-        );
-        let out = device_tensor::<B, 1>(vec![loss], [1], &device);
         match XentBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(
-                XentState {
-                    logits: Arc::new(logits),
-                    x: Arc::new(xh),
-                    w: Arc::new(wh),
-                    hidden: h,
-                    vocab: v,
-                    targets,
-                    weights,
-                    lse: Arc::new(lse),
-                    device,
-                },
-                out,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(out),
+            OpsKind::Tracked(prep) => {
+                let (loss, grad) =
+                    xent::linear_forward_grad(&xh, &wh, &bh, h, &targets, &weights, big_threads());
+                let out = device_tensor::<B, 1>(vec![loss], [1], &device);
+                prep.finish(
+                    XentState {
+                        grad: Arc::new(grad),
+                        x: Arc::new(xh),
+                        w: Arc::new(wh),
+                        hidden: h,
+                        vocab: v,
+                        device,
+                    },
+                    out,
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let mut logits = Vec::new();
+                let (loss, _) = xent::linear_forward(
+                    &xh,
+                    &wh,
+                    &bh,
+                    h,
+                    &targets,
+                    &weights,
+                    &mut logits,
+                    big_threads(),
+                );
+                prep.finish(device_tensor::<B, 1>(vec![loss], [1], &device))
+            }
         }
     }
 }

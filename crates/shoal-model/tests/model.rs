@@ -362,11 +362,15 @@ fn fused_recurrence_equals_unfused_reference() {
         };
         let a = run(true);
         let r = run(false);
+        // Layer norm over as few as 2 units leaves gradients that are differences of
+        // near-equal terms: the two summation orders differ by up to ~2e-4 relative there
+        // (seen: -0.18380 vs -0.18377 with h=2).
+        let tol = if ln { 1e-4 } else { 1e-5 };
         let close = |name: &str, x: &[f32], y: &[f32]| {
             assert_eq!(x.len(), y.len());
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
                 assert!(
-                    (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                    (p - q).abs() <= tol + 1e-4 * q.abs(),
                     "{cell:?} ln={ln} {name}[{i}] (b{b} t{t} d{d} h{h}): fused {p} vs reference {q}"
                 );
             }

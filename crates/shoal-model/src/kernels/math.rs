@@ -97,6 +97,57 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `x += b` element-wise; returns the maximum of the result (16 lanes).
+    pub fn add_max(xs: &mut [f32], b: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut it = xs.chunks_exact_mut(16);
+        let mut bt = b.chunks_exact(16);
+        for (c, bc) in (&mut it).zip(&mut bt) {
+            for ((l, x), bb) in lanes.iter_mut().zip(c.iter_mut()).zip(bc) {
+                *x += bb;
+                *l = l.max(*x);
+            }
+        }
+        let mut m = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (x, bb) in it.into_remainder().iter_mut().zip(bt.remainder()) {
+            *x += bb;
+            m = m.max(*x);
+        }
+        m
+    }
+}
+
+multiversion! {
+    /// `x = e^(x - shift)` for every element; returns their sum (16 lanes).
+    pub fn exp_sum_in_place(xs: &mut [f32], shift: f32) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let mut it = xs.chunks_exact_mut(16);
+        for c in &mut it {
+            for (l, x) in lanes.iter_mut().zip(c.iter_mut()) {
+                *x = exp(*x - shift);
+                *l += *x;
+            }
+        }
+        let mut tail = 0.0;
+        for x in it.into_remainder() {
+            *x = exp(*x - shift);
+            tail += *x;
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// `x *= scale` for every element, and `acc += x` (the scaled values).
+    pub fn scale_add(xs: &mut [f32], scale: f32, acc: &mut [f32]) {
+        for (x, a) in xs.iter_mut().zip(acc.iter_mut()) {
+            *x *= scale;
+            *a += *x;
+        }
+    }
+}
+
 /// Maximum of a slice, in 16 lanes.
 pub fn max(xs: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];

@@ -1,10 +1,128 @@
 //! Fused softmax cross-entropy over a large vocabulary: the mean negative log-likelihood
 //! of the target ids over the rows with weight 1, and its gradient
 //! `w_i / count * (softmax(x_i) - onehot(t_i))` computed in one pass over the logits,
-//! rows in parallel.
+//! rows in parallel. For training, [`linear_forward_grad`] computes the loss and the
+//! gradient of the logits in the same visit of each row (one `exp` per logit, the row in
+//! L1 cache between its passes) and the logits buffer is reused from step to step.
 
 use super::math;
 use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// The `[N, V]` buffer of the last training step, kept for the next (20 MB at the NMT
+/// model's shapes: a fresh one costs page faults or a memset every step).
+static SPARE: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+
+/// A buffer of `len` values whose contents are unspecified (the caller overwrites them).
+fn take_buffer(len: usize) -> Vec<f32> {
+    let mut b = std::mem::take(&mut *SPARE.lock().unwrap_or_else(|e| e.into_inner()));
+    b.resize(len, 0.0);
+    b
+}
+
+/// Gives a buffer back for the next [`take_buffer`].
+pub fn give_back(b: Vec<f32>) {
+    *SPARE.lock().unwrap_or_else(|e| e.into_inner()) = b;
+}
+
+/// Everything [`linear_backward_from_grad`] needs from the forward pass.
+#[derive(Debug, Clone)]
+pub struct XentGrad {
+    /// `d loss / d logits` for an upstream gradient of 1, `[N, V]`.
+    pub dlogits: Vec<f32>,
+    /// Column sums of `dlogits` (the bias gradient for an upstream gradient of 1).
+    pub dbias: Vec<f32>,
+}
+
+/// Training forward of the output projection and cross-entropy: `logits = x W^T + b`,
+/// the mean loss over weighted rows, and (in the same pass over each row) the gradient
+/// of the loss with respect to the logits and the bias. `x`: `[N, H]`; `w`: `[V, H]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_grad(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    h: usize,
+    targets: &[u32],
+    weights: &[f32],
+    threads: usize,
+) -> (f32, XentGrad) {
+    let n = targets.len();
+    let v = b.len();
+    assert_eq!(x.len(), n * h);
+    assert_eq!(w.len(), v * h);
+    assert_eq!(weights.len(), n);
+    let mut dl = take_buffer(n * v);
+    // logits = x W^T, overwriting whatever the reused buffer held.
+    super::sgemm(n, v, h, x, h, 1, w, 1, h, &mut dl, v, false, threads);
+    let count: f32 = weights.iter().sum::<f32>().max(1.0);
+    let block = n.div_ceil(threads.max(1)).max(1);
+    let (loss, dbias) = dl
+        .par_chunks_mut(block * v)
+        .enumerate()
+        .map(|(k, rows)| {
+            let mut db = vec![0.0f32; v];
+            let mut loss = 0.0f64;
+            for (j, row) in rows.chunks_exact_mut(v).enumerate() {
+                let i = k * block + j;
+                let wi = weights[i] / count;
+                if wi == 0.0 {
+                    row.fill(0.0);
+                    continue;
+                }
+                let t = (targets[i] as usize).min(v - 1);
+                let m = math::add_max(row, b);
+                let xt = row[t];
+                let sum = math::exp_sum_in_place(row, m);
+                loss += wi as f64 * (m + sum.ln() - xt) as f64;
+                math::scale_add(row, wi / sum, &mut db);
+                row[t] -= wi;
+                db[t] -= wi;
+            }
+            (loss, db)
+        })
+        .reduce(
+            || (0.0, vec![0.0f32; v]),
+            |(la, mut da), (lb, db)| {
+                for (a, b) in da.iter_mut().zip(&db) {
+                    *a += b;
+                }
+                (la + lb, da)
+            },
+        );
+    (loss as f32, XentGrad { dlogits: dl, dbias })
+}
+
+/// Gradients of [`linear_forward_grad`] for an upstream gradient `grad`:
+/// `(dx [N, H], dw [V, H], db [V])`. The logits buffer goes back for the next step.
+pub fn linear_backward_from_grad(
+    g: XentGrad,
+    x: &[f32],
+    w: &[f32],
+    h: usize,
+    grad: f32,
+    threads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let XentGrad {
+        dlogits: mut dl,
+        dbias: mut db,
+    } = g;
+    let v = db.len();
+    let n = dl.len() / v.max(1);
+    if grad != 1.0 {
+        dl.par_chunks_mut(v.max(1))
+            .for_each(|row| row.iter_mut().for_each(|d| *d *= grad));
+        db.iter_mut().for_each(|d| *d *= grad);
+    }
+    let mut dx = vec![0.0f32; n * h];
+    // dx = dl W  ([N, V] x [V, H]).
+    super::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
+    let mut dw = vec![0.0f32; v * h];
+    // dW = dl^T x  ([V, N] x [N, H]).
+    super::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
+    give_back(dl);
+    (dx, dw, db)
+}
 
 /// Forward. `logits`: `[N, V]` row-major; `targets`, `weights`: `[N]`. Returns the mean
 /// loss over weighted rows and each row's log-sum-exp (kept for the backward pass).
@@ -154,6 +272,35 @@ mod tests {
                     "arg {which}[{i}]: analytic {} fd {g}",
                     an[i]
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn training_forward_gives_the_same_loss_and_gradients() {
+        let (n, h, v) = (7, 5, 37);
+        let x: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let w: Vec<f32> = (0..v * h)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        let b: Vec<f32> = (0..v).map(|i| (i as f32 * 0.7).sin()).collect();
+        let targets = [1u32, 36, 2, 0, 9, 9, 20];
+        let weights = [1.0, 0.0, 1.0, 1.0, 0.5, 1.0, 1.0];
+        for (threads, grad) in [(1, 1.0), (3, 1.0), (2, 0.37)] {
+            let mut logits = Vec::new();
+            let (want_loss, lse) =
+                linear_forward(&x, &w, &b, h, &targets, &weights, &mut logits, 1);
+            let want = linear_backward(logits, &x, &w, h, &targets, &weights, &lse, grad, 1);
+            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, threads);
+            assert!((loss - want_loss).abs() < 1e-5, "{loss} vs {want_loss}");
+            let got = linear_backward_from_grad(g, &x, &w, h, grad, threads);
+            for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
+                assert_eq!(a.len(), b.len());
+                for (p, q) in a.iter().zip(b.iter()) {
+                    assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+                }
             }
         }
     }
