@@ -1,10 +1,11 @@
 //! Gradient-norm clipping, computed as PyTorch's `clip_grad_norm_` does.
 
-/// The L2 norm of all values in `grads`. Sums run in f32 over 16 independent lanes (so
-/// they vectorise) per block of 4096 values, and the blocks are added in f64.
-pub fn global_norm(grads: &[f32]) -> f32 {
+use rayon::prelude::*;
+
+/// Sum of squares of one span, blocks of 4096 in f32 lanes added in f64.
+fn sum_squares(span: &[f32]) -> f64 {
     let mut total = 0.0f64;
-    for block in grads.chunks(4096) {
+    for block in span.chunks(4096) {
         let mut lanes = [0.0f32; 16];
         let mut it = block.chunks_exact(16);
         for c in &mut it {
@@ -15,7 +16,33 @@ pub fn global_norm(grads: &[f32]) -> f32 {
         let tail: f32 = it.remainder().iter().map(|g| g * g).sum();
         total += lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64;
     }
-    total.sqrt() as f32
+    total
+}
+
+/// Values per span summed on one thread.
+const SPAN: usize = 1 << 18;
+
+/// The L2 norm of all values in `grads`. Sums run in f32 over 16 independent lanes (so
+/// they vectorise) per block of 4096 values, and the blocks are added in f64; spans of
+/// 2^18 values in parallel, their sums added in order (the same result on any number
+/// of threads).
+pub fn global_norm(grads: &[f32]) -> f32 {
+    if grads.len() <= SPAN {
+        return sum_squares(grads).sqrt() as f32;
+    }
+    let spans: Vec<f64> = grads.par_chunks(SPAN).map(sum_squares).collect();
+    spans.iter().sum::<f64>().sqrt() as f32
+}
+
+/// The factor PyTorch's `clip_grad_norm_` would scale gradients of norm `norm` by:
+/// `max_norm / (norm + 1e-6)` when that is below 1, else 1.
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> f32 {
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        coef
+    } else {
+        1.0
+    }
 }
 
 /// Scales `grads` in place so that their global L2 norm is at most `max_norm`, and
@@ -23,7 +50,7 @@ pub fn global_norm(grads: &[f32]) -> f32 {
 /// `max_norm / (norm + 1e-6)` and is only applied when it is below 1.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     let norm = global_norm(grads);
-    let coef = max_norm / (norm + 1e-6);
+    let coef = clip_coefficient(norm, max_norm);
     if coef < 1.0 {
         grads.iter_mut().for_each(|g| *g *= coef);
     }

@@ -12,7 +12,7 @@ pub mod optimizer;
 pub mod schedule;
 pub mod sparse;
 
-pub use clip::{clip_grad_norm, global_norm};
+pub use clip::{clip_coefficient, clip_grad_norm, global_norm};
 pub use error::{Error, Result};
 pub use optimizer::{Optimizer, OptimizerConfig, OptimizerKind};
 pub use schedule::{LrSchedule, ScheduleKind};

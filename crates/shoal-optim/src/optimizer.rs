@@ -120,6 +120,18 @@ impl Optimizer {
 
     /// Applies one update with learning rate `lr` to `params` given `grads`.
     pub fn step(&mut self, lr: f32, params: &mut [f32], grads: &[f32]) -> Result<()> {
+        self.step_scaled(lr, params, grads, 1.0)
+    }
+
+    /// [`Optimizer::step`] with every gradient multiplied by `scale` first (gradient
+    /// clipping without a pass of its own; `scale` 1 changes nothing).
+    pub fn step_scaled(
+        &mut self,
+        lr: f32,
+        params: &mut [f32],
+        grads: &[f32],
+        scale: f32,
+    ) -> Result<()> {
         let n = self.m.len();
         if params.len() != n {
             return Err(Error::LengthMismatch {
@@ -142,7 +154,7 @@ impl Optimizer {
             OptimizerKind::Sgd => {
                 let first = self.steps == 1;
                 for ((p, &g), b) in params.iter_mut().zip(grads).zip(self.m.iter_mut()) {
-                    let g = g + wd * *p;
+                    let g = g * scale + wd * *p;
                     let d = if c.momentum > 0.0 {
                         *b = if first { g } else { c.momentum * *b + g };
                         *b
@@ -166,7 +178,7 @@ impl Optimizer {
                     .zip(self.v.par_chunks_mut(BLOCK))
                     .for_each(|(((p, g), m), v)| {
                         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                            let g = g + wd * *p;
+                            let g = g * scale + wd * *p;
                             *m = c.beta1 * *m + (1.0 - c.beta1) * g;
                             *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
                             let denom = v.sqrt() / bc2_sqrt + c.eps;
@@ -176,7 +188,7 @@ impl Optimizer {
             }
             OptimizerKind::Adagrad => {
                 for ((p, &g), s) in params.iter_mut().zip(grads).zip(self.m.iter_mut()) {
-                    let g = g + wd * *p;
+                    let g = g * scale + wd * *p;
                     *s += g * g;
                     *p -= lr * g / (s.sqrt() + c.eps);
                 }

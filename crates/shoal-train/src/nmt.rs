@@ -362,13 +362,15 @@ impl Learner {
 
     /// Clips the gradient (or measures its norm) and applies the local optimizer.
     fn clip_and_step(&mut self, lr: f32) -> Result<f32> {
-        let g = &mut self.grads[..self.layout.total];
-        let norm = if self.clip_norm > 0.0 {
-            clip_grad_norm(g, self.clip_norm)
+        let g = &self.grads[..self.layout.total];
+        let norm = shoal_optim::global_norm(g);
+        // Clipping scales the gradient inside the optimizer's pass.
+        let scale = if self.clip_norm > 0.0 {
+            shoal_optim::clip_coefficient(norm, self.clip_norm)
         } else {
-            shoal_optim::global_norm(g)
+            1.0
         };
-        self.opt.step(lr, &mut self.params, g)?;
+        self.opt.step_scaled(lr, &mut self.params, g, scale)?;
         Ok(norm)
     }
 
