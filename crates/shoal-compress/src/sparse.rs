@@ -75,7 +75,8 @@ impl Csr {
         debug_assert_eq!(x.len(), batch * cols);
         debug_assert_eq!(y.len(), batch * rows);
         if batch == 1 {
-            y.par_iter_mut().enumerate().for_each(|(r, out)| {
+            // On the calling thread (see quant::product_u8 on why not the pool).
+            y.iter_mut().enumerate().for_each(|(r, out)| {
                 let (a, b) = (self.indptr[r] as usize, self.indptr[r + 1] as usize);
                 let mut s = bias[r];
                 for (&c, &v) in self.indices[a..b].iter().zip(&self.values[a..b]) {

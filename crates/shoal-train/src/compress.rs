@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shoal_compress::format::{self, TensorIn, Values};
 use shoal_compress::kmeans::Codebook;
 use shoal_compress::prune;
-use shoal_compress::quant::{ConvI8, QuantI8};
+use shoal_compress::quant::{max_nonneg, requant_relu, ConvI8, ConvU8, QuantI8};
 use shoal_compress::sparse::{Csr, Scratch};
 use shoal_compress::svd::{factorize, RankBy};
 use shoal_data::images::ImageSet;
@@ -575,6 +575,14 @@ enum Stage {
         scale: Vec<f32>,
         shift: Vec<f32>,
     },
+    /// The same on activations that are never negative (after a ReLU): unsigned codes
+    /// with no offset, convolved in place ([`ConvU8`]).
+    Direct {
+        conv: ConvU8,
+        dims: (usize, usize, usize),
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
     Pool {
         dims: (usize, usize, usize),
     },
@@ -588,7 +596,9 @@ struct ConvScratch {
     acc: Vec<i32>,
     a: Vec<f32>,
     b: Vec<f32>,
-    arg: Vec<u32>,
+    /// Packed unsigned images and per-channel output scales of the direct stages.
+    xw: Vec<u32>,
+    ks: Vec<f32>,
 }
 
 /// The int8 stages of `m`'s convolutional part.
@@ -601,8 +611,7 @@ fn int8_stages(m: &CnnModel) -> Result<Vec<Stage>> {
     for block in &cfg.blocks {
         for &cout in block {
             k += 1;
-            let conv = ConvI8::new(get(&format!("conv{k}.weight"))?, cout, c)
-                .map_err(|e| Error::Config(e.to_string()))?;
+            let weight = get(&format!("conv{k}.weight"))?;
             let (scale, shift) = if cfg.batch_norm {
                 let (g, b) = (get(&format!("bn{k}.weight"))?, get(&format!("bn{k}.bias"))?);
                 let (mean, var) = (
@@ -620,11 +629,22 @@ fn int8_stages(m: &CnnModel) -> Result<Vec<Stage>> {
             } else {
                 (vec![1.0; cout], get(&format!("conv{k}.bias"))?.to_vec())
             };
-            out.push(Stage::Conv {
-                conv,
-                dims: (c, h, w),
-                scale,
-                shift,
+            let e = |x: shoal_compress::Error| Error::Config(x.to_string());
+            // Every convolution but the first reads the output of a ReLU.
+            out.push(if k > 1 && c % 4 == 0 {
+                Stage::Direct {
+                    conv: ConvU8::new(weight, cout, c).map_err(e)?,
+                    dims: (c, h, w),
+                    scale,
+                    shift,
+                }
+            } else {
+                Stage::Conv {
+                    conv: ConvI8::new(weight, cout, c).map_err(e)?,
+                    dims: (c, h, w),
+                    scale,
+                    shift,
+                }
             });
             c = cout;
         }
@@ -650,10 +670,13 @@ fn int8_features(
         acc,
         a,
         b,
-        arg,
+        xw,
+        ks,
     } = cs;
     a.clear();
     a.extend_from_slice(x);
+    // The maximum of `a` when a stage knows it (pooling keeps it).
+    let mut amax = None;
     for st in stages {
         match st {
             Stage::Conv {
@@ -669,10 +692,12 @@ fn int8_features(
                 let s = if m > 0.0 { m / 127.0 } else { 1.0 };
                 let inv = 1.0 / s;
                 xu.clear();
-                xu.extend(
-                    a.iter()
-                        .map(|v| ((v * inv).round().clamp(-127.0, 127.0) as i16 + 128) as u8),
-                );
+                // Rounded half away from zero (as f32::round, which is a libm call
+                // per value on baseline x86-64): truncation of x + copysign(0.5, x).
+                xu.extend(a.iter().map(|v| {
+                    let t = (v * inv).clamp(-127.0, 127.0);
+                    ((t + 0.5f32.copysign(t)) as i32 + 128) as u8
+                }));
                 let np = conv.run(xu, (h, w), cols, acc, parallel);
                 b.resize(conv.cout * hw, 0.0);
                 for co in 0..conv.cout {
@@ -685,14 +710,49 @@ fn int8_features(
                         *o = ((v - off) as f32 * k + shift[co]).max(0.0);
                     }
                 }
+                amax = None;
+                std::mem::swap(a, b);
+            }
+            Stage::Direct {
+                conv,
+                dims,
+                scale,
+                shift,
+            } => {
+                let (c, h, w) = *dims;
+                let hw = h * w;
+                // Unsigned codes, zero as 0: the whole 0..=255 range for values >= 0.
+                let m = match amax {
+                    Some(m) => m,
+                    None => max_nonneg(a),
+                };
+                let s = if m > 0.0 { m / 255.0 } else { 1.0 };
+                ConvU8::pack(a, c, (h, w), 1.0 / s, xw);
+                let np = conv.run(xw, (h, w), acc, parallel);
+                b.resize(conv.cout * hw, 0.0);
+                ks.clear();
+                ks.extend((0..conv.cout).map(|co| conv.scale[co] * s * scale[co]));
+                amax = Some(requant_relu(acc, np, (h, w), ks, shift, b));
                 std::mem::swap(a, b);
             }
             Stage::Pool { dims } => {
                 let (c, h, w) = *dims;
-                let n = c * (h / 2) * (w / 2);
-                b.resize(n, 0.0);
-                arg.resize(n, 0);
-                shoal_model::kernels::conv::maxpool2(a, *dims, b, arg);
+                let (oh, ow) = (h / 2, w / 2);
+                b.resize(c * oh * ow, 0.0);
+                for (ci, o) in b.chunks_exact_mut(oh * ow).enumerate() {
+                    let plane = &a[ci * h * w..(ci + 1) * h * w];
+                    for (oy, orow) in o.chunks_exact_mut(ow).enumerate() {
+                        let r0 = &plane[2 * oy * w..2 * oy * w + 2 * ow];
+                        let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+                        for ((v, p0), p1) in orow
+                            .iter_mut()
+                            .zip(r0.chunks_exact(2))
+                            .zip(r1.chunks_exact(2))
+                        {
+                            *v = p0[0].max(p0[1]).max(p1[0].max(p1[1]));
+                        }
+                    }
+                }
                 std::mem::swap(a, b);
             }
         }
