@@ -7,7 +7,7 @@
 
 use crate::ctr::mix64;
 use crate::kernels::conv::{
-    batchnorm_backward, batchnorm_train, conv3_backward, conv3_forward, maxpool2,
+    batchnorm_backward, batchnorm_train, conv3_backward, conv3_forward, maxpool2, BnScratch,
 };
 use crate::kernels::sgemm;
 use crate::{Error, Result};
@@ -178,6 +178,7 @@ pub struct CnnWork {
     /// A factorized layer's gradient at its rank.
     lr: Vec<f32>,
     scratch: Vec<Scratch>,
+    bn: BnScratch,
 }
 
 /// Uniform in [0, 1) from a hash of (a, b).
@@ -613,6 +614,8 @@ impl Cnn {
                                 &mut ws.istd[i],
                                 &mut ws.xhat[i],
                                 out,
+                                true,
+                                &mut ws.bn,
                             );
                             let n = (batch * hw) as f32;
                             for ci in 0..cout {
@@ -626,21 +629,30 @@ impl Cnn {
                             }
                         }
                         (Some(bn), Mode::Infer { stats }) => {
-                            for ci in 0..cout {
-                                let is = 1.0 / (stats[bn.var + ci] + BN_EPS).sqrt();
-                                let (g, bt, m) =
-                                    (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
-                                for bi in 0..batch {
-                                    let r = (bi * cout + ci) * hw..(bi * cout + ci + 1) * hw;
-                                    for (o, &v) in out[r.clone()].iter_mut().zip(&z[r]) {
-                                        *o = g * (v - m) * is + bt;
+                            let stats = &**stats;
+                            out.par_chunks_mut(hw)
+                                .zip(z.par_chunks(hw))
+                                .enumerate()
+                                .for_each(|(r, (o, zv))| {
+                                    let ci = r % cout;
+                                    let is = 1.0 / (stats[bn.var + ci] + BN_EPS).sqrt();
+                                    let (g, bt, m) =
+                                        (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
+                                    for (o, &v) in o.iter_mut().zip(zv) {
+                                        *o = (g * (v - m) * is + bt).max(0.0);
                                     }
-                                }
-                            }
+                                });
                         }
-                        (None, _) => out.copy_from_slice(z),
+                        (None, _) => {
+                            out.par_chunks_mut(hw)
+                                .zip(z.par_chunks(hw))
+                                .for_each(|(o, zv)| {
+                                    for (o, &v) in o.iter_mut().zip(zv) {
+                                        *o = v.max(0.0);
+                                    }
+                                })
+                        }
                     }
-                    out.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
                 Op::Pool { c, h, w } => {
                     let (isz, osz) = (c * h * w, c * (h / 2) * (w / 2));
@@ -892,16 +904,15 @@ impl Cnn {
                 Op::Pool { c, h, w } => {
                     let (isz, osz) = (c * h * w, c * (h / 2) * (w / 2));
                     ws.g2.resize(batch * isz, 0.0);
-                    ws.g2.fill(0.0);
-                    for bi in 0..batch {
-                        let dx = &mut ws.g2[bi * isz..(bi + 1) * isz];
-                        for (&a, &gv) in ws.arg[i][bi * osz..(bi + 1) * osz]
-                            .iter()
-                            .zip(&ws.g[bi * osz..(bi + 1) * osz])
-                        {
-                            dx[a as usize] += gv;
-                        }
-                    }
+                    ws.g2
+                        .par_chunks_mut(isz)
+                        .zip(ws.arg[i].par_chunks(osz).zip(ws.g.par_chunks(osz)))
+                        .for_each(|(dx, (arg, g))| {
+                            dx.fill(0.0);
+                            for (&a, &gv) in arg.iter().zip(g) {
+                                dx[a as usize] += gv;
+                            }
+                        });
                     std::mem::swap(&mut ws.g, &mut ws.g2);
                 }
                 Op::Conv {
@@ -914,11 +925,15 @@ impl Cnn {
                     ref bn,
                 } => {
                     let hw = h * w;
-                    for (gv, &o) in ws.g.iter_mut().zip(output.iter()) {
-                        if o <= 0.0 {
-                            *gv = 0.0;
-                        }
-                    }
+                    ws.g.par_chunks_mut(hw)
+                        .zip(output.par_chunks(hw))
+                        .for_each(|(g, o)| {
+                            for (gv, &o) in g.iter_mut().zip(o) {
+                                if o <= 0.0 {
+                                    *gv = 0.0;
+                                }
+                            }
+                        });
                     // dz: through BN, or the gradient itself.
                     if let Some(bn) = bn {
                         ws.g2.resize(batch * cout * hw, 0.0);
@@ -932,6 +947,7 @@ impl Cnn {
                             &mut dg[bn.gamma..bn.gamma + cout],
                             &mut rest[..cout],
                             &mut ws.g2,
+                            &mut ws.bn,
                         );
                         std::mem::swap(&mut ws.g, &mut ws.g2);
                     }

@@ -4,6 +4,7 @@
 //! row-major, batches `[B, C, H, W]`.
 
 use super::sgemm;
+use rayon::prelude::*;
 
 /// `cols[(c * 9 + ky * 3 + kx), y * w + x] = x[c, y + ky - 1, x + kx - 1]` (0 outside).
 pub fn im2col3(x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
@@ -143,29 +144,114 @@ pub fn conv3_backward(
 }
 
 /// 2x2 max pooling, stride 2, of one image `[c, h, w]` (h, w even) into `y`
-/// `[c, h/2, w/2]`; `arg` gets the input index of each maximum.
+/// `[c, h/2, w/2]`; `arg` gets the input index of each maximum (the first of equal
+/// values, in the order top-left, top-right, bottom-left, bottom-right). Branch-free
+/// over each output row so that it vectorises.
 pub fn maxpool2(x: &[f32], (c, h, w): (usize, usize, usize), y: &mut [f32], arg: &mut [u32]) {
     let (oh, ow) = (h / 2, w / 2);
     for ci in 0..c {
         for oy in 0..oh {
-            for ox in 0..ow {
-                let base = ci * h * w + 2 * oy * w + 2 * ox;
-                let mut best = base;
-                for i in [base + 1, base + w, base + w + 1] {
-                    if x[i] > x[best] {
-                        best = i;
-                    }
-                }
-                let o = ci * oh * ow + oy * ow + ox;
-                y[o] = x[best];
-                arg[o] = best as u32;
+            let base = ci * h * w + 2 * oy * w;
+            let (r0, r1) = (&x[base..base + w], &x[base + w..base + 2 * w]);
+            let o = ci * oh * ow + oy * ow;
+            for (ox, (yv, av)) in y[o..o + ow].iter_mut().zip(&mut arg[o..o + ow]).enumerate() {
+                let i = base + 2 * ox;
+                let (a, b, cc, d) = (r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]);
+                let (m1, i1) = if b > a { (b, i + 1) } else { (a, i) };
+                let (m2, i2) = if d > cc { (d, i + w + 1) } else { (cc, i + w) };
+                let (m, k) = if m2 > m1 { (m2, i2) } else { (m1, i1) };
+                *yv = m;
+                *av = k as u32;
             }
         }
     }
 }
 
+super::math::multiversion! {
+    /// Two sums over one row in 16 f32 lanes (so they vectorise), returned in f64: of
+    /// the values and of their products with `other` (the row itself for squares).
+    pub fn row_sums(r: &[f32], other: &[f32]) -> [f64; 2] {
+        let (mut a, mut b) = ([0.0f32; 16], [0.0f32; 16]);
+        let mut it = r.chunks_exact(16).zip(other.chunks_exact(16));
+        for (c, o) in &mut it {
+            for j in 0..16 {
+                a[j] += c[j];
+                b[j] += c[j] * o[j];
+            }
+        }
+        let n = r.len() / 16 * 16;
+        let (mut sa, mut sb) = (0.0f64, 0.0f64);
+        for (v, w) in r[n..].iter().zip(&other[n..]) {
+            sa += *v as f64;
+            sb += (*v * *w) as f64;
+        }
+        [
+            sa + a.iter().map(|&v| v as f64).sum::<f64>(),
+            sb + b.iter().map(|&v| v as f64).sum::<f64>(),
+        ]
+    }
+}
+
+super::math::multiversion! {
+    /// `xhat = (x - mu) * is`, `y = max(lo, g * xhat + bt)` over one row.
+    pub fn bn_apply(x: &[f32], xh: &mut [f32], y: &mut [f32], p: [f32; 5]) {
+        let [mu, is, g, bt, lo] = p;
+        for ((h, o), &v) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
+            *h = (v - mu) * is;
+            *o = (g * *h + bt).max(lo);
+        }
+    }
+}
+
+super::math::multiversion! {
+    /// `dx = k * (n * dy - sdy - xhat * sdyx)` over one row.
+    pub fn bn_back_apply(dy: &[f32], xh: &[f32], dx: &mut [f32], p: [f32; 4]) {
+        let [k, n, sdy, sdyx] = p;
+        for ((o, &d), &x) in dx.iter_mut().zip(dy).zip(xh) {
+            *o = k * (n * d - sdy - x * sdyx);
+        }
+    }
+}
+
+/// Per-row [`row_sums`] of `[b, c, hw]` rows in parallel, then per channel in row order
+/// (the same result on any number of threads) into `per_channel`.
+fn channel_sums(
+    x: &[f32],
+    other: Option<&[f32]>,
+    (b, c, hw): (usize, usize, usize),
+    rows: &mut Vec<[f64; 2]>,
+    per_channel: &mut Vec<[f64; 2]>,
+) {
+    rows.resize(b * c, [0.0; 2]);
+    match other {
+        Some(o) => rows
+            .par_iter_mut()
+            .zip(x.par_chunks(hw).zip(o.par_chunks(hw)))
+            .for_each(|(s, (r, o))| *s = row_sums(r, o)),
+        None => rows
+            .par_iter_mut()
+            .zip(x.par_chunks(hw))
+            .for_each(|(s, r)| *s = row_sums(r, r)),
+    }
+    per_channel.clear();
+    per_channel.resize(c, [0.0; 2]);
+    for (i, s) in rows.iter().enumerate() {
+        let t = &mut per_channel[i % c];
+        t[0] += s[0];
+        t[1] += s[1];
+    }
+}
+
+/// Scratch of the batch-normalisation kernels (per-row and per-channel sums).
+#[derive(Debug, Default, Clone)]
+pub struct BnScratch {
+    rows: Vec<[f64; 2]>,
+    chans: Vec<[f64; 2]>,
+}
+
 /// Per channel of `x` `[b, c, hw]`: mean and 1/sqrt(var + eps) (biased variance), the
-/// normalised `xhat`, and `y = gamma * xhat + beta`.
+/// normalised `xhat`, and `y = gamma * xhat + beta` (then `max(0, y)` with `relu`).
+/// Rows run in parallel.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train(
     x: &[f32],
@@ -177,32 +263,31 @@ pub fn batchnorm_train(
     inv_std: &mut [f32],
     xhat: &mut [f32],
     y: &mut [f32],
+    relu: bool,
+    sc: &mut BnScratch,
 ) {
     let n = (b * hw) as f64;
-    for ci in 0..c {
-        let (mut s, mut s2) = (0.0f64, 0.0f64);
-        for bi in 0..b {
-            for &v in &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw] {
-                s += v as f64;
-                s2 += (v as f64) * (v as f64);
-            }
-        }
+    channel_sums(x, None, (b, c, hw), &mut sc.rows, &mut sc.chans);
+    for (ci, &[s, s2]) in sc.chans.iter().enumerate() {
         let m = s / n;
         let var = (s2 / n - m * m).max(0.0);
         mean[ci] = m as f32;
         inv_std[ci] = (1.0 / (var + eps as f64).sqrt()) as f32;
-        let (g, bt, mu, is) = (gamma[ci], beta[ci], mean[ci], inv_std[ci]);
-        for bi in 0..b {
-            let r = (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
-            for ((xh, yv), &v) in xhat[r.clone()].iter_mut().zip(&mut y[r.clone()]).zip(&x[r]) {
-                *xh = (v - mu) * is;
-                *yv = g * *xh + bt;
-            }
-        }
     }
+    let (mean, inv_std) = (&*mean, &*inv_std);
+    xhat.par_chunks_mut(hw)
+        .zip(y.par_chunks_mut(hw))
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(r, ((xh, yv), xv))| {
+            let ci = r % c;
+            let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
+            bn_apply(xv, xh, yv, [mean[ci], inv_std[ci], gamma[ci], beta[ci], lo]);
+        });
 }
 
-/// Backward of [`batchnorm_train`]: from `dy`, adds to `dgamma`, `dbeta`, writes `dx`.
+/// Backward of [`batchnorm_train`] (without its ReLU): from `dy`, adds to `dgamma`,
+/// `dbeta`, writes `dx`. Rows run in parallel.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward(
     dy: &[f32],
@@ -213,28 +298,24 @@ pub fn batchnorm_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
     dx: &mut [f32],
+    sc: &mut BnScratch,
 ) {
     let n = (b * hw) as f32;
-    for ci in 0..c {
-        let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-        for bi in 0..b {
-            let r = (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
-            for (&d, &xh) in dy[r.clone()].iter().zip(&xhat[r]) {
-                sdy += d as f64;
-                sdyx += (d * xh) as f64;
-            }
-        }
+    channel_sums(dy, Some(xhat), (b, c, hw), &mut sc.rows, &mut sc.chans);
+    for (ci, &[sdy, sdyx]) in sc.chans.iter().enumerate() {
         dgamma[ci] += sdyx as f32;
         dbeta[ci] += sdy as f32;
-        let k = gamma[ci] * inv_std[ci] / n;
-        let (sdy, sdyx) = (sdy as f32, sdyx as f32);
-        for bi in 0..b {
-            let r = (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
-            for ((o, &d), &xh) in dx[r.clone()].iter_mut().zip(&dy[r.clone()]).zip(&xhat[r]) {
-                *o = k * (n * d - sdy - xh * sdyx);
-            }
-        }
     }
+    let chans = &sc.chans;
+    dx.par_chunks_mut(hw)
+        .zip(dy.par_chunks(hw).zip(xhat.par_chunks(hw)))
+        .enumerate()
+        .for_each(|(r, (o, (d, xh)))| {
+            let ci = r % c;
+            let k = gamma[ci] * inv_std[ci] / n;
+            let (sdy, sdyx) = (chans[ci][0] as f32, chans[ci][1] as f32);
+            bn_back_apply(d, xh, o, [k, n, sdy, sdyx]);
+        });
 }
 
 #[cfg(test)]
