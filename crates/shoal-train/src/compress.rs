@@ -28,8 +28,18 @@ use std::time::Instant;
 pub enum Quant {
     /// Symmetric int8, one scale per output channel.
     Int8,
-    /// k-means weight sharing with codes of this many bits (1 to 8).
-    Codebook { bits: u32 },
+    /// k-means weight sharing with codes of this many bits (1 to 8); `rate` > 0 makes
+    /// the clustering entropy-constrained (see `Codebook::fit_with_rate`): fewer bits
+    /// per weight after Huffman coding, for some accuracy.
+    Codebook {
+        bits: u32,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rate: f32,
+    },
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 /// One compression configuration.
@@ -73,8 +83,11 @@ impl CompressSpec {
         let e = |x: shoal_compress::Error| Error::Config(x.to_string());
         prune::check_sparsity(self.prune_fc).map_err(e)?;
         prune::check_sparsity(self.prune_conv).map_err(e)?;
-        if let Some(Quant::Codebook { bits }) = self.quant {
+        if let Some(Quant::Codebook { bits, rate }) = self.quant {
             shoal_compress::kmeans::check_bits(bits).map_err(e)?;
+            if !(rate >= 0.0 && rate.is_finite()) {
+                return Err(Error::Config(format!("codebook rate {rate}: must be >= 0")));
+            }
         }
         if self.svd_ratio.is_some() && self.svd_energy.is_some() {
             return Err(Error::Config(
@@ -122,7 +135,10 @@ impl CompressSpec {
         }
         match self.quant {
             Some(Quant::Int8) => parts.push("int8".into()),
-            Some(Quant::Codebook { bits }) => parts.push(format!("{bits}-bit codebook")),
+            Some(Quant::Codebook { bits, rate }) if rate > 0.0 => {
+                parts.push(format!("{bits}-bit codebook (rate {rate})"))
+            }
+            Some(Quant::Codebook { bits, .. }) => parts.push(format!("{bits}-bit codebook")),
             None => {}
         }
         if parts.is_empty() {
@@ -363,10 +379,10 @@ pub fn compress(
                 m.params[t.range()].copy_from_slice(&q.to_dense());
             }
         }
-        Some(Quant::Codebook { bits }) => {
+        Some(Quant::Codebook { bits, rate }) => {
             let mut cbs: Vec<(std::ops::Range<usize>, String, Codebook)> = Vec::new();
             for t in m.net.weights() {
-                let cb = Codebook::fit(&m.params[t.range()], bits, pruning, 30)
+                let cb = Codebook::fit_with_rate(&m.params[t.range()], bits, pruning, 30, rate)
                     .map_err(|e| Error::Config(e.to_string()))?;
                 cbs.push((t.range(), t.name.clone(), cb));
             }

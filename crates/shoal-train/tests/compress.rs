@@ -96,7 +96,7 @@ fn each_technique_stores_what_it_computes_and_does_what_it_says() {
             // Convolutions exactly half pruned: stored dense, zeros keep their code.
             prune_fc: 0.8,
             prune_conv: 0.5,
-            quant: Some(Quant::Codebook { bits: 3 }),
+            quant: Some(Quant::Codebook { bits: 3, rate: 0.0 }),
             fine_tune_steps: 30,
             lr: 1e-3,
             ..Default::default()
@@ -177,7 +177,7 @@ fn each_technique_stores_what_it_computes_and_does_what_it_says() {
                 w.name,
                 zeros
             );
-            if let Some(Quant::Codebook { bits }) = spec.quant {
+            if let Some(Quant::Codebook { bits, .. }) = spec.quant {
                 let mut distinct: Vec<u32> = v
                     .iter()
                     .filter(|x| **x != 0.0)
@@ -271,14 +271,14 @@ fn bad_settings_and_damaged_files_are_refused_and_nothing_is_left_half_written()
         ),
         (
             CompressSpec {
-                quant: Some(Quant::Codebook { bits: 0 }),
+                quant: Some(Quant::Codebook { bits: 0, rate: 0.0 }),
                 ..Default::default()
             },
             "bits",
         ),
         (
             CompressSpec {
-                quant: Some(Quant::Codebook { bits: 9 }),
+                quant: Some(Quant::Codebook { bits: 9, rate: 0.0 }),
                 ..Default::default()
             },
             "bits",
