@@ -764,11 +764,38 @@ unsafe fn tile_vnni(xu: &[u8], batch: usize, w: &[i8], nr: usize, kp: usize, acc
 mod tests {
     use super::*;
 
-    /// The int8 convolution equals a direct integer convolution of the same codes, on
-    /// the VNNI kernel and the portable loop, serial and parallel.
-    /// The direct convolution equals a direct integer convolution of the same codes
-    /// with zero padding, on the VNNI kernel and the portable loop, for output channels
-    /// not a multiple of the tile.
+    /// The integer 3x3 convolution (padding 1) of the codes `xu` (`[cin, h, w]`, `pad`
+    /// outside) with the codes of `q` (`[cout, cin * 9]`), output channel `co` at (y, x).
+    #[allow(clippy::too_many_arguments)]
+    fn reference_conv(
+        xu: &[u8],
+        q: &QuantI8,
+        (cin, h, w): (usize, usize, usize),
+        pad: i32,
+        co: usize,
+        y: usize,
+        x: usize,
+    ) -> i32 {
+        let mut s = 0i32;
+        for ci in 0..cin {
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let (sy, sx) = (y + ky, x + kx);
+                    let v = if sy < 1 || sx < 1 || sy > h || sx > w {
+                        pad
+                    } else {
+                        xu[ci * h * w + (sy - 1) * w + sx - 1] as i32
+                    };
+                    s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
+                }
+            }
+        }
+        s
+    }
+
+    /// The direct convolution equals the integer convolution of the same codes with zero
+    /// padding, on the VNNI kernel and the portable loop, for output channels not a
+    /// multiple of the tile.
     #[test]
     fn direct_int8_convolution_is_exact_in_integers() {
         let (cin, cout, h, w) = (8, 11, 6, 9);
@@ -787,19 +814,7 @@ mod tests {
             for co in 0..cout {
                 for y in 0..h {
                     for x in 0..w {
-                        let mut s = 0i32;
-                        for ci in 0..cin {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (sy, sx) = (y + ky, x + kx);
-                                    if sy < 1 || sx < 1 || sy > h || sx > w {
-                                        continue;
-                                    }
-                                    let v = xu[ci * h * w + (sy - 1) * w + sx - 1] as i32;
-                                    s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
-                                }
-                            }
-                        }
+                        let s = reference_conv(&xu, &q, (cin, h, w), 0, co, y, x);
                         assert_eq!(acc[co * np + y * (w + 2) + x], s, "fast {fast} par {par}");
                     }
                 }
@@ -808,6 +823,9 @@ mod tests {
         assert!(ConvU8::new(&wf[..cout * 3 * 9], cout, 3).is_err());
     }
 
+    /// The int8 convolution equals the integer convolution of the same codes (offset
+    /// codes, so the padding is 128), on the VNNI kernel and the portable loop, serial
+    /// and parallel.
     #[test]
     fn int8_convolution_is_exact_in_integers() {
         let (cin, cout, h, w) = (3, 6, 5, 7);
@@ -830,25 +848,7 @@ mod tests {
             for co in 0..cout {
                 for y in 0..h {
                     for x in 0..w {
-                        let mut s = 0i32;
-                        for ci in 0..cin {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (sy, sx) = (
-                                        y as isize + ky as isize - 1,
-                                        x as isize + kx as isize - 1,
-                                    );
-                                    let v =
-                                        if sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize
-                                        {
-                                            xu[ci * h * w + sy as usize * w + sx as usize] as i32
-                                        } else {
-                                            128
-                                        };
-                                    s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
-                                }
-                            }
-                        }
+                        let s = reference_conv(&xu, &q, (cin, h, w), 128, co, y, x);
                         assert_eq!(acc[co * np + y * w + x], s, "fast {fast} par {par}");
                     }
                 }

@@ -201,7 +201,8 @@ pub fn linear_forward(
 }
 
 /// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
-/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer.
+/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer. (Training goes through
+/// [`linear_forward_grad`]; this two-pass path is the reference its test compares with.)
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     logits: Vec<f32>,
@@ -236,16 +237,23 @@ pub fn linear_backward(
 mod tests {
     use super::*;
 
+    /// Inputs `x [n, h]`, weights `w [v, h]` and bias `b [v]` of a projection.
+    fn projection(n: usize, h: usize, v: usize) -> [Vec<f32>; 3] {
+        [
+            (0..n * h)
+                .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
+                .collect(),
+            (0..v * h)
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+                .collect(),
+            (0..v).map(|i| (i as f32 * 0.7).sin()).collect(),
+        ]
+    }
+
     #[test]
     fn linear_version_matches_finite_differences() {
         let (n, h, v) = (3, 4, 6);
-        let x: Vec<f32> = (0..n * h)
-            .map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3)
-            .collect();
-        let w: Vec<f32> = (0..v * h)
-            .map(|i| ((i * 11 % 9) as f32 - 4.0) * 0.2)
-            .collect();
-        let b: Vec<f32> = (0..v).map(|i| i as f32 * 0.1).collect();
+        let [x, w, b] = projection(n, h, v);
         let targets = [1u32, 5, 2];
         let weights = [1.0, 0.0, 1.0];
         let f = |x: &[f32], w: &[f32], b: &[f32]| {
@@ -279,13 +287,7 @@ mod tests {
     #[test]
     fn training_forward_gives_the_same_loss_and_gradients() {
         let (n, h, v) = (7, 5, 37);
-        let x: Vec<f32> = (0..n * h)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
-            .collect();
-        let w: Vec<f32> = (0..v * h)
-            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
-            .collect();
-        let b: Vec<f32> = (0..v).map(|i| (i as f32 * 0.7).sin()).collect();
+        let [x, w, b] = projection(n, h, v);
         let targets = [1u32, 36, 2, 0, 9, 9, 20];
         let weights = [1.0, 0.0, 1.0, 1.0, 0.5, 1.0, 1.0];
         for (threads, grad) in [(1, 1.0), (3, 1.0), (2, 0.37)] {
