@@ -581,25 +581,21 @@ impl Cnn {
                     let z = &mut ws.pre[i];
                     // (Splitting one image's product over the threads measured slower at
                     // batch 1: the products are small; images are the unit of work.)
-                    {
+                    let conv = |((zc, xc), sc): ((&mut [f32], &[f32]), &mut Scratch)| {
+                        sc.cols.resize(cin * 9 * h * w, 0.0);
+                        for (zi, xi) in zc.chunks_mut(osz).zip(xc.chunks(isz)) {
+                            conv3_forward(xi, (cin, h, w), wts, b, cout, &mut sc.cols, zi, 1);
+                        }
+                    };
+                    if batch == 1 {
+                        // On the calling thread: handing one image to the pool costs a
+                        // wake-up, and its spinning workers then compete for the cores.
+                        conv(((&mut z[..], input), &mut ws.scratch[0]));
+                    } else {
                         z.par_chunks_mut(per * osz)
                             .zip(input.par_chunks(per * isz))
                             .zip(ws.scratch.par_iter_mut())
-                            .for_each(|((zc, xc), sc)| {
-                                sc.cols.resize(cin * 9 * h * w, 0.0);
-                                for (zi, xi) in zc.chunks_mut(osz).zip(xc.chunks(isz)) {
-                                    conv3_forward(
-                                        xi,
-                                        (cin, h, w),
-                                        wts,
-                                        b,
-                                        cout,
-                                        &mut sc.cols,
-                                        zi,
-                                        1,
-                                    );
-                                }
-                            });
+                            .for_each(conv);
                     }
                     let hw = h * w;
                     match (bn, &mut mode) {
@@ -630,36 +626,52 @@ impl Cnn {
                         }
                         (Some(bn), Mode::Infer { stats }) => {
                             let stats = &**stats;
-                            out.par_chunks_mut(hw)
-                                .zip(z.par_chunks(hw))
-                                .enumerate()
-                                .for_each(|(r, (o, zv))| {
-                                    let ci = r % cout;
-                                    let is = 1.0 / (stats[bn.var + ci] + BN_EPS).sqrt();
-                                    let (g, bt, m) =
-                                        (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
-                                    for (o, &v) in o.iter_mut().zip(zv) {
-                                        *o = (g * (v - m) * is + bt).max(0.0);
-                                    }
-                                });
+                            let row = |(r, (o, zv)): (usize, (&mut [f32], &[f32]))| {
+                                let ci = r % cout;
+                                let is = 1.0 / (stats[bn.var + ci] + BN_EPS).sqrt();
+                                let (g, bt, m) =
+                                    (p[bn.gamma + ci], p[bn.beta + ci], stats[bn.mean + ci]);
+                                for (o, &v) in o.iter_mut().zip(zv) {
+                                    *o = (g * (v - m) * is + bt).max(0.0);
+                                }
+                            };
+                            // Over the pool only for more than one image (see above).
+                            if batch == 1 {
+                                out.chunks_mut(hw)
+                                    .zip(z.chunks(hw))
+                                    .enumerate()
+                                    .for_each(row);
+                            } else {
+                                out.par_chunks_mut(hw)
+                                    .zip(z.par_chunks(hw))
+                                    .enumerate()
+                                    .for_each(row);
+                            }
                         }
                         (None, _) => {
-                            out.par_chunks_mut(hw)
-                                .zip(z.par_chunks(hw))
-                                .for_each(|(o, zv)| {
-                                    for (o, &v) in o.iter_mut().zip(zv) {
-                                        *o = v.max(0.0);
-                                    }
-                                })
+                            let row = |(o, zv): (&mut [f32], &[f32])| {
+                                for (o, &v) in o.iter_mut().zip(zv) {
+                                    *o = v.max(0.0);
+                                }
+                            };
+                            if batch == 1 {
+                                out.chunks_mut(hw).zip(z.chunks(hw)).for_each(row);
+                            } else {
+                                out.par_chunks_mut(hw).zip(z.par_chunks(hw)).for_each(row);
+                            }
                         }
                     }
                 }
                 Op::Pool { c, h, w } => {
                     let (isz, osz) = (c * h * w, c * (h / 2) * (w / 2));
-                    out.par_chunks_mut(osz)
-                        .zip(ws.arg[i].par_chunks_mut(osz))
-                        .zip(input.par_chunks(isz))
-                        .for_each(|((o, a), xi)| maxpool2(xi, (c, h, w), o, a));
+                    if batch == 1 {
+                        maxpool2(input, (c, h, w), out, &mut ws.arg[i]);
+                    } else {
+                        out.par_chunks_mut(osz)
+                            .zip(ws.arg[i].par_chunks_mut(osz))
+                            .zip(input.par_chunks(isz))
+                            .for_each(|((o, a), xi)| maxpool2(xi, (c, h, w), o, a));
+                    }
                 }
                 Op::Fc {
                     inp,
@@ -1102,6 +1114,19 @@ mod tests {
             .to_vec();
         let b = small.predict(&p, &s, &x, 2, &mut ws).unwrap().to_vec();
         assert_eq!(a, b, "without BN or dropout, training and inference agree");
+        // One image at a time (run on the calling thread) gives each batch row, with BN
+        // and without.
+        for net in [small, tiny(true, 0.0)] {
+            let (p, s) = net.init(5);
+            let all = net.predict(&p, &s, &x, 2, &mut ws).unwrap().to_vec();
+            let n = net.input_len();
+            let mut w1 = CnnWork::default();
+            for (i, img) in x.chunks(n).enumerate() {
+                let one = net.predict(&p, &s, img, 1, &mut w1).unwrap();
+                let k = one.len();
+                assert_eq!(one, &all[i * k..(i + 1) * k], "image {i}");
+            }
+        }
         assert!(Cnn::new(CnnConfig {
             input: [1, 5, 5],
             ..Default::default()
