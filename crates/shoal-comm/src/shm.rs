@@ -435,14 +435,21 @@ impl ShmTransport {
         (0..self.size).filter(move |&p| p != rank)
     }
 
-    /// Sends `msg` to every peer, then receives one message of the same size from each
-    /// into `got[peer]`.
-    fn all_to_all(&mut self, tag: u32, msg: [u8; 16], got: &mut [[u8; 16]]) -> Result<()> {
+    /// Sends `msg` to every peer, then receives one message of the same size from each,
+    /// handing it to `got(self, peer, message)`.
+    fn all_to_all(
+        &mut self,
+        tag: u32,
+        msg: [u8; 16],
+        mut got: impl FnMut(&mut Self, usize, [u8; 16]),
+    ) -> Result<()> {
         for p in self.peers() {
             self.send(p, tag, &msg)?;
         }
         for p in self.peers() {
-            self.recv(p, tag, &mut got[p])?;
+            let mut m = [0u8; 16];
+            self.recv(p, tag, &mut m)?;
+            got(self, p, m);
         }
         Ok(())
     }
@@ -450,31 +457,24 @@ impl ShmTransport {
     /// Each rank reads every peer's probe word; the single-copy path is used only if
     /// every rank allows it and every read succeeded, on every rank.
     fn agree_single_copy(&mut self, allowed: bool) -> Result<bool> {
-        let mut got = vec![[0u8; 16]; self.size];
         let addr = &*self.probe as *const u64 as u64;
-        self.all_to_all(TAG_PROBE, pair_bytes(u64::from(allowed), addr), &mut got)?;
         let mut ok = allowed;
-        for p in self.peers() {
-            let (theirs, at) = pair_of(&got[p]);
-            let mut word = [0u8; 8];
-            ok &= theirs == 1
-                && read_remote(self.pids[p], at, &mut word, p).is_ok()
-                && u64::from_le_bytes(word) == PROBE_MAGIC ^ p as u64;
-        }
-        self.all_to_all(TAG_AGREE, pair_bytes(u64::from(ok), 0), &mut got)?;
-        Ok(ok && self.peers().all(|p| pair_of(&got[p]).0 == 1))
-    }
-
-    /// Tells every peer this rank reached `tag`'s point, and waits until all have.
-    fn rendezvous(&mut self, tag: u32) -> Result<()> {
-        let mut got = [[0u8; 16]; 1];
-        for p in self.peers() {
-            self.send(p, tag, &[0u8; 16])?;
-        }
-        for p in self.peers() {
-            self.recv(p, tag, &mut got[0])?;
-        }
-        Ok(())
+        self.all_to_all(
+            TAG_PROBE,
+            pair_bytes(u64::from(allowed), addr),
+            |t, p, m| {
+                let (theirs, at) = pair_of(&m);
+                let mut word = [0u8; 8];
+                ok &= theirs == 1
+                    && read_remote(t.pids[p], at, &mut word, p).is_ok()
+                    && u64::from_le_bytes(word) == PROBE_MAGIC ^ p as u64;
+            },
+        )?;
+        let mut all = ok;
+        self.all_to_all(TAG_AGREE, pair_bytes(u64::from(ok), 0), |_, _, m| {
+            all &= pair_of(&m).0 == 1;
+        })?;
+        Ok(all)
     }
 
     /// The single-copy sum allreduce: trade buffer addresses; reduce this rank's
@@ -484,20 +484,19 @@ impl ShmTransport {
     /// more.
     fn allreduce_single_copy(&mut self, data: &mut [f32]) -> Result<()> {
         let (n, r, len) = (self.size, self.rank, data.len());
-        let mut got = [[0u8; 16]; 1];
         let mine = pair_bytes(data.as_ptr() as u64, len as u64);
-        for p in self.peers() {
-            self.send(p, TAG_ADDR, &mine)?;
-        }
-        for p in self.peers() {
-            self.recv(p, TAG_ADDR, &mut got[0])?;
-            let (at, their_len) = pair_of(&got[0]);
+        let mut mismatch = None;
+        self.all_to_all(TAG_ADDR, mine, |t, p, m| {
+            let (at, their_len) = pair_of(&m);
             if their_len != len as u64 {
-                return Err(Error::Mismatch(format!(
-                    "allreduce of {len} values, rank {p} passed {their_len}"
-                )));
+                mismatch.get_or_insert((p, their_len));
             }
-            self.remote[p] = at;
+            t.remote[p] = at;
+        })?;
+        if let Some((p, their_len)) = mismatch {
+            return Err(Error::Mismatch(format!(
+                "allreduce of {len} values, rank {p} passed {their_len}"
+            )));
         }
         let (a, b) = split_range(len, n, r);
         let mut at = a;
@@ -520,7 +519,7 @@ impl ShmTransport {
             }
             at += m;
         }
-        self.rendezvous(TAG_REDUCED)?;
+        self.all_to_all(TAG_REDUCED, [0; 16], |_, _, _| {})?;
         for p in 0..n {
             if p == r {
                 continue;
@@ -529,7 +528,7 @@ impl ShmTransport {
             let dst = f32_bytes_mut(&mut data[a..b]);
             read_remote(self.pids[p], self.remote[p] + 4 * a as u64, dst, p)?;
         }
-        self.rendezvous(TAG_GATHERED)?;
+        self.all_to_all(TAG_GATHERED, [0; 16], |_, _, _| {})?;
         Ok(())
     }
 }
