@@ -764,33 +764,49 @@ unsafe fn tile_vnni(xu: &[u8], batch: usize, w: &[i8], nr: usize, kp: usize, acc
 mod tests {
     use super::*;
 
-    /// The integer 3x3 convolution (padding 1) of the codes `xu` (`[cin, h, w]`, `pad`
-    /// outside) with the codes of `q` (`[cout, cin * 9]`), output channel `co` at (y, x).
-    #[allow(clippy::too_many_arguments)]
-    fn reference_conv(
+    /// Weights `[cout, cin, 3, 3]` (f32 and their int8 codes) and an unsigned image
+    /// `[cin, h, w]` for the convolution tests.
+    fn conv_case(cin: usize, cout: usize, (h, w): (usize, usize)) -> (Vec<f32>, QuantI8, Vec<u8>) {
+        let wf: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| (i as f32 * 0.53).cos())
+            .collect();
+        let q = QuantI8::from_dense(&wf, cout, cin * 9).unwrap();
+        let xu: Vec<u8> = (0..cin * h * w).map(|i| (i * 53 % 256) as u8).collect();
+        (wf, q, xu)
+    }
+
+    /// Every output `acc[co * np + y * row + x]` equals the integer 3x3 convolution
+    /// (padding 1, `pad` outside) of the codes `xu` with the codes of `q`.
+    fn assert_exact(
+        acc: &[i32],
+        (np, row): (usize, usize),
         xu: &[u8],
         q: &QuantI8,
         (cin, h, w): (usize, usize, usize),
         pad: i32,
-        co: usize,
-        y: usize,
-        x: usize,
-    ) -> i32 {
-        let mut s = 0i32;
-        for ci in 0..cin {
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let (sy, sx) = (y + ky, x + kx);
-                    let v = if sy < 1 || sx < 1 || sy > h || sx > w {
-                        pad
-                    } else {
-                        xu[ci * h * w + (sy - 1) * w + sx - 1] as i32
-                    };
-                    s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
+        what: &str,
+    ) {
+        for co in 0..q.rows {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut s = 0i32;
+                    for ci in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (sy, sx) = (y + ky, x + kx);
+                                let v = if sy < 1 || sx < 1 || sy > h || sx > w {
+                                    pad
+                                } else {
+                                    xu[ci * h * w + (sy - 1) * w + sx - 1] as i32
+                                };
+                                s += v * q.q[co * cin * 9 + ci * 9 + ky * 3 + kx] as i32;
+                            }
+                        }
+                    }
+                    assert_eq!(acc[co * np + y * row + x], s, "{what}: ({co}, {y}, {x})");
                 }
             }
         }
-        s
     }
 
     /// The direct convolution equals the integer convolution of the same codes with zero
@@ -799,26 +815,16 @@ mod tests {
     #[test]
     fn direct_int8_convolution_is_exact_in_integers() {
         let (cin, cout, h, w) = (8, 11, 6, 9);
-        let wf: Vec<f32> = (0..cout * cin * 9)
-            .map(|i| (i as f32 * 0.53).cos())
-            .collect();
+        let (wf, q, xu) = conv_case(cin, cout, (h, w));
         let conv = ConvU8::new(&wf, cout, cin).unwrap();
-        let q = QuantI8::from_dense(&wf, cout, cin * 9).unwrap();
-        let xu: Vec<u8> = (0..cin * h * w).map(|i| (i * 53 % 256) as u8).collect();
         let xf: Vec<f32> = xu.iter().map(|&v| v as f32 * 0.5).collect();
         let mut packed = Vec::new();
         ConvU8::pack(&xf, cin, (h, w), 2.0, &mut packed);
         for (fast, par) in [(true, true), (true, false), (false, false)] {
             let mut acc = Vec::new();
             let np = conv.run_with(&packed, (h, w), &mut acc, par, fast);
-            for co in 0..cout {
-                for y in 0..h {
-                    for x in 0..w {
-                        let s = reference_conv(&xu, &q, (cin, h, w), 0, co, y, x);
-                        assert_eq!(acc[co * np + y * (w + 2) + x], s, "fast {fast} par {par}");
-                    }
-                }
-            }
+            let what = format!("fast {fast} par {par}");
+            assert_exact(&acc, (np, w + 2), &xu, &q, (cin, h, w), 0, &what);
         }
         assert!(ConvU8::new(&wf[..cout * 3 * 9], cout, 3).is_err());
     }
@@ -829,30 +835,14 @@ mod tests {
     #[test]
     fn int8_convolution_is_exact_in_integers() {
         let (cin, cout, h, w) = (3, 6, 5, 7);
-        let wf: Vec<f32> = (0..cout * cin * 9)
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
+        let (wf, q, xu) = conv_case(cin, cout, (h, w));
         let conv = ConvI8::new(&wf, cout, cin).unwrap();
-        let q = QuantI8::from_dense(&wf, cout, cin * 9).unwrap();
-        let xu: Vec<u8> = (0..cin * h * w).map(|i| (i * 37 % 251) as u8).collect();
         for (fast, par) in [(true, true), (true, false), (false, true)] {
             let mut acc = Vec::new();
-            let np = conv.run_with(
-                &xu,
-                (h, w),
-                &mut ConvScratch::default(),
-                &mut acc,
-                par,
-                fast,
-            );
-            for co in 0..cout {
-                for y in 0..h {
-                    for x in 0..w {
-                        let s = reference_conv(&xu, &q, (cin, h, w), 128, co, y, x);
-                        assert_eq!(acc[co * np + y * w + x], s, "fast {fast} par {par}");
-                    }
-                }
-            }
+            let mut sc = ConvScratch::default();
+            let np = conv.run_with(&xu, (h, w), &mut sc, &mut acc, par, fast);
+            let what = format!("fast {fast} par {par}");
+            assert_exact(&acc, (np, w), &xu, &q, (cin, h, w), 128, &what);
         }
     }
 
