@@ -148,30 +148,6 @@ pub fn forward(logits: &[f32], v: usize, targets: &[u32], weights: &[f32]) -> (f
     ((total / count as f64) as f32, lse)
 }
 
-/// Backward: turns `logits` (consumed) into `d loss / d logits` scaled by `grad`.
-pub fn backward(
-    mut logits: Vec<f32>,
-    v: usize,
-    targets: &[u32],
-    weights: &[f32],
-    lse: &[f32],
-    grad: f32,
-) -> Vec<f32> {
-    let count: f32 = weights.iter().sum::<f32>().max(1.0);
-    logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-        let scale = grad * weights[i] / count;
-        if scale == 0.0 {
-            row.fill(0.0);
-            return;
-        }
-        let l = lse[i];
-        math::exp_scale(row, l, scale);
-        let t = (targets[i] as usize).min(v - 1);
-        row[t] -= scale;
-    });
-    logits
-}
-
 /// Output projection fused with the cross-entropy: `logits = x W^T + b` computed into
 /// `logits` (`[N, V]`, reused by the backward pass), then [`forward`].
 /// `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`.
@@ -200,42 +176,66 @@ pub fn linear_forward(
     forward(logits, v, targets, weights)
 }
 
-/// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
-/// `(dx [N, H], dw [V, H], db [V])`. Consumes the logits buffer. (Training goes through
-/// [`linear_forward_grad`]; this two-pass path is the reference its test compares with.)
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward(
-    logits: Vec<f32>,
-    x: &[f32],
-    w: &[f32],
-    h: usize,
-    targets: &[u32],
-    weights: &[f32],
-    lse: &[f32],
-    grad: f32,
-    threads: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = targets.len();
-    let v = logits.len() / n.max(1);
-    let dl = backward(logits, v, targets, weights, lse, grad);
-    let mut dx = vec![0.0f32; n * h];
-    // dx = dl W  ([N, V] x [V, H]).
-    super::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
-    let mut dw = vec![0.0f32; v * h];
-    // dW = dl^T x  ([V, N] x [N, H]).
-    super::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
-    let mut db = vec![0.0f32; v];
-    for row in dl.chunks_exact(v) {
-        for (acc, g) in db.iter_mut().zip(row) {
-            *acc += g;
-        }
-    }
-    (dx, dw, db)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Backward: turns `logits` (consumed) into `d loss / d logits` scaled by `grad`.
+    fn backward(
+        mut logits: Vec<f32>,
+        v: usize,
+        targets: &[u32],
+        weights: &[f32],
+        lse: &[f32],
+        grad: f32,
+    ) -> Vec<f32> {
+        let count: f32 = weights.iter().sum::<f32>().max(1.0);
+        logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+            let scale = grad * weights[i] / count;
+            if scale == 0.0 {
+                row.fill(0.0);
+                return;
+            }
+            let l = lse[i];
+            math::exp_scale(row, l, scale);
+            let t = (targets[i] as usize).min(v - 1);
+            row[t] -= scale;
+        });
+        logits
+    }
+
+    /// Gradients of [`linear_forward`] given the upstream gradient `grad` of the loss:
+    /// `(dx [N, H], dw [V, H], db [V])`, the two-pass way (softmax gradient, then the
+    /// products): the reference [`linear_forward_grad`] is compared with.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        logits: Vec<f32>,
+        x: &[f32],
+        w: &[f32],
+        h: usize,
+        targets: &[u32],
+        weights: &[f32],
+        lse: &[f32],
+        grad: f32,
+        threads: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = targets.len();
+        let v = logits.len() / n.max(1);
+        let dl = backward(logits, v, targets, weights, lse, grad);
+        let mut dx = vec![0.0f32; n * h];
+        // dx = dl W  ([N, V] x [V, H]).
+        crate::kernels::sgemm(n, h, v, &dl, v, 1, w, h, 1, &mut dx, h, false, threads);
+        let mut dw = vec![0.0f32; v * h];
+        // dW = dl^T x  ([V, N] x [N, H]).
+        crate::kernels::sgemm(v, h, n, &dl, 1, v, x, h, 1, &mut dw, h, false, threads);
+        let mut db = vec![0.0f32; v];
+        for row in dl.chunks_exact(v) {
+            for (acc, g) in db.iter_mut().zip(row) {
+                *acc += g;
+            }
+        }
+        (dx, dw, db)
+    }
 
     /// Inputs `x [n, h]`, weights `w [v, h]` and bias `b [v]` of a projection.
     fn projection(n: usize, h: usize, v: usize) -> [Vec<f32>; 3] {
