@@ -1,7 +1,11 @@
 //! Generates the gRPC service code from `proto/control.proto` (and the transport
-//! benchmark's `proto/transfer.proto`); needs `protoc`, from Debian's `protobuf-compiler`.
+//! benchmark's `proto/transfer.proto`), parsed by `protox` (a protobuf compiler in Rust:
+//! no system protoc).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::compile_protos("proto/control.proto")?;
-    tonic_prost_build::compile_protos("proto/transfer.proto")?;
+    for proto in ["control.proto", "transfer.proto"] {
+        println!("cargo:rerun-if-changed=proto/{proto}");
+        let fds = protox::compile([proto], ["proto"])?;
+        tonic_prost_build::configure().compile_fds(fds)?;
+    }
     Ok(())
 }

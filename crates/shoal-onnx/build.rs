@@ -1,7 +1,8 @@
 //! Generates the ONNX message types from `proto/onnx.proto` (the subset shoal uses, with
-//! ONNX's field numbers); needs `protoc`, from Debian's `protobuf-compiler`.
+//! ONNX's field numbers), parsed by `protox` (a protobuf compiler in Rust: no system protoc).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
-    prost_build::compile_protos(&["proto/onnx.proto"], &["proto"])?;
+    let fds = protox::compile(["onnx.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }
