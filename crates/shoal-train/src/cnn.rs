@@ -92,6 +92,8 @@ pub enum CnnEvent {
         epoch: u64,
         /// Running mean loss (exponential, 0.98).
         loss: f64,
+        /// This update's batch loss.
+        batch_loss: f32,
         images_per_s: f64,
     },
     Eval {
@@ -433,6 +435,7 @@ impl CnnTrainer {
                         step,
                         epoch: ep,
                         loss: e,
+                        batch_loss: loss,
                         images_per_s: ips,
                     });
                 },

@@ -164,6 +164,8 @@ pub enum CtrEvent {
         epoch: u64,
         /// Running mean log loss (exponential, 0.99).
         loss: f64,
+        /// This update's mean log loss over its batch (this worker's share).
+        batch_loss: f64,
         examples_per_s: f64,
     },
     Eval {
@@ -627,6 +629,7 @@ impl CtrTrainer {
                     step: self.step,
                     epoch,
                     loss: m,
+                    batch_loss: loss,
                     examples_per_s: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
                 });
             }

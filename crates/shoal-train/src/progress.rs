@@ -219,6 +219,7 @@ impl CtrProgress {
                 epoch,
                 loss,
                 examples_per_s,
+                ..
             } => self.bar.step(
                 *step,
                 format!(
@@ -279,6 +280,7 @@ impl CnnProgress {
                 epoch,
                 loss,
                 images_per_s,
+                ..
             } => self.bar.step(
                 *step,
                 format!(

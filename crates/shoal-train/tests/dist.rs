@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{config, slice};
+use common::{config, slice, INIT};
 use shoal_comm::local::LocalTransport;
 use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
 use shoal_comm::{Communicator, Transport};
@@ -18,10 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const STEPS: &str = "6";
-
-/// Model initialisation draws from the engine's global generator, and tests run on
-/// parallel threads: one initialisation at a time.
-static INIT: Mutex<()> = Mutex::new(());
 
 fn single(cfg: NmtTrainConfig, tok: &Tokenizers) -> (Vec<f32>, Vec<f32>) {
     let out = tempfile::tempdir().unwrap();
