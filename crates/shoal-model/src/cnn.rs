@@ -1064,7 +1064,6 @@ mod tests {
             let mut g = vec![0.0; net.len()];
             net.loss_and_grad(&p, &mut s, &x, &labels, 1, &mut ws, &mut g)
                 .unwrap();
-            let mut worst = 0.0f32;
             for i in 0..net.len() {
                 let eps = 2e-3f32;
                 let old = p[i];
@@ -1080,19 +1079,18 @@ mod tests {
                 p[i] = old;
                 let fd = (lp - lm) / (2.0 * eps);
                 let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-2));
-                worst = worst.max(err);
                 assert!(
                     err < 2e-2,
                     "bn {bn}: param {i}: analytic {} vs fd {fd}",
                     g[i]
                 );
             }
-            assert!(worst < 2e-2);
         }
     }
 
-    /// Inference with running statistics equal to the batch's own after one step of
-    /// momentum 1 matches training-mode output; shapes and names are PyTorch's.
+    /// Shapes and names are PyTorch's; without BN or dropout, inference equals the
+    /// training-mode output; one image at a time equals its row of a batch, with BN and
+    /// without. (Batch 1 against PyTorch's outputs: shoal-train's tests/onnx.rs.)
     #[test]
     fn layout_and_inference() {
         let net = Cnn::new(CnnConfig::default()).unwrap();

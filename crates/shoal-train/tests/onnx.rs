@@ -36,8 +36,18 @@ fn logits(m: &CnnModel, x: &[f32], batch: usize) -> Vec<f32> {
         .to_vec()
 }
 
+/// shoal's f32 network against PyTorch's and onnxruntime's f32 outputs on the same
+/// weights: other summation orders (measured worst 4.6e-7 relative; bound 10x that).
+const TOL_F32: f32 = 5e-6;
+
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0f32, f32::max);
+    eprintln!("MEASURE {what}: {worst:e}");
     for (x, y) in a.iter().zip(b) {
         assert!(
             (x - y).abs() <= tol * y.abs().max(1.0),
@@ -53,12 +63,19 @@ fn a_pytorch_export_imports_and_compresses() {
     assert_eq!(m.cfg.model.blocks, vec![vec![3], vec![4]]);
     assert_eq!((m.cfg.model.fc.clone(), m.cfg.model.classes), (vec![6], 3));
     let x = floats(&r["input"]);
-    close(
-        &logits(&m, &x, 3),
-        &floats(&r["pytorch_logits"]),
-        1e-4,
-        "imported vs PyTorch",
-    );
+    let want = floats(&r["pytorch_logits"]);
+    close(&logits(&m, &x, 3), &want, TOL_F32, "imported vs PyTorch");
+    // One image at a time (batch 1 runs on the calling thread, in other code than a
+    // batch): each gives its PyTorch logits too.
+    let (n, k) = (x.len() / 3, want.len() / 3);
+    for i in 0..3 {
+        close(
+            &logits(&m, &x[i * n..(i + 1) * n], 1),
+            &want[i * k..(i + 1) * k],
+            TOL_F32,
+            &format!("image {i} alone vs PyTorch"),
+        );
+    }
     // It compresses like a trained shoal model, and exports back to the same network.
     let spec = CompressSpec {
         quant: Some(Quant::Int8),
@@ -75,7 +92,8 @@ fn a_pytorch_export_imports_and_compresses() {
     close(
         &logits(&q, &x, 3),
         &floats(&r["pytorch_logits"]),
-        0.05,
+        // int8 weights and activations: measured 7.1e-4.
+        5e-3,
         "int8 vs PyTorch",
     );
     let d = tempfile::tempdir().unwrap();
@@ -126,6 +144,11 @@ fn native(rank: bool) -> CnnModel {
 #[test]
 fn exports_are_what_onnxruntime_ran_and_agree_with_it() {
     let write = std::env::var_os("SHOAL_WRITE_FIXTURES").is_some();
+    // Rewriting the fixtures checks nothing: never in CI.
+    assert!(
+        !(write && std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")),
+        "SHOAL_WRITE_FIXTURES is set under CI"
+    );
     let r = recorded();
     let x = floats(&r["input"]);
     let ort: serde_json::Value = if write {
@@ -160,15 +183,10 @@ fn exports_are_what_onnxruntime_ran_and_agree_with_it() {
             bytes == std::fs::read(&path).unwrap(),
             "{name}: export differs from the fixture onnxruntime ran"
         );
-        close(&logits(&m, &x, 3), &floats(&ort[name]), 1e-4, name);
+        close(&logits(&m, &x, 3), &floats(&ort[name]), TOL_F32, name);
         // And it reads back as the same network.
         let back = import(&path).unwrap();
-        close(
-            &back.params,
-            &m.params,
-            1e-6,
-            &format!("{name} re-imported"),
-        );
+        assert_eq!(back.params, m.params, "{name} re-imported");
     }
 }
 
