@@ -12,8 +12,10 @@ fn pinned(name: &str, toml_text: &str) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/defaults/{name}.toml"));
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (got, want): (toml::Table, toml::Table) =
-        (toml::from_str(toml_text).unwrap(), toml::from_str(&want).unwrap());
+    let (got, want): (toml::Table, toml::Table) = (
+        toml::from_str(toml_text).unwrap(),
+        toml::from_str(&want).unwrap(),
+    );
     assert_eq!(
         got,
         want,
@@ -34,8 +36,8 @@ fn default_configurations_are_pinned() {
 /// alternatives after `|` or an explanation after ` = ` or `:` allowed).
 #[test]
 fn readme_states_the_nmt_defaults() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let defaults: toml::Table = toml::from_str(&NmtTrainConfig::default().to_toml()).unwrap();
     for (section, fields) in &defaults {
         let fields = fields.as_table().unwrap();
@@ -45,9 +47,9 @@ fn readme_states_the_nmt_defaults() {
             .unwrap_or_else(|| panic!("README: no configuration row for [{section}]"));
         for (field, value) in fields {
             let key = format!("`{field}` (");
-            let at = row
-                .find(&key)
-                .unwrap_or_else(|| panic!("README: [{section}] does not state `{field}`'s default"));
+            let at = row.find(&key).unwrap_or_else(|| {
+                panic!("README: [{section}] does not state `{field}`'s default")
+            });
             let rest = &row[at + key.len()..];
             let stated = rest[..rest.find(')').unwrap()]
                 .split(['|', '\\'])
