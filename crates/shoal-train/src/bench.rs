@@ -54,6 +54,9 @@ pub struct NmtBenchResult {
     pub seconds: f64,
     pub loss_first: f32,
     pub loss_last: f32,
+    /// Every update's loss, warm-up included (the peer trains from the same initial
+    /// weights on the same batches, so the two curves must agree).
+    pub losses: Vec<f32>,
     pub peak_rss_mb: f64,
     pub threads: usize,
     /// Trainable parameters.
@@ -118,6 +121,13 @@ fn fixed_batches(batcher: &Batcher, steps: usize, batch: usize, len: usize) -> V
         epoch += 1;
     }
     out
+}
+
+/// Where `--dump-batches FILE` puts the initial weights: `FILE.init.safetensors`.
+pub fn init_path(batches: &Path) -> PathBuf {
+    let mut s = batches.as_os_str().to_owned();
+    s.push(".init.safetensors");
+    PathBuf::from(s)
 }
 
 fn write_batches(path: &Path, batches: &[Batch], vocab: (usize, usize)) -> Result<()> {
@@ -196,7 +206,27 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
     let model = cfg.init::<CpuTrain>(&Default::default())?;
     let n = shoal_model::FlatLayout::of(&model).total;
     let opt = Optimizer::new(OptimizerConfig::default(), n)?;
-    let mut learner = Learner::fresh(model, opt, 1.0)?;
+    let learner_init = Learner::fresh(model, opt, 1.0)?;
+    if let Some(p) = &opts.dump_batches {
+        // The initial weights beside the batches, by parameter name, for the peer.
+        let init = init_path(p);
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = learner_init
+            .layout
+            .params
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.shape.clone(),
+                    &learner_init.params[t.offset..t.offset + t.len],
+                )
+            })
+            .collect();
+        let bytes = crate::checkpoint::serialize_tensors(&tensors, &init)?;
+        std::fs::write(&init, bytes).map_err(io_err(&init))?;
+        log(&format!("wrote the initial weights to {}", init.display()));
+    }
+    let mut learner = learner_init;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -244,6 +274,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         seconds,
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
         peak_rss_mb: peak_rss_mb(),
         threads,
         params: n,
