@@ -9,9 +9,17 @@ use common::{expected_sum, input};
 use shoal_comm::mpi::MpiTransport;
 use shoal_comm::{Communicator, Transport};
 
-/// Starts this test binary under `mpirun -n ranks`, running `mpi_rank` in each.
+/// Makes a run of this test binary under mpirun one rank of `collectives_under_mpirun`
+/// instead of its parent.
+const CHILD_ENV: &str = "SHOAL_MPI_CHILD";
+
+/// Starts this test binary under `mpirun -n ranks`, filtered to this test, whose child
+/// branch (`SHOAL_MPI_CHILD` set) runs one rank in each process.
 #[test]
 fn collectives_under_mpirun() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return mpi_rank();
+    }
     for ranks in ["2", "3"] {
         let out = std::process::Command::new("mpirun")
             .args([
@@ -21,12 +29,12 @@ fn collectives_under_mpirun() {
                 ranks,
                 std::env::current_exe().unwrap().to_str().unwrap(),
                 "--exact",
-                "mpi_rank",
+                "collectives_under_mpirun",
                 "--nocapture",
                 "--test-threads",
                 "1",
             ])
-            .env("SHOAL_MPI_CHILD", "1")
+            .env(CHILD_ENV, "1")
             .output()
             .expect("mpirun (Debian: openmpi-bin) must be installed for the mpi feature's tests");
         assert!(
@@ -41,12 +49,8 @@ fn collectives_under_mpirun() {
     }
 }
 
-/// One rank of `collectives_under_mpirun` (does nothing outside mpirun).
-#[test]
+/// One rank of `collectives_under_mpirun`.
 fn mpi_rank() {
-    if std::env::var_os("SHOAL_MPI_CHILD").is_none() {
-        return;
-    }
     let t = MpiTransport::init(16 << 20).unwrap();
     let mut c = Communicator::new(t);
     let (n, r) = (c.size(), c.rank());

@@ -253,7 +253,9 @@ fn async_training_converges() {
 fn dead_worker_is_reported_and_wrong_token_refused() {
     let total = 10;
     let mut c = cfg(2, PsMode::Sync, OptimizerKind::Sgd, 0);
-    c.timeout = Duration::from_secs(3);
+    // Far longer than noticing a closed connection takes: a report that came from the
+    // timeout says "timed out", and is told apart below.
+    c.timeout = Duration::from_secs(60);
     let (servers, addrs) = start(1, total, &c);
     let e = PsClient::connect(&addrs, 0, total, 0, "wrong")
         .err()
@@ -265,10 +267,14 @@ fn dead_worker_is_reported_and_wrong_token_refused() {
     a.init(&vec![0.0; total]).unwrap();
     a.push(0, &vec![1.0; total], None).unwrap();
     drop(b); // worker 1 dies without pushing or saying goodbye
-    let t = std::time::Instant::now();
     let e = a.pull(1, &mut vec![0.0; total]).unwrap_err().to_string();
     assert!(e.contains("worker 1"), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(3));
+    // Reported as the shard's failure (its connection to worker 1 closed), not as a
+    // pull that timed out waiting for worker 1's push.
+    assert!(
+        e.contains("shard failed") && !e.contains("timed out"),
+        "not reported as worker 1's death: {e}"
+    );
     for s in servers {
         assert!(s.join().is_err());
     }

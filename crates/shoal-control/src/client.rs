@@ -58,7 +58,9 @@ impl ControlClient {
 
     /// Connects to the coordinator at `addr`, retrying for up to `wait` while it cannot
     /// be reached (on a cluster, processes start in any order and the coordinator's
-    /// name may not resolve yet). Does not register: see [`ControlClient::join`].
+    /// name may not resolve yet); the first failed attempt says so on stderr
+    /// (`the coordinator at ADDR is not reachable yet ...; retrying`). Does not register:
+    /// see [`ControlClient::join`].
     pub fn connect(addr: &str, token: &str, wait: Duration) -> Result<Self> {
         // One worker thread drives the connection and the heartbeat task, whatever the
         // calling thread is doing.
@@ -71,6 +73,7 @@ impl ControlClient {
                 why: e.to_string(),
             })?;
         let deadline = std::time::Instant::now() + wait;
+        let mut told = false;
         let client = loop {
             match rt.block_on(CoordinatorClient::connect(addr.to_string())) {
                 Ok(c) => break c,
@@ -80,7 +83,16 @@ impl ControlClient {
                         why: error_chain(&e),
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                Err(e) => {
+                    if !told {
+                        eprintln!(
+                            "the coordinator at {addr} is not reachable yet ({}); retrying for up to {wait:?}",
+                            error_chain(&e)
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(250))
+                }
             }
         };
         Ok(Self {

@@ -361,8 +361,38 @@ fn a_scheduler_the_cluster_lacks_is_refused_before_anything_is_submitted() {
         );
     }
     assert!(st.lock().unwrap().log.iter().all(|r| r.0 == "GET"));
-    // An API server that is not there: a clear error.
-    let c = Cluster::at("http://127.0.0.1:1").unwrap();
+    // An API server that is not there (its port refuses connections): a clear error.
+    let (_held, port) = refusing_port();
+    assert_eq!(
+        TcpStream::connect(("127.0.0.1", port)).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let c = Cluster::at(&format!("http://127.0.0.1:{port}")).unwrap();
     let e = c.status("ml", "demo").unwrap_err().to_string();
     assert!(e.contains("kubernetes"), "{e}");
+}
+
+/// A loopback port that refuses every connection, held (while the descriptor lives) so
+/// that nothing else can take it: a socket bound to it that never listens, which the
+/// kernel answers with a reset, as for a server that is not there.
+fn refusing_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned here (closed by the OwnedFd), with
+    // fully initialised address structures of the stated sizes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut a: libc::sockaddr_in = std::mem::zeroed();
+        a.sin_family = libc::AF_INET as libc::sa_family_t;
+        a.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let sa = &mut a as *mut libc::sockaddr_in as *mut libc::sockaddr;
+        let r = libc::bind(fd.as_raw_fd(), sa, len);
+        assert!(r == 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got = len;
+        let r = libc::getsockname(fd.as_raw_fd(), sa, &mut got);
+        assert!(r == 0, "getsockname: {}", std::io::Error::last_os_error());
+        (fd, u16::from_be(a.sin_port))
+    }
 }

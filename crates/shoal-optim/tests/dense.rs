@@ -114,10 +114,10 @@ impl Reference {
 }
 
 /// Several updates with the gradient clipped inside the optimizer's pass (a scale below
-/// 1) on 150,001 parameters (three parallel blocks of Adam and a partial one), for each
-/// rule, with and without weight decay: the parameters follow the f64 rules within f32
-/// rounding of the few updates (measured under 2e-7 of the largest change), and equal
-/// the bits of clipping first and then stepping with scale 1.
+/// one) on 150,001 parameters (three parallel blocks of Adam and a partial one), for
+/// each rule, with and without weight decay: the parameters follow the f64 rules within
+/// the f32 rounding of a few updates (bounds below), and equal the bits of clipping
+/// first and then stepping with scale 1.
 #[test]
 fn clipped_updates_follow_the_rules_and_equal_clipping_first() {
     let n = 150_001;

@@ -729,8 +729,10 @@ pub fn prepare_job(kind: &str, config: &Path, run_dir: &Path) -> Result<DistSect
 }
 
 /// Serves as the coordinator of a job whose processes a scheduler starts: prepares the
-/// job directory, serves on `listen`, and returns when every process has left in order
-/// (an error if one fails or the job does not assemble within `rendezvous`).
+/// job directory, serves on `listen` (port 0: one the system picks; the address bound is
+/// printed on stderr as `coordinator listening on ADDR`), and returns when every process
+/// has left in order (an error if one fails or the job does not assemble within
+/// `rendezvous`).
 pub fn run_coordinator(
     kind: &str,
     config: &Path,
@@ -750,6 +752,9 @@ pub fn run_coordinator(
             rendezvous_timeout: rendezvous,
         },
     )?;
+    // The address bound (with port 0, the port the system picked), for whoever started
+    // this process and waits to learn it.
+    eprintln!("coordinator listening on {}", coord.addr);
     eprintln!(
         "coordinator of a {kind} job on {}: expecting {} workers and {} separate shards",
         coord.addr,

@@ -185,7 +185,8 @@ struct CoordinatorArgs {
     /// Its training configuration (TOML; for ctr the fields of `train ctr`).
     #[arg(long)]
     config: PathBuf,
-    /// Address to serve the control plane on.
+    /// Address to serve the control plane on (port 0: a free port, picked by the
+    /// system). Once bound, stderr says `coordinator listening on ADDR`.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
     /// The run directory shared by the job's processes (default: $SHOAL_RUN_DIR).

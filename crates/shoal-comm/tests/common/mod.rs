@@ -1,4 +1,6 @@
-//! Inputs shared by the collectives tests: small integers, so sums are exact.
+//! Inputs shared by the collectives tests (small integers, so sums are exact), and the
+//! rule for a capability the machine lacks: a failure under CI, a printed notice
+//! elsewhere.
 
 /// Rank r's input: small integers (exactly representable, so sums are exact).
 pub fn input(rank: usize, len: usize) -> Vec<f32> {
@@ -16,4 +18,22 @@ pub fn expected_sum(n: usize, len: usize) -> Vec<f32> {
         }
     }
     s
+}
+
+/// Whether this is a CI run: `CI` set to anything but empty, `false` or `0`.
+#[allow(dead_code)] // not every test file that includes this module needs it
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// `available`, for the checks that need `what`: where it is missing, a CI run fails
+/// naming it (a missing capability is a failure there, not a pass), and any other run
+/// prints a notice that those checks did not run.
+#[allow(dead_code)] // not every test file that includes this module needs it
+pub fn require(available: bool, what: &str) -> bool {
+    if !available {
+        assert!(!in_ci(), "{what} is not available, and CI requires it");
+        eprintln!("NOTICE: {what} is not available here; the checks that need it did not run");
+    }
+    available
 }
