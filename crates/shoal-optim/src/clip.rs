@@ -70,6 +70,19 @@ mod tests {
         assert!((g[0] / g[1] - 0.75).abs() < 1e-6);
     }
 
+    /// PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`: a gradient of norm 1e-6
+    /// clipped to 1e-7 is scaled by 1e-7 / 2e-6 = 0.05 (not 0.1).
+    #[test]
+    fn tiny_norms_clip_as_pytorch_does() {
+        let mut g = vec![6e-7, 8e-7];
+        let n = clip_grad_norm(&mut g, 1e-7);
+        assert!((n - 1e-6).abs() < 1e-12);
+        assert!(
+            (g[0] - 3e-8).abs() < 1e-13 && (g[1] - 4e-8).abs() < 1e-13,
+            "{g:?}"
+        );
+    }
+
     #[test]
     fn small_gradients_untouched() {
         let mut g = vec![0.1, -0.2];
