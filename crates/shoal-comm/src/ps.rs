@@ -94,10 +94,7 @@ pub use crate::collective::split_range as shard_range;
 /// The shard that owns sparse key `key` (SplitMix64 of the key, so neighbouring ids
 /// spread evenly).
 pub fn sparse_shard(key: u64, m: usize) -> usize {
-    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) % m as u64) as usize
+    (shoal_optim::hash::mix64(key.wrapping_add(0x9E37_79B9_7F4A_7C15)) % m as u64) as usize
 }
 
 /// Sparse gradients summed per key into flat buffers that keep their capacity from

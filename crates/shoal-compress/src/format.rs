@@ -5,8 +5,9 @@
 //! 255s, each "skip 255", then the rest); values are f32, int8 with one scale per row,
 //! or codebook codes (Huffman-coded) with their shared values in the header.
 
-use crate::{huffman, quant::quantize_row, Error, Result};
+use crate::{huffman, Error, Result};
 use serde::{Deserialize, Serialize};
+use shoal_kernels::host::int8::quantize_row;
 
 const MAGIC: &[u8; 8] = b"SHOALZ01";
 

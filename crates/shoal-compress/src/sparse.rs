@@ -75,7 +75,8 @@ impl Csr {
         debug_assert_eq!(x.len(), batch * cols);
         debug_assert_eq!(y.len(), batch * rows);
         if batch == 1 {
-            // On the calling thread (see quant::product_u8 on why not the pool).
+            // On the calling thread (see shoal_kernels::host::int8::product_u8 on why not the
+            // pool).
             y.iter_mut().enumerate().for_each(|(r, out)| {
                 let (a, b) = (self.indptr[r] as usize, self.indptr[r + 1] as usize);
                 let mut s = bias[r];

@@ -61,10 +61,7 @@ pub struct Batcher {
 
 /// SplitMix64 finaliser: spreads consecutive epoch numbers over all 64 bits.
 fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    shoal_optim::hash::mix64(x.wrapping_add(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Uniform integer in `0..n` (`n > 0`), unbiased by rejection.

@@ -146,12 +146,7 @@ pub fn feature_key(field: usize, value: &[u8]) -> u64 {
     mix64(h)
 }
 
-/// SplitMix64's finaliser.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use shoal_optim::hash::mix64;
 
 /// The bucket of an integer feature (the Criteo competition's winning transform).
 fn int_bucket(v: f64) -> i64 {

@@ -3,7 +3,7 @@
 //! capacity that grows by a quarter (not doubling) and a load of up to 90%, so the index
 //! costs 13.3 to 16.7 bytes per row instead of a general map's 20 to 40.
 
-use crate::sparse::mix64;
+use crate::hash::mix64;
 
 /// A bucket holding no key.
 const EMPTY: u32 = u32::MAX;

@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod error;
+pub mod hash;
 mod key_index;
 pub mod optimizer;
 pub mod schedule;

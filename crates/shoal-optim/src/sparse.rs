@@ -11,6 +11,7 @@
 //! and bias correction advance only when the row is touched) and FTRL-Proximal (McMahan
 //! et al. 2013; per coordinate `z`, `n`).
 
+use crate::hash::mix64;
 use crate::key_index::KeyIndex;
 use crate::{Error, OptimizerConfig, OptimizerKind, Result};
 use serde::{Deserialize, Serialize};
@@ -167,13 +168,6 @@ pub struct SparseTable {
     /// With eviction on: the clock value of each row's last update, and the clock.
     touched: Option<Vec<u32>>,
     clock: u32,
-}
-
-/// SplitMix64's finaliser (the table's hash and its initial values' source).
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn init_value(seed: u64, scale: f32, key: u64, j: usize) -> f32 {

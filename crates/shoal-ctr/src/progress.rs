@@ -1,0 +1,71 @@
+//! The live progress display of a CTR run.
+
+use shoal_runtime::progress::StepBar;
+
+/// The progress display of a CTR run: a bar with epoch, step, running log loss and
+/// examples/s on a terminal, a plain line every few seconds otherwise; held-out scores
+/// after each epoch.
+pub struct CtrProgress {
+    bar: StepBar,
+    epochs: u64,
+}
+
+impl CtrProgress {
+    pub fn new(epochs: u64) -> Self {
+        Self {
+            bar: StepBar::new(),
+            epochs,
+        }
+    }
+
+    /// Handles one event.
+    pub fn on_event(&mut self, e: &crate::trainer::CtrEvent) {
+        use crate::trainer::CtrEvent;
+        match e {
+            CtrEvent::Started {
+                train_rows,
+                valid_rows,
+                skipped_rows,
+                steps_per_epoch,
+            } => {
+                eprintln!(
+                    "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
+                    if *skipped_rows > 0 {
+                        format!(", {skipped_rows} malformed rows skipped")
+                    } else {
+                        String::new()
+                    }
+                );
+                self.bar.start(*steps_per_epoch as u64 * self.epochs.max(1));
+            }
+            CtrEvent::Step {
+                step,
+                epoch,
+                loss,
+                examples_per_s,
+                ..
+            } => self.bar.step(
+                *step,
+                format!(
+                    "epoch {}/{} logloss {loss:.4} {examples_per_s:.0} examples/s",
+                    epoch + 1,
+                    self.epochs
+                ),
+            ),
+            CtrEvent::Eval { epoch, eval } => self.bar.say(&format!(
+                "epoch {} held-out AUC {:.4}, logloss {:.4}{}",
+                epoch + 1,
+                eval.auc,
+                eval.logloss,
+                eval.planted_auc
+                    .map(|p| format!(" (planted model's AUC {p:.4})"))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&mut self) {
+        self.bar.finish();
+    }
+}

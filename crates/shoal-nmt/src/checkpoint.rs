@@ -1,0 +1,292 @@
+//! NMT checkpoints: a directory holding `model.safetensors` (parameters by name),
+//! `optimizer.safetensors` (optimizer state as flat buffers) and `meta.json` (format
+//! version, configuration, tokenizers, step, data position, seeds, and a CRC32 of each
+//! tensor file). Written atomically: everything goes to `NAME.tmp/`, each file and the
+//! directory are fsync'ed, the directory is renamed into place, and only then does the
+//! run's `latest` pointer move (itself written to a temp file and renamed).
+
+use crate::{Error, Result};
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use shoal_runtime::store::{bytes_f32, serialize_tensors, write_dir_atomically};
+pub use shoal_runtime::store::{publish, resolve, step_dir};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+/// Checkpoint format version written in `meta.json`.
+pub const FORMAT_VERSION: u32 = 1;
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIM_FILE: &str = "optimizer.safetensors";
+const META_FILE: &str = "meta.json";
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Meta {
+    pub format_version: u32,
+    /// Which model family ("nmt").
+    pub kind: String,
+    /// The full configuration as TOML text.
+    pub config_toml: String,
+    pub src_tokenizer: String,
+    pub tgt_tokenizer: String,
+    /// Updates applied so far.
+    pub step: u64,
+    /// Data position: the next batch is batch `batch` of epoch `epoch`'s plan.
+    pub epoch: u64,
+    pub batch: u64,
+    /// Optimizer step counter (for bias correction).
+    pub optimizer_steps: u64,
+    /// Seconds of training so far (for `max_minutes` across resumes).
+    pub train_seconds: f64,
+    /// Loss of each update so far, in order (the loss curve).
+    pub losses: Vec<f32>,
+    /// Parameter names and shapes in flat-buffer order.
+    pub params: Vec<(String, Vec<usize>)>,
+    /// CRC32 of each tensor file, by file name.
+    pub crc32: BTreeMap<String, u32>,
+}
+
+/// A checkpoint in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub meta: Meta,
+    /// Flat parameters, in `meta.params` order.
+    pub params: Vec<f32>,
+    /// Optimizer state buffers by name, each as long as `params`.
+    pub optimizer: Vec<(String, Vec<f32>)>,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint as directory `dir` atomically (see the module docs).
+    /// An existing directory of that name is replaced.
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        let mut named = Vec::with_capacity(self.meta.params.len());
+        let mut offset = 0;
+        for (pname, shape) in &self.meta.params {
+            let len: usize = shape.iter().product();
+            let slice = self
+                .params
+                .get(offset..offset + len)
+                .ok_or_else(|| Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    why: format!("parameter buffer too short for '{pname}'"),
+                })?;
+            named.push((pname.clone(), shape.clone(), slice));
+            offset += len;
+        }
+        let model = serialize_tensors(&named, &dir.join(MODEL_FILE))?;
+        let optim_named: Vec<(String, Vec<usize>, &[f32])> = self
+            .optimizer
+            .iter()
+            .map(|(n, d)| (n.clone(), vec![d.len()], d.as_slice()))
+            .collect();
+        let optim = serialize_tensors(&optim_named, &dir.join(OPTIM_FILE))?;
+        self.meta.crc32 = BTreeMap::from([
+            (MODEL_FILE.to_string(), crc32fast::hash(&model)),
+            (OPTIM_FILE.to_string(), crc32fast::hash(&optim)),
+        ]);
+        let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        write_dir_atomically(
+            dir,
+            &[
+                (MODEL_FILE, &model),
+                (OPTIM_FILE, &optim),
+                (META_FILE, &meta),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Loads and verifies a checkpoint directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let fail = |why: String| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            why,
+        };
+        if !dir.is_dir() {
+            return Err(fail("no such checkpoint directory".into()));
+        }
+        let meta_path = dir.join(META_FILE);
+        let meta_bytes = fs::read(&meta_path).map_err(|e| fail(format!("{META_FILE}: {e}")))?;
+        let meta: Meta = serde_json::from_slice(&meta_bytes)
+            .map_err(|e| fail(format!("{META_FILE} is not valid checkpoint metadata: {e}")))?;
+        if meta.format_version != FORMAT_VERSION {
+            return Err(fail(format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                meta.format_version
+            )));
+        }
+        let read_checked = |file: &str| -> Result<Vec<u8>> {
+            let bytes = fs::read(dir.join(file)).map_err(|e| fail(format!("{file}: {e}")))?;
+            let want = meta
+                .crc32
+                .get(file)
+                .ok_or_else(|| fail(format!("{META_FILE} has no checksum for {file}")))?;
+            let got = crc32fast::hash(&bytes);
+            if got != *want {
+                return Err(fail(format!(
+                    "{file} is corrupt or truncated ({} bytes, CRC32 {got:08x}, expected {want:08x})",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes)
+        };
+        let model_bytes = read_checked(MODEL_FILE)?;
+        let st = SafeTensors::deserialize(&model_bytes)
+            .map_err(|e| fail(format!("{MODEL_FILE}: {e}")))?;
+        let mut params = Vec::new();
+        for (name, shape) in &meta.params {
+            let t = st
+                .tensor(name)
+                .map_err(|_| fail(format!("{MODEL_FILE} has no tensor '{name}'")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
+                return Err(fail(format!(
+                    "tensor '{name}' is {:?} {:?}, expected F32 {:?}",
+                    t.dtype(),
+                    t.shape(),
+                    shape
+                )));
+            }
+            params.extend(bytes_f32(t.data()));
+        }
+        let optim_bytes = read_checked(OPTIM_FILE)?;
+        let st = SafeTensors::deserialize(&optim_bytes)
+            .map_err(|e| fail(format!("{OPTIM_FILE}: {e}")))?;
+        let mut optimizer = Vec::new();
+        let mut names = st.names();
+        names.sort();
+        for name in names {
+            let t = st
+                .tensor(name)
+                .map_err(|e| fail(format!("{OPTIM_FILE}: {e}")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != [params.len()] {
+                return Err(fail(format!(
+                    "optimizer buffer '{name}' has shape {:?}, expected [{}]",
+                    t.shape(),
+                    params.len()
+                )));
+            }
+            optimizer.push((name.to_string(), bytes_f32(t.data())));
+        }
+        Ok(Self {
+            meta,
+            params,
+            optimizer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            meta: Meta {
+                format_version: FORMAT_VERSION,
+                kind: "nmt".into(),
+                config_toml: String::new(),
+                src_tokenizer: "{}".into(),
+                tgt_tokenizer: "{}".into(),
+                step: 7,
+                epoch: 1,
+                batch: 3,
+                optimizer_steps: 7,
+                train_seconds: 1.5,
+                losses: vec![3.0, 2.5],
+                params: vec![("a.weight".into(), vec![2, 3]), ("a.bias".into(), vec![3])],
+                crc32: BTreeMap::new(),
+            },
+            params: (0..9).map(|i| i as f32 * 0.5).collect(),
+            optimizer: vec![
+                ("exp_avg".into(), vec![0.1; 9]),
+                ("exp_avg_sq".into(), vec![0.2; 9]),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_latest() {
+        let run = tempfile::tempdir().unwrap();
+        let mut c = sample();
+        let d = step_dir(run.path(), 7);
+        c.save(&d).unwrap();
+        publish(run.path(), &d, 2).unwrap();
+        let back = Checkpoint::load(&resolve(run.path()).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn keeps_only_the_newest() {
+        let run = tempfile::tempdir().unwrap();
+        for s in 1..=4 {
+            let mut c = sample();
+            let d = step_dir(run.path(), s);
+            c.save(&d).unwrap();
+            publish(run.path(), &d, 2).unwrap();
+        }
+        assert!(!step_dir(run.path(), 2).exists());
+        assert!(step_dir(run.path(), 3).exists() && step_dir(run.path(), 4).exists());
+        assert_eq!(resolve(run.path()).unwrap(), step_dir(run.path(), 4));
+    }
+
+    #[test]
+    fn truncated_file_is_reported() {
+        let run = tempfile::tempdir().unwrap();
+        let d = step_dir(run.path(), 1);
+        sample().save(&d).unwrap();
+        let f = d.join(MODEL_FILE);
+        let bytes = fs::read(&f).unwrap();
+        fs::write(&f, &bytes[..bytes.len() - 5]).unwrap();
+        let e = Checkpoint::load(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("corrupt or truncated"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn flipped_byte_is_reported() {
+        let run = tempfile::tempdir().unwrap();
+        let d = step_dir(run.path(), 1);
+        sample().save(&d).unwrap();
+        let f = d.join(OPTIM_FILE);
+        let mut bytes = fs::read(&f).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        fs::write(&f, &bytes).unwrap();
+        let e = Checkpoint::load(&d).unwrap_err().to_string();
+        assert!(e.contains("optimizer.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn garbage_meta_and_missing_dir_are_reported() {
+        let run = tempfile::tempdir().unwrap();
+        let d = step_dir(run.path(), 1);
+        sample().save(&d).unwrap();
+        fs::write(d.join(META_FILE), b"{ not json").unwrap();
+        let e = Checkpoint::load(&d).unwrap_err().to_string();
+        assert!(e.contains("meta.json"), "{e}");
+        let e = resolve(&run.path().join("nope")).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn interrupted_save_leaves_previous_latest() {
+        let run = tempfile::tempdir().unwrap();
+        let d1 = step_dir(run.path(), 1);
+        sample().save(&d1).unwrap();
+        publish(run.path(), &d1, 2).unwrap();
+        // A crash in the middle of writing the next checkpoint leaves only a .tmp dir.
+        let tmp = run.path().join("ckpt-00000002.tmp");
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join(MODEL_FILE), b"partial").unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), d1);
+        Checkpoint::load(&resolve(run.path()).unwrap()).unwrap();
+    }
+}

@@ -1,0 +1,85 @@
+//! The shape of a data-parallel job, shared by every workload's configuration: how
+//! many workers, parameter-server shards and where they run, how gradients meet, and the
+//! health timeout.
+
+use serde::{Deserialize, Serialize};
+
+/// How the gradients of data-parallel workers are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistMode {
+    /// Ring/recursive-doubling allreduce; every worker runs the optimizer (like DDP).
+    Allreduce,
+    /// Parameter servers apply the weighted mean of all workers' gradients each step.
+    PsSync,
+    /// Parameter servers apply each worker's gradient on arrival (bounded staleness).
+    PsAsync,
+}
+
+/// Where parameter-server shards run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Shard `i` runs inside worker `i`'s process.
+    Colocated,
+    /// Each shard is a process of its own.
+    Separate,
+}
+
+/// The data plane between workers for allreduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPlane {
+    /// Shared-memory rings (processes on one host).
+    Shm,
+    /// TCP (any hosts).
+    Tcp,
+}
+
+/// The shape of a data-parallel job (`workers = 1`: one process, no cluster).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistSection {
+    /// Data-parallel workers; `train.batch_size` is per worker, so the global batch is
+    /// `workers * batch_size`.
+    pub workers: usize,
+    /// Parameter-server shards (ps modes).
+    pub ps: usize,
+    pub mode: DistMode,
+    pub placement: Placement,
+    pub transport: DataPlane,
+    /// ps-async: a worker's pull may run at most this many updates ahead of the
+    /// shards (0 = unbounded).
+    pub max_staleness: u64,
+    /// A process silent (or a peer unresponsive) for this long fails the job.
+    pub heartbeat_timeout_s: f64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            ps: 0,
+            mode: DistMode::Allreduce,
+            placement: Placement::Separate,
+            transport: DataPlane::Shm,
+            max_staleness: 0,
+            heartbeat_timeout_s: 10.0,
+        }
+    }
+}
+
+impl DistSection {
+    /// True when the job runs as several processes.
+    pub fn is_cluster(&self) -> bool {
+        self.workers > 1 || self.mode != DistMode::Allreduce
+    }
+
+    /// Shards that run as processes of their own.
+    pub fn separate_servers(&self) -> usize {
+        match (self.mode, self.placement) {
+            (DistMode::Allreduce, _) | (_, Placement::Colocated) => 0,
+            _ => self.ps,
+        }
+    }
+}

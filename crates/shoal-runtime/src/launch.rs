@@ -1,0 +1,401 @@
+//! The launcher of the embedded local cluster: starts a job's coordinator, worker and
+//! parameter-server processes on this machine, relays the [`Report`]s workers print
+//! (one JSON object per stdout line), and stops the whole job as soon as one process
+//! fails, naming it with the end of its log. It knows no workload: the job's files in
+//! `RUN/job` (its `kind` first) are the workload's business, and each process is this
+//! same program run as `shoal role`, its part taken from the `ENV_*` variables, so a
+//! cluster scheduler can start the processes the same way.
+
+use crate::dist::{DistMode, DistSection, Placement};
+use crate::exchange::PhaseTimes;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use shoal_control::{Coordinator, CoordinatorConfig};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// `http://host:port` of the coordinator.
+pub const ENV_COORDINATOR: &str = "SHOAL_COORDINATOR";
+/// The job's shared secret.
+pub const ENV_TOKEN: &str = "SHOAL_JOB_TOKEN";
+/// `worker`, `ps` or `worker+ps` (a worker hosting a shard: colocated placement).
+pub const ENV_ROLE: &str = "SHOAL_ROLE";
+/// The job directory (configuration and tokenizers).
+pub const ENV_JOB: &str = "SHOAL_JOB_DIR";
+/// The run directory (checkpoints).
+pub const ENV_RUN: &str = "SHOAL_RUN_DIR";
+/// A checkpoint to resume from.
+pub const ENV_RESUME: &str = "SHOAL_RESUME";
+/// The address this process's data plane listens on and advertises (default 127.0.0.1).
+pub const ENV_HOST: &str = "SHOAL_HOST";
+/// This process's index within its role; Kubernetes' indexed Jobs set
+/// `JOB_COMPLETION_INDEX` and Volcano's env plugin `VC_TASK_INDEX`, read when this is unset.
+pub const ENV_INDEX: &str = "SHOAL_INDEX";
+/// How long to wait for the coordinator to be reachable, in seconds (default 60).
+pub const ENV_CONNECT_TIMEOUT: &str = "SHOAL_CONNECT_TIMEOUT_S";
+
+/// What a worker tells the launcher, one JSON object per stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Report {
+    Started {
+        rank: usize,
+        total_steps: u64,
+        start_step: u64,
+        batches_per_epoch: usize,
+        params: usize,
+    },
+    Step {
+        rank: usize,
+        step: u64,
+        epoch: u64,
+        loss: f32,
+        grad_norm: f32,
+        lr: f32,
+        tokens: usize,
+    },
+    EpochEnd {
+        epoch: u64,
+        valid_loss: f32,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    /// Worker 0's held-out scores after an epoch, by name (a CTR job: `auc`, `logloss`,
+    /// and `planted_auc` when the planted model is known).
+    Scores {
+        epoch: u64,
+        scores: BTreeMap<String, f64>,
+    },
+    Done {
+        rank: usize,
+        steps: u64,
+        seconds: f64,
+        tokens_per_s: f64,
+        timing: PhaseTimes,
+        checkpoint: PathBuf,
+    },
+}
+
+/// The outcome of a distributed run.
+#[derive(Debug, Clone)]
+pub struct ClusterSummary {
+    pub steps: u64,
+    pub seconds: f64,
+    /// Examples (target tokens, rows) per second of the whole job (the sum over workers).
+    pub tokens_per_s: f64,
+    /// Each worker's examples per second.
+    pub worker_tokens_per_s: Vec<f64>,
+    /// Each worker's time per phase, summed over its updates.
+    pub timing: Vec<PhaseTimes>,
+    pub last_checkpoint: PathBuf,
+}
+
+/// How the launcher starts a process of the job: this program with these arguments
+/// (it must call [`crate::role::run`] for the job's kind).
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub exe: PathBuf,
+    pub args: Vec<String>,
+    /// Continue from this checkpoint (its configuration, adjusted, is `cfg`).
+    pub resume: Option<PathBuf>,
+}
+
+/// Writes the job's kind (`RUN/job/kind`): what `shoal role` reads first.
+pub fn write_kind(job: &Path, kind: &str) -> Result<()> {
+    let p = job.join("kind");
+    std::fs::write(&p, kind).map_err(crate::error::io_err(&p))
+}
+
+/// A fresh job token (also names the shared-memory rings).
+pub fn new_token() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join("\n    ")
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+fn kill_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        let _ = p.child.kill();
+    }
+    for p in procs.iter_mut() {
+        let _ = p.child.wait();
+    }
+}
+
+/// Starts the processes of a job whose files are already in `RUN/job` (the kind, its
+/// configuration): the coordinator, `d.workers` workers and the separate shards, each
+/// worker with `threads` engine threads (0: cores / workers); relays every report with
+/// the workers' current rates until all have exited.
+pub fn launch_job(
+    d: &DistSection,
+    threads: usize,
+    run_dir: &Path,
+    opts: &LaunchOptions,
+    mut on_report: impl FnMut(&Report, &[f64]),
+) -> Result<ClusterSummary> {
+    let job = run_dir.join("job");
+    let token = new_token();
+    let servers = d.separate_servers();
+    let world = d.workers + servers;
+    let coord = Coordinator::start(
+        "127.0.0.1:0".parse().expect("literal address"),
+        CoordinatorConfig {
+            token: token.clone(),
+            world: world as u32,
+            heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
+            rendezvous_timeout: Duration::from_secs(180),
+        },
+    )?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = match threads {
+        0 => (cores / d.workers).max(1),
+        t => t,
+    };
+    let mut roles: Vec<(String, String, usize)> = Vec::new();
+    for i in 0..d.workers {
+        let hosts =
+            d.mode != DistMode::Allreduce && d.placement == Placement::Colocated && i < d.ps;
+        let role = if hosts { "worker+ps" } else { "worker" };
+        roles.push((role.into(), format!("worker-{i}"), threads));
+    }
+    for i in 0..servers {
+        roles.push(("ps".into(), format!("ps-{i}"), 1));
+    }
+    let (tx, rx) = mpsc::channel::<(usize, String)>();
+    let mut procs: Vec<Proc> = Vec::new();
+    for (idx, (role, name, threads)) in roles.iter().enumerate() {
+        let log = job.join("logs").join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).map_err(crate::error::io_err(&log))?;
+        let mut cmd = Command::new(&opts.exe);
+        cmd.args(&opts.args)
+            .env(ENV_COORDINATOR, format!("http://{}", coord.addr))
+            .env(ENV_TOKEN, &token)
+            .env(ENV_ROLE, role)
+            .env(ENV_JOB, &job)
+            .env(ENV_RUN, run_dir)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err));
+        if let Some(r) = &opts.resume {
+            cmd.env(ENV_RESUME, r);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                kill_all(&mut procs);
+                return Err(Error::Cluster(format!(
+                    "starting {name} ({}): {e}",
+                    opts.exe.display()
+                )));
+            }
+        };
+        if let Some(out) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                    if tx.send((idx, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        procs.push(Proc {
+            name: name.clone(),
+            child,
+            log,
+        });
+    }
+    drop(tx);
+    let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_report);
+    if result.is_err() {
+        kill_all(&mut procs);
+    }
+    result
+}
+
+/// Relays reports until every process has exited; fails on the first process that
+/// fails (or that the coordinator declares failed).
+fn supervise(
+    procs: &mut [Proc],
+    coord: &Coordinator,
+    rx: &mpsc::Receiver<(usize, String)>,
+    workers: usize,
+    on_report: &mut impl FnMut(&Report, &[f64]),
+) -> Result<ClusterSummary> {
+    let start = Instant::now();
+    let mut tokens = vec![0usize; workers];
+    let mut rates = vec![0.0f64; workers];
+    let mut done: Vec<Option<Report>> = vec![None; workers];
+    let mut exited = vec![false; procs.len()];
+    let mut first_step: Option<Instant> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((idx, line)) => {
+                let Ok(r) = serde_json::from_str::<Report>(&line) else {
+                    // Anything else a process prints goes to our stderr.
+                    eprintln!("[{}] {line}", procs[idx].name);
+                    continue;
+                };
+                match &r {
+                    Report::Step {
+                        rank, tokens: t, ..
+                    } if *rank < workers => {
+                        let t0 = *first_step.get_or_insert_with(Instant::now);
+                        tokens[*rank] += t;
+                        let el = t0.elapsed().as_secs_f64().max(1e-3);
+                        rates[*rank] = tokens[*rank] as f64 / el;
+                    }
+                    Report::Done { rank, .. } if *rank < workers => done[*rank] = Some(r.clone()),
+                    _ => {}
+                }
+                on_report(&r, &rates);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(e) = poll_exits(procs, &mut exited)? {
+            return Err(e);
+        }
+        if let Some((rank, why)) = coord.failures().into_iter().next() {
+            return Err(Error::Cluster(format!(
+                "the coordinator declared process {rank} failed: {why}"
+            )));
+        }
+        if exited.iter().all(|&e| e) {
+            // Drain what is left of the reports.
+            while let Ok((_, line)) = rx.try_recv() {
+                if let Ok(r @ Report::Done { rank, .. }) = serde_json::from_str::<Report>(&line) {
+                    if rank < workers {
+                        done[rank] = Some(r);
+                    }
+                }
+            }
+            break;
+        }
+    }
+    let mut summary = ClusterSummary {
+        steps: 0,
+        seconds: start.elapsed().as_secs_f64(),
+        tokens_per_s: 0.0,
+        worker_tokens_per_s: Vec::new(),
+        timing: Vec::new(),
+        last_checkpoint: PathBuf::new(),
+    };
+    for (rank, r) in done.into_iter().enumerate() {
+        let Some(Report::Done {
+            steps,
+            seconds,
+            tokens_per_s,
+            timing,
+            checkpoint,
+            ..
+        }) = r
+        else {
+            return Err(Error::Cluster(format!(
+                "worker {rank} exited without reporting its end"
+            )));
+        };
+        if rank == 0 {
+            summary.steps = steps;
+            summary.seconds = seconds;
+            summary.last_checkpoint = checkpoint;
+        }
+        summary.tokens_per_s += tokens_per_s;
+        summary.worker_tokens_per_s.push(tokens_per_s);
+        summary.timing.push(timing);
+    }
+    Ok(summary)
+}
+
+/// Notes processes that exited; for a failure, waits a moment for the failures it
+/// causes and names the cause first (a process killed by a signal, else the first one
+/// seen) with the end of its log.
+fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        for (i, p) in procs.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            match p.child.try_wait() {
+                Ok(Some(st)) => {
+                    exited[i] = true;
+                    if !st.success() {
+                        failed.push((i, st));
+                        deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::Cluster(format!("watching {}: {e}", p.name))),
+            }
+        }
+        match deadline {
+            Some(t) if Instant::now() < t && !exited.iter().all(|&e| e) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => break,
+        }
+    }
+    if failed.is_empty() {
+        return Ok(None);
+    }
+    failed.sort_by_key(|(_, st)| st.signal().is_none());
+    let (i, st) = failed[0];
+    let p = &procs[i];
+    let tail = log_tail(&p.log);
+    let mut msg = format!(
+        "{} (pid {}) {}; its log {}{}",
+        p.name,
+        p.child.id(),
+        describe(st),
+        p.log.display(),
+        if tail.is_empty() {
+            " is empty".to_string()
+        } else {
+            format!(" ends:\n    {tail}")
+        }
+    );
+    if failed.len() > 1 {
+        let then: Vec<String> = failed[1..]
+            .iter()
+            .map(|(j, s)| format!("{} {}", procs[*j].name, describe(*s)))
+            .collect();
+        msg.push_str(&format!("\n  then: {}", then.join("; ")));
+    }
+    Ok(Some(Error::Cluster(msg)))
+}

@@ -1,0 +1,20 @@
+//! What every workload's job needs and no workload owns: configuration overrides and
+//! the shape of a distributed job ([`config`], [`dist`]), files a crash cannot leave
+//! half-written and the run directory's checkpoints ([`store`]), the step progress bar
+//! ([`progress`]), the gradient exchange a worker's update loop plugs in ([`exchange`]),
+//! the launcher and supervisor of a job's local processes ([`launch`]), the role a
+//! process plays in a job and the [`role::JobKind`] trait the workload crates implement
+//! ([`role`]), and the cost model that predicts how a job scales ([`plan`]).
+
+pub mod config;
+pub mod dist;
+pub mod error;
+pub mod exchange;
+pub mod launch;
+pub mod plan;
+pub mod progress;
+pub mod role;
+pub mod store;
+pub mod sys;
+
+pub use error::{io_err, Error, Result};

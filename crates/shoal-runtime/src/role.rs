@@ -1,0 +1,455 @@
+//! One process of a distributed job (`shoal role`): its role (`worker`, `ps` or
+//! `worker+ps`) and the job taken from the environment (the `ENV_*` variables of
+//! [`crate::launch`]); it registers with the coordinator, hosts its parameter-server
+//! shard if it has one, builds the worker's exchange (an allreduce over shared memory or
+//! TCP, or a client of the shards) and hands it to the workload's [`JobKind::run_worker`].
+//! A process of a broken job stops itself (the watchdog) instead of waiting for ever.
+//! Also the coordinator of a job whose processes a scheduler starts.
+
+use crate::dist::{DataPlane, DistSection, Placement};
+use crate::exchange::Exchange;
+use crate::launch::{
+    Report, ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_JOB, ENV_RESUME,
+    ENV_ROLE, ENV_RUN, ENV_TOKEN,
+};
+use crate::{Error, Result};
+use shoal_comm::ps::{shard_range, PsClient, PsServer, ShardConfig};
+use shoal_comm::shm::ShmTransport;
+use shoal_comm::tcp::{TcpOptions, TcpTransport};
+use shoal_comm::{Communicator, Transport};
+use shoal_control::{ControlClient, Coordinator, CoordinatorConfig, Joining};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A kind of job whose processes the runtime runs: a workload crate implements it for
+/// its job (what `RUN/job` holds for it) and the binary picks the kind by name.
+pub trait JobKind: Sized {
+    /// The workload's error; the runtime's and the planes' errors convert into it.
+    type Error: From<Error> + From<shoal_comm::Error> + From<shoal_control::Error>;
+    /// The name in `RUN/job/kind`.
+    const KIND: &'static str;
+    /// Reads the job from its directory (written by [`JobKind::prepare`] or the
+    /// workload's launcher).
+    fn read(job: &Path) -> std::result::Result<Self, Self::Error>;
+    /// Prepares `RUN/job` from the job's configuration file (what a standalone
+    /// coordinator does before it serves); returns the job's shape.
+    fn prepare(config: &Path, run_dir: &Path) -> std::result::Result<DistSection, Self::Error>;
+    /// The job's shape.
+    fn dist(&self) -> &DistSection;
+    /// Whether workers meet through parameter-server shards (else: an allreduce).
+    fn needs_shards(&self) -> bool {
+        self.dist().mode != crate::dist::DistMode::Allreduce
+    }
+    /// The dense values all shards hold together, and the width of a sparse row (0:
+    /// no sparse rows).
+    fn shard_shape(&self) -> std::result::Result<(usize, usize), Self::Error>;
+    /// A shard's settings (`width` from [`JobKind::shard_shape`]).
+    fn shard_config(&self, width: usize, token: &str) -> ShardConfig;
+    /// Runs this worker's part of the job.
+    fn run_worker(self, w: Worker) -> std::result::Result<(), Self::Error>;
+}
+
+/// What a worker of a job is given.
+pub struct Worker {
+    /// This worker's rank among the job's workers.
+    pub rank: usize,
+    pub workers: usize,
+    /// The run directory (checkpoints).
+    pub run_dir: PathBuf,
+    /// A checkpoint to resume from.
+    pub resume: Option<PathBuf>,
+    /// How its gradients meet the other workers'.
+    pub exchange: Exchange,
+}
+
+/// The kind of the job in `job` (its `kind` file; `nmt` when there is none, as jobs
+/// written before the file existed).
+pub fn job_kind(job: &Path) -> Result<String> {
+    match std::fs::read_to_string(job.join("kind")) {
+        Ok(k) => Ok(k.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("nmt".into()),
+        Err(e) => Err(Error::Io {
+            path: job.join("kind"),
+            source: e,
+        }),
+    }
+}
+
+/// A process of a job that has reached its coordinator: its part taken from the
+/// environment (see the `ENV_*` constants of [`crate::launch`]), and the job's kind.
+pub struct Joined {
+    role: String,
+    token: String,
+    run_dir: PathBuf,
+    job: PathBuf,
+    host: String,
+    resume: Option<PathBuf>,
+    index: Option<u32>,
+    kind: String,
+    ctl: ControlClient,
+}
+
+impl Joined {
+    /// The job's kind (`RUN/job/kind`), read once the coordinator answered.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The job directory.
+    pub fn job_dir(&self) -> &Path {
+        &self.job
+    }
+}
+
+/// Reads this process's part from the environment and connects to the coordinator
+/// (waiting up to `SHOAL_CONNECT_TIMEOUT_S`, default 60 s). The coordinator prepares the
+/// job directory before it serves, so once it answers the job's files are there (on a
+/// cluster: on the shared volume) and the kind can be read; [`run`] does the rest.
+pub fn connect() -> Result<Joined> {
+    let role = env(ENV_ROLE)?;
+    let coordinator = env(ENV_COORDINATOR)?;
+    let token = env(ENV_TOKEN)?;
+    let run_dir = PathBuf::from(env(ENV_RUN)?);
+    let job = std::env::var_os(ENV_JOB)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| run_dir.join("job"));
+    let host = std::env::var(ENV_HOST).unwrap_or_else(|_| "127.0.0.1".into());
+    let resume = std::env::var_os(ENV_RESUME).map(PathBuf::from);
+    let index = role_index()?;
+    let wait = match std::env::var(ENV_CONNECT_TIMEOUT) {
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .ok_or_else(|| {
+                Error::Cluster(format!(
+                    "{ENV_CONNECT_TIMEOUT} is '{v}', not a number of seconds"
+                ))
+            })?,
+        Err(_) => 60.0,
+    };
+    let ctl = ControlClient::connect(&coordinator, &token, Duration::from_secs_f64(wait))?;
+    let kind = job_kind(&job)?;
+    Ok(Joined {
+        role,
+        token,
+        run_dir,
+        job,
+        host,
+        resume,
+        index,
+        kind,
+        ctl,
+    })
+}
+
+/// Runs this process's part of a job of kind `K` (see [`connect`]). A worker prints
+/// [`Report`]s on stdout.
+pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
+    let Joined {
+        mut role,
+        token,
+        run_dir,
+        job,
+        host,
+        resume,
+        index,
+        kind,
+        mut ctl,
+    } = j;
+    if kind != K::KIND {
+        return Err(Error::Cluster(format!(
+            "{}: a '{kind}' job, not '{}'",
+            job.join("kind").display(),
+            K::KIND
+        ))
+        .into());
+    }
+    let spec = K::read(&job)?;
+    let d = spec.dist().clone();
+    let shards_needed = spec.needs_shards();
+    // A scheduler starts all workers from one template: with colocated shards, the
+    // workers with the lowest indexes host them.
+    if role == "worker" && shards_needed && d.placement == Placement::Colocated {
+        if let Some(i) = index.filter(|&i| (i as usize) < d.ps) {
+            eprintln!("worker index {i} hosts parameter-server shard {i} (colocated placement)");
+            role = "worker+ps".into();
+        }
+    }
+    let hosts_shard = matches!(role.as_str(), "ps" | "worker+ps");
+    let is_worker = role.starts_with("worker");
+    if !(is_worker || role == "ps") {
+        return Err(Error::Cluster(format!(
+            "{ENV_ROLE} is '{role}'; expected worker, ps or worker+ps"
+        ))
+        .into());
+    }
+    // Listeners are bound before registering, so the advertised addresses are live.
+    let shard_listener = if hosts_shard {
+        Some(bind(&host)?)
+    } else {
+        None
+    };
+    let ring_listener = if is_worker && !shards_needed && d.transport == DataPlane::Tcp {
+        Some(bind(&host)?)
+    } else {
+        None
+    };
+    let advertised = shard_listener
+        .as_ref()
+        .or(ring_listener.as_ref())
+        .map(|(_, a)| a.to_string())
+        .unwrap_or_default();
+    let reg = ctl.join(&Joining {
+        role: role.clone(),
+        host: host.clone(),
+        data_addr: advertised,
+        index,
+    })?;
+    let me = format!("{role} (control rank {})", reg.rank);
+    let ctl = Arc::new(ctl);
+    let dog = Watchdog::start(ctl.clone(), me.clone());
+    // Members in role order: by index where the scheduler gave one, else by rank.
+    let mut members: Vec<&shoal_control::proto::Member> = reg.members.iter().collect();
+    members.sort_by_key(|m| (m.index.unwrap_or(u32::MAX), m.rank));
+    let shard_hosts: Vec<&shoal_control::proto::Member> = members
+        .iter()
+        .copied()
+        .filter(|m| m.role == "ps" || m.role == "worker+ps")
+        .collect();
+    let worker_ranks: Vec<u32> = members
+        .iter()
+        .filter(|m| m.role.starts_with("worker"))
+        .map(|m| m.rank)
+        .collect();
+    if worker_ranks.len() != d.workers {
+        return Err(Error::Cluster(format!(
+            "{} workers registered, the configuration asks for {}",
+            worker_ranks.len(),
+            d.workers
+        ))
+        .into());
+    }
+    // This process's shard, if it hosts one.
+    let (total, width) = spec.shard_shape()?;
+    let shard_cfg = spec.shard_config(width, &token);
+    let shards = shard_hosts.len();
+    let server = match shard_listener {
+        Some((l, _)) => {
+            let idx = shard_hosts
+                .iter()
+                .position(|m| m.rank == reg.rank)
+                .ok_or_else(|| Error::Cluster(format!("{me}: not in the shard table")))?;
+            let (a, b) = shard_range(total, shards, idx);
+            Some(PsServer::start(l, b - a, shard_cfg)?)
+        }
+        None => None,
+    };
+    let result = if is_worker {
+        let rank = worker_ranks
+            .iter()
+            .position(|&r| r == reg.rank)
+            .expect("a worker is in the worker table");
+        let shard_addrs = || {
+            shard_hosts
+                .iter()
+                .map(|m| parse_addr(&m.data_addr, &format!("shard host {}", m.rank)))
+                .collect::<Result<Vec<_>>>()
+        };
+        let exchange = match shards_needed {
+            false => {
+                let t: Box<dyn Transport> = match ring_listener {
+                    None => Box::new(ShmTransport::connect(
+                        &format!("shoal-{token}"),
+                        rank,
+                        d.workers,
+                        8 << 20,
+                        Duration::from_secs(60),
+                    )?),
+                    Some((l, _)) => {
+                        let addrs = members
+                            .iter()
+                            .filter(|m| m.role.starts_with("worker"))
+                            .map(|m| parse_addr(&m.data_addr, &format!("worker {}", m.rank)))
+                            .collect::<Result<Vec<_>>>()?;
+                        let opts = TcpOptions {
+                            token: token.clone(),
+                            ..Default::default()
+                        };
+                        Box::new(TcpTransport::connect(rank, &addrs, l, &opts)?)
+                    }
+                };
+                let mut comm = Communicator::new(t);
+                // Ranks on several hosts: the two-level allreduce.
+                let workers: Vec<&shoal_control::proto::Member> = members
+                    .iter()
+                    .copied()
+                    .filter(|m| m.role.starts_with("worker"))
+                    .collect();
+                let host_of: Vec<usize> = workers
+                    .iter()
+                    .map(|m| workers.iter().position(|x| x.host == m.host).unwrap_or(0))
+                    .collect();
+                comm.set_hosts(&host_of)?;
+                Exchange::Allreduce(comm)
+            }
+            true => Exchange::Ps(PsClient::connect(
+                &shard_addrs()?,
+                rank,
+                total,
+                width,
+                &token,
+            )?),
+        };
+        spec.run_worker(Worker {
+            rank,
+            workers: d.workers,
+            run_dir: run_dir.clone(),
+            resume: resume.clone(),
+            exchange,
+        })
+    } else {
+        Ok(())
+    };
+    finish::<K>(result, server, dog, ctl)
+}
+
+/// Waits for this process's shard (if any) to be released by every worker, then leaves
+/// the job (or abandons it after a failure).
+fn finish<K: JobKind>(
+    result: std::result::Result<(), K::Error>,
+    server: Option<PsServer>,
+    dog: Watchdog,
+    ctl: Arc<ControlClient>,
+) -> std::result::Result<(), K::Error> {
+    let result = result.and_then(|()| match server {
+        Some(s) => s.join().map_err(K::Error::from),
+        None => Ok(()),
+    });
+    dog.stop();
+    match (&result, Arc::try_unwrap(ctl)) {
+        (Ok(()), Ok(c)) => c.leave()?,
+        (_, Ok(c)) => c.abandon(),
+        (_, Err(_)) => {}
+    }
+    result
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name)
+        .map_err(|_| Error::Cluster(format!("environment variable {name} is not set")))
+}
+
+/// Stops this process if the control plane reports a failed member (or loses the
+/// coordinator), so that no process of a broken job waits for ever.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(ctl: Arc<ControlClient>, me: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Err(e) = ctl.check() {
+                    eprintln!("{me}: stopping: {e}");
+                    std::process::exit(3);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Prints a report for the launcher (one JSON line on stdout).
+pub fn emit(r: &Report) {
+    if let Ok(line) = serde_json::to_string(r) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn bind(host: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind((host, 0))
+        .map_err(|e| Error::Cluster(format!("binding a data-plane listener on {host}: {e}")))?;
+    let a = l
+        .local_addr()
+        .map_err(|e| Error::Cluster(format!("reading the listener address: {e}")))?;
+    Ok((l, a))
+}
+
+fn parse_addr(s: &str, who: &str) -> Result<SocketAddr> {
+    s.parse()
+        .map_err(|_| Error::Cluster(format!("{who} advertised a bad data-plane address '{s}'")))
+}
+
+/// This process's index within its role, from [`ENV_INDEX`] or what a scheduler sets.
+fn role_index() -> Result<Option<u32>> {
+    for name in [ENV_INDEX, "JOB_COMPLETION_INDEX", "VC_TASK_INDEX"] {
+        if let Ok(v) = std::env::var(name) {
+            return v
+                .trim()
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| Error::Cluster(format!("{name} is '{v}', not a process index")));
+        }
+    }
+    Ok(None)
+}
+
+/// Serves as the coordinator of a job whose processes a scheduler starts: prepares the
+/// job directory ([`JobKind::prepare`]), serves on `listen` (port 0: one the system picks; the address bound is
+/// printed on stderr as `coordinator listening on ADDR`), and returns when every process
+/// has left in order (an error if one fails or the job does not assemble within
+/// `rendezvous`).
+pub fn run_coordinator<K: JobKind>(
+    config: &Path,
+    run_dir: &Path,
+    listen: SocketAddr,
+    token: &str,
+    rendezvous: Duration,
+) -> std::result::Result<(), K::Error> {
+    let d = K::prepare(config, run_dir)?;
+    let kind = K::KIND;
+    let world = d.workers + d.separate_servers();
+    let coord = Coordinator::start(
+        listen,
+        CoordinatorConfig {
+            token: token.into(),
+            world: world as u32,
+            heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
+            rendezvous_timeout: rendezvous,
+        },
+    )?;
+    // The address bound (with port 0, the port the system picked), for whoever started
+    // this process and waits to learn it.
+    eprintln!("coordinator listening on {}", coord.addr);
+    eprintln!(
+        "coordinator of a {kind} job on {}: expecting {} workers and {} separate shards",
+        coord.addr,
+        d.workers,
+        d.separate_servers()
+    );
+    coord.wait_finished()?;
+    eprintln!("every process of the job has finished");
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! `shoal launch`: a training job's Kubernetes objects, printed or applied, and
+//! following and deleting a job.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use shoal_nmt::config::DistMode;
+use std::path::PathBuf;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct LaunchArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<LaunchAction>,
+    /// The job spec (TOML: name, image, kind, config, workers, ps, data volume,
+    /// resources; see README).
+    #[arg(long, value_name = "JOB.toml")]
+    pub(crate) k8s: Option<PathBuf>,
+    /// Print the objects as YAML for `kubectl apply -f -` (the default).
+    #[arg(long, conflicts_with = "apply")]
+    pub(crate) dry_run: bool,
+    /// Submit the objects through the Kubernetes API (kubeconfig or in-cluster
+    /// account; needs a build with `--features k8s`).
+    #[arg(long)]
+    pub(crate) apply: bool,
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    #[arg(long)]
+    pub(crate) namespace: Option<String>,
+    /// kubernetes (indexed Jobs + headless Service), volcano (gang-scheduled) or
+    /// kubeflow (Trainer TrainJob).
+    #[arg(long)]
+    pub(crate) scheduler: Option<String>,
+    #[arg(long)]
+    pub(crate) image: Option<String>,
+    #[arg(long)]
+    pub(crate) workers: Option<i64>,
+    #[arg(long)]
+    pub(crate) ps: Option<i64>,
+    #[arg(long)]
+    pub(crate) gpus_per_worker: Option<i64>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LaunchAction {
+    /// The job's Jobs and pods and where they stand.
+    Status(LaunchJobArgs),
+    /// The logs of the job's pods.
+    Logs {
+        #[command(flatten)]
+        job: LaunchJobArgs,
+        /// Only the last N lines of each pod.
+        #[arg(long)]
+        tail: Option<i64>,
+    },
+    /// Delete every object of the job (its pods go with them).
+    Delete(LaunchJobArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct LaunchJobArgs {
+    /// The job's name.
+    pub(crate) job: String,
+    #[arg(long, default_value = "default")]
+    pub(crate) namespace: String,
+}
+
+pub(crate) fn run(a: LaunchArgs) -> Result<()> {
+    use shoal_launch::{JobSpec, Overrides, Scheduler};
+    if let Some(action) = a.action {
+        return launch_action(action);
+    }
+    let Some(path) = a.k8s else {
+        bail!("give a job spec (--k8s job.toml), or one of: status, logs, delete");
+    };
+    let ov = Overrides {
+        name: a.name,
+        namespace: a.namespace,
+        scheduler: a.scheduler.as_deref().map(Scheduler::parse).transpose()?,
+        image: a.image,
+        workers: a.workers,
+        ps: a.ps,
+        gpus_per_worker: a.gpus_per_worker,
+    };
+    let spec = JobSpec::load(&path, &ov)?;
+    // The training configuration the pods get: its [dist] section from the spec, the
+    // data plane over TCP (pods share no memory).
+    let (config, dist) = super::job_config(&spec.kind, &spec.config, |d| {
+        d.workers = spec.workers as usize;
+        d.ps = spec.ps as usize;
+        if d.ps > 0 && d.mode == DistMode::Allreduce {
+            d.mode = DistMode::PsSync;
+        }
+        if d.ps == 0 {
+            d.mode = DistMode::Allreduce;
+        }
+        d.transport = shoal_nmt::config::DataPlane::Tcp;
+    })
+    .with_context(|| format!("the training configuration {}", spec.config.display()))?;
+    let token = shoal_launch::manifest::new_token()?;
+    let objects = shoal_launch::objects(&shoal_launch::Plan {
+        spec: &spec,
+        config_toml: &config,
+        ps_pods: dist.separate_servers(),
+        token: &token,
+    });
+    if !a.apply {
+        print!("{}", shoal_launch::yaml::documents(&objects));
+        return Ok(());
+    }
+    submit(&spec, &objects)
+}
+
+#[cfg(feature = "k8s")]
+pub(crate) fn submit(spec: &shoal_launch::JobSpec, objects: &[serde_json::Value]) -> Result<()> {
+    let c = shoal_launch::kube_api::Cluster::connect()?;
+    for what in c.apply(objects)? {
+        eprintln!("applied {what}");
+    }
+    eprintln!(
+        "job {} submitted to namespace {}; follow it with `shoal launch status {} --namespace {}`",
+        spec.name, spec.namespace, spec.name, spec.namespace
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "k8s"))]
+pub(crate) fn submit(_: &shoal_launch::JobSpec, _: &[serde_json::Value]) -> Result<()> {
+    bail!(
+        "this shoal was built without the Kubernetes client: rebuild with `cargo build --release --features k8s`, or pipe `shoal launch --k8s JOB.toml` into `kubectl apply -f -`"
+    )
+}
+
+#[cfg(feature = "k8s")]
+pub(crate) fn launch_action(action: LaunchAction) -> Result<()> {
+    let c = shoal_launch::kube_api::Cluster::connect()?;
+    match action {
+        LaunchAction::Status(j) => print!("{}", c.status(&j.namespace, &j.job)?.render()),
+        LaunchAction::Logs { job, tail } => print!("{}", c.logs(&job.namespace, &job.job, tail)?),
+        LaunchAction::Delete(j) => {
+            let gone = c.delete(&j.namespace, &j.job)?;
+            if gone.is_empty() {
+                eprintln!("no objects of job {} in namespace {}", j.job, j.namespace);
+            }
+            for g in gone {
+                eprintln!("deleted {g}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "k8s"))]
+pub(crate) fn launch_action(action: LaunchAction) -> Result<()> {
+    let (LaunchAction::Status(j) | LaunchAction::Logs { job: j, .. } | LaunchAction::Delete(j)) =
+        action;
+    bail!(
+        "this shoal was built without the Kubernetes client (rebuild with `--features k8s`); meanwhile: kubectl -n {} get jobs,pods -l shoal.dev/job={}",
+        j.namespace,
+        j.job
+    )
+}

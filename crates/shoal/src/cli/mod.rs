@@ -1,0 +1,99 @@
+//! The command line: one module per command (its arguments and what runs them), and
+//! the value enums several commands share.
+
+pub mod bench;
+pub mod compress;
+pub mod coordinator;
+pub mod data;
+pub mod eval;
+pub mod launch;
+pub mod plan;
+pub mod predict;
+pub mod train_cnn;
+pub mod train_ctr;
+pub mod train_nmt;
+pub mod translate;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Cell {
+    Gru,
+    Lstm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Mode {
+    Allreduce,
+    PsSync,
+    PsAsync,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum PsPlacement {
+    Colocated,
+    Separate,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Plane {
+    Shm,
+    Tcp,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Attn {
+    None,
+    Luong,
+    Bahdanau,
+}
+
+/// A command-line choice's value name: kebab-case, as the configuration spells it.
+pub(crate) fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// The library value a command-line choice names, through the configuration's names
+/// (one spelling for flags, TOML and checkpoints).
+pub(crate) fn lib_value<T: serde::de::DeserializeOwned>(v: impl ValueEnum) -> Result<T> {
+    let name = value_name(v);
+    serde_json::from_value(serde_json::Value::String(name.clone()))
+        .with_context(|| format!("'{name}' names no configuration value"))
+}
+
+/// `shoal role`: one process of a distributed job, for the workload its job directory
+/// names (`RUN/job/kind`).
+pub(crate) fn run_role() -> Result<()> {
+    use shoal_runtime::role::{self, JobKind};
+    let joined = role::connect()?;
+    let kind = joined.kind().to_string();
+    if kind == shoal_nmt::job::NmtJob::KIND {
+        role::run::<shoal_nmt::job::NmtJob>(joined)?;
+    } else if kind == shoal_ctr::CtrJob::KIND {
+        role::run::<shoal_ctr::CtrJob>(joined)?;
+    } else {
+        bail!(
+            "cluster: {}: unknown job kind '{kind}'; expected nmt or ctr",
+            joined.job_dir().join("kind").display()
+        );
+    }
+    Ok(())
+}
+
+/// A job's training configuration for `kind` (`nmt`: the `train nmt` TOML; `ctr`: a
+/// CTR configuration as TOML) with its `[dist]` section adjusted: its TOML text and
+/// shape.
+pub(crate) fn job_config(
+    kind: &str,
+    path: &std::path::Path,
+    adjust: impl FnOnce(&mut shoal_runtime::dist::DistSection),
+) -> Result<(String, shoal_runtime::dist::DistSection)> {
+    Ok(match kind {
+        "nmt" => shoal_nmt::job::job_config(path, adjust)?,
+        "ctr" => shoal_ctr::job::job_config(path, adjust)?,
+        other => bail!("config: unknown job kind '{other}'; expected nmt or ctr"),
+    })
+}

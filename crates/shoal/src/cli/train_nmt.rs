@@ -1,0 +1,328 @@
+//! `shoal train nmt`: the NMT trainer's flags, turned into configuration overrides, and
+//! the run (one process, or the embedded local cluster).
+
+use super::*;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use shoal_nmt::config::NmtTrainConfig;
+use shoal_nmt::progress::Progress;
+use shoal_nmt::NmtTrainer;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct NmtArgs {
+    /// TOML configuration file (sections [model], [data], [train], [eval]).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Override any configuration field, e.g. --set model.hidden=256 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) set: Vec<String>,
+    /// Run directory for checkpoints.
+    #[arg(long, default_value = "runs/nmt")]
+    pub(crate) out: PathBuf,
+    /// Continue the run saved in this run or checkpoint directory.
+    #[arg(long)]
+    pub(crate) resume: Option<PathBuf>,
+    /// Directory with train.{en,de} and val.{en,de} (sets the four data paths).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// train.epochs
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
+    /// train.max_steps (0 = no limit)
+    #[arg(long)]
+    pub(crate) max_steps: Option<u64>,
+    /// train.max_minutes (0 = no limit)
+    #[arg(long)]
+    pub(crate) max_minutes: Option<f64>,
+    /// train.batch_size
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
+    /// train.lr
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// train.seed
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// train.checkpoint_every (updates; 0 = only at the end)
+    #[arg(long)]
+    pub(crate) checkpoint_every: Option<u64>,
+    /// model.cell
+    #[arg(long, value_enum)]
+    pub(crate) cell: Option<Cell>,
+    /// model.attention
+    #[arg(long, value_enum)]
+    pub(crate) attention: Option<Attn>,
+    /// model.layer_norm: Layer Normalization inside the recurrent cell.
+    #[arg(long)]
+    pub(crate) layer_norm: bool,
+    /// model.dropout
+    #[arg(long)]
+    pub(crate) dropout: Option<f32>,
+    /// dist.workers: data-parallel worker processes (train.batch_size is per worker).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// dist.ps: parameter-server shards (sets --mode ps-sync unless given).
+    #[arg(long)]
+    pub(crate) ps: Option<usize>,
+    /// dist.mode: how workers combine gradients.
+    #[arg(long, value_enum)]
+    pub(crate) mode: Option<Mode>,
+    /// dist.placement: shards in their own processes or inside the first workers.
+    #[arg(long, value_enum)]
+    pub(crate) ps_placement: Option<PsPlacement>,
+    /// dist.transport: the allreduce data plane.
+    #[arg(long, value_enum)]
+    pub(crate) transport: Option<Plane>,
+    /// eval.beam for the final BLEU (1 = greedy)
+    #[arg(long)]
+    pub(crate) beam: Option<usize>,
+    /// Skip the BLEU evaluation at the end.
+    #[arg(long)]
+    pub(crate) no_eval: bool,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
+}
+
+pub(crate) fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
+    let mut o = Vec::new();
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        o.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut put = |k: &str, v: String| o.push((k.to_string(), v));
+    if let Some(d) = &a.data_dir {
+        for (k, f) in [
+            ("data.train_src", "train.en"),
+            ("data.train_tgt", "train.de"),
+            ("data.valid_src", "val.en"),
+            ("data.valid_tgt", "val.de"),
+        ] {
+            put(k, format!("{:?}", d.join(f).display().to_string()));
+        }
+    }
+    if let Some(v) = a.epochs {
+        put("train.epochs", v.to_string());
+    }
+    if let Some(v) = a.max_steps {
+        put("train.max_steps", v.to_string());
+    }
+    if let Some(v) = a.max_minutes {
+        put("train.max_minutes", format!("{v:?}"));
+    }
+    if let Some(v) = a.batch_size {
+        put("train.batch_size", v.to_string());
+    }
+    if let Some(v) = a.lr {
+        put("train.lr", format!("{v:?}"));
+    }
+    if let Some(v) = a.seed {
+        put("train.seed", v.to_string());
+    }
+    if let Some(v) = a.checkpoint_every {
+        put("train.checkpoint_every", v.to_string());
+    }
+    if let Some(c) = a.cell {
+        put("model.cell", format!("{:?}", value_name(c)));
+    }
+    if let Some(at) = a.attention {
+        put("model.attention", format!("{:?}", value_name(at)));
+    }
+    if a.layer_norm {
+        put("model.layer_norm", "true".into());
+    }
+    if let Some(v) = a.dropout {
+        put("model.dropout", format!("{v:?}"));
+    }
+    if let Some(v) = a.beam {
+        put("eval.beam", v.to_string());
+    }
+    if let Some(v) = a.workers {
+        put("dist.workers", v.to_string());
+    }
+    if let Some(v) = a.ps {
+        put("dist.ps", v.to_string());
+        if a.mode.is_none() && v > 0 {
+            put("dist.mode", "\"ps-sync\"".into());
+        }
+    }
+    if let Some(m) = a.mode {
+        put("dist.mode", format!("{:?}", value_name(m)));
+        if a.ps.is_none() && !matches!(m, Mode::Allreduce) {
+            put("dist.ps", "1".into());
+        }
+    }
+    if let Some(p) = a.ps_placement {
+        put("dist.placement", format!("{:?}", value_name(p)));
+    }
+    if let Some(p) = a.transport {
+        put("dist.transport", format!("{:?}", value_name(p)));
+    }
+    Ok(o)
+}
+
+pub(crate) fn run(a: NmtArgs) -> Result<()> {
+    let ov = overrides(&a)?;
+    if a.resume.is_none() && !a.print_config {
+        let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+        if cfg.dist.is_cluster() {
+            return train_nmt_cluster(&a, cfg, None);
+        }
+    }
+    let mut trainer = match &a.resume {
+        Some(dir) => {
+            if a.config.is_some() {
+                bail!("--resume continues with the run's saved configuration; drop --config");
+            }
+            let t = NmtTrainer::resume(dir, |saved| saved.with_overrides(&ov))?;
+            if t.config().dist.is_cluster() {
+                let cfg = t.config().clone();
+                let tok = t.tokenizers().clone();
+                drop(t);
+                return train_nmt_cluster(&a, cfg, Some((dir.clone(), tok)));
+            }
+            t
+        }
+        None => {
+            let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+            if a.print_config {
+                print!("{}", cfg.to_toml());
+                return Ok(());
+            }
+            let threads = cfg.train.threads;
+            if threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                // The thread pool starts with the first parallel operation, after this.
+                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            }
+            eprintln!("preparing data and learning subword vocabularies...");
+            NmtTrainer::new(cfg, &a.out)?
+        }
+    };
+    let epochs = trainer.config().train.epochs;
+    let mut progress = Progress::new(epochs, false);
+    let summary = trainer.run(|e| progress.on_event(e));
+    progress.finish();
+    let summary = summary?;
+    eprintln!(
+        "trained {} steps in {:.0} s ({:.0} target tokens/s); stopped: {:?}; checkpoint {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        summary.stop,
+        summary.last_checkpoint.display()
+    );
+    let out = serde_json::json!({
+        "steps": trainer.position().step,
+        "seconds": summary.seconds,
+        "tokens_per_s": summary.tokens_per_s,
+        "checkpoint": summary.last_checkpoint,
+        "params": trainer.num_params(),
+        "timing": [trainer.timing()],
+    });
+    final_report(&a, &trainer, out)
+}
+
+/// Validation loss, BLEU and samples of a trained model; the JSON summary with `--json`.
+pub(crate) fn final_report(
+    a: &NmtArgs,
+    trainer: &NmtTrainer,
+    mut out: serde_json::Value,
+) -> Result<()> {
+    let valid_loss = trainer.valid_loss()?;
+    out["valid_loss"] = serde_json::json!(valid_loss);
+    println!(
+        "validation loss {valid_loss:.3} (perplexity {:.1})",
+        valid_loss.exp()
+    );
+    if !a.no_eval {
+        let (bleu, samples) = trainer.valid_bleu()?;
+        println!("validation {bleu}");
+        let n = trainer.config().eval.samples;
+        for s in samples.iter().take(n) {
+            println!(
+                "  src: {}\n  ref: {}\n  hyp: {}\n",
+                s.source, s.reference, s.hypothesis
+            );
+        }
+        out["bleu"] = serde_json::json!(bleu.score);
+    }
+    if a.json {
+        println!("{out}");
+    }
+    Ok(())
+}
+
+/// A distributed run: the launcher starts the coordinator, workers and parameter
+/// servers as processes of this program and shows their progress.
+pub(crate) fn train_nmt_cluster(
+    a: &NmtArgs,
+    cfg: NmtTrainConfig,
+    resume: Option<(PathBuf, shoal_nmt::trainer::Tokenizers)>,
+) -> Result<()> {
+    let (run_dir, tok, resume) = match resume {
+        Some((dir, tok)) => {
+            let ckpt = shoal_runtime::store::resolve(&dir)?;
+            let run = ckpt.parent().map(PathBuf::from).unwrap_or_default();
+            (run, tok, Some(ckpt))
+        }
+        None => {
+            eprintln!("preparing data and learning subword vocabularies...");
+            (a.out.clone(), NmtTrainer::learn_tokenizers(&cfg)?, None)
+        }
+    };
+    let d = &cfg.dist;
+    eprintln!(
+        "starting {} workers{} on this machine (mode {:?}); logs in {}",
+        d.workers,
+        if d.mode == shoal_nmt::config::DistMode::Allreduce {
+            String::new()
+        } else {
+            format!(" and {} parameter-server shards ({:?})", d.ps, d.placement)
+        },
+        d.mode,
+        run_dir.join("job/logs").display()
+    );
+    let opts = shoal_runtime::launch::LaunchOptions {
+        exe: std::env::current_exe().context("finding this program's path")?,
+        args: vec!["role".into()],
+        resume,
+    };
+    let mut progress = Progress::new(cfg.train.epochs, false);
+    let summary = shoal_nmt::job::launch(&cfg, &run_dir, &tok, &opts, |e, rates| {
+        let per: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        progress.set_detail(format!(" (workers: {})", per.join(" + ")));
+        progress.on_event(e);
+    });
+    progress.finish();
+    let summary = summary?;
+    let per: Vec<String> = summary
+        .worker_tokens_per_s
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect();
+    eprintln!(
+        "trained {} steps in {:.0} s: {:.0} target tokens/s ({} per worker); checkpoint {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        per.join(" + "),
+        summary.last_checkpoint.display()
+    );
+    let trainer = NmtTrainer::resume(&summary.last_checkpoint, |c| Ok(c.clone()))?;
+    let out = serde_json::json!({
+        "steps": trainer.position().step,
+        "seconds": summary.seconds,
+        "tokens_per_s": summary.tokens_per_s,
+        "params": trainer.num_params(),
+        "worker_tokens_per_s": summary.worker_tokens_per_s,
+        "timing": summary.timing,
+        "checkpoint": summary.last_checkpoint,
+    });
+    final_report(a, &trainer, out)
+}
