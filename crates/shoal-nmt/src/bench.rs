@@ -192,7 +192,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
     let model = cfg.init::<CpuTrain>(&Default::default())?;
     let n = crate::FlatLayout::of(&model).total;
     let opt = Optimizer::new(OptimizerConfig::default(), n)?;
-    let learner_init = Learner::fresh(model, opt, 1.0)?;
+    let learner_init = Learner::fresh(model, Default::default(), opt, 1.0)?;
     if let Some(p) = &opts.dump_batches {
         // The initial weights beside the batches, by parameter name, for the peer.
         let init = init_path(p);

@@ -6,6 +6,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use shoal_optim::{OptimizerConfig, OptimizerKind, ScheduleKind};
 pub use shoal_runtime::config::set_override;
+pub use shoal_runtime::device::DeviceSpec;
 pub use shoal_runtime::dist::{DataPlane, DistMode, DistSection, Placement};
 use std::path::{Path, PathBuf};
 
@@ -105,6 +106,9 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Worker threads for the tensor engine (0 = all cores).
     pub threads: usize,
+    /// Where the model trains (`cpu`, `cuda`, `cuda:N`); checkpoints are the same files
+    /// on every device.
+    pub device: DeviceSpec,
 }
 
 impl Default for TrainSection {
@@ -129,6 +133,7 @@ impl Default for TrainSection {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             threads: 0,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -234,6 +239,13 @@ impl NmtTrainConfig {
         let bad = |f: &str, why: &str| Err(Error::Config(format!("{f}: {why}")));
         if self.train.batch_size == 0 {
             return bad("train.batch_size", "must be at least 1");
+        }
+        if self.train.device != DeviceSpec::Cpu {
+            return Err(Error::Config(format!(
+                "train.device: {} is not available in this build: the trainer is generic over \
+                 the engine's backend, but only the CPU backend (burn's flex) is compiled in",
+                self.train.device
+            )));
         }
         if self.data.max_len < 2 {
             return bad("data.max_len", "must be at least 2");

@@ -1,8 +1,16 @@
 //! Fused operations registered with the engine: the GRU recurrence over a whole
 //! sequence and the softmax cross-entropy over the vocabulary are each one operation
-//! with its own backward pass (host kernels in `shoal_kernels::host`) and a single autodiff
-//! graph node, instead of many small operations (about fifteen per time step for the
-//! GRU; several vocabulary-sized intermediates for the loss).
+//! with its own backward pass and a single autodiff graph node, instead of many small
+//! operations (about fifteen per time step for the GRU; several vocabulary-sized
+//! intermediates for the loss).
+//!
+//! As in burn's custom-kernel pattern, the operations are a backend extension
+//! ([`FusedRnnBackend`]) implemented by a backend with kernels of its own, and the
+//! autodiff implementation is bound on its inner backend having them ([`HostKernels`]:
+//! backends whose tensors are in host memory, where `shoal_kernels::host` runs them;
+//! the `flex` CPU backend). A backend without fused kernels says so
+//! ([`FusedRnnBackend::FUSED`] is false) and the model runs the engine's step-by-step
+//! path on it: a tensor is never copied to the host behind the caller's back.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -31,8 +39,20 @@ macro_rules! register_grads {
     }};
 }
 
-/// Backends that run the fused recurrent operations.
+/// Backends whose tensors live in host memory, so the host kernels read and write them
+/// without a device transfer. The fused operations of such a backend, and of autodiff
+/// over it, run on `shoal_kernels::host`.
+pub trait HostKernels: Backend {}
+
+impl HostKernels for burn::backend::Flex {}
+
+/// Backends that run the fused recurrent operations (the model asks [`Self::FUSED`]
+/// before it calls them).
 pub trait FusedRnnBackend: Backend {
+    /// Whether this backend has the fused kernels; when false the model runs the
+    /// engine's step-by-step path and the operations below are never called.
+    const FUSED: bool = true;
+
     /// The GRU recurrence. `xp`: `[B, T, 3H]` input projections (with `b_ih`); `h0`:
     /// `[B, H]`; `w_hh`: `[3H, H]`; `b_hh`: `[3H]`; `norm`: optional per-gate LayerNorm
     /// `(gamma, beta)` (`[3H]` each) of the recurrent product; `mask`: optional `[B*T]`
@@ -85,7 +105,8 @@ fn big_threads() -> usize {
     rayon::current_num_threads()
 }
 
-fn host<B: Backend, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D]) {
+/// A host-memory backend's tensor as a flat vector (a copy in host memory, no transfer).
+fn host<B: HostKernels, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D]) {
     let t = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
     let dims = t.dims();
     let v = t
@@ -96,7 +117,7 @@ fn host<B: Backend, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D])
     (v, dims)
 }
 
-fn device_tensor<B: Backend, const D: usize>(
+fn device_tensor<B: HostKernels, const D: usize>(
     v: Vec<f32>,
     dims: [usize; D],
     device: &B::Device,
@@ -115,7 +136,7 @@ struct GruWeights {
 }
 
 /// Runs the forward kernel on host copies of the inputs.
-fn gru_host<B: Backend>(
+fn gru_host<B: HostKernels>(
     xp: FloatTensor<B>,
     h0: FloatTensor<B>,
     w_hh: FloatTensor<B>,
@@ -162,7 +183,7 @@ fn gru_host<B: Backend>(
 }
 
 /// Runs the LSTM forward kernel on host copies of the inputs.
-fn lstm_host<B: Backend>(
+fn lstm_host<B: HostKernels>(
     xp: FloatTensor<B>,
     h0: FloatTensor<B>,
     c0: FloatTensor<B>,
@@ -205,6 +226,8 @@ fn lstm_host<B: Backend>(
 }
 
 impl FusedRnnBackend for burn::backend::Flex {
+    const FUSED: bool = true;
+
     fn lstm_sequence(
         xp: FloatTensor<Self>,
         h0: FloatTensor<Self>,
@@ -265,7 +288,7 @@ struct GruState<D> {
 
 impl<D> GruState<D> {
     /// Runs the backward kernel on the gradient of the outputs.
-    fn kernel<B: Backend<Device = D>>(&self, dout: FloatTensor<B>) -> gru::GruGrads {
+    fn kernel<B: HostKernels<Device = D>>(&self, dout: FloatTensor<B>) -> gru::GruGrads {
         let (dout, _) = host::<B, 3>(dout);
         let ln = self
             .weights
@@ -315,7 +338,7 @@ macro_rules! gru_backward {
     }};
 }
 
-impl<B: Backend> Backward<B, 4> for GruBackward {
+impl<B: HostKernels> Backward<B, 4> for GruBackward {
     type State = GruState<B::Device>;
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _c: &mut Checkpointer) {
@@ -323,7 +346,7 @@ impl<B: Backend> Backward<B, 4> for GruBackward {
     }
 }
 
-impl<B: Backend> Backward<B, 6> for GruLnBackward {
+impl<B: HostKernels> Backward<B, 6> for GruLnBackward {
     type State = GruState<B::Device>;
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _c: &mut Checkpointer) {
@@ -344,7 +367,7 @@ struct LstmState<D> {
 #[derive(Debug)]
 struct LstmBackward;
 
-impl<B: Backend> Backward<B, 5> for LstmBackward {
+impl<B: HostKernels> Backward<B, 5> for LstmBackward {
     type State = LstmState<B::Device>;
 
     fn backward(
@@ -395,7 +418,7 @@ struct XentState<D> {
 #[derive(Debug)]
 struct XentBackward;
 
-impl<B: Backend> Backward<B, 3> for XentBackward {
+impl<B: HostKernels> Backward<B, 3> for XentBackward {
     type State = XentState<B::Device>;
 
     fn backward(
@@ -423,7 +446,11 @@ impl<B: Backend> Backward<B, 3> for XentBackward {
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
+/// Autodiff over a backend with host kernels: the forward pass runs the inner backend's
+/// kernels and records one node whose backward pass runs them again.
+impl<B: HostKernels, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
+    const FUSED: bool = true;
+
     fn gru_sequence(
         xp: FloatTensor<Self>,
         h0: FloatTensor<Self>,

@@ -489,7 +489,8 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         let enc = self.encode(src_t, mask, rng);
         let tgt = ids_tensor(tgt_in, batch, tgt_len, device);
         let n = batch * tgt_len;
-        if self.config.fused {
+        // A backend without fused kernels computes the loss step by step.
+        if self.config.fused && B::FUSED {
             let top = self.decode_train_hidden(&enc, tgt, rng);
             let targets: Arc<[u32]> = Arc::from(tgt_out);
             let weights: Arc<[f32]> = tgt_out

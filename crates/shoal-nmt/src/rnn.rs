@@ -268,7 +268,8 @@ impl<B: FusedRnnBackend> RecurrentLayer<B> {
         mask: Option<&Tensor<B, 2>>,
         init: RnnState<B>,
     ) -> (Tensor<B, 3>, RnnState<B>) {
-        if !self.is_fused() {
+        // A backend without fused kernels runs the step-by-step path.
+        if !(self.is_fused() && B::FUSED) {
             return self.forward_unfused(x, mask, init);
         }
         let [b, t, d] = x.dims();

@@ -11,8 +11,8 @@ use crate::model::DropoutRng;
 use crate::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
 use crate::{Error, Result};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
 use shoal_comm::ps::PsState;
 use shoal_data::{
     corpus_bleu, load_parallel, Batch, Batcher, Bleu, EmptyLines, Example, SubwordTokenizer, BOS,
@@ -104,11 +104,28 @@ pub fn encode_pairs(tok: &Tokenizers, src: &[String], tgt: &[String]) -> Result<
         .collect()
 }
 
+/// What a trainer runs on: autodiff over a backend, both with the model's fused
+/// operations or (where a backend has none) the step-by-step path. The CPU backend
+/// ([`CpuTrain`]) is the default everywhere.
+pub trait TrainBackend: AutodiffBackend + FusedRnnBackend
+where
+    Self::InnerBackend: FusedRnnBackend,
+{
+}
+
+impl<B> TrainBackend for B
+where
+    B: AutodiffBackend + FusedRnnBackend,
+    B::InnerBackend: FusedRnnBackend,
+{
+}
+
 /// The mean per-token loss of one padded batch.
 fn batch_loss<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     b: &Batch,
     rng: &mut Option<DropoutRng>,
+    device: &B::Device,
 ) -> Tensor<B, 1> {
     model.loss(
         &b.src,
@@ -119,29 +136,37 @@ fn batch_loss<B: FusedRnnBackend>(
         b.tgt_len,
         PAD,
         rng,
-        &Default::default(),
+        device,
     )
 }
 
-/// A model ready for inference, with its tokenizers.
+/// A model ready for inference, with its tokenizers, on a device of backend `B`.
 #[derive(Debug, Clone)]
-pub struct Translator {
-    pub model: Seq2Seq<Cpu>,
+pub struct Translator<B: FusedRnnBackend = Cpu> {
+    pub model: Seq2Seq<B>,
     pub tok: Tokenizers,
+    pub device: B::Device,
 }
 
-impl Translator {
-    /// Loads the model saved in a checkpoint or run directory.
+impl Translator<Cpu> {
+    /// Loads the model saved in a checkpoint or run directory (on the CPU).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_on(path, Default::default())
+    }
+}
+
+impl<B: FusedRnnBackend> Translator<B> {
+    /// Loads the model saved in a checkpoint or run directory onto `device`.
+    pub fn load_on(path: &Path, device: B::Device) -> Result<Self> {
         let dir = checkpoint::resolve(path)?;
         let ckpt = Checkpoint::load(&dir)?;
-        let (_, model, _, tok) = restore_model::<Cpu>(&dir, &ckpt)?;
-        Ok(Self { model, tok })
+        let (_, model, _, tok) = restore_model::<B>(&dir, &ckpt, &device)?;
+        Ok(Self { model, tok, device })
     }
 
     /// Translates `lines` (beam 1 = greedy, batched; beam > 1 = beam search per line).
     pub fn translate(&self, lines: &[String], beam: usize, alpha: f32) -> Result<Vec<String>> {
-        let device = Default::default();
+        let device = self.device.clone();
         let sources: Vec<Vec<u32>> = lines
             .iter()
             .map(|l| self.tok.src.encode(l))
@@ -170,6 +195,7 @@ impl Translator {
 fn restore_model<B: Backend>(
     dir: &Path,
     ckpt: &Checkpoint,
+    device: &B::Device,
 ) -> Result<(NmtTrainConfig, Seq2Seq<B>, FlatLayout, Tokenizers)> {
     let fail = |why: String| Error::Checkpoint {
         path: dir.to_path_buf(),
@@ -191,7 +217,7 @@ fn restore_model<B: Backend>(
     };
     let model = cfg
         .model_config(tok.src.vocab_size(), tok.tgt.vocab_size())
-        .init::<B>(&Default::default())?;
+        .init::<B>(device)?;
     let layout = FlatLayout::of(&model);
     let want: Vec<(String, Vec<usize>)> = layout
         .params
@@ -211,8 +237,13 @@ fn restore_model<B: Backend>(
 /// engine forward/backward, gradients out through the flat adapter, the exchange with
 /// the other workers (if any), clipping, the optimizer on flat buffers, and the
 /// parameters written back.
-pub struct Learner {
-    pub model: Seq2Seq<CpuTrain>,
+pub struct Learner<B: TrainBackend = CpuTrain>
+where
+    B::InnerBackend: FusedRnnBackend,
+{
+    pub model: Seq2Seq<B>,
+    /// Where the model lives.
+    pub device: B::Device,
     pub layout: FlatLayout,
     pub params: Vec<f32>,
     /// The flat gradient, with two extra slots at the end that travel with it through
@@ -226,10 +257,14 @@ pub struct Learner {
     pub timing: PhaseTimes,
 }
 
-impl Learner {
-    /// Wraps `model` (whose current parameters are `params`, in layout order).
+impl<B: TrainBackend> Learner<B>
+where
+    B::InnerBackend: FusedRnnBackend,
+{
+    /// Wraps `model` (on `device`; its current parameters are `params`, in layout order).
     pub fn new(
-        model: Seq2Seq<CpuTrain>,
+        model: Seq2Seq<B>,
+        device: B::Device,
         layout: FlatLayout,
         params: Vec<f32>,
         opt: Optimizer,
@@ -238,6 +273,7 @@ impl Learner {
         let grads = vec![0.0; layout.total + 2];
         Self {
             model,
+            device,
             layout,
             params,
             grads,
@@ -248,12 +284,17 @@ impl Learner {
         }
     }
 
-    /// A learner for a freshly initialised `model`.
-    pub fn fresh(model: Seq2Seq<CpuTrain>, opt: Optimizer, clip_norm: f32) -> Result<Self> {
+    /// A learner for a freshly initialised `model` on `device`.
+    pub fn fresh(
+        model: Seq2Seq<B>,
+        device: B::Device,
+        opt: Optimizer,
+        clip_norm: f32,
+    ) -> Result<Self> {
         let layout = FlatLayout::of(&model);
         let mut params = vec![0.0; layout.total];
         layout.read_params(&model, &mut params)?;
-        Ok(Self::new(model, layout, params, opt, clip_norm))
+        Ok(Self::new(model, device, layout, params, opt, clip_norm))
     }
 
     /// One update on `batch` with learning rate `lr`. `step` numbers the update (it
@@ -271,8 +312,8 @@ impl Learner {
         let total = self.layout.total;
         let (mut value, tokens) = match batch {
             Some(b) if b.batch_size > 0 => {
-                let loss = batch_loss(&self.model, b, rng);
-                let value: f32 = loss.clone().into_scalar();
+                let loss = batch_loss(&self.model, b, rng, &self.device);
+                let value: f32 = loss.clone().into_scalar().elem();
                 if !value.is_finite() {
                     return Err(Error::Diverged { step, loss: value });
                 }
@@ -411,11 +452,14 @@ pub struct Position {
     pub batch: u64,
 }
 
-/// One training process.
-pub struct NmtTrainer {
+/// One training process, on a device of backend `B` (the CPU by default).
+pub struct NmtTrainer<B: TrainBackend = CpuTrain>
+where
+    B::InnerBackend: FusedRnnBackend,
+{
     cfg: NmtTrainConfig,
     run_dir: PathBuf,
-    learner: Learner,
+    learner: Learner<B>,
     sched: LrSchedule,
     tok: Tokenizers,
     batcher: Batcher,
@@ -429,9 +473,9 @@ pub struct NmtTrainer {
     rank: usize,
 }
 
-impl NmtTrainer {
-    /// A fresh run: reads the data, learns the tokenizers, initialises the model.
-    /// Checkpoints go to `run_dir`.
+impl NmtTrainer<CpuTrain> {
+    /// A fresh run on the CPU: reads the data, learns the tokenizers, initialises the
+    /// model. Checkpoints go to `run_dir`.
     pub fn new(cfg: NmtTrainConfig, run_dir: &Path) -> Result<Self> {
         Self::with_tokenizers(cfg, run_dir, None)
     }
@@ -443,6 +487,28 @@ impl NmtTrainer {
         Self::learn(cfg, &corpus)
     }
 
+    /// [`NmtTrainer::with_tokenizers_on`] on the CPU.
+    pub fn with_tokenizers(
+        cfg: NmtTrainConfig,
+        run_dir: &Path,
+        tok: Option<Tokenizers>,
+    ) -> Result<Self> {
+        Self::with_tokenizers_on(cfg, run_dir, tok, Default::default())
+    }
+
+    /// [`NmtTrainer::resume_on`] on the CPU.
+    pub fn resume(
+        path: &Path,
+        adjust: impl FnOnce(&NmtTrainConfig) -> Result<NmtTrainConfig>,
+    ) -> Result<Self> {
+        Self::resume_on(path, adjust, Default::default())
+    }
+}
+
+impl<B: TrainBackend> NmtTrainer<B>
+where
+    B::InnerBackend: FusedRnnBackend,
+{
     fn learn(cfg: &NmtTrainConfig, corpus: &(Vec<String>, Vec<String>)) -> Result<Tokenizers> {
         Ok(Tokenizers {
             src: SubwordTokenizer::train(&corpus.0, cfg.data.src_vocab)?,
@@ -450,12 +516,13 @@ impl NmtTrainer {
         })
     }
 
-    /// A fresh run with tokenizers already learnt (the workers of a distributed job
-    /// share the launcher's), or learnt here when None.
-    pub fn with_tokenizers(
+    /// A fresh run on `device` with tokenizers already learnt (the workers of a
+    /// distributed job share the launcher's), or learnt here when None.
+    pub fn with_tokenizers_on(
         cfg: NmtTrainConfig,
         run_dir: &Path,
         tok: Option<Tokenizers>,
+        device: B::Device,
     ) -> Result<Self> {
         cfg.validate()?;
         let corpus = Self::train_corpus(&cfg)?;
@@ -465,25 +532,28 @@ impl NmtTrainer {
         };
         let mcfg = cfg.model_config(tok.src.vocab_size(), tok.tgt.vocab_size());
         // Parameter initialisation is drawn from the engine's seeded generator.
-        CpuTrain::seed(&Default::default(), cfg.train.seed);
-        let model = mcfg.init::<CpuTrain>(&Default::default())?;
+        B::seed(&device, cfg.train.seed);
+        let model = mcfg.init::<B>(&device)?;
         let layout = FlatLayout::of(&model);
         let mut params = vec![0.0; layout.total];
         layout.read_params(&model, &mut params)?;
-        Self::assemble(cfg, run_dir, model, layout, params, tok, &corpus, None)
+        Self::assemble(
+            cfg, run_dir, model, device, layout, params, tok, &corpus, None,
+        )
     }
 
-    /// Continues the run saved at `path` (a checkpoint or run directory). `adjust` may
-    /// change the loaded configuration's stopping rules (epochs, steps, minutes) and
-    /// checkpoint cadence; other changes are refused since they would not continue the
-    /// same run.
-    pub fn resume(
+    /// Continues the run saved at `path` (a checkpoint or run directory) on `device`.
+    /// `adjust` may change the loaded configuration's stopping rules (epochs, steps,
+    /// minutes) and checkpoint cadence; other changes are refused since they would not
+    /// continue the same run.
+    pub fn resume_on(
         path: &Path,
         adjust: impl FnOnce(&NmtTrainConfig) -> Result<NmtTrainConfig>,
+        device: B::Device,
     ) -> Result<Self> {
         let dir = checkpoint::resolve(path)?;
         let ckpt = Checkpoint::load(&dir)?;
-        let (saved, model, layout, tok) = restore_model::<CpuTrain>(&dir, &ckpt)?;
+        let (saved, model, layout, tok) = restore_model::<B>(&dir, &ckpt, &device)?;
         let cfg = adjust(&saved)?;
         let mut same = cfg.clone();
         same.train.epochs = saved.train.epochs;
@@ -492,10 +562,11 @@ impl NmtTrainer {
         same.train.checkpoint_every = saved.train.checkpoint_every;
         same.train.keep_checkpoints = saved.train.keep_checkpoints;
         same.train.threads = saved.train.threads;
+        same.train.device = saved.train.device;
         same.eval = saved.eval.clone();
         if same != saved {
             return Err(Error::Config(
-                "--resume continues a run with its saved configuration; only epochs, max_steps, max_minutes, checkpoint_every, keep_checkpoints, threads and eval settings may change".into(),
+                "--resume continues a run with its saved configuration; only epochs, max_steps, max_minutes, checkpoint_every, keep_checkpoints, threads, device and eval settings may change".into(),
             ));
         }
         cfg.validate()?;
@@ -506,6 +577,7 @@ impl NmtTrainer {
             cfg,
             &run_dir,
             model,
+            device,
             layout,
             params,
             tok,
@@ -532,7 +604,8 @@ impl NmtTrainer {
     fn assemble(
         cfg: NmtTrainConfig,
         run_dir: &Path,
-        model: Seq2Seq<CpuTrain>,
+        model: Seq2Seq<B>,
+        device: B::Device,
         layout: FlatLayout,
         params: Vec<f32>,
         tok: Tokenizers,
@@ -590,7 +663,7 @@ impl NmtTrainer {
         Ok(Self {
             cfg,
             run_dir: run_dir.to_path_buf(),
-            learner: Learner::new(model, layout, params, opt, clip as f32),
+            learner: Learner::new(model, device, layout, params, opt, clip as f32),
             sched,
             tok,
             batcher,
@@ -827,10 +900,11 @@ impl NmtTrainer {
     }
 
     /// The inference copy of the current model.
-    pub fn translator(&self) -> Translator {
+    pub fn translator(&self) -> Translator<B::InnerBackend> {
         Translator {
             model: self.learner.model.valid(),
             tok: self.tok.clone(),
+            device: self.learner.device.clone(),
         }
     }
 
@@ -849,7 +923,9 @@ impl NmtTrainer {
         let (mut sum, mut n) = (0.0f64, 0usize);
         for idx in b.epoch_plan(0) {
             let batch = b.make_batch(&idx);
-            let l: f32 = batch_loss(&model, &batch, &mut None).into_scalar();
+            let l: f32 = batch_loss(&model, &batch, &mut None, &self.learner.device)
+                .into_scalar()
+                .elem();
             sum += l as f64 * batch.tgt_tokens as f64;
             n += batch.tgt_tokens;
         }

@@ -220,6 +220,19 @@ fn unknown_config_key_is_named() {
     assert_clear_error(&o, &["hiden"]);
 }
 
+/// A device this build has no backend for is refused by name before anything runs (no
+/// loader panic), and a device that is not one is named too.
+#[test]
+fn unavailable_or_bad_devices_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    for dev in ["cuda", "cuda:1"] {
+        let o = shoal(d.path(), &["train", "nmt", "--device", dev], None);
+        assert_clear_error(&o, &["train.device", "not available in this build"]);
+    }
+    let o = shoal(d.path(), &["train", "nmt", "--set", "train.device=tpu"], None);
+    assert_clear_error(&o, &["tpu", "not a device"]);
+}
+
 #[test]
 fn corrupt_and_truncated_checkpoints_say_why() {
     let d = tempfile::tempdir().unwrap();

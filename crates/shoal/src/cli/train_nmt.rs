@@ -59,6 +59,9 @@ pub(crate) struct NmtArgs {
     /// model.dropout
     #[arg(long)]
     pub(crate) dropout: Option<f32>,
+    /// train.device: where the model trains (cpu, cuda, cuda:N).
+    #[arg(long)]
+    pub(crate) device: Option<String>,
     /// dist.workers: data-parallel worker processes (train.batch_size is per worker).
     #[arg(long)]
     pub(crate) workers: Option<usize>,
@@ -142,6 +145,9 @@ pub(crate) fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
     }
     if let Some(v) = a.beam {
         put("eval.beam", v.to_string());
+    }
+    if let Some(d) = &a.device {
+        put("train.device", format!("{d:?}"));
     }
     if let Some(v) = a.workers {
         put("dist.workers", v.to_string());
