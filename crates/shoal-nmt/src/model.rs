@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 /// Attention variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionKind {
     /// No attention: the decoder starts from the encoder's final state only.

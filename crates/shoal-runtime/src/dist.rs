@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// How the gradients of data-parallel workers are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum DistMode {
     /// Ring/recursive-doubling allreduce; every worker runs the optimizer (like DDP).
@@ -18,6 +19,7 @@ pub enum DistMode {
 
 /// Where parameter-server shards run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
     /// Shard `i` runs inside worker `i`'s process.
@@ -28,6 +30,7 @@ pub enum Placement {
 
 /// The data plane between workers for allreduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum DataPlane {
     /// Shared-memory rings (processes on one host).

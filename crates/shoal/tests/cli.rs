@@ -229,7 +229,11 @@ fn unavailable_or_bad_devices_are_refused() {
         let o = shoal(d.path(), &["train", "nmt", "--device", dev], None);
         assert_clear_error(&o, &["train.device", "not available in this build"]);
     }
-    let o = shoal(d.path(), &["train", "nmt", "--set", "train.device=tpu"], None);
+    let o = shoal(
+        d.path(),
+        &["train", "nmt", "--set", "train.device=tpu"],
+        None,
+    );
     assert_clear_error(&o, &["tpu", "not a device"]);
 }
 

@@ -1,7 +1,6 @@
 //! `shoal bench`: the benchmarks' shoal side (bench/run runs them against their peers).
 
 use super::train_ctr::{sparse_rule, SparseOpt};
-use super::*;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -20,7 +19,7 @@ pub(crate) enum BenchCmd {
         #[arg(long, default_value = "../shared/data/multi30k")]
         data_dir: PathBuf,
         #[arg(long, value_enum, default_value = "gru")]
-        cell: Cell,
+        cell: shoal_nmt::CellKind,
         #[arg(long)]
         layer_norm: bool,
         /// Run the engine's step-by-step recurrence instead of the fused operation.
@@ -89,7 +88,7 @@ pub(crate) enum BenchCmd {
     /// One recurrent layer, forward + backward, on random input.
     RnnLayer {
         #[arg(long, value_enum, default_value = "gru")]
-        cell: Cell,
+        cell: shoal_nmt::CellKind,
         #[arg(long, default_value_t = 32)]
         batch: usize,
         #[arg(long, default_value_t = 128)]
@@ -125,7 +124,7 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
                 steps,
                 warmup,
                 dump_batches,
-                cell: lib_value(cell)?,
+                cell,
                 layer_norm,
                 fused: !unfused,
                 ..Default::default()
@@ -245,7 +244,7 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
             unfused,
         } => {
             let o = shoal_nmt::bench::RnnLayerOptions {
-                cell: lib_value(cell)?,
+                cell,
                 batch,
                 hidden,
                 input: input.unwrap_or(hidden),

@@ -1,5 +1,5 @@
-//! The command line: one module per command (its arguments and what runs them), and
-//! the value enums several commands share.
+//! The command line: one module per command (its arguments and what runs them); the
+//! flags' choices are the library crates' own enums (their `clap` feature).
 
 pub mod bench;
 pub mod compress;
@@ -14,54 +14,14 @@ pub mod train_ctr;
 pub mod train_nmt;
 pub mod translate;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Cell {
-    Gru,
-    Lstm,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Mode {
-    Allreduce,
-    PsSync,
-    PsAsync,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum PsPlacement {
-    Colocated,
-    Separate,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Plane {
-    Shm,
-    Tcp,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum Attn {
-    None,
-    Luong,
-    Bahdanau,
-}
 
 /// A command-line choice's value name: kebab-case, as the configuration spells it.
 pub(crate) fn value_name(v: impl ValueEnum) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_string())
         .unwrap_or_default()
-}
-
-/// The library value a command-line choice names, through the configuration's names
-/// (one spelling for flags, TOML and checkpoints).
-pub(crate) fn lib_value<T: serde::de::DeserializeOwned>(v: impl ValueEnum) -> Result<T> {
-    let name = value_name(v);
-    serde_json::from_value(serde_json::Value::String(name.clone()))
-        .with_context(|| format!("'{name}' names no configuration value"))
 }
 
 /// `shoal role`: one process of a distributed job, for the workload its job directory

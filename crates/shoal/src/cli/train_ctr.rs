@@ -1,19 +1,10 @@
 //! `shoal train ctr`: the CTR trainer's flags and the run (one process, or workers and
 //! parameter-server shards as local processes).
 
-use super::*;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use shoal_nmt::config::DistMode;
 use std::path::PathBuf;
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum CtrModelArg {
-    Lr,
-    Fm,
-    Deepfm,
-    WideDeep,
-}
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum SparseOpt {
@@ -46,7 +37,7 @@ pub(crate) fn sparse_rule(o: SparseOpt) -> shoal_optim::SparseRule {
 #[derive(Args)]
 pub(crate) struct CtrArgs {
     #[arg(long, value_enum, default_value = "deepfm")]
-    pub(crate) model: CtrModelArg,
+    pub(crate) model: shoal_ctr::CtrKind,
     /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...)
     /// libffm (`label field:feature:value ...`) or libsvm with one feature per field
     /// (`label feature:value ...`).
@@ -102,9 +93,9 @@ pub(crate) struct CtrArgs {
     #[arg(long, default_value_t = 0)]
     pub(crate) ps: usize,
     #[arg(long, value_enum)]
-    pub(crate) mode: Option<Mode>,
+    pub(crate) mode: Option<shoal_runtime::dist::DistMode>,
     #[arg(long, value_enum, default_value = "separate")]
-    pub(crate) ps_placement: PsPlacement,
+    pub(crate) ps_placement: shoal_runtime::dist::Placement,
     /// Print the final scores as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -120,7 +111,7 @@ pub(crate) fn run(a: CtrArgs) -> Result<()> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .with_context(|| format!("--hidden '{}': expected widths like 128,64", a.hidden))?;
     let cfg = CtrTrainConfig {
-        kind: lib_value(a.model)?,
+        kind: a.model,
         dim: a.dim,
         hidden,
         data: a.data.clone().unwrap_or_default(),
@@ -139,11 +130,11 @@ pub(crate) fn run(a: CtrArgs) -> Result<()> {
             workers: a.workers,
             ps: a.ps,
             mode: match (a.mode, a.ps) {
-                (Some(m), _) => lib_value(m)?,
+                (Some(m), _) => m,
                 (None, 0) => DistMode::Allreduce,
                 (None, _) => DistMode::PsSync,
             },
-            placement: lib_value(a.ps_placement)?,
+            placement: a.ps_placement,
             ..Default::default()
         },
         ..Default::default()

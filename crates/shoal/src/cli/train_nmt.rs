@@ -49,10 +49,10 @@ pub(crate) struct NmtArgs {
     pub(crate) checkpoint_every: Option<u64>,
     /// model.cell
     #[arg(long, value_enum)]
-    pub(crate) cell: Option<Cell>,
+    pub(crate) cell: Option<shoal_nmt::CellKind>,
     /// model.attention
     #[arg(long, value_enum)]
-    pub(crate) attention: Option<Attn>,
+    pub(crate) attention: Option<shoal_nmt::AttentionKind>,
     /// model.layer_norm: Layer Normalization inside the recurrent cell.
     #[arg(long)]
     pub(crate) layer_norm: bool,
@@ -70,13 +70,13 @@ pub(crate) struct NmtArgs {
     pub(crate) ps: Option<usize>,
     /// dist.mode: how workers combine gradients.
     #[arg(long, value_enum)]
-    pub(crate) mode: Option<Mode>,
+    pub(crate) mode: Option<shoal_runtime::dist::DistMode>,
     /// dist.placement: shards in their own processes or inside the first workers.
     #[arg(long, value_enum)]
-    pub(crate) ps_placement: Option<PsPlacement>,
+    pub(crate) ps_placement: Option<shoal_runtime::dist::Placement>,
     /// dist.transport: the allreduce data plane.
     #[arg(long, value_enum)]
-    pub(crate) transport: Option<Plane>,
+    pub(crate) transport: Option<shoal_runtime::dist::DataPlane>,
     /// eval.beam for the final BLEU (1 = greedy)
     #[arg(long)]
     pub(crate) beam: Option<usize>,
@@ -160,7 +160,7 @@ pub(crate) fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
     }
     if let Some(m) = a.mode {
         put("dist.mode", format!("{:?}", value_name(m)));
-        if a.ps.is_none() && !matches!(m, Mode::Allreduce) {
+        if a.ps.is_none() && !matches!(m, shoal_runtime::dist::DistMode::Allreduce) {
             put("dist.ps", "1".into());
         }
     }
