@@ -220,6 +220,86 @@ fn unknown_config_key_is_named() {
     assert_clear_error(&o, &["hiden"]);
 }
 
+/// CTR and CNN runs are configured as NMT runs are: the defaults, a TOML file, flags,
+/// then `--set` (later layers win), shown by `--print-config`; an unknown key in the file
+/// is named with the file.
+#[test]
+fn every_workload_takes_a_file_flags_and_set() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("ctr.toml"),
+        "dim = 4
+epochs = 3
+[dist]
+workers = 2
+",
+    )
+    .unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "ctr",
+            "--config",
+            "ctr.toml",
+            "--epochs",
+            "5",
+            "--set",
+            "dist.ps=2",
+            "--print-config",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let cfg: toml::Table = toml::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(cfg["dim"].as_integer(), Some(4), "from the file");
+    assert_eq!(
+        cfg["epochs"].as_integer(),
+        Some(5),
+        "the flag beats the file"
+    );
+    assert_eq!(cfg["batch_size"].as_integer(), Some(256), "the default");
+    assert_eq!(cfg["dist"]["workers"].as_integer(), Some(2));
+    assert_eq!(cfg["dist"]["ps"].as_integer(), Some(2), "--set");
+    std::fs::write(
+        d.path().join("cnn.toml"),
+        "[model]
+dropout = 0.5
+",
+    )
+    .unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "cnn",
+            "--config",
+            "cnn.toml",
+            "--set",
+            "epochs=1",
+            "--print-config",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let cfg: toml::Table = toml::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(cfg["model"]["dropout"].as_float(), Some(0.5));
+    assert_eq!(cfg["epochs"].as_integer(), Some(1));
+    assert_eq!(
+        cfg["model"]["fc"].as_array().map(|a| a.len()),
+        Some(2),
+        "the default head"
+    );
+    std::fs::write(
+        d.path().join("bad.toml"),
+        "epoch = 2
+",
+    )
+    .unwrap();
+    let o = shoal(d.path(), &["train", "cnn", "--config", "bad.toml"], None);
+    assert_clear_error(&o, &["bad.toml", "epoch"]);
+}
+
 /// A device this build has no backend for is refused by name before anything runs (no
 /// loader panic), and a device that is not one is named too.
 #[test]

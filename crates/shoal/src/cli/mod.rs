@@ -57,3 +57,13 @@ pub(crate) fn job_config(
         other => bail!("config: unknown job kind '{other}'; expected nmt or ctr"),
     })
 }
+
+/// `--set` arguments (`key=value`) as pairs; a missing `=` is an error naming the argument.
+pub(crate) fn key_values(set: &[String]) -> Result<Vec<(String, String)>> {
+    set.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
+            None => bail!("--set '{kv}': expected KEY=VALUE"),
+        })
+        .collect()
+}

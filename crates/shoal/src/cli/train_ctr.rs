@@ -1,7 +1,7 @@
 //! `shoal train ctr`: the CTR trainer's flags and the run (one process, or workers and
 //! parameter-server shards as local processes).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use shoal_nmt::config::DistMode;
 use std::path::PathBuf;
@@ -34,130 +34,198 @@ pub(crate) fn sparse_rule(o: SparseOpt) -> shoal_optim::SparseRule {
     }
 }
 
+/// Every field can come from `--config FILE` (TOML, `shoal train ctr --print-config`
+/// shows them all with their defaults), a flag below, or `--set key=value`; later ones
+/// win.
 #[derive(Args)]
 pub(crate) struct CtrArgs {
-    #[arg(long, value_enum, default_value = "deepfm")]
-    pub(crate) model: shoal_ctr::CtrKind,
-    /// Click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu: id,click,...)
-    /// libffm (`label field:feature:value ...`) or libsvm with one feature per field
-    /// (`label feature:value ...`).
-    #[arg(long, required_unless_present = "resume")]
+    /// TOML configuration file (the fields of `--print-config`).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Override any configuration field, e.g. --set dim=16 or --set dist.ps=2
+    /// (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) set: Vec<String>,
+    /// Print the resulting configuration as TOML and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
+    /// kind (default deepfm).
+    #[arg(long, value_enum)]
+    pub(crate) model: Option<shoal_ctr::CtrKind>,
+    /// data: the click log: CSV with a header (Criteo: label,I1..I13,C1..C26; Avazu:
+    /// id,click,...), libffm (`label field:feature:value ...`) or libsvm with one feature
+    /// per field (`label feature:value ...`).
+    #[arg(long)]
     pub(crate) data: Option<PathBuf>,
     /// Continue the run saved in this model directory (one process; --epochs and
     /// --max-steps may change).
     #[arg(long)]
     pub(crate) resume: Option<PathBuf>,
-    /// Skip malformed rows (counted) instead of stopping at the first.
+    /// skip_bad_rows: skip malformed rows (counted) instead of stopping at the first.
     #[arg(long)]
     pub(crate) skip_bad_rows: bool,
-    /// Fraction of rows held out for AUC and log loss.
-    #[arg(long, default_value_t = 0.1)]
-    pub(crate) valid_fraction: f64,
-    /// Planted probabilities (from `shoal data gen-ctr`) to report the best AUC.
+    /// valid_fraction: rows held out for AUC and log loss (default 0.1).
+    #[arg(long)]
+    pub(crate) valid_fraction: Option<f64>,
+    /// planted: probabilities from `shoal data gen-ctr`, to report the best AUC.
     #[arg(long)]
     pub(crate) planted: Option<PathBuf>,
-    #[arg(long, default_value_t = 8)]
-    pub(crate) dim: usize,
-    /// MLP hidden widths, comma-separated.
-    #[arg(long, default_value = "128,64")]
-    pub(crate) hidden: String,
-    #[arg(long, default_value_t = 256)]
-    pub(crate) batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    pub(crate) epochs: u64,
-    #[arg(long, default_value_t = 0)]
-    pub(crate) max_steps: u64,
-    /// Dense (MLP) learning rate, Adam.
-    #[arg(long, default_value_t = 1e-3)]
-    pub(crate) lr: f32,
-    /// Sparse rows' learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    pub(crate) sparse_lr: f32,
-    #[arg(long, value_enum, default_value = "adagrad")]
-    pub(crate) sparse_opt: SparseOpt,
-    /// Frequency filter: keys seen in fewer training rows share a per-field row.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) min_count: u32,
-    /// Eviction: every N updates, drop the rows not updated in the last N (0: off).
-    #[arg(long, default_value_t = 0)]
-    pub(crate) evict_idle_steps: u64,
-    #[arg(long, default_value_t = 1)]
-    pub(crate) seed: u64,
+    /// dim: factor dimension (default 8).
+    #[arg(long)]
+    pub(crate) dim: Option<usize>,
+    /// hidden: MLP widths, comma-separated (default 128,64).
+    #[arg(long)]
+    pub(crate) hidden: Option<String>,
+    /// batch_size (default 256).
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
+    /// epochs (default 1).
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
+    /// max_steps: stop after this many updates (default 0: no limit).
+    #[arg(long)]
+    pub(crate) max_steps: Option<u64>,
+    /// lr: the MLP's learning rate, Adam (default 1e-3).
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// sparse_lr: the rows' learning rate (default 0.05).
+    #[arg(long)]
+    pub(crate) sparse_lr: Option<f32>,
+    /// sparse_rule: the rows' update rule (default adagrad).
+    #[arg(long, value_enum)]
+    pub(crate) sparse_opt: Option<SparseOpt>,
+    /// min_count: keys seen in fewer training rows share a per-field row (default 1).
+    #[arg(long)]
+    pub(crate) min_count: Option<u32>,
+    /// evict_idle_steps: every N updates, drop the rows not updated in the last N
+    /// (default 0: off).
+    #[arg(long)]
+    pub(crate) evict_idle_steps: Option<u64>,
+    /// seed (default 1).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
     /// Where to save the model.
     #[arg(long, default_value = "runs/ctr")]
     pub(crate) out: PathBuf,
-    /// Worker processes (the rows then live on parameter servers: give --ps).
-    #[arg(long, default_value_t = 1)]
-    pub(crate) workers: usize,
-    /// Parameter-server shards (sets --mode ps-sync unless given).
-    #[arg(long, default_value_t = 0)]
-    pub(crate) ps: usize,
+    /// dist.workers: worker processes (the rows then live on parameter servers: give
+    /// --ps).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// dist.ps: parameter-server shards (sets --mode ps-sync unless given).
+    #[arg(long)]
+    pub(crate) ps: Option<usize>,
+    /// dist.mode.
     #[arg(long, value_enum)]
     pub(crate) mode: Option<shoal_runtime::dist::DistMode>,
-    #[arg(long, value_enum, default_value = "separate")]
-    pub(crate) ps_placement: shoal_runtime::dist::Placement,
+    /// dist.placement (default separate).
+    #[arg(long, value_enum)]
+    pub(crate) ps_placement: Option<shoal_runtime::dist::Placement>,
     /// Print the final scores as JSON.
     #[arg(long)]
     pub(crate) json: bool,
 }
 
+/// The configuration from its layers: defaults, `--config`, the flags, `--set`.
+fn config(a: &CtrArgs) -> Result<shoal_ctr::trainer::CtrTrainConfig> {
+    use toml::Value;
+    let mut flags: Vec<(&str, Value)> = Vec::new();
+    if let Some(m) = a.model {
+        flags.push(("kind", Value::try_from(m)?));
+    }
+    if let Some(d) = &a.data {
+        flags.push(("data", Value::String(d.display().to_string())));
+    }
+    if a.skip_bad_rows {
+        flags.push(("skip_bad_rows", Value::Boolean(true)));
+    }
+    if let Some(v) = a.valid_fraction {
+        flags.push(("valid_fraction", Value::Float(v)));
+    }
+    if let Some(p) = &a.planted {
+        flags.push(("planted", Value::String(p.display().to_string())));
+    }
+    if let Some(v) = a.dim {
+        flags.push(("dim", Value::Integer(v as i64)));
+    }
+    if let Some(h) = &a.hidden {
+        let widths = h
+            .split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(|x| x.trim().parse::<i64>().map(Value::Integer))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .with_context(|| format!("--hidden '{h}': expected widths like 128,64"))?;
+        flags.push(("hidden", Value::Array(widths)));
+    }
+    for (k, v) in [
+        ("batch_size", a.batch_size.map(|v| v as u64)),
+        ("epochs", a.epochs),
+        ("max_steps", a.max_steps),
+        ("min_count", a.min_count.map(u64::from)),
+        ("evict_idle_steps", a.evict_idle_steps),
+        ("seed", a.seed),
+        ("dist.workers", a.workers.map(|v| v as u64)),
+        ("dist.ps", a.ps.map(|v| v as u64)),
+    ] {
+        if let Some(v) = v {
+            flags.push((k, Value::Integer(v as i64)));
+        }
+    }
+    if let Some(v) = a.lr {
+        flags.push(("lr", Value::Float(v as f64)));
+    }
+    if let Some(v) = a.sparse_lr {
+        flags.push(("sparse_lr", Value::Float(v as f64)));
+    }
+    if let Some(o) = a.sparse_opt {
+        flags.push(("sparse_rule", Value::try_from(sparse_rule(o))?));
+    }
+    match (a.mode, a.ps) {
+        (Some(m), _) => flags.push(("dist.mode", Value::try_from(m)?)),
+        (None, Some(n)) if n > 0 => flags.push(("dist.mode", Value::try_from(DistMode::PsSync)?)),
+        _ => {}
+    }
+    if let Some(p) = a.ps_placement {
+        flags.push(("dist.placement", Value::try_from(p)?));
+    }
+    let set = super::key_values(&a.set)?;
+    Ok(shoal_runtime::config::layered(
+        a.config.as_deref(),
+        &flags,
+        &set,
+    )?)
+}
+
 pub(crate) fn run(a: CtrArgs) -> Result<()> {
-    use shoal_ctr::trainer::{CtrTrainConfig, CtrTrainer};
-    let hidden = a
-        .hidden
-        .split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse::<usize>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .with_context(|| format!("--hidden '{}': expected widths like 128,64", a.hidden))?;
-    let cfg = CtrTrainConfig {
-        kind: a.model,
-        dim: a.dim,
-        hidden,
-        data: a.data.clone().unwrap_or_default(),
-        skip_bad_rows: a.skip_bad_rows,
-        valid_fraction: a.valid_fraction,
-        planted: a.planted.clone(),
-        batch_size: a.batch_size,
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        lr: a.lr,
-        sparse_lr: a.sparse_lr,
-        sparse_rule: sparse_rule(a.sparse_opt),
-        min_count: a.min_count,
-        evict_idle_steps: a.evict_idle_steps,
-        dist: shoal_runtime::dist::DistSection {
-            workers: a.workers,
-            ps: a.ps,
-            mode: match (a.mode, a.ps) {
-                (Some(m), _) => m,
-                (None, 0) => DistMode::Allreduce,
-                (None, _) => DistMode::PsSync,
-            },
-            placement: a.ps_placement,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    use shoal_ctr::trainer::CtrTrainer;
+    let cfg = config(&a)?;
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
     let mut t = match &a.resume {
         Some(dir) => {
             let saved = shoal_ctr::trainer::CtrTrainConfig::saved_in(dir)?;
+            // Only the stopping rules may change (the flags that say so, else the run's
+            // own; the flags' defaults are the configuration's).
+            let (epochs, max_steps) = (cfg.epochs, cfg.max_steps);
             if saved.dist.is_cluster() {
                 let cfg = shoal_ctr::trainer::CtrTrainConfig {
-                    epochs: a.epochs,
-                    max_steps: a.max_steps,
+                    epochs,
+                    max_steps,
                     ..saved
                 };
                 return train_ctr_cluster(&a, cfg, Some(dir.clone()));
             }
             eprintln!("resuming {}...", dir.display());
-            let (epochs, max_steps) = (a.epochs, a.max_steps);
             CtrTrainer::resume(dir, |c| {
                 c.epochs = epochs;
                 c.max_steps = max_steps;
             })?
         }
         None => {
+            if a.data.is_none() && a.config.is_none() {
+                bail!("give the click log: --data FILE (or data in --config)");
+            }
             cfg.validate()?;
             if cfg.dist.is_cluster() {
                 return train_ctr_cluster(&a, cfg, None);
@@ -166,7 +234,7 @@ pub(crate) fn run(a: CtrArgs) -> Result<()> {
             CtrTrainer::new(cfg)?
         }
     };
-    let mut progress = shoal_ctr::progress::CtrProgress::new(a.epochs);
+    let mut progress = shoal_ctr::progress::CtrProgress::new(t.cfg.epochs);
     let eval = t.run(|e| progress.on_event(e));
     progress.finish();
     let eval = eval?;
