@@ -97,7 +97,15 @@ pub fn group(which: Which, ranks: usize) -> Result<Vec<Box<dyn Transport>>> {
                 .map(|(r, l)| {
                     let addrs = addrs.clone();
                     std::thread::spawn(move || {
-                        TcpTransport::connect(r, &addrs, l, &TcpOptions::default())
+                        TcpTransport::connect(
+                            r,
+                            &addrs,
+                            l,
+                            &TcpOptions {
+                                token: "bench".into(),
+                                ..Default::default()
+                            },
+                        )
                     })
                 })
                 .collect();

@@ -223,3 +223,16 @@ mod tests {
             .contains("kind"));
     }
 }
+
+/// Whether `presented` is the job token `expected`, compared in time that depends only
+/// on the lengths (not on where the first difference is).
+pub fn same_token(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}

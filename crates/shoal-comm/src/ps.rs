@@ -393,6 +393,11 @@ impl PsServer {
                 "a parameter server needs at least one worker".into(),
             ));
         }
+        if cfg.token.is_empty() {
+            return Err(Error::Mismatch(
+                "a parameter server needs a job token (it is empty)".into(),
+            ));
+        }
         cfg.optimizer
             .validate()
             .map_err(|e| Error::Mismatch(format!("parameter server optimizer: {e}")))?;
@@ -510,6 +515,9 @@ impl PsServer {
     }
 }
 
+/// How long a new connection has to present its hello before it is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Serves one worker connection until it says goodbye.
 fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Result<()> {
     let _ = s.set_nodelay(true);
@@ -528,10 +536,26 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
     let (mut dense, mut rows) = (Vec::new(), Vec::new());
     let mut pushed = SparseSum::default();
     let (mut pull_keys, mut pull_rows) = (Vec::new(), Vec::new());
-    // Hello: worker rank and token.
-    let op = recv_frame(&mut s, &mut buf, usize::MAX, 4096)?;
-    let worker = read_u64(&buf, 0, usize::MAX)? as usize;
-    if op != OP_HELLO || &buf[8..] != token.as_bytes() || worker >= workers {
+    // Hello: worker rank and token, within HELLO_TIMEOUT. A connection that says
+    // nothing, closes, or sends something else is a stranger: refused, and the shard
+    // (and the job) go on.
+    let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
+    let hello = recv_frame(&mut s, &mut buf, usize::MAX, 4096)
+        .and_then(|op| Ok((op, read_u64(&buf, 0, usize::MAX)? as usize)));
+    let (op, worker) = match hello {
+        Ok(h) => h,
+        Err(e) => {
+            let from = s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "an unknown address".into());
+            eprintln!("parameter-server shard: refused a connection from {from}: {e}");
+            return Ok(());
+        }
+    };
+    let _ = s.set_read_timeout(None);
+    if op != OP_HELLO || !crate::frame::same_token(&buf[8..], token.as_bytes()) || worker >= workers
+    {
         let msg = format!("refused: bad hello (worker {worker}) or wrong job token");
         let _ = send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker);
         // A refused stranger does not fail the shard.

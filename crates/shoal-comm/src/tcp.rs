@@ -35,6 +35,9 @@ impl Default for TcpOptions {
     }
 }
 
+/// How long an accepted connection has to present its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// One rank's connections to all its peers.
 pub struct TcpTransport {
     rank: usize,
@@ -61,6 +64,11 @@ impl TcpTransport {
         listener: TcpListener,
         opts: &TcpOptions,
     ) -> Result<Self> {
+        if opts.token.is_empty() {
+            return Err(Error::Mismatch(
+                "the job token is empty: every connection must present one".into(),
+            ));
+        }
         let n = addrs.len();
         if rank >= n {
             return Err(Error::BadRank {
@@ -105,7 +113,10 @@ impl TcpTransport {
                 .map_err(io(format!("rank {rank} accepting peers")))?;
             s.set_nodelay(true)
                 .map_err(io(format!("configuring the connection from {from}")))?;
-            s.set_read_timeout(Some(opts.connect_timeout))
+            // A legitimate peer sends its hello as soon as it connects: a connection that
+            // stays silent is dropped after HELLO_TIMEOUT, not after the whole connect
+            // timeout, so a stranger cannot stall the group's setup.
+            s.set_read_timeout(Some(HELLO_TIMEOUT.min(opts.connect_timeout)))
                 .map_err(io(format!("configuring the connection from {from}")))?;
             // A connection that fails its handshake is dropped; the group waits on.
             let who = (|| -> Result<usize> {
@@ -121,7 +132,7 @@ impl TcpTransport {
                 let mut r = [0u8; 8];
                 r.copy_from_slice(&p[..8]);
                 let peer = u64::from_le_bytes(r) as usize;
-                if &p[8..] != opts.token.as_bytes() {
+                if !crate::frame::same_token(&p[8..], opts.token.as_bytes()) {
                     return Err(Error::Frame {
                         peer,
                         why: "wrong job token".into(),

@@ -476,10 +476,12 @@ fn wrong_token_is_refused_and_garbage_is_rejected() {
         matches!(e, shoal_comm::Error::Disconnected { peer: 0 }),
         "the intruder was not refused by rank 0: {e}"
     );
-    // Garbage bytes instead of a hello.
+    // Garbage bytes instead of a hello, and a connection that says nothing at all (held
+    // open until the end): both are dropped and the group forms.
     let mut g = std::net::TcpStream::connect(addrs[0]).unwrap();
     g.write_all(b"GET / HTTP/1.1\r\n\r\n....").unwrap();
     drop(g);
+    let silent = std::net::TcpStream::connect(addrs[0]).unwrap();
     let mut t1 = TcpTransport::connect(
         1,
         &addrs,
@@ -503,6 +505,15 @@ fn wrong_token_is_refused_and_garbage_is_rejected() {
     drop(t1);
     let e = t0.recv(1, 7, &mut buf).unwrap_err().to_string();
     assert!(e.contains("rank 1"), "{e}");
+    drop(silent);
+    // An empty job token is refused before anything connects.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = vec![l.local_addr().unwrap()];
+    let e = TcpTransport::connect(0, &a, l, &TcpOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("token"), "{e}");
 }
 
 /// The two-level allreduce (ranks on several hosts) gives the sequential sum, the same

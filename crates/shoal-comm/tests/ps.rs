@@ -353,3 +353,42 @@ fn weighted_sync_and_state_restore_match_local_optimizer() {
     let (resumed, _) = run(2, 4, Some(st));
     assert_eq!(resumed, whole, "restored shards did not continue exactly");
 }
+
+/// Strangers on a shard's port do not harm the job: a connection that closes without a
+/// byte, one that sends garbage, and one that stays silent (held open throughout) are
+/// refused, and the real worker trains and leaves; the shard ends cleanly. An empty job
+/// token is refused on both sides.
+#[test]
+fn strangers_on_a_shard_port_are_refused_and_the_job_goes_on() {
+    use std::io::Write;
+    let total = 8;
+    let c = cfg(1, PsMode::Sync, OptimizerKind::Sgd, 0);
+    let (servers, addrs) = start(1, total, &c);
+    drop(std::net::TcpStream::connect(addrs[0]).unwrap());
+    let mut garbage = std::net::TcpStream::connect(addrs[0]).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let silent = std::net::TcpStream::connect(addrs[0]).unwrap();
+    let mut cl = PsClient::connect(&addrs, 0, total, 0, "tok").unwrap();
+    cl.init(&vec![1.0; total]).unwrap();
+    cl.push(0, &vec![0.5; total], None).unwrap();
+    let mut p = vec![0.0; total];
+    cl.pull(1, &mut p).unwrap();
+    // SGD with momentum 0.9 at lr 0.05: the first step is p - lr * g.
+    assert!(
+        p.iter().all(|&x| (x - (1.0 - 0.05 * 0.5)).abs() < 1e-6),
+        "{p:?}"
+    );
+    cl.close().unwrap();
+    for s in servers {
+        s.join().unwrap();
+    }
+    drop((garbage, silent));
+
+    let mut empty = cfg(1, PsMode::Sync, OptimizerKind::Sgd, 0);
+    empty.token = String::new();
+    let e = PsServer::start(TcpListener::bind("127.0.0.1:0").unwrap(), 4, empty)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("token"), "{e}");
+}

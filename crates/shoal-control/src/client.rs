@@ -62,6 +62,11 @@ impl ControlClient {
     /// (`the coordinator at ADDR is not reachable yet ...; retrying`). Does not register:
     /// see [`ControlClient::join`].
     pub fn connect(addr: &str, token: &str, wait: Duration) -> Result<Self> {
+        if token.is_empty() {
+            return Err(Error::Status(format!(
+                "the job token for {addr} is empty (set SHOAL_JOB_TOKEN)"
+            )));
+        }
         // One worker thread drives the connection and the heartbeat task, whatever the
         // calling thread is doing.
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -39,7 +39,14 @@ struct Service {
 
 impl Service {
     fn check_token(&self, token: &str) -> std::result::Result<(), Status> {
-        if token != self.cfg.token {
+        // Compared in time that does not depend on where a wrong token differs.
+        let same = token.len() == self.cfg.token.len()
+            && token
+                .bytes()
+                .zip(self.cfg.token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        if !same {
             return Err(Status::unauthenticated("wrong job token"));
         }
         Ok(())
@@ -196,6 +203,12 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts serving on `addr` (port 0 picks a free port; see [`Coordinator::addr`]).
     pub fn start(addr: SocketAddr, cfg: CoordinatorConfig) -> Result<Self> {
+        if cfg.token.is_empty() {
+            return Err(Error::Status(
+                "the job token is empty: a coordinator serves only processes that present one"
+                    .into(),
+            ));
+        }
         let (world, rendezvous_timeout) = (cfg.world, cfg.rendezvous_timeout);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -186,3 +186,28 @@ fn incomplete_job_times_out() {
     assert!(e.contains("rendezvous") && e.contains("1 of 2"), "{e}");
     assert!(e.contains("DeadlineExceeded"), "{e}");
 }
+
+/// An empty job token is refused on both sides: a coordinator does not start with one,
+/// and a client does not present one.
+#[test]
+fn empty_job_tokens_are_refused() {
+    let e = Coordinator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        CoordinatorConfig {
+            token: String::new(),
+            world: 1,
+            heartbeat_timeout: Duration::from_secs(3),
+            rendezvous_timeout: Duration::from_secs(3),
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("token"), "{e}");
+    let c = coordinator(1, 3);
+    let e = ControlClient::connect(&format!("http://{}", c.addr), "", Duration::ZERO)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("token"), "{e}");
+}

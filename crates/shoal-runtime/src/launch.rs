@@ -112,13 +112,15 @@ pub fn write_kind(job: &Path, kind: &str) -> Result<()> {
     std::fs::write(&p, kind).map_err(crate::error::io_err(&p))
 }
 
-/// A fresh job token (also names the shared-memory rings).
-pub fn new_token() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
+/// A fresh job token: 128 random bits from the OS (it also names the shared-memory
+/// rings).
+pub fn new_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(crate::io_err("/dev/urandom"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 struct Proc {
@@ -163,7 +165,7 @@ pub fn launch_job(
     mut on_report: impl FnMut(&Report, &[f64]),
 ) -> Result<ClusterSummary> {
     let job = run_dir.join("job");
-    let token = new_token();
+    let token = new_token()?;
     let servers = d.separate_servers();
     let world = d.workers + servers;
     let coord = Coordinator::start(
