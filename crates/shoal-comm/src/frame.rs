@@ -171,6 +171,19 @@ pub(crate) fn u64_bytes(x: &[u64]) -> &[u8] {
 #[cfg(target_endian = "big")]
 compile_error!("shoal-comm's wire format is little-endian and reinterprets buffers in place");
 
+/// Whether `presented` is the job token `expected`, compared in time that depends only
+/// on the lengths (not on where the first difference is).
+pub fn same_token(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,17 +235,4 @@ mod tests {
             .to_string()
             .contains("kind"));
     }
-}
-
-/// Whether `presented` is the job token `expected`, compared in time that depends only
-/// on the lengths (not on where the first difference is).
-pub fn same_token(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
-        return false;
-    }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
 }
