@@ -18,6 +18,32 @@ use shoal_onnx::{
 use std::collections::HashMap;
 use std::path::Path;
 
+/// A node's input `i`, or why not (a node that lacks it is named).
+fn node_input<'a>(
+    n: &'a shoal_onnx::NodeProto,
+    i: usize,
+    who: &str,
+) -> std::result::Result<&'a str, String> {
+    n.input.get(i).map(String::as_str).ok_or_else(|| {
+        format!(
+            "node '{who}' ({}): has {} inputs, needs input {i}",
+            n.op_type,
+            n.input.len()
+        )
+    })
+}
+
+/// A node's first output, or why not.
+fn node_output<'a>(
+    n: &'a shoal_onnx::NodeProto,
+    who: &str,
+) -> std::result::Result<&'a str, String> {
+    n.output
+        .first()
+        .map(String::as_str)
+        .ok_or_else(|| format!("node '{who}' ({}): has no output", n.op_type))
+}
+
 /// The network as an ONNX model; with `int8`, every convolution and fully-connected
 /// weight is stored as int8 with one scale per output channel.
 pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
@@ -236,7 +262,7 @@ pub fn import(path: &Path) -> Result<CnnModel> {
         };
         match n.op_type.as_str() {
             "DequantizeLinear" => {
-                let (q, shape) = get(&consts, &n.input[0], &who)?;
+                let (q, shape) = get(&consts, node_input(n, 0, &who).map_err(fail)?, &who)?;
                 let (s, _) = get(&consts, n.input.get(1).map_or("", |s| s.as_str()), &who)?;
                 let zp = match n.input.get(2) {
                     Some(z) if !z.is_empty() => get(&consts, z, &who)?.0,
@@ -245,19 +271,19 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                 let axis = attr(n, "axis").and_then(|a| a.i).unwrap_or(1);
                 let v: Vec<f32> = if s.len() == 1 {
                     q.iter().map(|&x| (x - zp[0]) * s[0]).collect()
-                } else if axis == 0 && s.len() == shape[0] {
-                    let per = q.len() / shape[0];
+                } else if axis == 0 && shape.first() == Some(&s.len()) && !s.is_empty() {
+                    let per = q.len() / s.len();
                     q.iter().enumerate().map(|(i, &x)| (x - zp[i / per]) * s[i / per]).collect()
                 } else {
                     return Err(fail(format!("node '{who}': DequantizeLinear along axis {axis} is not supported")));
                 };
-                consts.insert(n.output[0].clone(), (v, shape));
+                consts.insert(node_output(n, &who).map_err(fail)?.to_string(), (v, shape));
             }
             "Conv" => {
                 if flattened {
                     return Err(fail(format!("node '{who}': a convolution after the flattening")));
                 }
-                let (w, shape) = get(&consts, &n.input[1], &who)?;
+                let (w, shape) = get(&consts, node_input(n, 1, &who).map_err(fail)?, &who)?;
                 let ok = shape.len() == 4
                     && shape[2..] == [3, 3]
                     && ints(n, "pads").is_some_and(|p| p == [1, 1, 1, 1])
@@ -281,7 +307,7 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                 };
                 let mut parts = Vec::new();
                 for i in 1..5 {
-                    parts.push(get(&consts, &n.input[i], &who)?.0);
+                    parts.push(get(&consts, node_input(n, i, &who).map_err(fail)?, &who)?.0);
                 }
                 let eps = attr(n, "epsilon").and_then(|a| a.f).unwrap_or(1e-5);
                 // Another epsilon: the same normalisation through the variance.
@@ -314,7 +340,7 @@ pub fn import(path: &Path) -> Result<CnnModel> {
             "Flatten" | "Reshape" => flattened = true,
             "Dropout" | "Identity" => {}
             "Gemm" | "MatMul" => {
-                let (w, shape) = get(&consts, &n.input[1], &who)?;
+                let (w, shape) = get(&consts, node_input(n, 1, &who).map_err(fail)?, &who)?;
                 if shape.len() != 2 {
                     return Err(fail(format!("node '{who}': weight of shape {shape:?}")));
                 }

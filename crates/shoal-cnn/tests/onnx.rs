@@ -243,6 +243,28 @@ fn bad_files_and_graphs_are_refused_by_name() {
             ),
             "input 'nowhere' is not a constant",
         ),
+        // Valid protobuf, impossible nodes: no inputs, no outputs.
+        (
+            graph(vec![node("Conv", "bare", &[], &["y"], vec![])], vec![]),
+            "node 'bare' (Conv): has 0 inputs, needs input 1",
+        ),
+        (
+            graph(
+                vec![node("BatchNormalization", "bn", &["input"], &["y"], vec![])],
+                vec![],
+            ),
+            "node 'bn'",
+        ),
+        (
+            graph(
+                vec![node("DequantizeLinear", "dq", &["w", "s"], &[], vec![])],
+                vec![
+                    tensor_f32("w", &[4], &[1.0; 4]),
+                    tensor_f32("s", &[1], &[0.5]),
+                ],
+            ),
+            "node 'dq' (DequantizeLinear): has no output",
+        ),
     ];
     for (i, (m, want)) in cases.into_iter().enumerate() {
         let p = d.path().join(format!("bad{i}.onnx"));

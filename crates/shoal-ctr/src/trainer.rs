@@ -137,9 +137,7 @@ impl CtrTrainConfig {
         if self.evict_idle_steps > u32::MAX as u64 {
             return bad("evict_idle_steps", "too large");
         }
-        if d.workers == 0 {
-            return bad("workers", "must be at least 1");
-        }
+        d.validate()?;
         if d.is_cluster() && (d.mode == shoal_runtime::dist::DistMode::Allreduce || d.ps == 0) {
             return bad(
                 "workers",
@@ -788,6 +786,8 @@ fn save_ctr(
         ));
     }
     let mut meta = HashMap::new();
+    let crc = tensors_crc(tensors.iter().map(|(n, t)| (*n, t.data())));
+    meta.insert("crc32".to_string(), format!("{crc:08x}"));
     if let Some(e) = &extra {
         meta.insert("step".to_string(), e.step.to_string());
         meta.insert("dense_opt_steps".to_string(), e.opt_steps.to_string());
@@ -802,6 +802,20 @@ fn save_ctr(
     );
     let bytes = safetensors::serialize(tensors, Some(meta)).map_err(err)?;
     Ok(write_dir_atomically(dir, &[(MODEL_FILE, &bytes)])?)
+}
+
+/// CRC32 of tensors as (name, bytes), taken in name order (the file's own order is the
+/// format's business): what `crc32` in a saved model's metadata holds.
+fn tensors_crc<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> u32 {
+    let mut all: Vec<(&str, &[u8])> = tensors.collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = crc32fast::Hasher::new();
+    for (name, data) in all {
+        h.update(name.as_bytes());
+        h.update(&(data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    h.finalize()
 }
 
 /// What a resumable checkpoint adds to the model.
@@ -897,6 +911,16 @@ impl CtrCheckpoint {
         let bytes = std::fs::read(&file).map_err(crate::error::io_err(&file))?;
         let (cfg, mcfg, md) = Self::configs_of(parse_meta(&bytes, &file)?, &file)?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
+        // Models saved since the checksum exist carry one; older ones load unchecked.
+        if let Some(want) = md.get("crc32") {
+            let views = st.tensors();
+            let got = tensors_crc(views.iter().map(|(n, t)| (n.as_str(), t.data())));
+            if format!("{got:08x}") != *want {
+                return Err(fail(format!(
+                    "its tensors are corrupt (CRC32 {got:08x}, the file says {want})"
+                )));
+            }
+        }
         let model = CtrModel::new(mcfg)?;
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;

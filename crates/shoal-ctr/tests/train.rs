@@ -394,3 +394,36 @@ fn start_shards(
     let addrs = servers.iter().map(|s| s.addr).collect();
     (servers, addrs)
 }
+
+/// A saved model whose bytes were flipped (here: inside its tensors) is refused with the
+/// file named and the checksum's word, not loaded to predict NaN.
+#[test]
+fn a_corrupt_model_file_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let data = synth(d.path(), 2_000, 4, 30);
+    let mut t = CtrTrainer::new(CtrTrainConfig {
+        kind: CtrKind::Deepfm,
+        dim: 4,
+        hidden: vec![8],
+        data,
+        max_steps: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    t.run(|_| {}).unwrap();
+    let out = d.path().join("m");
+    t.save(&out).unwrap();
+    assert!(CtrPredictor::load(&out).is_ok());
+    let file = out.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 16..n - 8] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let e = CtrPredictor::load(&out).err().unwrap().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupt"),
+        "{e}"
+    );
+}

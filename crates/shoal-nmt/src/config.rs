@@ -265,8 +265,31 @@ impl NmtTrainConfig {
         if self.train.keep_checkpoints == 0 {
             return bad("train.keep_checkpoints", "must be at least 1");
         }
-        if self.eval.beam == 0 {
-            return bad("eval.beam", "must be at least 1");
+        if self.eval.beam == 0 || self.eval.beam > crate::trainer::MAX_BEAM {
+            return Err(Error::Config(format!(
+                "eval.beam: must be in 1..={}",
+                crate::trainer::MAX_BEAM
+            )));
+        }
+        // The model must fit: its parameters, gradients and Adam's two moments are 16
+        // bytes a value (the activations come on top).
+        let m = self.model_config(self.data.src_vocab, self.data.tgt_vocab);
+        let values = m.param_count();
+        let need = values.saturating_mul(16);
+        let avail = shoal_runtime::sys::available_memory_bytes().unwrap_or(u64::MAX);
+        if values > 1 << 33 || need > avail as u128 {
+            return Err(Error::Config(format!(
+                "model: {values} parameters (embed {}, hidden {}, layers {}, vocabularies {} + {}) \
+                 need about {:.1} GB for parameters, gradients and optimizer state; {:.1} GB \
+                 of memory is available",
+                m.embed,
+                m.hidden,
+                m.layers,
+                m.src_vocab,
+                m.tgt_vocab,
+                need as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
         }
         if self.train.epochs == 0 && self.train.max_steps == 0 {
             return bad(
@@ -274,28 +297,7 @@ impl NmtTrainConfig {
                 "must be at least 1 when train.max_steps is 0",
             );
         }
-        let d = &self.dist;
-        if d.workers == 0 {
-            return bad("dist.workers", "must be at least 1");
-        }
-        match d.mode {
-            DistMode::Allreduce if d.ps > 0 => {
-                return bad("dist.ps", "parameter servers need mode ps-sync or ps-async")
-            }
-            DistMode::PsSync | DistMode::PsAsync if d.ps == 0 => {
-                return bad("dist.ps", "must be at least 1 in a ps mode")
-            }
-            _ => {}
-        }
-        if d.placement == Placement::Colocated && d.ps > d.workers {
-            return bad(
-                "dist.ps",
-                "colocated placement puts one shard in each of the first workers: at most dist.workers",
-            );
-        }
-        if !(d.heartbeat_timeout_s > 0.0 && d.heartbeat_timeout_s.is_finite()) {
-            return bad("dist.heartbeat_timeout_s", "must be positive");
-        }
+        self.dist.validate()?;
         self.train
             .optimizer_config()
             .validate()

@@ -67,6 +67,36 @@ impl Default for NmtConfig {
 }
 
 impl NmtConfig {
+    /// The number of trainable values the model has (computed from the sizes, without
+    /// building it; saturating, so absurd sizes give a huge count rather than wrapping).
+    pub fn param_count(&self) -> u128 {
+        let (e, h, l) = (self.embed as u128, self.hidden as u128, self.layers as u128);
+        let g = self.cell.gates() as u128;
+        let layer = |input: u128| {
+            let norms = if self.layer_norm { 4 * g * h } else { 0 };
+            g * h * input + g * h * h + 2 * g * h + norms
+        };
+        let stack = |first: u128| {
+            if l == 0 {
+                0
+            } else {
+                layer(first) + (l - 1) * layer(h)
+            }
+        };
+        let dec_in = if self.attention == AttentionKind::Bahdanau {
+            e + h
+        } else {
+            e
+        };
+        let attn = match self.attention {
+            AttentionKind::None => 0,
+            AttentionKind::Luong => h * h + 2 * h * h + h,
+            AttentionKind::Bahdanau => 2 * h * h + h + 2 * h * h + h,
+        };
+        let (sv, tv) = (self.src_vocab as u128, self.tgt_vocab as u128);
+        (sv + tv) * e + stack(e) + stack(dec_in) + attn + tv * h + tv
+    }
+
     /// Checks that every size is usable.
     pub fn validate(&self) -> Result<()> {
         let check = |field: &'static str, v: usize| {

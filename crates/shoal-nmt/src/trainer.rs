@@ -140,6 +140,12 @@ fn batch_loss<B: FusedRnnBackend>(
     )
 }
 
+/// The widest beam [`Translator::translate`] searches.
+pub const MAX_BEAM: usize = 256;
+
+/// The longest source sentence (in subword tokens) [`Translator::translate`] takes.
+pub const MAX_SOURCE_TOKENS: usize = 1024;
+
 /// A model ready for inference, with its tokenizers, on a device of backend `B`.
 #[derive(Debug, Clone)]
 pub struct Translator<B: FusedRnnBackend = Cpu> {
@@ -165,12 +171,36 @@ impl<B: FusedRnnBackend> Translator<B> {
     }
 
     /// Translates `lines` (beam 1 = greedy, batched; beam > 1 = beam search per line).
+    /// A beam wider than [`MAX_BEAM`] or a line longer than [`MAX_SOURCE_TOKENS`]
+    /// subwords is refused (by its line number) before any work.
     pub fn translate(&self, lines: &[String], beam: usize, alpha: f32) -> Result<Vec<String>> {
+        if beam == 0 || beam > MAX_BEAM {
+            return Err(Error::Config(format!(
+                "beam {beam}: must be in 1..={MAX_BEAM}"
+            )));
+        }
+        if !(alpha.is_finite() && alpha >= 0.0) {
+            return Err(Error::Config(format!(
+                "alpha {alpha}: the length penalty must be a number >= 0"
+            )));
+        }
         let device = self.device.clone();
         let sources: Vec<Vec<u32>> = lines
             .iter()
             .map(|l| self.tok.src.encode(l))
             .collect::<std::result::Result<_, _>>()?;
+        if let Some((i, s)) = sources
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_SOURCE_TOKENS)
+        {
+            return Err(Error::Config(format!(
+                "line {}: {} subword tokens; a sentence to translate has at most \
+                 {MAX_SOURCE_TOKENS} (split it)",
+                i + 1,
+                s.len()
+            )));
+        }
         let mut outs: Vec<Vec<u32>> = vec![Vec::new(); lines.len()];
         if beam <= 1 {
             // Batches of similar length.

@@ -488,3 +488,29 @@ fn fused_recurrence_equals_unfused_reference() {
         );
     }
 }
+
+/// The parameter count computed from the sizes (what the configuration check uses before
+/// building anything) is the built model's, for every cell, attention and LayerNorm.
+#[test]
+fn parameter_count_from_the_sizes_is_the_models() {
+    for cell in [CellKind::Gru, CellKind::Lstm] {
+        for att in [
+            AttentionKind::None,
+            AttentionKind::Luong,
+            AttentionKind::Bahdanau,
+        ] {
+            for ln in [false, true] {
+                let cfg = NmtConfig {
+                    layers: 3,
+                    ..tiny(cell, att, ln)
+                };
+                let model = seeded(19, || cfg.init::<B>(&dev()).unwrap());
+                assert_eq!(
+                    cfg.param_count(),
+                    FlatLayout::of(&model).total as u128,
+                    "{cell:?}/{att:?}/ln={ln}"
+                );
+            }
+        }
+    }
+}

@@ -72,7 +72,56 @@ impl Default for DistSection {
     }
 }
 
+/// The most processes of either kind a job may have (a bound on what a configuration can
+/// ask the launcher to start).
+pub const MAX_PROCESSES: usize = 4096;
+
+/// The longest heartbeat timeout (a day); longer ones are surely a mistake, and a
+/// silent peer would hold the job for ever.
+pub const MAX_HEARTBEAT_S: f64 = 86_400.0;
+
 impl DistSection {
+    /// Checks every value against the others (fields named as `dist.FIELD`).
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |f: &str, why: String| Err(crate::Error::Config(format!("dist.{f}: {why}")));
+        if self.workers == 0 || self.workers > MAX_PROCESSES {
+            return bad("workers", format!("must be in 1..={MAX_PROCESSES}"));
+        }
+        if self.ps > MAX_PROCESSES {
+            return bad("ps", format!("must be at most {MAX_PROCESSES}"));
+        }
+        match self.mode {
+            DistMode::Allreduce if self.ps > 0 => {
+                return bad(
+                    "ps",
+                    "parameter servers need mode ps-sync or ps-async".into(),
+                )
+            }
+            DistMode::PsSync | DistMode::PsAsync if self.ps == 0 => {
+                return bad("ps", "must be at least 1 in a ps mode".into())
+            }
+            _ => {}
+        }
+        if self.placement == Placement::Colocated && self.ps > self.workers {
+            return bad(
+                "ps",
+                "colocated placement puts one shard in each of the first workers: at most \
+                 dist.workers"
+                    .into(),
+            );
+        }
+        if !(self.heartbeat_timeout_s > 0.0 && self.heartbeat_timeout_s <= MAX_HEARTBEAT_S) {
+            return bad(
+                "heartbeat_timeout_s",
+                format!(
+                    "{:?} is not a number of seconds in (0, {MAX_HEARTBEAT_S}]",
+                    self.heartbeat_timeout_s
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// True when the job runs as several processes.
     pub fn is_cluster(&self) -> bool {
         self.workers > 1 || self.mode != DistMode::Allreduce

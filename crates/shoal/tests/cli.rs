@@ -300,6 +300,54 @@ dropout = 0.5
     assert_clear_error(&o, &["bad.toml", "epoch"]);
 }
 
+/// Sizes that cannot work are refused before any allocation or loop: a model too large
+/// for the machine's memory, an absurd heartbeat timeout, a huge beam, a line of two
+/// million tokens, a planned cluster of 10^12 nodes (each aborted, panicked or hung).
+#[test]
+fn impossible_sizes_are_refused_up_front() {
+    let d = tempfile::tempdir().unwrap();
+    let o = shoal(
+        d.path(),
+        &["train", "nmt", "--set", "model.hidden=1000000000"],
+        None,
+    );
+    assert_clear_error(&o, &["parameters", "GB", "available"]);
+    let o = shoal(
+        d.path(),
+        &["train", "nmt", "--set", "dist.heartbeat_timeout_s=1e300"],
+        None,
+    );
+    assert_clear_error(&o, &["dist.heartbeat_timeout_s", "1e300"]);
+    let o = shoal(
+        d.path(),
+        &[
+            "plan",
+            "--nodes",
+            "1000000000000",
+            "--workers-per-node",
+            "8",
+        ],
+        None,
+    );
+    assert_clear_error(&o, &["--nodes", "100,000"]);
+    slice(d.path(), 32);
+    let o = train(d.path(), &["--max-steps", "1", "--no-eval"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "run", "--beam", "100000"],
+        Some("A man.\n"),
+    );
+    assert_clear_error(&o, &["beam 100000", "256"]);
+    let long = "dog ".repeat(2_000_000) + "\n";
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "run"],
+        Some(&format!("A man.\n{long}")),
+    );
+    assert_clear_error(&o, &["line 2", "subword tokens", "1024"]);
+}
+
 /// A device this build has no backend for is refused by name before anything runs (no
 /// loader panic), and a device that is not one is named too.
 #[test]

@@ -66,6 +66,15 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     if a.nodes == 0 || a.workers_per_node == 0 || a.cores_per_node == Some(0) {
         bail!("--nodes, --workers-per-node and --cores-per-node must be at least 1");
     }
+    // The model walks every host: bound the cluster to what it is meant for.
+    if a.nodes > 100_000 || a.workers_per_node > 4096 || a.nodes * a.workers_per_node > 1_000_000 {
+        bail!(
+            "--nodes {} x --workers-per-node {}: plan models clusters of up to 100,000 nodes, \
+             4,096 workers a node and 1,000,000 workers in all",
+            a.nodes,
+            a.workers_per_node
+        );
+    }
     let gbs = |x: f64, lat_us: f64| Link {
         bytes_per_s: x * 1e9,
         latency_s: lat_us * 1e-6,
