@@ -202,6 +202,52 @@ impl Cnn {
         if !(0.0..1.0).contains(&cfg.dropout) {
             return bad("dropout", format!("{}: must be in [0, 1)", cfg.dropout));
         }
+        // Sizes a network of this kind could have (a damaged or mistyped file must not
+        // ask for terabytes or overflow a shape): images up to 4,096 on a side and 4,096
+        // channels, convolutions of up to 4,096 channels in up to 16 blocks, up to 64
+        // fully-connected layers of up to 65,536 units, up to 1,000,000 classes, and up
+        // to 2^31 parameters in all.
+        let too_big = c0 > 4096
+            || h0 > 4096
+            || w0 > 4096
+            || cfg.classes > 1_000_000
+            || cfg.blocks.len() > 16
+            || cfg
+                .blocks
+                .iter()
+                .any(|b| b.len() > 16 || b.iter().any(|&x| x > 4096))
+            || cfg.fc.len() > 64
+            || cfg.fc.iter().chain(&cfg.fc_rank).any(|&x| x > 65_536);
+        if too_big {
+            return bad(
+                "model",
+                format!(
+                    "input {:?}, blocks {:?}, fc {:?}, classes {}: larger than this network \
+                     supports",
+                    cfg.input, cfg.blocks, cfg.fc, cfg.classes
+                ),
+            );
+        }
+        let flat = cfg
+            .blocks
+            .iter()
+            .fold(c0 as u128 * h0 as u128 * w0 as u128, |_, b| {
+                b.last().copied().unwrap_or(1) as u128 * h0 as u128 * w0 as u128
+            });
+        let head: u128 = cfg
+            .fc
+            .iter()
+            .chain(std::iter::once(&cfg.classes))
+            .fold((flat, 0u128), |(inp, sum), &out| {
+                (out as u128, sum + inp * out as u128 + out as u128)
+            })
+            .1;
+        if head > 1 << 31 {
+            return bad(
+                "fc",
+                format!("{head} weights in the fully-connected head; at most 2^31"),
+            );
+        }
         let (mut c, mut h, mut w) = (c0, h0, w0);
         let mut ops = Vec::new();
         let mut params = Vec::new();

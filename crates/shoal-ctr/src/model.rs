@@ -69,6 +69,24 @@ impl CtrConfig {
         if self.deep() && (self.hidden.is_empty() || self.hidden.contains(&0)) {
             return bad("the MLP needs hidden layers of at least one unit");
         }
+        // Sizes a model of this kind could have (a damaged or mistyped file must not
+        // ask for terabytes): rows of at most 4,096 values, 100,000 fields, MLP layers of
+        // at most 65,536 units and at most 2^31 dense values in all.
+        if self.dim > 4096 || self.fields > 100_000 {
+            return bad("dim must be at most 4096 and fields at most 100,000");
+        }
+        if self.hidden.len() > 64 || self.hidden.iter().any(|&h| h > 65_536) {
+            return bad("the MLP has at most 64 layers of at most 65,536 units");
+        }
+        let mut dense: u128 = 1;
+        let mut inp = (self.fields * self.dim) as u128;
+        for &out in self.hidden.iter().chain(std::iter::once(&1)) {
+            dense += inp * out as u128 + out as u128;
+            inp = out as u128;
+        }
+        if self.deep() && dense > 1 << 31 {
+            return bad(&format!("{dense} dense values; at most 2^31"));
+        }
         Ok(())
     }
 }

@@ -173,6 +173,10 @@ impl SubwordTokenizer {
     /// [`Error::Tokenizer`] if the JSON is not a tokenizer or its special tokens do not
     /// hold ids 0..=3.
     pub fn from_json(s: &str) -> Result<Self> {
+        // Malformed JSON is refused here: the `tokenizers` crate panics on some of it
+        // (its decoder field is read with `expect`).
+        serde_json::from_str::<serde::de::IgnoredAny>(s)
+            .map_err(|e| tok_err("cannot parse tokenizer JSON", e))?;
         let inner: Tokenizer = s
             .parse()
             .map_err(|e| tok_err("cannot parse tokenizer JSON", e))?;

@@ -120,6 +120,20 @@ impl NmtConfig {
                 why: format!("{} is not in [0, 1)", self.dropout),
             });
         }
+        // The parameters alone must fit in memory (4 bytes a value; a damaged or
+        // mistyped configuration must not ask for terabytes).
+        let values = self.param_count();
+        let avail = shoal_runtime::sys::available_memory_bytes().unwrap_or(u64::MAX) as u128;
+        if values > 1 << 33 || values * 4 > avail {
+            return Err(Error::Setting {
+                field: "model",
+                why: format!(
+                    "{values} parameters ({:.1} GB) do not fit in the {:.1} GB of memory available",
+                    values as f64 * 4e-9,
+                    avail as f64 / 1e9
+                ),
+            });
+        }
         Ok(())
     }
 

@@ -1,0 +1,54 @@
+//! Saved CTR models and configuration files, damaged (`shoal_testkit::damaged`): every
+//! load returns the model or an error naming the file; none panics.
+
+use shoal_ctr::model::CtrKind;
+use shoal_ctr::trainer::{CtrPredictor, CtrTrainConfig, CtrTrainer};
+use shoal_data::ctr::{write_synth, SynthConfig};
+use shoal_testkit::{damaged, never_panics};
+
+#[test]
+fn damaged_models_are_refused_without_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("s.csv");
+    let syn = SynthConfig {
+        rows: 2_000,
+        fields: 4,
+        ids_per_field: 30,
+        seed: 3,
+        ..Default::default()
+    };
+    write_synth(&syn, &data, &d.path().join("s.csv.p")).unwrap();
+    let mut t = CtrTrainer::new(CtrTrainConfig {
+        kind: CtrKind::Deepfm,
+        dim: 4,
+        hidden: vec![8],
+        data,
+        max_steps: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    t.run(|_| {}).unwrap();
+    let out = d.path().join("m");
+    t.save(&out).unwrap();
+    let file = out.join("model.safetensors");
+    let valid = std::fs::read(&file).unwrap();
+    never_panics("CTR model", &damaged(&valid, 11, 200), |bytes| {
+        std::fs::write(&file, bytes).unwrap();
+        let a = CtrPredictor::load(&out).map(|_| ());
+        let b = CtrTrainConfig::saved_in(&out).map(|_| ());
+        a.and(b)
+    });
+}
+
+#[test]
+fn damaged_configuration_files_are_refused_without_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("c.toml");
+    let valid = toml::to_string(&CtrTrainConfig::default()).unwrap();
+    never_panics("CTR config", &damaged(valid.as_bytes(), 12, 300), |bytes| {
+        std::fs::write(&path, bytes).unwrap();
+        shoal_runtime::config::layered::<CtrTrainConfig>(Some(&path), &[], &[])
+            .map_err(shoal_ctr::Error::from)
+            .and_then(|c| c.validate().map(|_| c.batch_size))
+    });
+}

@@ -1,0 +1,53 @@
+//! NMT checkpoints and configuration files, damaged (`shoal_testkit::damaged`): every
+//! load returns the checkpoint or an error naming it; none panics. A real checkpoint of a
+//! tiny model is damaged file by file (its metadata, its parameters, its optimizer
+//! state); a configuration file likewise.
+
+mod common;
+
+use common::{config, slice, INIT};
+use shoal_nmt::checkpoint::Checkpoint;
+use shoal_nmt::{NmtTrainConfig, NmtTrainer, Translator};
+use shoal_testkit::{damaged, never_panics};
+
+#[test]
+fn damaged_checkpoints_are_refused_without_a_panic() {
+    let data = tempfile::tempdir().unwrap();
+    slice(data.path(), 40);
+    let run = tempfile::tempdir().unwrap();
+    let mut t = {
+        let _g = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        NmtTrainer::new(config(data.path(), &[("train.max_steps", "2")]), run.path()).unwrap()
+    };
+    t.run(|_| {}).unwrap();
+    let ck = shoal_runtime::store::resolve(run.path()).unwrap();
+    for (file, seed, n) in [
+        ("meta.json", 1, 150),
+        ("model.safetensors", 2, 100),
+        ("optimizer.safetensors", 3, 60),
+    ] {
+        let path = ck.join(file);
+        let valid = std::fs::read(&path).unwrap();
+        let inputs = damaged(&valid, seed, n);
+        never_panics(file, &inputs, |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            // Both readers: the checkpoint itself, and a translator built from it.
+            let a = Checkpoint::load(&ck).map(|c| c.params.len());
+            let b = Translator::load(&ck).map(|t| t.tok.src.vocab_size());
+            a.and(b)
+        });
+        std::fs::write(&path, &valid).unwrap();
+    }
+}
+
+#[test]
+fn damaged_configuration_files_are_refused_without_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("c.toml");
+    let valid = NmtTrainConfig::default().to_toml();
+    let inputs = damaged(valid.as_bytes(), 4, 300);
+    never_panics("config TOML", &inputs, |bytes| {
+        std::fs::write(&path, bytes).unwrap();
+        NmtTrainConfig::load(Some(&path), &[]).map(|c| c.train.batch_size)
+    });
+}
