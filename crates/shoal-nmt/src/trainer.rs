@@ -74,6 +74,17 @@ pub enum StopReason {
     MaxMinutes,
 }
 
+impl std::fmt::Display for StopReason {
+    /// In the configuration's words: what limit the run reached.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Epochs => "all epochs done",
+            StopReason::MaxSteps => "max_steps reached",
+            StopReason::MaxMinutes => "max_minutes reached",
+        })
+    }
+}
+
 /// The outcome of [`NmtTrainer::run`].
 #[derive(Debug, Clone)]
 pub struct RunSummary {

@@ -1239,9 +1239,30 @@ fn train_cnn_and_compress_it() {
         std::fs::metadata(d.path().join("m.shoalz")).unwrap().len()
     );
     assert!(res["ratio"].as_f64().unwrap() > 5.0, "{res}");
+    // Output paths are checked before the work, and no technique is refused.
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m",
+            "--quant",
+            "int8",
+            "--out",
+            "nowhere/m.shoalz",
+        ],
+        None,
+    );
+    assert_clear_error(&o, &["--out", "nowhere", "does not exist"]);
+    let o = shoal(d.path(), &["compress", "--model", "m"], None);
+    assert_clear_error(&o, &["no compression technique"]);
     std::fs::write(
         d.path().join("s.toml"),
-        "[[config]]\nquant = { kind = \"int8\" }\n\n[[config]]\nsvd_ratio = 4.0\nfine_tune_steps = 10\n",
+        // The flags' spelling (quant = "int8", quant = BITS with rate) and the reports'
+        // (a tagged table) both work.
+        "[[config]]\nquant = \"int8\"\n\n[[config]]\nquant = 3\nrate = 0.1\n\n\
+         [[config]]\nquant = { kind = \"codebook\", bits = 4 }\n\n\
+         [[config]]\nsvd_ratio = 4.0\nfine_tune_steps = 10\n",
     )
     .unwrap();
     let o = shoal(
@@ -1260,7 +1281,10 @@ fn train_cnn_and_compress_it() {
         None,
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(text(&o.stdout).contains("int8") && text(&o.stdout).contains("svd x4"));
+    let out = text(&o.stdout);
+    for label in ["int8", "3-bit codebook", "4-bit codebook", "svd x4"] {
+        assert!(out.contains(label), "'{label}' not in {out}");
+    }
     // ONNX out (int8 as QDQ) and back in: the re-imported model compresses the same.
     let o = shoal(
         d.path(),

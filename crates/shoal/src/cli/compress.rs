@@ -42,7 +42,8 @@ pub(crate) struct CompressArgs {
     pub(crate) fine_tune_steps: u64,
     #[arg(long, default_value_t = 2e-4)]
     pub(crate) lr: f32,
-    /// A TOML table of configurations (`[[config]]` with the fields above, snake_case)
+    /// A TOML table of configurations (`[[config]]` with the fields above in snake_case,
+    /// e.g. `quant = "int8"` or `quant = 4` with `rate = 0.1`; examples/cnn/schedule.toml)
     /// run one after the other into one report.
     #[arg(long, conflicts_with_all = ["svd_ratio", "svd_energy", "quant", "rate"])]
     pub(crate) schedule: Option<PathBuf>,
@@ -86,45 +87,50 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
     if a.test_limit > 0 {
         dcfg.test_limit = a.test_limit;
     }
-    let specs: Vec<CompressSpec> = match &a.schedule {
-        Some(path) => {
-            #[derive(serde::Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Schedule {
-                config: Vec<CompressSpec>,
-            }
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let s: Schedule =
-                toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-            s.config
+    // Every file this run writes is checked before the work (a missing folder found
+    // after minutes of fine-tuning threw the work away).
+    for (flag, p) in [
+        ("--out", &a.out),
+        ("--onnx", &a.onnx),
+        ("--report", &a.report),
+        ("--plot", &a.plot),
+    ] {
+        if let Some(p) = p {
+            writable_parent(flag, p)?;
         }
-        None => {
-            if a.rate != 0.0 && matches!(a.quant.as_deref(), None | Some("int8")) {
-                bail!("--rate applies to codebooks: give --quant BITS with it");
-            }
-            let quant = match a.quant.as_deref() {
-                None => None,
-                Some("int8") => Some(Quant::Int8),
-                Some(b) => Some(Quant::Codebook {
-                    bits: b.parse().with_context(|| {
-                        format!("--quant '{b}': expected int8 or a number of bits (1-8)")
-                    })?,
-                    rate: a.rate,
-                }),
-            };
-            vec![CompressSpec {
+    }
+    let specs: Vec<CompressSpec> = match &a.schedule {
+        Some(path) => read_schedule(path)?,
+        None => vec![spec(
+            a.quant.as_deref(),
+            a.rate,
+            CompressSpec {
                 svd_ratio: a.svd_ratio,
                 svd_energy: a.svd_energy,
                 prune_fc: a.prune_fc,
                 prune_conv: a.prune_conv,
                 prune_global: a.prune_global,
-                quant,
+                quant: None,
                 fine_tune_steps: a.fine_tune_steps,
                 lr: a.lr,
-            }]
-        }
+            },
+            "--quant",
+        )?],
     };
+    let technique = |s: &CompressSpec| {
+        s.svd_ratio.is_some()
+            || s.svd_energy.is_some()
+            || s.prune_fc > 0.0
+            || s.prune_conv > 0.0
+            || s.quant.is_some()
+    };
+    if !a.sensitivity && a.onnx.is_none() && !specs.iter().any(technique) {
+        bail!(
+            "no compression technique given: --prune-fc, --prune-conv, --quant (int8 or bits), \
+             --svd-ratio or --svd-energy (or --schedule FILE, --sensitivity, or --onnx to \
+             export the model as it is)"
+        );
+    }
     for (i, s) in specs.iter().enumerate() {
         s.validate()
             .with_context(|| format!("configuration {} ({})", i + 1, s.label()))?;
@@ -254,4 +260,100 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// `path`'s folder exists (the file itself is written atomically at the end).
+fn writable_parent(flag: &str, path: &std::path::Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist (nothing was done)",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// A configuration from the flags' spelling: `quant` is `int8` or a number of bits, and
+/// `rate` goes with the bits (`what` names where the value came from, for errors).
+fn spec(
+    quant: Option<&str>,
+    rate: f32,
+    base: shoal_cnn::compress::CompressSpec,
+    what: &str,
+) -> Result<shoal_cnn::compress::CompressSpec> {
+    use shoal_cnn::compress::Quant;
+    if rate != 0.0 && matches!(quant, None | Some("int8")) {
+        bail!("{what}: rate applies to codebooks: give a number of bits with it");
+    }
+    let quant = match quant {
+        None => None,
+        Some("int8") => Some(Quant::Int8),
+        Some(b) => Some(Quant::Codebook {
+            bits: b.parse().with_context(|| {
+                format!("{what} '{b}': expected int8 or a number of bits (1-8)")
+            })?,
+            rate,
+        }),
+    };
+    Ok(shoal_cnn::compress::CompressSpec { quant, ..base })
+}
+
+/// A `--schedule` file: `[[config]]` tables with the flags' fields in snake_case
+/// (`prune_fc = 0.95`, `quant = "int8"` or `quant = 4`, `rate = 0.15`,
+/// `fine_tune_steps = 1000`, ...); errors name the file, the table and the field.
+fn read_schedule(path: &std::path::Path) -> Result<Vec<shoal_cnn::compress::CompressSpec>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Schedule {
+        config: Vec<toml::Table>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let s: Schedule = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, mut t) in s.config.into_iter().enumerate() {
+        let at = format!("{}: [[config]] {}", path.display(), i + 1);
+        let quant = match t.remove("quant") {
+            None => None,
+            Some(toml::Value::String(q)) => Some(q),
+            Some(toml::Value::Integer(b)) => Some(b.to_string()),
+            // The form the saved reports use: `quant = { kind = "codebook", bits = 4 }`.
+            Some(toml::Value::Table(q)) => {
+                let q: shoal_cnn::compress::Quant =
+                    toml::Value::Table(q).try_into().map_err(|e| {
+                        anyhow::anyhow!(
+                            "{at}: quant: {e} (or write quant = \"int8\" / quant = BITS)"
+                        )
+                    })?;
+                let base: shoal_cnn::compress::CompressSpec = toml::Value::Table(t)
+                    .try_into()
+                    .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                out.push(shoal_cnn::compress::CompressSpec {
+                    quant: Some(q),
+                    ..base
+                });
+                continue;
+            }
+            Some(v) => bail!("{at}: quant = {v}: expected \"int8\" or a number of bits (1-8)"),
+        };
+        let rate = match t.remove("rate") {
+            None => 0.0,
+            Some(toml::Value::Float(r)) => r as f32,
+            Some(toml::Value::Integer(r)) => r as f32,
+            Some(v) => bail!("{at}: rate = {v}: expected a number"),
+        };
+        let base: shoal_cnn::compress::CompressSpec = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        out.push(spec(quant.as_deref(), rate, base, &format!("{at}: quant"))?);
+    }
+    if out.is_empty() {
+        bail!("{}: no [[config]] table", path.display());
+    }
+    Ok(out)
 }

@@ -276,11 +276,11 @@ pub(crate) fn train_ctr_cluster(
         },
     )?;
     eprintln!(
-        "starting {} workers and {} parameter-server shards ({:?}, {:?}); logs in {}",
+        "starting {} workers and {} parameter-server shards ({}, {}); logs in {}",
         d.workers,
         d.ps,
-        d.mode,
-        d.placement,
+        super::value_name(d.mode),
+        super::value_name(d.placement),
         run_dir.join("job/logs").display()
     );
     // A resumed job reads its checkpoint before the model is saved over it.

@@ -216,7 +216,7 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
     progress.finish();
     let summary = summary?;
     eprintln!(
-        "trained {} steps in {:.0} s ({:.0} target tokens/s); stopped: {:?}; checkpoint {}",
+        "trained {} steps in {:.0} s ({:.0} target tokens/s); stopped: {}; checkpoint {}",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s,
@@ -284,14 +284,18 @@ pub(crate) fn train_nmt_cluster(
     };
     let d = &cfg.dist;
     eprintln!(
-        "starting {} workers{} on this machine (mode {:?}); logs in {}",
+        "starting {} workers{} on this machine (mode {}); logs in {}",
         d.workers,
         if d.mode == shoal_nmt::config::DistMode::Allreduce {
             String::new()
         } else {
-            format!(" and {} parameter-server shards ({:?})", d.ps, d.placement)
+            format!(
+                " and {} parameter-server shards ({})",
+                d.ps,
+                value_name(d.placement)
+            )
         },
-        d.mode,
+        value_name(d.mode),
         run_dir.join("job/logs").display()
     );
     let opts = shoal_runtime::launch::LaunchOptions {
