@@ -321,7 +321,8 @@ impl CtrTrainer {
         } else {
             BadRows::Fail
         };
-        let (data, schema, report) = read_click_log(&cfg.data, bad)?;
+        let path = shoal_runtime::data::locate(&cfg.data, "--data")?;
+        let (data, schema, report) = read_click_log(&path, bad)?;
         if schema.label_col.is_none() {
             return Err(Error::Config(format!(
                 "{}: no label column (label, click or y) to train on",

@@ -148,9 +148,10 @@ fn write_batches(path: &Path, batches: &[Batch], vocab: (usize, usize)) -> Resul
 /// Runs the benchmark: builds the batches (and writes them for the peer if asked),
 /// trains `warmup` untimed and `steps` timed updates, and reports target tokens/s.
 pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<NmtBenchResult> {
+    let dir = shoal_runtime::data::locate(&opts.data_dir, "--data-dir")?;
     let c = load_parallel(
-        &opts.data_dir.join("train.en"),
-        &opts.data_dir.join("train.de"),
+        &dir.join("train.en"),
+        &dir.join("train.de"),
         EmptyLines::Skip,
     )?;
     log(&format!(

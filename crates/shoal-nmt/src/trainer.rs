@@ -19,6 +19,7 @@ use shoal_data::{
     EOS, PAD,
 };
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
+use shoal_runtime::data::locate;
 pub use shoal_runtime::exchange::{Exchange, PhaseTimes};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -633,7 +634,11 @@ where
         } else {
             EmptyLines::Error
         };
-        let mut c = load_parallel(&cfg.data.train_src, &cfg.data.train_tgt, empty)?;
+        let (src, tgt) = (
+            locate(&cfg.data.train_src, "--data-dir")?,
+            locate(&cfg.data.train_tgt, "--data-dir")?,
+        );
+        let mut c = load_parallel(&src, &tgt, empty)?;
         if cfg.data.train_limit > 0 {
             c.src.truncate(cfg.data.train_limit);
             c.tgt.truncate(cfg.data.train_limit);
@@ -957,7 +962,11 @@ where
         } else {
             EmptyLines::Error
         };
-        let v = load_parallel(&c.valid_src, &c.valid_tgt, empty)?;
+        let v = load_parallel(
+            &locate(&c.valid_src, "--data-dir")?,
+            &locate(&c.valid_tgt, "--data-dir")?,
+            empty,
+        )?;
         let ex = encode_pairs(&self.tok, &v.src, &v.tgt)?;
         let b = Batcher::new(ex, 64, c.max_len, 0);
         let model = self.learner.model.valid();
@@ -982,7 +991,11 @@ where
         } else {
             EmptyLines::Error
         };
-        let mut v = load_parallel(&c.valid_src, &c.valid_tgt, empty)?;
+        let mut v = load_parallel(
+            &locate(&c.valid_src, "--data-dir")?,
+            &locate(&c.valid_tgt, "--data-dir")?,
+            empty,
+        )?;
         if self.cfg.eval.valid_limit > 0 {
             v.src.truncate(self.cfg.eval.valid_limit);
             v.tgt.truncate(self.cfg.eval.valid_limit);

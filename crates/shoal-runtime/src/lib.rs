@@ -1,6 +1,6 @@
 //! What every workload's job needs and no workload owns: configuration overrides and
 //! the shape of a distributed job ([`config`], [`dist`]), the compute device
-//! ([`device`]), files a crash cannot leave
+//! ([`device`]), where input data is found from any directory ([`data`]), files a crash cannot leave
 //! half-written and the run directory's checkpoints ([`store`]), the step progress bar
 //! ([`progress`]), the gradient exchange a worker's update loop plugs in ([`exchange`]),
 //! the launcher and supervisor of a job's local processes ([`launch`]), the role a
@@ -8,6 +8,7 @@
 //! ([`role`]), and the cost model that predicts how a job scales ([`plan`]).
 
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod dist;
 pub mod error;

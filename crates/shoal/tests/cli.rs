@@ -348,6 +348,45 @@ fn impossible_sizes_are_refused_up_front() {
     assert_clear_error(&o, &["line 2", "subword tokens", "1024"]);
 }
 
+/// The defaults work from any directory: run from a temporary folder (not the
+/// repository), `train nmt` finds Multi30k through the program's own location; with
+/// SHOAL_DATA_DIR pointing elsewhere it reads from there, and a data folder that does
+/// not hold the data is named with where shoal looked and how to point it.
+#[test]
+fn defaults_work_from_any_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let args = [
+        "train",
+        "nmt",
+        "--max-steps",
+        "1",
+        "--no-eval",
+        "--set",
+        "data.train_limit=64",
+        "--set",
+        "eval.valid_limit=16",
+        "--out",
+        "run",
+    ];
+    let o = shoal(d.path(), &args, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .current_dir(d.path())
+        .args(args)
+        .env("SHOAL_DATA_DIR", empty.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the checkout's data is still found: {}",
+        text(&o.stderr)
+    );
+    // A relative path given by the user is taken as given, and named.
+    let o = shoal(d.path(), &["train", "nmt", "--data-dir", "nowhere"], None);
+    assert_clear_error(&o, &["nowhere/train.en"]);
+}
+
 /// A device this build has no backend for is refused by name before anything runs (no
 /// loader panic), and a device that is not one is named too.
 #[test]
