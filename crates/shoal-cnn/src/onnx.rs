@@ -1,7 +1,12 @@
 //! The CNN to and from ONNX. Export writes the network as opset-13 operators (Conv,
 //! BatchNormalization, Relu, MaxPool, Flatten, Gemm), a factorized layer as two Gemm,
 //! and int8 weights as int8 initializers with per-channel scales behind
-//! DequantizeLinear (the QDQ form onnxruntime runs). Import reads the same shapes of
+//! DequantizeLinear (the QDQ form onnxruntime runs). The exported graph takes pixels as
+//! a user has them, in [0, 1] (torchvision's `ToTensor`): its first two nodes are the
+//! standardisation shoal trains with (Sub mean, Div std), and the model's doc string and
+//! metadata say so. Import strips that standardisation again (a graph without it is
+//! read as taking standardized pixels, as a PyTorch export of a network does), and
+//! refuses one with other constants. Import reads the same shapes of
 //! network from any exporter (PyTorch's included): a chain of 3x3 same-padding
 //! convolutions with optional BatchNormalization, 2x2 max pooling, flattening, and
 //! fully-connected layers (Gemm, or MatMul + Add); a convolution's bias before a
@@ -9,10 +14,10 @@
 //! the operator and the node.
 
 use crate::model::{Cnn, CnnConfig, BN_EPS};
-use crate::trainer::{CnnModel, CnnTrainConfig};
+use crate::trainer::{CnnModel, CnnTrainConfig, PIXEL_MEAN, PIXEL_STD};
 use crate::{Error, Result};
 use shoal_onnx::{
-    attr, attr_float, attr_int, attr_ints, dims, node, tensor_f32, tensor_i8, value_info,
+    attr, attr_float, attr_int, attr_ints, dims, meta, node, tensor_f32, tensor_i8, value_info,
     values_f32, Dim, GraphProto, ModelProto, FLOAT,
 };
 use std::collections::HashMap;
@@ -54,7 +59,7 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
         ..Default::default()
     };
     let [c, h, w] = cfg.input;
-    g.input.push(value_info(
+    let mut input = value_info(
         "input",
         FLOAT,
         &[
@@ -63,7 +68,9 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
             Dim::Fixed(h),
             Dim::Fixed(w),
         ],
-    ));
+    );
+    input.doc_string = INPUT_DOC.into();
+    g.input.push(input);
     // A weight as an initializer, or int8 + scales + DequantizeLinear; returns the
     // name the consuming node reads.
     let weight = |g: &mut GraphProto, name: &str| -> Result<String> {
@@ -93,7 +100,25 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
         ));
         Ok(out)
     };
-    let mut x = "input".to_string();
+    // The standardisation the network was trained behind, inside the graph.
+    g.initializer
+        .push(tensor_f32(NORM_MEAN, &[1], &[PIXEL_MEAN]));
+    g.initializer.push(tensor_f32(NORM_STD, &[1], &[PIXEL_STD]));
+    g.node.push(node(
+        "Sub",
+        "centre",
+        &["input", NORM_MEAN],
+        &["centred"],
+        vec![],
+    ));
+    g.node.push(node(
+        "Div",
+        "standardize",
+        &["centred", NORM_STD],
+        &["standardized"],
+        vec![],
+    ));
+    let mut x = "standardized".to_string();
     let mut k = 0;
     for (bi, block) in cfg.blocks.iter().enumerate() {
         for _ in block {
@@ -209,8 +234,35 @@ pub fn export(m: &CnnModel, int8: bool) -> Result<ModelProto> {
         FLOAT,
         &[Dim::Named("N".into()), Dim::Fixed(cfg.classes)],
     ));
-    Ok(shoal_onnx::model(g))
+    let mut model = shoal_onnx::model(g);
+    model.doc_string = format!(
+        "shoal CNN ({}). Input 'input': float32 [N, {c}, {h}, {w}], {INPUT_DOC}. \
+         Output 'logits': float32 [N, {}], one unnormalized score per class (the argmax is \
+         the prediction; softmax gives probabilities).",
+        if int8 {
+            "int8 weights, per output channel"
+        } else {
+            "float32 weights"
+        },
+        cfg.classes
+    );
+    model.metadata_props = vec![
+        meta("input_range", "[0, 1]"),
+        meta("input_layout", "NCHW"),
+        meta("normalization_mean", &PIXEL_MEAN.to_string()),
+        meta("normalization_std", &PIXEL_STD.to_string()),
+        meta("output", "logits"),
+        meta("classes", &cfg.classes.to_string()),
+    ];
+    Ok(model)
 }
+
+/// The exported graph's input, in words.
+const INPUT_DOC: &str = "pixels scaled to [0, 1] (p / 255, as torchvision's ToTensor gives); \
+     the graph standardizes them itself";
+/// Names of the standardisation's constants in an exported graph.
+const NORM_MEAN: &str = "pixel_mean";
+const NORM_STD: &str = "pixel_std";
 
 /// A layer read from the graph, in order.
 enum Layer {
@@ -254,6 +306,8 @@ pub fn import(path: &Path) -> Result<CnnModel> {
     let ints = |n: &shoal_onnx::NodeProto, a: &str| attr(n, a).map(|x| x.ints.clone());
     let mut layers: Vec<Layer> = Vec::new();
     let mut flattened = false;
+    // A standardisation in front of the network: (mean, std).
+    let mut norm: Option<(f32, f32)> = None;
     for n in &g.node {
         let who = if n.name.is_empty() {
             n.op_type.clone()
@@ -278,6 +332,31 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                     return Err(fail(format!("node '{who}': DequantizeLinear along axis {axis} is not supported")));
                 };
                 consts.insert(node_output(n, &who).map_err(fail)?.to_string(), (v, shape));
+            }
+            "Sub" | "Div" if layers.is_empty() && !flattened => {
+                // x - mean, then / std, by scalar constants.
+                let c = n
+                    .input
+                    .iter()
+                    .skip(1)
+                    .find_map(|i| consts.get(i))
+                    .filter(|(v, _)| v.len() == 1)
+                    .map(|(v, _)| v[0])
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "node '{who}' ({}): only a scalar constant second input is supported before the first convolution",
+                            n.op_type
+                        ))
+                    })?;
+                let (m, s) = norm.unwrap_or((0.0, 1.0));
+                norm = Some(if n.op_type == "Sub" {
+                    if s != 1.0 {
+                        return Err(fail(format!("node '{who}': Sub after Div; shoal reads (x - mean) / std")));
+                    }
+                    (m + c, s)
+                } else {
+                    (m, s * c)
+                });
             }
             "Conv" => {
                 if flattened {
@@ -383,9 +462,16 @@ pub fn import(path: &Path) -> Result<CnnModel> {
             }
             other => {
                 return Err(fail(format!(
-                    "unsupported ONNX operator {other} (node '{who}'); shoal imports Conv, BatchNormalization, Relu, MaxPool, Flatten, Gemm/MatMul+Add, Dropout, DequantizeLinear"
+                    "unsupported ONNX operator {other} (node '{who}'); shoal imports Sub/Div (the input's standardisation), Conv, BatchNormalization, Relu, MaxPool, Flatten, Gemm/MatMul+Add, Dropout, DequantizeLinear"
                 )))
             }
+        }
+    }
+    if let Some((m, s)) = norm {
+        if (m - PIXEL_MEAN).abs() > 1e-6 || (s - PIXEL_STD).abs() > 1e-6 {
+            return Err(fail(format!(
+                "the graph standardizes its input with mean {m}, std {s}; shoal's CNN takes pixels standardized with mean {PIXEL_MEAN}, std {PIXEL_STD} (export from the network itself, without the standardisation)"
+            )));
         }
     }
     // The graph input's shape.

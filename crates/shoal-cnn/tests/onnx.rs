@@ -1,7 +1,8 @@
 //! ONNX against recorded references: a PyTorch export (fixtures/onnx/torch_export.py)
 //! imports into a network that gives PyTorch's outputs, and compresses; shoal's own
 //! exports (dense, int8 QDQ, factorized) are byte-for-byte the files onnxruntime ran in
-//! fixtures/onnx/ort_check.py, and shoal's outputs equal onnxruntime's recorded ones.
+//! fixtures/onnx/ort_check.py on raw pixels in [0, 1] (the graph standardizes), and
+//! shoal's outputs on the standardized pixels equal onnxruntime's recorded ones.
 //! Malformed files and unsupported graphs are refused with the operator and node named.
 //! With SHOAL_WRITE_FIXTURES=1 the export test rewrites its model files instead (then
 //! run ort_check.py).
@@ -183,6 +184,14 @@ fn exports_are_what_onnxruntime_ran_and_agree_with_it() {
             bytes == std::fs::read(&path).unwrap(),
             "{name}: export differs from the fixture onnxruntime ran"
         );
+        // onnxruntime ran it on the pixels the standardized inputs came from, with the
+        // constants it read from the model's metadata.
+        let md = &ort[format!("{name}_metadata")];
+        assert_eq!(md["input_range"], "[0, 1]", "{name}: {md}");
+        assert_eq!(
+            md["normalization_mean"],
+            shoal_cnn::trainer::PIXEL_MEAN.to_string()
+        );
         close(&logits(&m, &x, 3), &floats(&ort[name]), TOL_F32, name);
         // And it reads back as the same network.
         let back = import(&path).unwrap();
@@ -264,6 +273,28 @@ fn bad_files_and_graphs_are_refused_by_name() {
                 ],
             ),
             "node 'dq' (DequantizeLinear): has no output",
+        ),
+        (
+            graph(
+                vec![node("Sub", "centre", &["input", "v"], &["y"], vec![])],
+                vec![tensor_f32("v", &[2], &[0.5; 2])],
+            ),
+            "node 'centre' (Sub): only a scalar constant",
+        ),
+        // A standardisation the network was not trained behind.
+        (
+            {
+                let mut m = export(&native(false), false).unwrap();
+                let g = m.graph.as_mut().unwrap();
+                let t = g
+                    .initializer
+                    .iter_mut()
+                    .find(|t| t.name == "pixel_mean")
+                    .unwrap();
+                *t = tensor_f32("pixel_mean", &[1], &[0.5]);
+                m
+            },
+            "standardizes its input with mean 0.5, std 0.353",
         ),
     ];
     for (i, (m, want)) in cases.into_iter().enumerate() {

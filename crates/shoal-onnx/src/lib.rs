@@ -12,8 +12,8 @@ pub mod proto {
 }
 
 pub use proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
-    ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TypeProto, ValueInfoProto,
 };
 
 /// The opset shoal writes (DequantizeLinear with a per-axis scale needs 13).
@@ -155,6 +155,7 @@ pub fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
                 },
             )),
         }),
+        doc_string: String::new(),
     }
 }
 
@@ -170,6 +171,14 @@ pub fn model(graph: GraphProto) -> ModelProto {
             version: OPSET,
         }],
         ..Default::default()
+    }
+}
+
+/// A `metadata_props` entry.
+pub fn meta(key: &str, value: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: key.into(),
+        value: value.into(),
     }
 }
 

@@ -228,6 +228,12 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
             l.fc_speedup_b64()
         );
     }
+    println!(
+        "key: bytes = the file's size; ratio = dense bytes / these bytes; weights = the same \
+         for weight bytes alone; fc = for the fully-connected layers' weights; x b1, x b64 = \
+         speed-up of the whole network at batch 1 and 64 (dense time / this time); \
+         fc b1, fc b64 = the same for the fully-connected layers alone"
+    );
     let report = serde_json::json!({
         "model": a.model,
         "test_images": test.len(),
