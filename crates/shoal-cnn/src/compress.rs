@@ -1039,7 +1039,19 @@ pub fn sensitivity(
     test: &ImageSet,
     levels: &[f64],
 ) -> Result<Vec<(String, Vec<f64>)>> {
+    sensitivity_with(m, test, levels, |_, _| {})
+}
+
+/// [`sensitivity`], calling `done(n, total)` after each of its `total` evaluations
+/// (a progress display).
+pub fn sensitivity_with(
+    m: &CnnModel,
+    test: &ImageSet,
+    levels: &[f64],
+    mut done: impl FnMut(usize, usize),
+) -> Result<Vec<(String, Vec<f64>)>> {
     let mut out = Vec::new();
+    let total = m.net.weights().len() * levels.len();
     for t in m.net.weights() {
         let mut accs = Vec::new();
         for &s in levels {
@@ -1047,6 +1059,7 @@ pub fn sensitivity(
             let mask = prune::layer_mask(&p[t.range()], s)?;
             prune::apply_mask(&mut p[t.range()], &mask);
             accs.push(evaluate(&m.net, &p, &m.stats, test)?.top1);
+            done(out.len() * levels.len() + accs.len(), total);
         }
         out.push((t.name.clone(), accs));
     }

@@ -7,6 +7,7 @@
 
 pub mod compress;
 pub mod error;
+pub mod info;
 pub mod model;
 pub mod onnx;
 pub mod plot;

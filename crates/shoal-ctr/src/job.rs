@@ -21,6 +21,7 @@ use std::time::Instant;
 impl JobKind for CtrJob {
     type Error = Error;
     const KIND: &'static str = "ctr";
+    const UNIT: &'static str = "rows";
 
     fn read(job: &Path) -> Result<Self> {
         read_ctr_job(job)
@@ -158,19 +159,28 @@ fn ctr_worker(
     let mut last_emit = Instant::now();
     let e = t.run(|ev| match ev {
         CtrEvent::Started {
-            steps_per_epoch, ..
+            steps_per_epoch,
+            first_step,
+            last_step,
+            ..
         } => emit(&Report::Started {
             rank,
             total_steps: 0,
-            start_step: 0,
+            last_step: *last_step,
+            time_limit_s: None,
+            start_step: *first_step,
             batches_per_epoch: *steps_per_epoch,
             params: 0,
         }),
         CtrEvent::Step {
-            step, epoch, loss, ..
+            step,
+            epoch,
+            loss,
+            rows,
+            ..
         } => {
             steps = *step;
-            pending += 1;
+            pending += rows;
             // A report every half second, not every update.
             if last_emit.elapsed().as_millis() >= 500 {
                 last_emit = Instant::now();

@@ -27,6 +27,8 @@ impl CtrProgress {
                 valid_rows,
                 skipped_rows,
                 steps_per_epoch,
+                first_step,
+                last_step,
             } => {
                 eprintln!(
                     "training on {train_rows} rows ({valid_rows} held out{}), {steps_per_epoch} steps per epoch",
@@ -36,7 +38,7 @@ impl CtrProgress {
                         String::new()
                     }
                 );
-                self.bar.start(*steps_per_epoch as u64 * self.epochs.max(1));
+                self.bar.start_at(*first_step, *last_step, None);
             }
             CtrEvent::Step {
                 step,

@@ -156,6 +156,10 @@ pub enum CtrEvent {
         valid_rows: usize,
         skipped_rows: usize,
         steps_per_epoch: usize,
+        /// The step this run starts at (a resumed run's) and the one it stops at (the
+        /// epochs or `max_steps`, whichever comes first).
+        first_step: u64,
+        last_step: u64,
     },
     Step {
         step: u64,
@@ -164,6 +168,8 @@ pub enum CtrEvent {
         loss: f64,
         /// This update's mean log loss over its batch (this worker's share).
         batch_loss: f64,
+        /// The rows of this worker's share of the update.
+        rows: usize,
         examples_per_s: f64,
     },
     Eval {
@@ -565,12 +571,6 @@ impl CtrTrainer {
         let (rank, workers) = self.ps.as_ref().map_or((0, 1), |(r, n, _)| (*r, *n));
         let bs = self.cfg.batch_size * workers;
         let per_epoch = self.train_idx.len().div_ceil(bs);
-        on_event(&CtrEvent::Started {
-            train_rows: self.train_idx.len(),
-            valid_rows: self.valid_idx.len(),
-            skipped_rows: self.skipped,
-            steps_per_epoch: per_epoch,
-        });
         let max_steps = if self.cfg.max_steps > 0 {
             self.cfg.max_steps
         } else {
@@ -581,6 +581,14 @@ impl CtrTrainer {
         } else {
             u64::MAX
         };
+        on_event(&CtrEvent::Started {
+            train_rows: self.train_idx.len(),
+            valid_rows: self.valid_idx.len(),
+            skipped_rows: self.skipped,
+            steps_per_epoch: per_epoch,
+            first_step: self.step,
+            last_step: epochs.saturating_mul(per_epoch as u64).min(max_steps),
+        });
         let mut ema: Option<f64> = None;
         let start = Instant::now();
         let mut seen = 0usize;
@@ -629,6 +637,7 @@ impl CtrTrainer {
                     epoch,
                     loss: m,
                     batch_loss: loss,
+                    rows: chunk.len(),
                     examples_per_s: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
                 });
             }
@@ -1065,4 +1074,97 @@ fn score(
         out.extend(ws.logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())));
     }
     Ok(out)
+}
+
+/// `shoal info` for a CTR model directory (`None`: not one: no `model.safetensors`
+/// with a CTR configuration in its metadata): the model, the data, how far training
+/// went, the held-out scores recorded beside it and the commands that use it.
+pub fn describe(dir: &Path) -> Result<Option<shoal_runtime::info::Info>> {
+    let file = model_file(dir);
+    let Ok(bytes) = std::fs::read(&file) else {
+        return Ok(None);
+    };
+    match parse_meta(&bytes, &file) {
+        Ok(md) if md.contains_key("train_config") && md.contains_key("model_config") => {}
+        _ => return Ok(None),
+    }
+    let ck = CtrCheckpoint::load(dir)?;
+    let c = &ck.cfg;
+    let mut i =
+        shoal_runtime::info::Info::new(dir, "ctr-model", "a CTR model (from `shoal train ctr`)");
+    let m = &ck.model.cfg;
+    i.made(
+        "model",
+        format!(
+            "{} over {} fields, embedding {}, MLP {:?}; {} dense parameters",
+            name(&m.kind),
+            m.fields,
+            m.dim,
+            m.hidden,
+            ck.dense.len()
+        ),
+    );
+    i.made(
+        "rows",
+        format!(
+            "{} sparse rows of {} values ({} rule, lr {})",
+            ck.table.len(),
+            m.row_width(),
+            name(&c.sparse_rule),
+            c.sparse_lr
+        ),
+    );
+    i.made(
+        "data",
+        format!(
+            "{} ({}% held out)",
+            c.data.display(),
+            c.valid_fraction * 100.0
+        ),
+    );
+    i.made(
+        "recipe",
+        format!(
+            "batch {} x {} worker(s), lr {}, {} epochs, seed {}",
+            c.batch_size, c.dist.workers, c.lr, c.epochs, c.seed
+        ),
+    );
+    if c.dist.ps > 0 {
+        i.made(
+            "distributed",
+            format!(
+                "{} workers, {} parameter-server shards, mode {}",
+                c.dist.workers,
+                c.dist.ps,
+                name(&c.dist.mode)
+            ),
+        );
+    }
+    i.made(
+        "trained",
+        match ck.step {
+            Some(s) => format!("{s} updates"),
+            None => "saved without optimizer state (it scores, it does not resume)".into(),
+        },
+    );
+    i.metrics = shoal_runtime::info::read_metrics(dir)?;
+    let d = dir.display();
+    i.usage = vec![
+        format!("shoal predict --checkpoint {d} --data clicks.csv"),
+        format!("shoal train ctr --resume {d} --epochs N"),
+    ];
+    Ok(Some(i))
+}
+
+/// A configuration enum's name as the configuration spells it.
+/// (A tagged table gives its `kind`.)
+fn name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("kind").and_then(|k| k.as_str()))
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "?".into())
 }

@@ -315,6 +315,73 @@ pub fn objects(p: &Plan) -> Vec<Value> {
     out
 }
 
+/// The token of job `name` in `namespace`, the same each time the job's objects are
+/// made (re-applying its YAML leaves its Secret as it is): kept in `dir` (see
+/// [`token_dir`]) as `NAMESPACE.NAME`, readable by its owner only, and made at random
+/// the first time or when `fresh` asks for a new one.
+pub fn job_token(
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+    fresh: bool,
+) -> crate::Result<String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| crate::Error::Io { path, source }
+    };
+    let path = dir.join(format!("{namespace}.{name}"));
+    if !fresh {
+        match std::fs::read_to_string(&path) {
+            Ok(t) if t.trim().len() >= 32 && t.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+                return Ok(t.trim().to_string())
+            }
+            Ok(_) => {
+                return Err(crate::Error::Spec(format!(
+                    "{}: not a job token (48 hex digits); remove it or pass --new-token",
+                    path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let token = new_token()?;
+    let tmp = dir.join(format!(".{namespace}.{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(token)
+}
+
+/// Where job tokens are kept: `$SHOAL_TOKEN_DIR`, else `$XDG_CONFIG_HOME/shoal/tokens`,
+/// else `$HOME/.config/shoal/tokens`.
+pub fn token_dir() -> crate::Result<std::path::PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    var("SHOAL_TOKEN_DIR")
+        .or_else(|| var("XDG_CONFIG_HOME").map(|d| d.join("shoal/tokens")))
+        .or_else(|| var("HOME").map(|d| d.join(".config/shoal/tokens")))
+        .ok_or_else(|| {
+            crate::Error::Spec(
+                "no place to keep the job's token: set SHOAL_TOKEN_DIR (or HOME), or pass --new-token for a token used once".into(),
+            )
+        })
+}
+
 /// A fresh job token (random from the OS).
 pub fn new_token() -> crate::Result<String> {
     use std::io::Read;

@@ -25,6 +25,7 @@ pub struct NmtJob {
 impl JobKind for NmtJob {
     type Error = Error;
     const KIND: &'static str = "nmt";
+    const UNIT: &'static str = "target tokens";
 
     fn read(job: &Path) -> Result<Self> {
         let (cfg, tok) = read_job(job)?;
@@ -153,11 +154,15 @@ fn nmt_event(r: &Report) -> Option<Event> {
         Report::Started {
             rank: 0,
             total_steps,
+            last_step,
+            time_limit_s,
             start_step,
             batches_per_epoch,
             params,
         } => Event::Started {
             total_steps,
+            last_step,
+            time_limit_s,
             start_step,
             batches_per_epoch,
             params,
@@ -226,12 +231,16 @@ fn worker(
     let summary = t.run(|e| match e {
         Event::Started {
             total_steps,
+            last_step,
+            time_limit_s,
             start_step,
             batches_per_epoch,
             params,
         } => emit(&Report::Started {
             rank,
             total_steps: *total_steps,
+            last_step: *last_step,
+            time_limit_s: *time_limit_s,
             start_step: *start_step,
             batches_per_epoch: *batches_per_epoch,
             params: *params,

@@ -16,6 +16,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod fused;
+pub mod info;
 pub mod job;
 pub mod model;
 pub mod params;

@@ -1,19 +1,16 @@
 //! The live progress display of an NMT run: a bar with epoch, step, loss, throughput
-//! and ETA on a terminal, and a plain line every few seconds otherwise (logs, CI).
+//! and time left on a terminal, and a plain line every few seconds otherwise (logs, CI),
+//! counting the steps the run will make (its step and time limits applied).
 
 use crate::trainer::Event;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+use shoal_runtime::progress::StepBar;
+use std::time::Duration;
 
 /// Renders [`Event`]s.
 pub struct Progress {
-    bar: Option<ProgressBar>,
-    last_line: Instant,
-    every: Duration,
+    bar: StepBar,
     ema_loss: Option<f32>,
     epochs: u64,
-    total: u64,
     quiet: bool,
     detail: String,
 }
@@ -22,12 +19,13 @@ impl Progress {
     /// `epochs` is only for display; `quiet` prints nothing but checkpoints.
     pub fn new(epochs: u64, quiet: bool) -> Self {
         Self {
-            bar: None,
-            last_line: Instant::now(),
-            every: Duration::from_secs(10),
+            bar: if quiet {
+                StepBar::quiet()
+            } else {
+                StepBar::new()
+            },
             ema_loss: None,
             epochs,
-            total: 0,
             quiet,
             detail: String::new(),
         }
@@ -38,42 +36,44 @@ impl Progress {
         self.detail = detail;
     }
 
-    fn say(&self, line: &str) {
-        match &self.bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
-        }
-    }
-
     /// Handles one event.
     pub fn on_event(&mut self, e: &Event) {
         match e {
             Event::Started {
                 total_steps,
+                last_step,
+                time_limit_s,
                 start_step,
                 batches_per_epoch,
                 params,
             } => {
-                self.total = *total_steps;
+                let limit = time_limit_s.map(Duration::from_secs_f64);
                 if !self.quiet {
+                    let mut stops = Vec::new();
+                    if *last_step < *total_steps {
+                        stops.push(format!(
+                            "max_steps stops it at step {last_step} of the {total_steps} the schedule plans"
+                        ));
+                    }
+                    if let Some(l) = limit {
+                        stops.push(format!(
+                            "max_minutes stops it after {} at the latest",
+                            shoal_runtime::progress::clock(l)
+                        ));
+                    }
                     eprintln!(
-                        "training: {params} parameters, {batches_per_epoch} batches per epoch, {total_steps} planned steps{}",
-                        if *start_step > 0 { format!(", resuming at step {start_step}") } else { String::new() }
+                        "training: {params} parameters, {batches_per_epoch} batches per epoch, {} steps{}{}",
+                        if *last_step == u64::MAX { *total_steps } else { *last_step },
+                        if *start_step > 0 { format!(", resuming at step {start_step}") } else { String::new() },
+                        if stops.is_empty() { String::new() } else { format!(" ({})", stops.join("; ")) }
                     );
                 }
-                if !self.quiet && std::io::stderr().is_terminal() {
-                    let bar = ProgressBar::with_draw_target(
-                        Some(*total_steps),
-                        ProgressDrawTarget::stderr(),
-                    );
-                    bar.set_style(
-                        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                    );
-                    bar.set_position(*start_step);
-                    bar.reset_eta();
-                    self.bar = Some(bar);
-                }
+                let last = if *last_step == u64::MAX {
+                    0
+                } else {
+                    *last_step
+                };
+                self.bar.start_at(*start_step, last, limit);
             }
             Event::Step {
                 step,
@@ -86,24 +86,23 @@ impl Progress {
                     None => stats.loss,
                 };
                 self.ema_loss = Some(ema);
+                let rate = if tokens_per_s.is_finite() && *tokens_per_s > 0.0 {
+                    format!("{tokens_per_s:.0} tgt tok/s")
+                } else {
+                    "- tgt tok/s".to_string()
+                };
                 let msg = format!(
-                    "epoch {}/{} loss {ema:.3} lr {:.2e} {tokens_per_s:.0} tgt tok/s{}",
+                    "epoch {}/{} loss {ema:.3} lr {:.2e} {rate}{}",
                     epoch + 1,
                     self.epochs,
                     stats.lr,
                     self.detail
                 );
-                if let Some(b) = &self.bar {
-                    b.set_position(*step);
-                    b.set_message(msg);
-                } else if !self.quiet && self.last_line.elapsed() >= self.every {
-                    self.last_line = Instant::now();
-                    eprintln!("step {step}/{} {msg}", self.total);
-                }
+                self.bar.step(*step, msg);
             }
             Event::EpochEnd { epoch, valid_loss } => {
                 if !self.quiet {
-                    self.say(&format!(
+                    self.bar.say(&format!(
                         "epoch {} done: validation loss {valid_loss:.3} (perplexity {:.1})",
                         epoch + 1,
                         valid_loss.exp()
@@ -111,15 +110,14 @@ impl Progress {
                 }
             }
             Event::Checkpoint { step, path } => {
-                self.say(&format!("checkpoint at step {step}: {}", path.display()));
+                self.bar
+                    .say(&format!("checkpoint at step {step}: {}", path.display()));
             }
         }
     }
 
     /// Removes the bar.
     pub fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
+        self.bar.finish();
     }
 }

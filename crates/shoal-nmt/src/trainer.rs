@@ -46,7 +46,13 @@ pub struct StepStats {
 #[derive(Debug, Clone)]
 pub enum Event {
     Started {
+        /// The steps the learning-rate schedule spans (the planned epochs).
         total_steps: u64,
+        /// The step this run will stop at: the planned epochs or `max_steps`, whichever
+        /// comes first.
+        last_step: u64,
+        /// What is left of `max_minutes`, in seconds, when the run has that limit.
+        time_limit_s: Option<f64>,
         start_step: u64,
         batches_per_epoch: usize,
         params: usize,
@@ -186,6 +192,18 @@ impl<B: FusedRnnBackend> Translator<B> {
     /// A beam wider than [`MAX_BEAM`] or a line longer than [`MAX_SOURCE_TOKENS`]
     /// subwords is refused (by its line number) before any work.
     pub fn translate(&self, lines: &[String], beam: usize, alpha: f32) -> Result<Vec<String>> {
+        self.translate_with(lines, beam, alpha, |_| {})
+    }
+
+    /// [`Translator::translate`], calling `done(n)` as the lines translated so far
+    /// reach `n` (for a progress display).
+    pub fn translate_with(
+        &self,
+        lines: &[String],
+        beam: usize,
+        alpha: f32,
+        mut done: impl FnMut(usize),
+    ) -> Result<Vec<String>> {
         if beam == 0 || beam > MAX_BEAM {
             return Err(Error::Config(format!(
                 "beam {beam}: must be in 1..={MAX_BEAM}"
@@ -218,16 +236,20 @@ impl<B: FusedRnnBackend> Translator<B> {
             // Batches of similar length.
             let mut order: Vec<usize> = (0..sources.len()).collect();
             order.sort_by_key(|&i| sources[i].len());
+            let mut n = 0;
             for chunk in order.chunks(64) {
                 let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| sources[i].clone()).collect();
                 let res = greedy(&self.model, &srcs, SPECIALS, &device)?;
                 for (&i, r) in chunk.iter().zip(res) {
                     outs[i] = r;
                 }
+                n += chunk.len();
+                done(n);
             }
         } else {
             for (i, s) in sources.iter().enumerate() {
                 outs[i] = beam_search(&self.model, s, beam, alpha, SPECIALS, &device)?;
+                done(i + 1);
             }
         }
         outs.iter().map(|o| Ok(self.tok.tgt.decode(o)?)).collect()
@@ -855,8 +877,16 @@ where
         };
         let epochs = if t.epochs > 0 { t.epochs } else { u64::MAX };
         let every = t.checkpoint_every;
+        let planned_end = match t.epochs {
+            0 => u64::MAX,
+            _ => self.total_steps(),
+        };
         on_event(&Event::Started {
             total_steps: self.total_steps(),
+            last_step: planned_end.min(max_steps),
+            time_limit_s: max_secs
+                .is_finite()
+                .then_some((max_secs - self.train_seconds).max(0.0)),
             start_step: self.pos.step,
             batches_per_epoch: self.batcher.num_batches(),
             params: self.learner.layout.total,

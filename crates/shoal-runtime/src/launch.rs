@@ -44,7 +44,14 @@ pub const ENV_CONNECT_TIMEOUT: &str = "SHOAL_CONNECT_TIMEOUT_S";
 pub enum Report {
     Started {
         rank: usize,
+        /// The steps the learning-rate schedule spans (0: none).
         total_steps: u64,
+        /// The step the run will stop at (its step limit applied; 0: not known).
+        #[serde(default)]
+        last_step: u64,
+        /// What is left of the run's time limit, in seconds.
+        #[serde(default)]
+        time_limit_s: Option<f64>,
         start_step: u64,
         batches_per_epoch: usize,
         params: usize,
@@ -247,6 +254,40 @@ pub fn launch_job(
     result
 }
 
+/// One worker's examples per second as its reports come in: counted from its start
+/// (the `Started` report), so the first reading is the first update's own rate, not
+/// its examples over the moment between two lines.
+#[derive(Debug, Clone, Copy, Default)]
+struct RateMeter {
+    since: Option<Instant>,
+    count: usize,
+}
+
+impl RateMeter {
+    fn start(&mut self, at: Instant) {
+        *self = RateMeter {
+            since: Some(at),
+            count: 0,
+        };
+    }
+
+    /// Adds `n` examples done by `at`; returns the rate so far (0 until one interval
+    /// is known: a worker whose start was not seen starts its clock at its first report).
+    fn add(&mut self, at: Instant, n: usize) -> f64 {
+        let Some(since) = self.since else {
+            self.start(at);
+            return 0.0;
+        };
+        self.count += n;
+        let el = at.saturating_duration_since(since).as_secs_f64();
+        if el > 0.0 {
+            self.count as f64 / el
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Relays reports until every process has exited; fails on the first process that
 /// fails (or that the coordinator declares failed).
 fn supervise(
@@ -257,11 +298,10 @@ fn supervise(
     on_report: &mut impl FnMut(&Report, &[f64]),
 ) -> Result<ClusterSummary> {
     let start = Instant::now();
-    let mut tokens = vec![0usize; workers];
+    let mut meters = vec![RateMeter::default(); workers];
     let mut rates = vec![0.0f64; workers];
     let mut done: Vec<Option<Report>> = vec![None; workers];
     let mut exited = vec![false; procs.len()];
-    let mut first_step: Option<Instant> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((idx, line)) => {
@@ -271,13 +311,13 @@ fn supervise(
                     continue;
                 };
                 match &r {
+                    Report::Started { rank, .. } if *rank < workers => {
+                        meters[*rank].start(Instant::now())
+                    }
                     Report::Step {
                         rank, tokens: t, ..
                     } if *rank < workers => {
-                        let t0 = *first_step.get_or_insert_with(Instant::now);
-                        tokens[*rank] += t;
-                        let el = t0.elapsed().as_secs_f64().max(1e-3);
-                        rates[*rank] = tokens[*rank] as f64 / el;
+                        rates[*rank] = meters[*rank].add(Instant::now(), *t);
                     }
                     Report::Done { rank, .. } if *rank < workers => done[*rank] = Some(r.clone()),
                     _ => {}
@@ -400,4 +440,24 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> 
         msg.push_str(&format!("\n  then: {}", then.join("; ")));
     }
     Ok(Some(Error::Cluster(msg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_rate_is_the_first_updates_own() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = RateMeter::default();
+        m.start(t0);
+        // 4,000 tokens in the first 0.5 s: 8,000/s (the old reading divided by 1 ms).
+        assert_eq!(m.add(t0 + ms(500), 4_000), 8_000.0);
+        assert_eq!(m.add(t0 + ms(1_000), 4_000), 8_000.0);
+        // No start seen: the first report starts the clock and counts nothing.
+        let mut m = RateMeter::default();
+        assert_eq!(m.add(t0, 4_000), 0.0);
+        assert_eq!(m.add(t0 + ms(250), 1_000), 4_000.0);
+    }
 }

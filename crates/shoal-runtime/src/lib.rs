@@ -2,7 +2,8 @@
 //! the shape of a distributed job ([`config`], [`dist`]), the compute device
 //! ([`device`]), where input data is found from any directory ([`data`]), files a crash cannot leave
 //! half-written and the run directory's checkpoints ([`store`]), the step progress bar
-//! ([`progress`]), the gradient exchange a worker's update loop plugs in ([`exchange`]),
+//! ([`progress`]), what `shoal info` says of a saved thing and the scores beside it
+//! ([`info`]), the gradient exchange a worker's update loop plugs in ([`exchange`]),
 //! the launcher and supervisor of a job's local processes ([`launch`]), the role a
 //! process plays in a job and the [`role::JobKind`] trait the workload crates implement
 //! ([`role`]), and the cost model that predicts how a job scales ([`plan`]).
@@ -13,6 +14,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod exchange;
+pub mod info;
 pub mod launch;
 pub mod plan;
 pub mod progress;

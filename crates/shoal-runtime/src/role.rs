@@ -22,8 +22,8 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A kind of job whose processes the runtime runs: a workload crate implements it for
 /// its job (what `RUN/job` holds for it) and the binary picks the kind by name.
@@ -32,6 +32,8 @@ pub trait JobKind: Sized {
     type Error: From<Error> + From<shoal_comm::Error> + From<shoal_control::Error>;
     /// The name in `RUN/job/kind`.
     const KIND: &'static str;
+    /// What a worker's throughput counts (its reports' `tokens`), for the log.
+    const UNIT: &'static str = "examples";
     /// Reads the job from its directory (written by [`JobKind::prepare`] or the
     /// workload's launcher).
     fn read(job: &Path) -> std::result::Result<Self, Self::Error>;
@@ -133,8 +135,14 @@ pub fn connect() -> Result<Joined> {
             })?,
         Err(_) => 60.0,
     };
+    log(&format!(
+        "{role}{}: connecting to the coordinator at {coordinator} (run {})",
+        index.map(|i| format!(" index {i}")).unwrap_or_default(),
+        run_dir.display()
+    ));
     let ctl = ControlClient::connect(&coordinator, &token, Duration::from_secs_f64(wait))?;
     let kind = job_kind(&job)?;
+    log(&format!("connected: a '{kind}' job in {}", job.display()));
     Ok(Joined {
         role,
         token,
@@ -170,6 +178,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         ))
         .into());
     }
+    STEP_LOG.lock().unwrap_or_else(|p| p.into_inner()).unit = K::UNIT;
     let spec = K::read(&job)?;
     let d = spec.dist().clone();
     let shards_needed = spec.needs_shards();
@@ -212,6 +221,10 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         index,
     })?;
     let me = format!("{role} (control rank {})", reg.rank);
+    log(&format!(
+        "{me}: registered from {host}; the job has {} members",
+        reg.members.len()
+    ));
     let ctl = Arc::new(ctl);
     let dog = Watchdog::start(ctl.clone(), me.clone());
     // Members in role order: by index where the scheduler gave one, else by rank.
@@ -246,7 +259,16 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                 .position(|m| m.rank == reg.rank)
                 .ok_or_else(|| Error::Cluster(format!("{me}: not in the shard table")))?;
             let (a, b) = shard_range(total, shards, idx);
-            Some(PsServer::start(l, b - a, shard_cfg)?)
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let s = PsServer::start(l, b - a, shard_cfg)?;
+            log(&format!(
+                "{me}: serving parameter-server shard {idx} of {shards} ({}) on {addr}",
+                match width {
+                    0 => format!("values {a}..{b} of {total}"),
+                    w => format!("rows {a}..{b} of {total}, {w} values each"),
+                }
+            ));
+            Some(s)
         }
         None => None,
     };
@@ -306,6 +328,16 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                 &token,
             )?),
         };
+        log(&format!(
+            "{me}: worker {rank} of {}, exchanging gradients by {}",
+            d.workers,
+            match &exchange {
+                Exchange::Allreduce(_) if d.transport == DataPlane::Tcp =>
+                    "ring allreduce over TCP".to_string(),
+                Exchange::Allreduce(_) => "ring allreduce over shared memory".to_string(),
+                _ => format!("{shards} parameter-server shards"),
+            }
+        ));
         spec.run_worker(Worker {
             rank,
             workers: d.workers,
@@ -328,13 +360,24 @@ fn finish<K: JobKind>(
     ctl: Arc<ControlClient>,
 ) -> std::result::Result<(), K::Error> {
     let result = result.and_then(|()| match server {
-        Some(s) => s.join().map_err(K::Error::from),
+        Some(s) => {
+            log("waiting for every worker to release this process's shard");
+            s.join().map_err(K::Error::from)?;
+            log("shard released by every worker");
+            Ok(())
+        }
         None => Ok(()),
     });
     dog.stop();
     match (&result, Arc::try_unwrap(ctl)) {
-        (Ok(()), Ok(c)) => c.leave()?,
-        (_, Ok(c)) => c.abandon(),
+        (Ok(()), Ok(c)) => {
+            c.leave()?;
+            log("left the job: finished");
+        }
+        (_, Ok(c)) => {
+            c.abandon();
+            log("abandoned the job after the error below");
+        }
         (_, Err(_)) => {}
     }
     result
@@ -379,12 +422,150 @@ impl Watchdog {
     }
 }
 
-/// Prints a report for the launcher (one JSON line on stdout).
+/// Prints a report for the launcher (one JSON line on stdout), and what it says in
+/// words in this process's log (see [`log`]; updates at most every 10 s, with the
+/// throughput since the last such line).
 pub fn emit(r: &Report) {
     if let Ok(line) = serde_json::to_string(r) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+    let mut meter = STEP_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(line) = meter.line(r, Instant::now()) {
+        log(&line);
+    }
+}
+
+/// A line in this process's log: stderr, which the local launcher writes to
+/// `RUN/job/logs/NAME.log` (a cluster scheduler keeps it as the pod's log), after the
+/// UTC time.
+pub fn log(line: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    eprintln!("{} {line}", utc(now));
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` of a Unix time (the civil calendar of the proleptic
+/// Gregorian days since 1970-01-01).
+fn utc(unix: u64) -> String {
+    let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// What the log says of a worker's reports: every report but the updates in full,
+/// the updates every [`StepLog::EVERY`] with their throughput.
+struct StepLog {
+    unit: &'static str,
+    last: Option<Instant>,
+    units: usize,
+    steps: u64,
+}
+
+static STEP_LOG: Mutex<StepLog> = Mutex::new(StepLog {
+    unit: "examples",
+    last: None,
+    units: 0,
+    steps: 0,
+});
+
+impl StepLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn line(&mut self, r: &Report, now: Instant) -> Option<String> {
+        let unit = self.unit;
+        Some(match r {
+            Report::Started {
+                rank,
+                last_step,
+                start_step,
+                batches_per_epoch,
+                params,
+                ..
+            } => {
+                self.last = Some(now);
+                format!(
+                    "worker {rank}: training from step {start_step}{}, {batches_per_epoch} \
+                     batches per epoch{}",
+                    match *last_step {
+                        0 | u64::MAX => String::new(),
+                        l => format!(" to step {l}"),
+                    },
+                    match params {
+                        0 => String::new(),
+                        p => format!(", {p} parameters"),
+                    }
+                )
+            }
+            Report::Step {
+                rank,
+                step,
+                epoch,
+                loss,
+                tokens,
+                ..
+            } => {
+                self.units += tokens;
+                self.steps += 1;
+                let since = *self.last.get_or_insert(now);
+                let el = now.saturating_duration_since(since);
+                if el < Self::EVERY {
+                    return None;
+                }
+                let line = format!(
+                    "worker {rank}: step {step} (epoch {}), loss {loss:.4}, {:.0} {unit}/s and \
+                     {:.2} updates/s over the last {:.0} s",
+                    epoch + 1,
+                    self.units as f64 / el.as_secs_f64(),
+                    self.steps as f64 / el.as_secs_f64(),
+                    el.as_secs_f64()
+                );
+                (self.last, self.units, self.steps) = (Some(now), 0, 0);
+                line
+            }
+            Report::EpochEnd { epoch, valid_loss } => {
+                format!("epoch {} done: validation loss {valid_loss:.4}", epoch + 1)
+            }
+            Report::Scores { epoch, scores } => format!(
+                "epoch {} held-out scores: {}",
+                epoch + 1,
+                scores
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Report::Checkpoint { step, path } => {
+                format!("checkpoint at step {step}: {}", path.display())
+            }
+            Report::Done {
+                rank,
+                steps,
+                seconds,
+                tokens_per_s,
+                checkpoint,
+                ..
+            } => format!(
+                "worker {rank}: done, {steps} updates in {seconds:.1} s ({tokens_per_s:.0} \
+                 {unit}/s); its model at {}",
+                checkpoint.display()
+            ),
+        })
     }
 }
 
@@ -452,4 +633,60 @@ pub fn run_coordinator<K: JobKind>(
     coord.wait_finished()?;
     eprintln!("every process of the job has finished");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_times_are_utc_calendar_dates() {
+        // Python's datetime.fromtimestamp(t, UTC) for each.
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_796_128_496), "2026-12-01 12:34:56Z");
+        assert_eq!(utc(4_107_542_399), "2100-02-28 23:59:59Z");
+    }
+
+    #[test]
+    fn updates_are_logged_every_ten_seconds_with_their_rate() {
+        let t0 = Instant::now();
+        let mut log = StepLog {
+            unit: "rows",
+            last: None,
+            units: 0,
+            steps: 0,
+        };
+        let started = Report::Started {
+            rank: 1,
+            total_steps: 0,
+            last_step: 40,
+            time_limit_s: None,
+            start_step: 0,
+            batches_per_epoch: 4,
+            params: 0,
+        };
+        let line = log.line(&started, t0).unwrap();
+        assert_eq!(
+            line,
+            "worker 1: training from step 0 to step 40, 4 batches per epoch"
+        );
+        let step = |step| Report::Step {
+            rank: 1,
+            step,
+            epoch: 0,
+            loss: 0.5,
+            grad_norm: 0.0,
+            lr: 0.0,
+            tokens: 500,
+        };
+        assert_eq!(log.line(&step(1), t0 + Duration::from_secs(4)), None);
+        let line = log.line(&step(2), t0 + Duration::from_secs(10)).unwrap();
+        assert!(
+            line.contains("step 2 (epoch 1)") && line.contains("100 rows/s and 0.20 updates/s"),
+            "{line}"
+        );
+        // The next interval counts from there.
+        assert_eq!(log.line(&step(3), t0 + Duration::from_secs(15)), None);
+    }
 }

@@ -35,6 +35,9 @@ enum Cmd {
     Plan(plan::PlanArgs),
     /// Score rows of a click log with a trained CTR model.
     Predict(predict::PredictArgs),
+    /// What a run, checkpoint or model file is: how it was made, its scores, the
+    /// commands that use it (on a folder of runs: one line each).
+    Info(info::InfoArgs),
     /// Data tools.
     #[command(subcommand)]
     Data(data::DataCmd),
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         Cmd::Train(TrainCmd::Ctr(a)) => cli::train_ctr::run(a),
         Cmd::Train(TrainCmd::Cnn(a)) => cli::train_cnn::run(a),
         Cmd::Predict(a) => cli::predict::run(a),
+        Cmd::Info(a) => cli::info::run(a),
         Cmd::Data(data::DataCmd::GenCtr {
             rows,
             fields,
@@ -143,5 +147,40 @@ fn main() -> ExitCode {
             eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command has a description in `--help`.
+    #[test]
+    fn every_flag_is_described() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin
+                    && !a.is_hide_set()
+                    && a.get_help().is_none()
+                    && a.get_long_help().is_none()
+                {
+                    missing.push(format!("{path} --{}", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                if s.is_hide_set() || s.get_name() == "help" {
+                    continue;
+                }
+                if s.get_about().is_none() && s.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", s.get_name()));
+                }
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "shoal", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:#?}");
     }
 }

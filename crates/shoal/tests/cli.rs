@@ -13,6 +13,8 @@ fn shoal(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     c.current_dir(dir)
         .args(args)
         .env("RAYON_NUM_THREADS", "2")
+        // Job tokens kept by `launch` stay in the test's directory.
+        .env("SHOAL_TOKEN_DIR", dir.join(".tokens"))
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -87,6 +89,13 @@ fn train_translate_eval_and_resume() {
     assert!(out.contains("validation BLEU"), "{out}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["steps"], 3);
+    // The progress counts the steps that run (64 pairs in batches of 16: 4 per epoch,
+    // 32 over the default 8 epochs), not the schedule's.
+    assert!(
+        text(&o.stderr).contains("3 steps (max_steps stops it at step 3 of the 32"),
+        "{}",
+        text(&o.stderr)
+    );
 
     // Translate: one output line per input line, greedy and beam.
     for beam in ["1", "3"] {
@@ -385,6 +394,43 @@ fn defaults_work_from_any_directory() {
     // A relative path given by the user is taken as given, and named.
     let o = shoal(d.path(), &["train", "nmt", "--data-dir", "nowhere"], None);
     assert_clear_error(&o, &["nowhere/train.en"]);
+    // The README's commands with the data's paths work here too: eval, predict.
+    let val = "../shared/data/multi30k/val.de";
+    let o = shoal(
+        d.path(),
+        &["eval", "--hyp", val, "--ref", val, "--json"],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    let bleu = v["bleu"].as_f64().unwrap();
+    assert!((bleu - 100.0).abs() < 1e-9, "a file scored against itself: {bleu}");
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "ctr",
+            "--data",
+            "../shared/data/ctr/criteo_sample.txt",
+            "--out",
+            "ctr",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = shoal(
+        d.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            "ctr",
+            "--data",
+            "../shared/data/ctr/criteo_sample.txt",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).lines().count(), 200);
 }
 
 /// A device this build has no backend for is refused by name before anything runs (no
@@ -465,6 +511,7 @@ fn distributed_runs_resume_exactly() {
         let whole = go(&["--out", "a", "--max-steps", "8"]);
         assert_eq!(whole["steps"], 8);
         assert_eq!(whole["worker_tokens_per_s"].as_array().unwrap().len(), 2);
+        assert_process_logs(&d.path().join("a/job/logs"), 8, mode);
         go(&["--out", "b", "--max-steps", "4"]);
         let o = shoal(
             d.path(),
@@ -498,6 +545,175 @@ fn distributed_runs_resume_exactly() {
         );
         assert!(o.status.success(), "{}", text(&o.stderr));
     }
+}
+
+/// `shoal info --json PATH` run in `dir`.
+fn info_json(dir: &Path, path: &str) -> serde_json::Value {
+    let o = shoal(dir, &["info", path, "--json"], None);
+    assert!(o.status.success(), "info {path}: {}", text(&o.stderr));
+    serde_json::from_str(text(&o.stdout).trim()).unwrap()
+}
+
+/// `shoal info` on what NMT and CTR training leave: the run, its checkpoint, the
+/// scores recorded at the end (the numbers the training printed), a distributed run's
+/// job directory, a folder of runs; a model handed to the wrong command is named.
+#[test]
+fn info_describes_runs_and_models() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 64);
+    let o = train(d.path(), &["--max-steps", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let trained: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    let run = info_json(d.path(), "run");
+    assert_eq!(run["kind"], "nmt-run");
+    assert_eq!(run["metrics"]["valid_loss"], trained["valid_loss"], "{run}");
+    assert_eq!(run["metrics"]["bleu"], trained["bleu"], "{run}");
+    assert!(
+        run["made"]["trained"]
+            .as_str()
+            .unwrap()
+            .starts_with("3 updates"),
+        "{run}"
+    );
+    assert_eq!(
+        run["usage"][0],
+        "shoal translate --checkpoint run < source.txt"
+    );
+    let ck = info_json(d.path(), "run/ckpt-00000003");
+    assert_eq!(ck["kind"], "nmt-checkpoint");
+    assert_eq!(ck["metrics"], run["metrics"]);
+    let o = shoal(d.path(), &["info", "run"], None);
+    let t = text(&o.stdout);
+    assert!(t.starts_with("run: an NMT training run"), "{t}");
+    assert!(t.contains("gru, 1 layer, embed 16, hidden 16"), "{t}");
+
+    let criteo = Path::new(DATA).join("../ctr/criteo_sample.txt");
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "ctr",
+            "--data",
+            criteo.to_str().unwrap(),
+            "--out",
+            "ctr",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let trained: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    let ctr = info_json(d.path(), "ctr");
+    assert_eq!(ctr["kind"], "ctr-model");
+    assert_eq!(ctr["metrics"]["auc"], trained["auc"], "{ctr}");
+    assert_eq!(ctr["metrics"]["logloss"], trained["logloss"], "{ctr}");
+    let rows = ctr["made"]["rows"].as_str().unwrap();
+    assert!(
+        rows.contains("sparse rows of 9 values (adagrad rule"),
+        "{ctr}"
+    );
+
+    // A folder of runs: one line each.
+    let o = shoal(d.path(), &["info", "."], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = text(&o.stdout);
+    assert!(
+        t.contains("an NMT training run") && t.contains("a CTR model"),
+        "{t}"
+    );
+    // The wrong command for a model, and a distributed run's job directory.
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["translate", "--checkpoint", "ctr"],
+            Some("A man.\n"),
+        ),
+        &["ctr: a CTR model", "not an NMT checkpoint", "shoal predict"],
+    );
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["predict", "--checkpoint", "run", "--data", "train.en"],
+            None,
+        ),
+        &["run: an NMT training run", "not a CTR model"],
+    );
+    let mut args = vec![
+        "train",
+        "nmt",
+        "--data-dir",
+        ".",
+        "--no-eval",
+        "--out",
+        "dist",
+        "--max-steps",
+        "2",
+        "--workers",
+        "2",
+    ];
+    args.extend_from_slice(TINY);
+    let o = shoal(d.path(), &args, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        info_json(d.path(), "dist")["made"]["processes' logs"],
+        "dist/job/logs"
+    );
+    assert_clear_error(
+        &shoal(d.path(), &["info", "dist/job"], None),
+        &["job directory of a distributed nmt run", "shoal info dist"],
+    );
+    assert_clear_error(
+        &shoal(d.path(), &["info", "train.en"], None),
+        &["train.en: not something shoal wrote"],
+    );
+    assert_clear_error(
+        &shoal(d.path(), &["info", "nothing"], None),
+        &["nothing: no such file"],
+    );
+}
+
+/// Each process of a finished job logged what it did: joining, its part, its end
+/// (the workers' `steps` updates).
+fn assert_process_logs(dir: &Path, steps: u64, what: &[&str]) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let shards = what
+        .windows(2)
+        .find(|w| w[0] == "--ps")
+        .map_or(0, |w| w[1].parse::<usize>().unwrap());
+    let colocated = what.contains(&"colocated");
+    let expect: Vec<String> = (0..2)
+        .map(|i| format!("worker-{i}.log"))
+        .chain((0..if colocated { 0 } else { shards }).map(|i| format!("ps-{i}.log")))
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".log")).count(),
+        expect.len(),
+        "{what:?}: {names:?}"
+    );
+    let mut serving = 0;
+    for name in &expect {
+        let log = std::fs::read_to_string(dir.join(name)).unwrap();
+        let mut needles = vec![
+            "connecting to the coordinator",
+            "registered from",
+            "left the job: finished",
+        ];
+        let done = format!("done, {steps} updates");
+        if name.starts_with("worker") {
+            needles.extend(["exchanging gradients by", &done]);
+        }
+        for n in needles {
+            assert!(log.contains(n), "{what:?}: '{n}' not in {name}:\n{log}");
+        }
+        serving += log.matches("serving parameter-server shard").count();
+    }
+    assert_eq!(serving, shards, "{what:?}: shards that logged serving");
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -680,6 +896,18 @@ fn ctr_train_predict_and_bad_rows() {
     let v: serde_json::Value =
         serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(v["worker_examples_per_s"].as_array().unwrap().len(), 2);
+    for w in ["worker-0", "worker-1"] {
+        let log =
+            std::fs::read_to_string(d.path().join(format!("m2.cluster/job/logs/{w}.log"))).unwrap();
+        for n in [
+            "registered from",
+            "training from step 0",
+            "rows/s)",
+            "left the job: finished",
+        ] {
+            assert!(log.contains(n), "'{n}' not in {w}'s log:\n{log}");
+        }
+    }
     let o = shoal(
         d.path(),
         &["predict", "--checkpoint", "m2", "--data", criteo],
@@ -1130,6 +1358,35 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let y = text(&o.stdout);
     assert_eq!(y.matches("\n---\n").count(), 4, "5 objects: {y}");
+    // The job's token is kept (owner-only) and the same on the next run: re-applied
+    // YAML leaves the Secret as it was; --new-token makes another.
+    let kept = d.path().join(".tokens/default.nmt-demo");
+    let token = std::fs::read_to_string(&kept).unwrap();
+    assert_eq!(token.len(), 48);
+    assert!(y.contains(&token), "{y}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = shoal(d.path(), &["launch", "--k8s", "job.toml"], None);
+    assert!(
+        again.stdout == o.stdout,
+        "a second dry run printed other objects"
+    );
+    let fresh = shoal(
+        d.path(),
+        &["launch", "--k8s", "job.toml", "--new-token"],
+        None,
+    );
+    assert!(!text(&fresh.stdout).contains(&token));
+    assert_ne!(std::fs::read_to_string(&kept).unwrap(), token);
+    std::fs::write(&kept, "garbage").unwrap();
+    assert_clear_error(
+        &shoal(d.path(), &["launch", "--k8s", "job.toml"], None),
+        &["default.nmt-demo", "not a job token", "--new-token"],
+    );
+    std::fs::remove_file(&kept).unwrap();
     for want in [
         "kind: Secret",
         "kind: ConfigMap",
@@ -1278,6 +1535,56 @@ fn train_cnn_and_compress_it() {
         std::fs::metadata(d.path().join("m.shoalz")).unwrap().len()
     );
     assert!(res["ratio"].as_f64().unwrap() > 5.0, "{res}");
+    // `shoal info` on the model, the compressed file and the folder; the compressed
+    // file goes back into `compress` (scored as stored: the report's top-1 again).
+    let info = info_json(d.path(), "m");
+    assert_eq!(info["kind"], "cnn-model");
+    assert_eq!(info["metrics"]["top1"], v["top1"], "{info}");
+    assert!(info["made"]["network"]
+        .as_str()
+        .unwrap()
+        .contains("conv blocks 8/16"));
+    let info = info_json(d.path(), "m.shoalz");
+    assert_eq!(info["kind"], "shoalz");
+    assert_eq!(
+        info["made"]["compression"],
+        "prune fc 90% conv 0% + 4-bit codebook"
+    );
+    let o = shoal(
+        d.path(),
+        &[
+            "compress",
+            "--model",
+            "m.shoalz",
+            "--onnx",
+            "z.onnx",
+            "--test-limit",
+            "500",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let again: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(again["dense"]["top1"], res["top1"], "{again}");
+    assert_eq!(
+        info_json(d.path(), "z.onnx")["made"]["input_range"],
+        "[0, 1]"
+    );
+    let o = shoal(d.path(), &["info", "."], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for line in ["a CNN model", "a compressed CNN model", "an ONNX model"] {
+        assert!(text(&o.stdout).contains(line), "{}", text(&o.stdout));
+    }
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["translate", "--checkpoint", "m"],
+            Some("A man.\n"),
+        ),
+        &["m: a CNN model", "not an NMT checkpoint"],
+    );
     // Output paths are checked before the work, and no technique is refused.
     let o = shoal(
         d.path(),
@@ -1316,14 +1623,28 @@ fn train_cnn_and_compress_it() {
             "200",
             "--train-limit",
             "500",
+            "--plot",
+            "s.png",
         ],
         None,
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
-    for label in ["int8", "3-bit codebook", "4-bit codebook", "svd x4"] {
+    for label in [
+        "int8",
+        "3-bit codebook",
+        "4-bit codebook",
+        "svd x4",
+        "key: bytes",
+    ] {
         assert!(out.contains(label), "'{label}' not in {out}");
     }
+    // The chart (its title, axes and legend: shoal-cnn's plot tests): a PNG one legend
+    // line taller per row than the plot area and axes (44 + 330 + 54 + 8 pixels).
+    let png = std::fs::read(d.path().join("s.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!(height, 44 + 330 + 54 + 8 + 5 * 14, "dense + 4 rows");
     // ONNX out (int8 as QDQ) and back in: the re-imported model compresses the same.
     let o = shoal(
         d.path(),

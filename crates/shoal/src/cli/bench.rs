@@ -9,17 +9,22 @@ use std::path::PathBuf;
 pub(crate) enum BenchCmd {
     /// NMT training throughput (seed model, no attention), on fixed batches.
     NmtTrain {
+        /// Timed training steps.
         #[arg(long, default_value_t = 60)]
         steps: usize,
+        /// Untimed steps first (allocation, caches).
         #[arg(long, default_value_t = 5)]
         warmup: usize,
         /// Write the batches here for the PyTorch peer.
         #[arg(long)]
         dump_batches: Option<PathBuf>,
+        /// The Multi30k directory the batches come from.
         #[arg(long, default_value = "../shared/data/multi30k")]
         data_dir: PathBuf,
+        /// The recurrent cell.
         #[arg(long, value_enum, default_value = "gru")]
         cell: shoal_nmt::CellKind,
+        /// LayerNorm inside the recurrent cells.
         #[arg(long)]
         layer_norm: bool,
         /// Run the engine's step-by-step recurrence instead of the fused operation.
@@ -31,11 +36,13 @@ pub(crate) enum BenchCmd {
         /// local, shm or tcp
         #[arg(long, default_value = "shm")]
         transport: String,
+        /// Ranks taking part.
         #[arg(long, default_value_t = 2)]
         ranks: usize,
         /// Sizes in MB, comma-separated.
         #[arg(long, default_value = "1,16,64")]
         sizes: String,
+        /// Timed repetitions per size (the median is reported).
         #[arg(long, default_value_t = 20)]
         iters: usize,
         /// Ranks as processes (this program started once per rank) instead of threads
@@ -54,6 +61,7 @@ pub(crate) enum BenchCmd {
         /// Sizes in MB, comma-separated.
         #[arg(long, default_value = "16,64")]
         sizes: String,
+        /// Timed repetitions per size (the median is reported).
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
@@ -63,8 +71,10 @@ pub(crate) enum BenchCmd {
         /// Sizes in MB, comma-separated.
         #[arg(long, default_value = "16")]
         sizes: String,
+        /// Worker threads pushing and pulling.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Timed steps per size (the median is reported).
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
@@ -80,26 +90,34 @@ pub(crate) enum BenchCmd {
         /// Update rule of the rows (its state is part of each row's bytes).
         #[arg(long, value_enum, default_value = "row-adagrad")]
         rule: SparseOpt,
+        /// Distinct sparse keys each parameter-server step touches.
         #[arg(long, default_value_t = 20_000)]
         ps_keys: usize,
+        /// Timed parameter-server steps.
         #[arg(long, default_value_t = 30)]
         ps_steps: usize,
     },
     /// One recurrent layer, forward + backward, on random input.
     RnnLayer {
+        /// The recurrent cell.
         #[arg(long, value_enum, default_value = "gru")]
         cell: shoal_nmt::CellKind,
+        /// Sequences per batch.
         #[arg(long, default_value_t = 32)]
         batch: usize,
+        /// Hidden size.
         #[arg(long, default_value_t = 128)]
         hidden: usize,
         /// Input size (default: the hidden size).
         #[arg(long)]
         input: Option<usize>,
+        /// Time steps per sequence.
         #[arg(long, default_value_t = 20)]
         len: usize,
+        /// Timed forward + backward passes (the median is reported).
         #[arg(long, default_value_t = 50)]
         iters: usize,
+        /// Untimed passes first.
         #[arg(long, default_value_t = 5)]
         warmup: usize,
         /// Run the engine's step-by-step recurrence instead of the fused operation.

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub(crate) struct CompressArgs {
-    /// The trained model: a `train cnn` output directory, or an ONNX file (e.g. exported
-    /// from PyTorch: Conv/BatchNormalization/Relu/MaxPool, then Gemm layers).
+    /// The trained model: a `train cnn` output directory, a `.shoalz` written by
+    /// `compress --out`, or an ONNX file (e.g. exported from PyTorch:
+    /// Conv/BatchNormalization/Relu/MaxPool, then Gemm layers).
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// Also write the (compressed) model as ONNX here (int8 as DequantizeLinear + int8
@@ -40,6 +41,7 @@ pub(crate) struct CompressArgs {
     /// Fine-tuning updates after each stage (pruning ramps its sparsity over them).
     #[arg(long, default_value_t = 0)]
     pub(crate) fine_tune_steps: u64,
+    /// Fine-tuning learning rate (Adam).
     #[arg(long, default_value_t = 2e-4)]
     pub(crate) lr: f32,
     /// A TOML table of configurations (`[[config]]` with the fields above in snake_case,
@@ -59,9 +61,10 @@ pub(crate) struct CompressArgs {
     /// Print accuracy vs sparsity for each weight tensor pruned alone, and stop.
     #[arg(long)]
     pub(crate) sensitivity: bool,
-    /// Use only the first N training / test images (0: the model's settings).
+    /// Fine-tune on only the first N training images (0: the model's settings).
     #[arg(long, default_value_t = 0)]
     pub(crate) train_limit: usize,
+    /// Score on only the first N test images (0: the model's settings).
     #[arg(long, default_value_t = 0)]
     pub(crate) test_limit: usize,
     /// Print the JSON report as the last line.
@@ -77,8 +80,21 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
         // Data for fine-tuning and scoring: Fashion-MNIST unless the model says otherwise.
         m.cfg.data_dir = shoal_data::images::FASHION_MNIST_DIR.into();
         m
+    } else if a.model.is_file() {
+        // A compressed file: the model it computes with (pruned zeros, quantized values
+        // as their floats), compressed again or exported from there.
+        let bytes =
+            std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+        let (m, spec) = cz::decode(&bytes, &a.model)?;
+        eprintln!(
+            "{}: a compressed model ({}); starting from the values it stores",
+            a.model.display(),
+            spec.label()
+        );
+        m
     } else {
-        CnnModel::load(&a.model)?
+        CnnModel::load(&a.model)
+            .map_err(|e| crate::cli::info::as_kind(&a.model, "cnn", "a CNN model", e))?
     };
     let mut dcfg = model.cfg.clone();
     if a.train_limit > 0 {
@@ -146,7 +162,19 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
             "tensor",
             levels.map(|l| format!("{:>7.0}%", l * 100.0)).join("")
         );
-        for (name, accs) in cz::sensitivity(&model, &test, &levels)? {
+        let mut bar = shoal_runtime::progress::StepBar::new();
+        bar.start((model.net.weights().len() * levels.len()) as u64);
+        let table = cz::sensitivity_with(&model, &test, &levels, |n, total| {
+            bar.step(
+                n as u64,
+                format!(
+                    "pruned copies scored (of {total}, {} test images each)",
+                    test.len()
+                ),
+            )
+        })?;
+        bar.finish();
+        for (name, accs) in table {
             let cols: String = accs
                 .iter()
                 .map(|a| format!("{:>7.2}%", a * 100.0))
@@ -245,12 +273,24 @@ pub(crate) fn run(a: CompressArgs) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.plot {
-        let mut points = vec![(1.0, base.top1)];
-        points.extend(rows.iter().map(|r| (r.ratio, r.top1)));
-        std::fs::write(p, shoal_cnn::plot::accuracy_vs_ratio_png(&points))
-            .with_context(|| format!("writing {}", p.display()))?;
+        use shoal_cnn::plot::Point;
+        let mut points = vec![Point {
+            label: "dense (baseline)",
+            ratio: 1.0,
+            top1: base.top1,
+        }];
+        points.extend(rows.iter().map(|r| Point {
+            label: &r.label,
+            ratio: r.ratio,
+            top1: r.top1,
+        }));
+        std::fs::write(
+            p,
+            shoal_cnn::plot::accuracy_vs_ratio_png(&points, test.len()),
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
         eprintln!(
-            "plot written to {} (black: dense; then each configuration in order)",
+            "plot written to {} (top-1 against compression ratio, one numbered marker per row of the table, named in its legend)",
             p.display()
         );
     }

@@ -8,15 +8,19 @@ use std::path::PathBuf;
 pub(crate) enum DataCmd {
     /// Synthetic click logs with Zipf-distributed ids drawn from a planted FM model.
     GenCtr {
+        /// Rows to write.
         #[arg(long, default_value_t = 100_000)]
         rows: usize,
+        /// Categorical fields per row.
         #[arg(long, default_value_t = 20)]
         fields: usize,
         /// Possible ids per field (up to 10^10 and more).
         #[arg(long, default_value_t = 1_000_000)]
         ids_per_field: u64,
+        /// Zipf exponent of the ids' popularity within a field.
         #[arg(long, default_value_t = 1.1)]
         zipf: f64,
+        /// Seed of the planted model and the draws.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Output CSV; the planted probabilities go to OUT.p.

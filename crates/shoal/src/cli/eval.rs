@@ -22,6 +22,7 @@ pub(crate) struct EvalArgs {
     /// Beam width when translating (1 = greedy).
     #[arg(long, default_value_t = 1)]
     pub(crate) beam: usize,
+    /// Length-penalty exponent for beam search (GNMT's alpha).
     #[arg(long, default_value_t = 0.6)]
     pub(crate) alpha: f32,
     /// Also write the translations here.
@@ -33,13 +34,16 @@ pub(crate) struct EvalArgs {
 }
 
 pub(crate) fn run(a: EvalArgs) -> Result<()> {
-    let refs = shoal_data::read_lines(&a.reference)?;
+    // Paths under shared/data are found from any directory (shoal_runtime::data).
+    let locate = |p: &std::path::Path, flag| shoal_runtime::data::locate(p, flag);
+    let refs = shoal_data::read_lines(&locate(&a.reference, "--ref")?)?;
     let hyps = match (&a.hyp, &a.checkpoint, &a.src) {
-        (Some(h), None, None) => shoal_data::read_lines(h)?,
+        (Some(h), None, None) => shoal_data::read_lines(&locate(h, "--hyp")?)?,
         (None, Some(c), Some(s)) => {
-            let t = Translator::load(c)?;
-            let src = shoal_data::read_lines(s)?;
-            let outs = t.translate(&src, a.beam, a.alpha)?;
+            let t = Translator::load(c)
+                .map_err(|e| crate::cli::info::as_kind(c, "nmt", "an NMT checkpoint", e))?;
+            let src = shoal_data::read_lines(&locate(s, "--src")?)?;
+            let outs = crate::cli::translate::with_progress(&t, &src, a.beam, a.alpha)?;
             if let Some(o) = &a.out {
                 std::fs::write(o, outs.join("\n") + "\n")
                     .with_context(|| format!("writing {}", o.display()))?;

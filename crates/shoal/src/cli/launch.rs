@@ -19,25 +19,36 @@ pub(crate) struct LaunchArgs {
     #[arg(long, conflicts_with = "apply")]
     pub(crate) dry_run: bool,
     /// Submit the objects through the Kubernetes API (kubeconfig or in-cluster
-    /// account; needs a build with `--features k8s`).
+    /// account; needs a build with `cargo build --release -p shoal --features k8s`).
     #[arg(long)]
     pub(crate) apply: bool,
+    /// The job's name (the spec's `name`): its objects are called after it.
     #[arg(long)]
     pub(crate) name: Option<String>,
+    /// The Kubernetes namespace (the spec's `namespace`; default `default`).
     #[arg(long)]
     pub(crate) namespace: Option<String>,
     /// kubernetes (indexed Jobs + headless Service), volcano (gang-scheduled) or
     /// kubeflow (Trainer TrainJob).
     #[arg(long)]
     pub(crate) scheduler: Option<String>,
+    /// The container image with the shoal binary (the spec's `image`).
     #[arg(long)]
     pub(crate) image: Option<String>,
+    /// Worker pods (the spec's `workers`).
     #[arg(long)]
     pub(crate) workers: Option<i64>,
+    /// Parameter-server shards (the spec's `ps`; 0: allreduce).
     #[arg(long)]
     pub(crate) ps: Option<i64>,
+    /// GPUs each worker pod requests (`nvidia.com/gpu`; the spec's `gpus_per_worker`).
     #[arg(long)]
     pub(crate) gpus_per_worker: Option<i64>,
+    /// Make the job a new token instead of the one kept for it (each job's token is
+    /// kept in $SHOAL_TOKEN_DIR or ~/.config/shoal/tokens, so its YAML is the same
+    /// each time).
+    #[arg(long)]
+    pub(crate) new_token: bool,
 }
 
 #[derive(Subcommand)]
@@ -60,6 +71,7 @@ pub(crate) enum LaunchAction {
 pub(crate) struct LaunchJobArgs {
     /// The job's name.
     pub(crate) job: String,
+    /// The job's Kubernetes namespace.
     #[arg(long, default_value = "default")]
     pub(crate) namespace: String,
 }
@@ -96,7 +108,20 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         d.transport = shoal_nmt::config::DataPlane::Tcp;
     })
     .with_context(|| format!("the training configuration {}", spec.config.display()))?;
-    let token = shoal_launch::manifest::new_token()?;
+    let token = match shoal_launch::manifest::token_dir() {
+        Ok(dir) => {
+            let t =
+                shoal_launch::manifest::job_token(&dir, &spec.namespace, &spec.name, a.new_token)?;
+            eprintln!(
+                "job token kept in {} (the same Secret each time; --new-token makes a new one)",
+                dir.join(format!("{}.{}", spec.namespace, spec.name))
+                    .display()
+            );
+            t
+        }
+        Err(_) if a.new_token => shoal_launch::manifest::new_token()?,
+        Err(e) => return Err(e.into()),
+    };
     let objects = shoal_launch::objects(&shoal_launch::Plan {
         spec: &spec,
         config_toml: &config,
@@ -126,7 +151,7 @@ pub(crate) fn submit(spec: &shoal_launch::JobSpec, objects: &[serde_json::Value]
 #[cfg(not(feature = "k8s"))]
 pub(crate) fn submit(_: &shoal_launch::JobSpec, _: &[serde_json::Value]) -> Result<()> {
     bail!(
-        "this shoal was built without the Kubernetes client: rebuild with `cargo build --release --features k8s`, or pipe `shoal launch --k8s JOB.toml` into `kubectl apply -f -`"
+        "this shoal was built without the Kubernetes client: rebuild with `cargo build --release -p shoal --features k8s`, or pipe `shoal launch --k8s JOB.toml` into `kubectl apply -f -`"
     )
 }
 
@@ -154,7 +179,7 @@ pub(crate) fn launch_action(action: LaunchAction) -> Result<()> {
     let (LaunchAction::Status(j) | LaunchAction::Logs { job: j, .. } | LaunchAction::Delete(j)) =
         action;
     bail!(
-        "this shoal was built without the Kubernetes client (rebuild with `--features k8s`); meanwhile: kubectl -n {} get jobs,pods -l shoal.dev/job={}",
+        "this shoal was built without the Kubernetes client (rebuild with `cargo build --release -p shoal --features k8s`); meanwhile: kubectl -n {} get jobs,pods -l shoal.dev/job={}",
         j.namespace,
         j.job
     )

@@ -6,6 +6,7 @@ pub mod compress;
 pub mod coordinator;
 pub mod data;
 pub mod eval;
+pub mod info;
 pub mod launch;
 pub mod plan;
 pub mod predict;

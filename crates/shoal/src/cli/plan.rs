@@ -11,8 +11,10 @@ pub(crate) struct PlanArgs {
     /// published table next to the prediction.
     #[arg(long)]
     pub(crate) seed: bool,
+    /// Hosts in the cluster.
     #[arg(long, default_value_t = 1)]
     pub(crate) nodes: usize,
+    /// Worker processes (GPUs, or CPU workers) per host.
     #[arg(long, default_value_t = 2)]
     pub(crate) workers_per_node: usize,
     /// Cores per host for parallel local streams (default: this machine's).
@@ -21,6 +23,7 @@ pub(crate) struct PlanArgs {
     /// Inter-node bandwidth, GB/s (one direction).
     #[arg(long, default_value_t = 1.1)]
     pub(crate) inter_gbs: f64,
+    /// One-way latency between hosts, in microseconds.
     #[arg(long, default_value_t = 50.0)]
     pub(crate) inter_latency_us: f64,
     /// Allreduce data plane within a host, GB/s (default: measured here, shared memory).
@@ -41,6 +44,7 @@ pub(crate) struct PlanArgs {
     /// Target words per worker per step (default: measured here).
     #[arg(long)]
     pub(crate) words_per_step: Option<f64>,
+    /// The Multi30k directory used to measure a step when no step time is given.
     #[arg(long, default_value = "../shared/data/multi30k")]
     pub(crate) data_dir: PathBuf,
     /// Print the predictions as JSON.

@@ -15,18 +15,22 @@ pub(crate) struct PredictArgs {
     /// Write one probability per row here (default: stdout).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
+    /// Skip malformed rows (counted, and no probability printed for them) instead of
+    /// stopping at the first.
     #[arg(long)]
     pub(crate) skip_bad_rows: bool,
 }
 
 pub(crate) fn run(a: PredictArgs) -> Result<()> {
-    let mut p = shoal_ctr::trainer::CtrPredictor::load(&a.checkpoint)?;
+    let mut p = shoal_ctr::trainer::CtrPredictor::load(&a.checkpoint)
+        .map_err(|e| crate::cli::info::as_kind(&a.checkpoint, "ctr", "a CTR model", e))?;
     let bad = if a.skip_bad_rows {
         shoal_data::ctr::BadRows::Skip
     } else {
         shoal_data::ctr::BadRows::Fail
     };
-    let (data, schema, report) = shoal_data::ctr::read_click_log(&a.data, bad)?;
+    let path = shoal_runtime::data::locate(&a.data, "--data")?;
+    let (data, schema, report) = shoal_data::ctr::read_click_log(&path, bad)?;
     let probs = p.predict(&data)?;
     let text: String = probs.iter().map(|p| format!("{p}\n")).collect();
     match &a.out {

@@ -140,6 +140,14 @@ pub(crate) fn run(a: CnnArgs) -> Result<()> {
     let eval = eval?;
     let seconds = started.elapsed().as_secs_f64();
     t.model.save(&a.out)?;
+    shoal_runtime::info::record_metrics(
+        &a.out,
+        &[
+            ("top1", eval.top1),
+            ("top5", eval.top5),
+            ("test_loss", eval.loss),
+        ],
+    )?;
     println!(
         "test top-1 {:.2}%, top-5 {:.2}% after {} steps ({seconds:.0} s); model saved to {}",
         eval.top1 * 100.0,

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use shoal_nmt::config::DistMode;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum SparseOpt {
@@ -57,8 +57,9 @@ pub(crate) struct CtrArgs {
     /// per field (`label feature:value ...`).
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
-    /// Continue the run saved in this model directory (one process; --epochs and
-    /// --max-steps may change).
+    /// Continue the run saved in this model directory with its saved configuration: one
+    /// process, or the same workers and parameter-server shards for a distributed run
+    /// (--epochs and --max-steps may change).
     #[arg(long)]
     pub(crate) resume: Option<PathBuf>,
     /// skip_bad_rows: skip malformed rows (counted) instead of stopping at the first.
@@ -239,6 +240,7 @@ pub(crate) fn run(a: CtrArgs) -> Result<()> {
     progress.finish();
     let eval = eval?;
     t.save(&a.out)?;
+    record_scores(&a.out, eval.auc, eval.logloss, eval.planted_auc)?;
     println!(
         "held-out AUC {:.4}, logloss {:.4}; {} sparse rows; model saved to {}",
         eval.auc,
@@ -339,6 +341,7 @@ pub(crate) fn train_ctr_cluster(
         _ => {}
     })?;
     let (auc, logloss, planted_auc) = eval.context("worker 0 reported no evaluation")?;
+    record_scores(&a.out, auc, logloss, planted_auc)?;
     println!(
         "held-out AUC {auc:.4}, logloss {logloss:.4}; {:.0} examples/s ({} per worker); model saved to {}",
         summary.tokens_per_s,
@@ -359,4 +362,11 @@ pub(crate) fn train_ctr_cluster(
         );
     }
     Ok(())
+}
+
+/// The held-out scores, beside the saved model (`metrics.json`, what `shoal info` shows).
+fn record_scores(dir: &Path, auc: f64, logloss: f64, planted_auc: Option<f64>) -> Result<()> {
+    let mut m = vec![("auc", auc), ("logloss", logloss)];
+    m.extend(planted_auc.map(|p| ("planted_auc", p)));
+    Ok(shoal_runtime::info::record_metrics(dir, &m)?)
 }

@@ -231,16 +231,20 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
         "params": trainer.num_params(),
         "timing": [trainer.timing()],
     });
-    final_report(&a, &trainer, out)
+    final_report(&a, &trainer, &summary.last_checkpoint, out)
 }
 
-/// Validation loss, BLEU and samples of a trained model; the JSON summary with `--json`.
+/// Validation loss, BLEU and samples of a trained model, recorded beside its last
+/// checkpoint `ckpt` (`metrics.json`, what `shoal info` shows); the JSON summary with
+/// `--json`.
 pub(crate) fn final_report(
     a: &NmtArgs,
     trainer: &NmtTrainer,
+    ckpt: &std::path::Path,
     mut out: serde_json::Value,
 ) -> Result<()> {
     let valid_loss = trainer.valid_loss()?;
+    shoal_runtime::info::record_metrics(ckpt, &[("valid_loss", valid_loss as f64)])?;
     out["valid_loss"] = serde_json::json!(valid_loss);
     println!(
         "validation loss {valid_loss:.3} (perplexity {:.1})",
@@ -257,6 +261,7 @@ pub(crate) fn final_report(
             );
         }
         out["bleu"] = serde_json::json!(bleu.score);
+        shoal_runtime::info::record_metrics(ckpt, &[("bleu", bleu.score)])?;
     }
     if a.json {
         println!("{out}");
@@ -334,5 +339,5 @@ pub(crate) fn train_nmt_cluster(
         "timing": summary.timing,
         "checkpoint": summary.last_checkpoint,
     });
-    final_report(a, &trainer, out)
+    final_report(a, &trainer, &summary.last_checkpoint, out)
 }

@@ -20,16 +20,34 @@ pub(crate) struct TranslateArgs {
 }
 
 pub(crate) fn run(a: TranslateArgs) -> Result<()> {
-    let t = Translator::load(&a.checkpoint)?;
+    let t = Translator::load(&a.checkpoint)
+        .map_err(|e| crate::cli::info::as_kind(&a.checkpoint, "nmt", "an NMT checkpoint", e))?;
     let stdin = std::io::stdin();
     let mut lines = Vec::new();
     for (i, l) in stdin.lock().lines().enumerate() {
         lines.push(l.with_context(|| format!("stdin line {}", i + 1))?);
     }
-    let outs = t.translate(&lines, a.beam, a.alpha)?;
+    let outs = with_progress(&t, &lines, a.beam, a.alpha)?;
     let mut so = std::io::stdout().lock();
     for o in outs {
         writeln!(so, "{o}")?;
     }
     Ok(())
+}
+
+/// Translates `lines` with a count of the sentences done on stderr (a bar on a
+/// terminal, a line every few seconds otherwise).
+pub(crate) fn with_progress(
+    t: &Translator,
+    lines: &[String],
+    beam: usize,
+    alpha: f32,
+) -> Result<Vec<String>> {
+    let mut bar = shoal_runtime::progress::StepBar::new();
+    bar.start(lines.len() as u64);
+    let outs = t.translate_with(lines, beam, alpha, |n| {
+        bar.step(n as u64, "sentences translated".into())
+    });
+    bar.finish();
+    Ok(outs?)
 }
