@@ -404,7 +404,10 @@ fn defaults_work_from_any_directory() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
     let bleu = v["bleu"].as_f64().unwrap();
-    assert!((bleu - 100.0).abs() < 1e-9, "a file scored against itself: {bleu}");
+    assert!(
+        (bleu - 100.0).abs() < 1e-9,
+        "a file scored against itself: {bleu}"
+    );
     let o = shoal(
         d.path(),
         &[
@@ -504,6 +507,15 @@ fn distributed_runs_resume_exactly() {
             a.extend_from_slice(extra);
             let o = shoal(d.path(), &a, None);
             assert!(o.status.success(), "{mode:?}: {}", text(&o.stderr));
+            // The job's progress counts the steps that run (96 pairs, batches of 16 per
+            // worker: 3 updates an epoch, 24 over the default 8 epochs).
+            let steps = extra[extra.iter().position(|x| *x == "--max-steps").unwrap() + 1];
+            let total = format!("{steps} steps (max_steps stops it at step {steps} of the 24");
+            assert!(
+                text(&o.stderr).contains(&total),
+                "{mode:?}: {}",
+                text(&o.stderr)
+            );
             let v: serde_json::Value =
                 serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
             v
