@@ -1,11 +1,16 @@
 //! The live progress display of a CNN run (training, or fine-tuning in compression).
 
 use shoal_runtime::progress::StepBar;
+use shoal_runtime::tensorboard::{EventWriter, Recorder};
 
-/// The progress display of a CNN run (training, or fine-tuning in compression).
+/// The progress display of a CNN run (training, or fine-tuning in compression). Given
+/// an event file, it records `train/loss`, `train/images_per_s` per update and
+/// `test/top1`, `test/top5`, `test/loss` per epoch.
 pub struct CnnProgress {
     bar: StepBar,
     epochs: u64,
+    events: Recorder,
+    last_step: u64,
 }
 
 impl CnnProgress {
@@ -13,6 +18,19 @@ impl CnnProgress {
         Self {
             bar: StepBar::new(),
             epochs,
+            events: Recorder::default(),
+            last_step: 0,
+        }
+    }
+
+    /// Records the run's scalars in `w` from now on.
+    pub fn record_events(&mut self, w: EventWriter) {
+        self.events = Recorder::new(w);
+    }
+
+    fn record(&mut self, step: u64, scalars: &[(&str, f64)], flush: bool) {
+        if let Some(e) = self.events.record(step, scalars, flush) {
+            self.bar.say(&e);
         }
     }
 
@@ -35,28 +53,52 @@ impl CnnProgress {
                 step,
                 epoch,
                 loss,
+                batch_loss,
                 images_per_s,
-                ..
-            } => self.bar.step(
-                *step,
-                format!(
-                    "epoch {}/{} loss {loss:.4} {images_per_s:.0} images/s",
+            } => {
+                self.last_step = *step;
+                self.record(
+                    *step,
+                    &[
+                        ("train/loss", *batch_loss as f64),
+                        ("train/images_per_s", *images_per_s),
+                    ],
+                    false,
+                );
+                self.bar.step(
+                    *step,
+                    format!(
+                        "epoch {}/{} loss {loss:.4} {images_per_s:.0} images/s",
+                        epoch + 1,
+                        self.epochs
+                    ),
+                )
+            }
+            CnnEvent::Eval { epoch, eval } => {
+                let s = self.last_step;
+                self.record(
+                    s,
+                    &[
+                        ("test/top1", eval.top1),
+                        ("test/top5", eval.top5),
+                        ("test/loss", eval.loss),
+                    ],
+                    true,
+                );
+                self.bar.say(&format!(
+                    "epoch {} test top-1 {:.2}%, top-5 {:.2}%, loss {:.4}",
                     epoch + 1,
-                    self.epochs
-                ),
-            ),
-            CnnEvent::Eval { epoch, eval } => self.bar.say(&format!(
-                "epoch {} test top-1 {:.2}%, top-5 {:.2}%, loss {:.4}",
-                epoch + 1,
-                eval.top1 * 100.0,
-                eval.top5 * 100.0,
-                eval.loss
-            )),
+                    eval.top1 * 100.0,
+                    eval.top5 * 100.0,
+                    eval.loss
+                ))
+            }
         }
     }
 
-    /// Removes the bar.
+    /// Removes the bar (and writes what the event file buffers).
     pub fn finish(&mut self) {
         self.bar.finish();
+        self.record(0, &[], true);
     }
 }

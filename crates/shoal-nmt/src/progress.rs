@@ -4,15 +4,21 @@
 
 use crate::trainer::Event;
 use shoal_runtime::progress::StepBar;
+use shoal_runtime::tensorboard::{EventWriter, Recorder};
 use std::time::Duration;
 
-/// Renders [`Event`]s.
+/// Renders [`Event`]s, and records them as TensorBoard scalars when given an event
+/// file (`train/loss`, `train/lr`, `train/grad_norm`, `train/tgt_tokens_per_s` per
+/// update, `valid/loss` per epoch).
 pub struct Progress {
     bar: StepBar,
     ema_loss: Option<f32>,
     epochs: u64,
     quiet: bool,
     detail: String,
+    events: Recorder,
+    /// The last update seen (the step of an epoch's validation loss).
+    last_step: Option<u64>,
 }
 
 impl Progress {
@@ -28,6 +34,25 @@ impl Progress {
             epochs,
             quiet,
             detail: String::new(),
+            events: Recorder::default(),
+            last_step: None,
+        }
+    }
+
+    /// Records the run's scalars in `w` from now on.
+    pub fn record_events(&mut self, w: EventWriter) {
+        self.events = Recorder::new(w);
+    }
+
+    /// The event file, when there is one (to add the final scores, or to close it).
+    pub fn events(&mut self) -> Option<&mut EventWriter> {
+        self.events.writer()
+    }
+
+    /// Writes scalars to the event file (a failure is said once; training goes on).
+    fn record(&mut self, step: u64, scalars: &[(&str, f64)], flush: bool) {
+        if let Some(e) = self.events.record(step, scalars, flush) {
+            self.bar.say(&e);
         }
     }
 
@@ -47,6 +72,7 @@ impl Progress {
                 batches_per_epoch,
                 params,
             } => {
+                self.last_step = Some(*start_step);
                 let limit = time_limit_s.map(Duration::from_secs_f64);
                 if !self.quiet {
                     let mut stops = Vec::new();
@@ -81,6 +107,17 @@ impl Progress {
                 stats,
                 tokens_per_s,
             } => {
+                self.last_step = Some(*step);
+                self.record(
+                    *step,
+                    &[
+                        ("train/loss", stats.loss as f64),
+                        ("train/lr", stats.lr as f64),
+                        ("train/grad_norm", stats.grad_norm as f64),
+                        ("train/tgt_tokens_per_s", *tokens_per_s),
+                    ],
+                    false,
+                );
                 let ema = match self.ema_loss {
                     Some(m) => 0.98 * m + 0.02 * stats.loss,
                     None => stats.loss,
@@ -101,6 +138,9 @@ impl Progress {
                 self.bar.step(*step, msg);
             }
             Event::EpochEnd { epoch, valid_loss } => {
+                if let Some(s) = self.last_step {
+                    self.record(s, &[("valid/loss", *valid_loss as f64)], true);
+                }
                 if !self.quiet {
                     self.bar.say(&format!(
                         "epoch {} done: validation loss {valid_loss:.3} (perplexity {:.1})",
@@ -110,14 +150,16 @@ impl Progress {
                 }
             }
             Event::Checkpoint { step, path } => {
+                self.record(*step, &[], true);
                 self.bar
                     .say(&format!("checkpoint at step {step}: {}", path.display()));
             }
         }
     }
 
-    /// Removes the bar.
+    /// Removes the bar (and writes what the event file buffers).
     pub fn finish(&mut self) {
         self.bar.finish();
+        self.record(0, &[], true);
     }
 }

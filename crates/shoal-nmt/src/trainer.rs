@@ -788,6 +788,11 @@ where
         self.pos
     }
 
+    /// The run directory (checkpoints, `latest`, event files).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// Loss of every update so far (across resumes).
     pub fn losses(&self) -> &[f32] {
         &self.losses

@@ -6,7 +6,8 @@
 //! ([`info`]), the gradient exchange a worker's update loop plugs in ([`exchange`]),
 //! the launcher and supervisor of a job's local processes ([`launch`]), the role a
 //! process plays in a job and the [`role::JobKind`] trait the workload crates implement
-//! ([`role`]), and the cost model that predicts how a job scales ([`plan`]).
+//! ([`role`]), TensorBoard event files ([`tensorboard`]), and the cost model that predicts
+//! how a job scales ([`plan`]).
 
 pub mod config;
 pub mod data;
@@ -21,5 +22,6 @@ pub mod progress;
 pub mod role;
 pub mod store;
 pub mod sys;
+pub mod tensorboard;
 
 pub use error::{io_err, Error, Result};

@@ -78,8 +78,11 @@ fn sync_dir(path: &Path) -> Result<()> {
 }
 
 /// Writes `files` (name, bytes) as directory `dir` atomically: into `NAME.tmp/`, each
-/// file and the directory fsync'ed, then renamed over `dir` (an existing one replaced)
-/// and the parent fsync'ed. A crash leaves either the old directory or the new one.
+/// file and the directory fsync'ed, then put in the place of `dir` and the parent
+/// fsync'ed. An existing `dir` is first moved aside to `NAME.old/` and removed after:
+/// a crash leaves the old directory (as `dir` or `NAME.old`) or the new one, never
+/// neither. TensorBoard event files in the old directory (`events.out.tfevents.*`,
+/// written beside a model while it trains) move into the new one.
 pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let name = dir.file_name().ok_or_else(|| Error::Checkpoint {
         path: dir.to_path_buf(),
@@ -98,11 +101,30 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     for (file, bytes) in files {
         write_synced(&tmp.join(file), bytes)?;
     }
+    if dir.is_dir() {
+        for e in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            let n = e.file_name();
+            if n.to_string_lossy()
+                .starts_with(crate::tensorboard::FILE_PREFIX)
+                && !files.iter().any(|(f, _)| *f == n)
+            {
+                fs::rename(e.path(), tmp.join(&n)).map_err(io_err(e.path()))?;
+            }
+        }
+    }
     sync_dir(&tmp)?;
     if dir.exists() {
-        fs::remove_dir_all(dir).map_err(io_err(dir))?;
+        let old = parent.join(format!("{}.old", name.to_string_lossy()));
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        fs::rename(dir, &old).map_err(io_err(dir))?;
+        fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        sync_dir(parent)?;
+        fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        fs::rename(&tmp, dir).map_err(io_err(dir))?;
     }
-    fs::rename(&tmp, dir).map_err(io_err(dir))?;
     sync_dir(parent)
 }
 
@@ -188,4 +210,39 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         path: path.to_path_buf(),
         why: "neither a checkpoint (no meta.json) nor a run directory (no 'latest')".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory written again is the new one, with the event file that was being
+    /// written into the old one (and what the writer adds after the move), and nothing
+    /// left beside it.
+    #[test]
+    fn rewritten_directory_keeps_its_event_files() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m");
+        write_dir_atomically(&m, &[("a.bin", b"old"), ("meta.json", b"{}")]).unwrap();
+        let mut w = crate::tensorboard::EventWriter::create(&m).unwrap();
+        w.scalar("train/loss", 1, 0.5).unwrap();
+        w.flush().unwrap();
+        write_dir_atomically(&m, &[("b.bin", b"new"), ("meta.json", b"{\"v\":2}")]).unwrap();
+        w.scalar("train/loss", 2, 0.25).unwrap();
+        w.flush().unwrap();
+        let mut names: Vec<String> = fs::read_dir(&m)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!([&names[0], &names[2]], ["b.bin", "meta.json"]);
+        assert!(names[1].starts_with(crate::tensorboard::FILE_PREFIX));
+        assert_eq!(fs::read(m.join("meta.json")).unwrap(), b"{\"v\":2}");
+        // Both records are in the moved file (the writer's handle followed it).
+        let ev = fs::read(m.join(&names[1])).unwrap();
+        assert_eq!(ev.windows(10).filter(|w| w == b"train/loss").count(), 2);
+        let beside: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(beside.len(), 1, "no m.tmp or m.old left");
+    }
 }

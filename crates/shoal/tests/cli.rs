@@ -96,6 +96,33 @@ fn train_translate_eval_and_resume() {
         "{}",
         text(&o.stderr)
     );
+    // TensorBoard events in the run directory (the format: shoal-runtime's test against
+    // TensorBoard's own reader): each update's scalars and the final scores.
+    let events: Vec<_> = std::fs::read_dir(d.path().join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        text(&o.stderr).contains("tensorboard --logdir run"),
+        "{}",
+        text(&o.stderr)
+    );
+    let ev = std::fs::read(&events[0]).unwrap();
+    let count = |tag: &str| {
+        ev.windows(tag.len())
+            .filter(|w| *w == tag.as_bytes())
+            .count()
+    };
+    assert_eq!(count("train/loss"), 3);
+    assert_eq!(count("train/lr"), 3);
+    assert_eq!(count("final/bleu"), 1);
 
     // Translate: one output line per input line, greedy and beam.
     for beam in ["1", "3"] {
@@ -559,6 +586,25 @@ fn distributed_runs_resume_exactly() {
     }
 }
 
+/// How often `tag` occurs in the one TensorBoard event file in `dir`.
+fn event_tags(dir: &Path, tag: &str) -> usize {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "{}: {files:?}", dir.display());
+    let ev = std::fs::read(&files[0]).unwrap();
+    ev.windows(tag.len())
+        .filter(|w| *w == tag.as_bytes())
+        .count()
+}
+
 /// `shoal info --json PATH` run in `dir`.
 fn info_json(dir: &Path, path: &str) -> serde_json::Value {
     let o = shoal(dir, &["info", path, "--json"], None);
@@ -621,6 +667,7 @@ fn info_describes_runs_and_models() {
     assert_eq!(ctr["kind"], "ctr-model");
     assert_eq!(ctr["metrics"]["auc"], trained["auc"], "{ctr}");
     assert_eq!(ctr["metrics"]["logloss"], trained["logloss"], "{ctr}");
+    assert_eq!(event_tags(&d.path().join("ctr"), "valid/auc"), 1);
     let rows = ctr["made"]["rows"].as_str().unwrap();
     assert!(
         rows.contains("sparse rows of 9 values (adagrad rule"),
@@ -1549,6 +1596,7 @@ fn train_cnn_and_compress_it() {
     assert!(res["ratio"].as_f64().unwrap() > 5.0, "{res}");
     // `shoal info` on the model, the compressed file and the folder; the compressed
     // file goes back into `compress` (scored as stored: the report's top-1 again).
+    assert_eq!(event_tags(&d.path().join("m"), "test/top1"), 1, "one epoch");
     let info = info_json(d.path(), "m");
     assert_eq!(info["kind"], "cnn-model");
     assert_eq!(info["metrics"]["top1"], v["top1"], "{info}");

@@ -25,6 +25,17 @@ pub(crate) fn value_name(v: impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
+/// A new TensorBoard event file in `dir`, its place said on stderr.
+pub(crate) fn events_in(dir: &std::path::Path) -> Result<shoal_runtime::tensorboard::EventWriter> {
+    let w = shoal_runtime::tensorboard::EventWriter::create(dir)?;
+    eprintln!(
+        "TensorBoard events: {} (tensorboard --logdir {})",
+        w.path().display(),
+        dir.display()
+    );
+    Ok(w)
+}
+
 /// `shoal role`: one process of a distributed job, for the workload its job directory
 /// names (`RUN/job/kind`).
 pub(crate) fn run_role() -> Result<()> {

@@ -134,6 +134,7 @@ pub(crate) fn run(a: CnnArgs) -> Result<()> {
     let (epochs, batch_size) = (cfg.epochs, cfg.batch_size);
     let mut t = CnnTrainer::new(cfg)?;
     let mut progress = shoal_cnn::progress::CnnProgress::new(epochs);
+    progress.record_events(crate::cli::events_in(&a.out)?);
     let started = std::time::Instant::now();
     let eval = t.run(|e| progress.on_event(e));
     progress.finish();

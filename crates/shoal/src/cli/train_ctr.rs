@@ -236,6 +236,7 @@ pub(crate) fn run(a: CtrArgs) -> Result<()> {
         }
     };
     let mut progress = shoal_ctr::progress::CtrProgress::new(t.cfg.epochs);
+    progress.record_events(crate::cli::events_in(&a.out)?);
     let eval = t.run(|e| progress.on_event(e));
     progress.finish();
     let eval = eval?;

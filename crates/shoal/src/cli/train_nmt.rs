@@ -212,6 +212,7 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
     };
     let epochs = trainer.config().train.epochs;
     let mut progress = Progress::new(epochs, false);
+    record_events(&mut progress, trainer.run_dir())?;
     let summary = trainer.run(|e| progress.on_event(e));
     progress.finish();
     let summary = summary?;
@@ -231,7 +232,19 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
         "params": trainer.num_params(),
         "timing": [trainer.timing()],
     });
-    final_report(&a, &trainer, &summary.last_checkpoint, out)
+    final_report(
+        &a,
+        &trainer,
+        &summary.last_checkpoint,
+        progress.events(),
+        out,
+    )
+}
+
+/// TensorBoard event files in the run directory (`tensorboard --logdir RUN`).
+fn record_events(progress: &mut Progress, run_dir: &std::path::Path) -> Result<()> {
+    progress.record_events(crate::cli::events_in(run_dir)?);
+    Ok(())
 }
 
 /// Validation loss, BLEU and samples of a trained model, recorded beside its last
@@ -241,10 +254,16 @@ pub(crate) fn final_report(
     a: &NmtArgs,
     trainer: &NmtTrainer,
     ckpt: &std::path::Path,
+    mut events: Option<&mut shoal_runtime::tensorboard::EventWriter>,
     mut out: serde_json::Value,
 ) -> Result<()> {
+    let step = trainer.position().step;
     let valid_loss = trainer.valid_loss()?;
     shoal_runtime::info::record_metrics(ckpt, &[("valid_loss", valid_loss as f64)])?;
+    if let Some(w) = events.as_deref_mut() {
+        w.scalar("final/valid_loss", step, valid_loss as f64)?;
+        w.flush()?;
+    }
     out["valid_loss"] = serde_json::json!(valid_loss);
     println!(
         "validation loss {valid_loss:.3} (perplexity {:.1})",
@@ -262,6 +281,10 @@ pub(crate) fn final_report(
         }
         out["bleu"] = serde_json::json!(bleu.score);
         shoal_runtime::info::record_metrics(ckpt, &[("bleu", bleu.score)])?;
+        if let Some(w) = events {
+            w.scalar("final/bleu", step, bleu.score)?;
+            w.flush()?;
+        }
     }
     if a.json {
         println!("{out}");
@@ -309,6 +332,7 @@ pub(crate) fn train_nmt_cluster(
         resume,
     };
     let mut progress = Progress::new(cfg.train.epochs, false);
+    record_events(&mut progress, &run_dir)?;
     let summary = shoal_nmt::job::launch(&cfg, &run_dir, &tok, &opts, |e, rates| {
         let per: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
         progress.set_detail(format!(" (workers: {})", per.join(" + ")));
@@ -339,5 +363,11 @@ pub(crate) fn train_nmt_cluster(
         "timing": summary.timing,
         "checkpoint": summary.last_checkpoint,
     });
-    final_report(a, &trainer, &summary.last_checkpoint, out)
+    final_report(
+        a,
+        &trainer,
+        &summary.last_checkpoint,
+        progress.events(),
+        out,
+    )
 }
