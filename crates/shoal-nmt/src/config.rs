@@ -94,6 +94,9 @@ pub struct TrainSection {
     pub min_lr_ratio: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
     pub clip_norm: f64,
+    /// Label smoothing of the training loss: the target is `(1 - e) onehot + e / V`
+    /// (PyTorch's `label_smoothing`; 0 = none). Validation loss stays the plain one.
+    pub label_smoothing: f64,
     pub optimizer: OptimizerKind,
     pub beta1: f64,
     pub beta2: f64,
@@ -124,6 +127,7 @@ impl Default for TrainSection {
             warmup_steps: 200,
             min_lr_ratio: 0.05,
             clip_norm: 1.0,
+            label_smoothing: 0.0,
             optimizer: OptimizerKind::Adam,
             beta1: 0.9,
             beta2: 0.999,
@@ -255,6 +259,9 @@ impl NmtTrainConfig {
         }
         if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
             return bad("train.lr", "must be positive");
+        }
+        if !(0.0..1.0).contains(&self.train.label_smoothing) {
+            return bad("train.label_smoothing", "must be in [0, 1)");
         }
         if self.train.clip_norm < 0.0 {
             return bad("train.clip_norm", "must be >= 0");

@@ -79,13 +79,14 @@ pub trait FusedRnnBackend: Backend {
 
     /// The output projection fused with the mean negative log-likelihood of `targets`
     /// over the rows whose weight is 1: `x`: `[N, H]`; `w`: `[V, H]`; `b`: `[V]`;
-    /// `targets`, `weights`: `[N]`. Returns `[1]`.
+    /// `targets`, `weights`: `[N]`; `smoothing`: label smoothing (0: none). Returns `[1]`.
     fn linear_cross_entropy(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
+        smoothing: f32,
     ) -> FloatTensor<Self>;
 }
 
@@ -256,6 +257,7 @@ impl FusedRnnBackend for burn::backend::Flex {
         b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
+        smoothing: f32,
     ) -> FloatTensor<Self> {
         let device = Self::float_device(&x);
         let (x, [_, h]) = host::<Self, 2>(x);
@@ -269,6 +271,7 @@ impl FusedRnnBackend for burn::backend::Flex {
             h,
             &targets,
             &weights,
+            smoothing,
             &mut logits,
             big_threads(),
         );
@@ -561,6 +564,7 @@ impl<B: HostKernels, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
         b: FloatTensor<Self>,
         targets: Arc<[u32]>,
         weights: Arc<[f32]>,
+        smoothing: f32,
     ) -> FloatTensor<Self> {
         let device = B::float_device(&x.primitive);
         let nodes = [x.node.clone(), w.node.clone(), b.node.clone()];
@@ -569,8 +573,16 @@ impl<B: HostKernels, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
         let (bh, _) = host::<B, 1>(b.primitive);
         match XentBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (loss, grad) =
-                    xent::linear_forward_grad(&xh, &wh, &bh, h, &targets, &weights, big_threads());
+                let (loss, grad) = xent::linear_forward_grad(
+                    &xh,
+                    &wh,
+                    &bh,
+                    h,
+                    &targets,
+                    &weights,
+                    smoothing,
+                    big_threads(),
+                );
                 let out = device_tensor::<B, 1>(vec![loss], [1], &device);
                 prep.finish(
                     XentState {
@@ -593,6 +605,7 @@ impl<B: HostKernels, C: CheckpointStrategy> FusedRnnBackend for Autodiff<B, C> {
                     h,
                     &targets,
                     &weights,
+                    smoothing,
                     &mut logits,
                     big_threads(),
                 );
@@ -610,6 +623,7 @@ pub fn linear_cross_entropy<B: FusedRnnBackend>(
     b: Tensor<B, 1>,
     targets: Arc<[u32]>,
     weights: Arc<[f32]>,
+    smoothing: f32,
 ) -> Tensor<B, 1> {
     let out = B::linear_cross_entropy(
         x.into_primitive().tensor(),
@@ -617,6 +631,7 @@ pub fn linear_cross_entropy<B: FusedRnnBackend>(
         b.into_primitive().tensor(),
         targets,
         weights,
+        smoothing,
     );
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

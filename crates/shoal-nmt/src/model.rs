@@ -505,17 +505,24 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         logits: Tensor<B, 2>,
         targets: Tensor<B, 1, Int>,
         weights: Tensor<B, 1>,
+        smoothing: f32,
     ) -> Tensor<B, 1> {
         let [n, _] = logits.dims();
-        let lp = log_softmax(logits, 1)
-            .gather(1, targets.reshape([n, 1]))
-            .reshape([n]);
+        let lsm = log_softmax(logits, 1);
+        let lp = lsm.clone().gather(1, targets.reshape([n, 1])).reshape([n]);
+        // With label smoothing e the target is (1 - e) onehot + e / V.
+        let lp = if smoothing > 0.0 {
+            lp * (1.0 - smoothing) + lsm.mean_dim(1).reshape([n]) * smoothing
+        } else {
+            lp
+        };
         let count = weights.clone().sum().clamp_min(1.0);
         -(lp * weights).sum() / count
     }
 
-    /// The training loss of one padded batch (ids row-major, `pad` = padding id).
-    /// Returns the mean per-token negative log-likelihood as a 1-element tensor.
+    /// The training loss of one padded batch (ids row-major, `pad` = padding id), with
+    /// label smoothing `smoothing` (0: none). Returns the mean per-token negative
+    /// log-likelihood (of the smoothed targets) as a 1-element tensor.
     #[allow(clippy::too_many_arguments)]
     pub fn loss(
         &self,
@@ -526,6 +533,7 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         src_len: usize,
         tgt_len: usize,
         pad: u32,
+        smoothing: f32,
         rng: &mut Option<DropoutRng>,
         device: &B::Device,
     ) -> Tensor<B, 1> {
@@ -548,12 +556,13 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
                 self.out_bias.val(),
                 targets,
                 weights,
+                smoothing,
             );
         }
         let logits = self.decode_train(&enc, tgt, rng);
         let targets = ids_tensor::<B>(tgt_out, 1, n, device).reshape([n]);
         let weights = pad_mask::<B>(tgt_out, 1, n, pad, device).reshape([n]);
-        Self::masked_nll(logits, targets, weights)
+        Self::masked_nll(logits, targets, weights, smoothing)
     }
 
     /// The decoder state right after encoding.

@@ -138,10 +138,11 @@ where
 {
 }
 
-/// The mean per-token loss of one padded batch.
+/// The mean per-token loss of one padded batch (label smoothing `smoothing`).
 fn batch_loss<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     b: &Batch,
+    smoothing: f32,
     rng: &mut Option<DropoutRng>,
     device: &B::Device,
 ) -> Tensor<B, 1> {
@@ -153,6 +154,7 @@ fn batch_loss<B: FusedRnnBackend>(
         b.src_len,
         b.tgt_len,
         PAD,
+        smoothing,
         rng,
         device,
     )
@@ -315,6 +317,8 @@ where
     grads: Vec<f32>,
     pub opt: Optimizer,
     pub clip_norm: f32,
+    /// Label smoothing of the training loss (0: none; validation is always plain).
+    pub label_smoothing: f32,
     /// How gradients meet those of other workers (None: one process).
     pub exchange: Option<Exchange>,
     /// Seconds spent in each phase of the updates so far.
@@ -343,6 +347,7 @@ where
             grads,
             opt,
             clip_norm,
+            label_smoothing: 0.0,
             exchange: None,
             timing: PhaseTimes::default(),
         }
@@ -376,7 +381,7 @@ where
         let total = self.layout.total;
         let (mut value, tokens) = match batch {
             Some(b) if b.batch_size > 0 => {
-                let loss = batch_loss(&self.model, b, rng, &self.device);
+                let loss = batch_loss(&self.model, b, self.label_smoothing, rng, &self.device);
                 let value: f32 = loss.clone().into_scalar().elem();
                 if !value.is_finite() {
                     return Err(Error::Diverged { step, loss: value });
@@ -728,10 +733,12 @@ where
             train_seconds = c.meta.train_seconds;
         }
         let clip = cfg.train.clip_norm;
+        let mut learner = Learner::new(model, device, layout, params, opt, clip as f32);
+        learner.label_smoothing = cfg.train.label_smoothing as f32;
         Ok(Self {
             cfg,
             run_dir: run_dir.to_path_buf(),
-            learner: Learner::new(model, device, layout, params, opt, clip as f32),
+            learner,
             sched,
             tok,
             batcher,
@@ -1008,7 +1015,7 @@ where
         let (mut sum, mut n) = (0.0f64, 0usize);
         for idx in b.epoch_plan(0) {
             let batch = b.make_batch(&idx);
-            let l: f32 = batch_loss(&model, &batch, &mut None, &self.learner.device)
+            let l: f32 = batch_loss(&model, &batch, 0.0, &mut None, &self.learner.device)
                 .into_scalar()
                 .elem();
             sum += l as f64 * batch.tgt_tokens as f64;

@@ -52,7 +52,7 @@ const TGT_IN: [u32; 6] = [2, 4, 5, 2, 6, 0];
 const TGT_OUT: [u32; 6] = [4, 5, 3, 6, 3, 0];
 
 fn loss_of(model: &Seq2Seq<B>) -> Tensor<B, 1> {
-    model.loss(&SRC, &TGT_IN, &TGT_OUT, 2, 4, 3, 0, &mut None, &dev())
+    model.loss(&SRC, &TGT_IN, &TGT_OUT, 2, 4, 3, 0, 0.0, &mut None, &dev())
 }
 
 fn scalar(t: Tensor<B, 1>) -> f64 {
@@ -305,7 +305,7 @@ fn learns_to_copy_and_decodes() {
         let mut last = 0.0;
         for step in 0..150 {
             let mut rng = Some(DropoutRng::new(1, step, 0.0));
-            let loss = model.loss(&src, &tin, &tout, 4, 3, 4, 0, &mut rng, &dev());
+            let loss = model.loss(&src, &tin, &tout, 4, 3, 4, 0, 0.0, &mut rng, &dev());
             let l = loss.clone().into_scalar();
             if step == 0 {
                 first = l;

@@ -279,14 +279,15 @@ fn recurrent_layers_match_pytorch() {
 
 /// The whole Seq2Seq training loss (source vocabulary 13, target 11, embedding 4,
 /// hidden 5, two layers; GRU and LSTM with no, Luong and Bahdanau attention, plus a GRU
-/// LayerNorm/Luong and an LSTM LayerNorm/Bahdanau model; padded source and target
-/// batches) and the gradient of every parameter equal the PyTorch reference of
-/// `tests/fixtures/torch_nmt.py`, in the fused and the step-by-step path.
+/// LayerNorm/Luong and an LSTM LayerNorm/Bahdanau model, and two with label smoothing
+/// 0.1 and 0.25; padded source and target batches) and the gradient of every parameter
+/// equal the PyTorch reference of `tests/fixtures/torch_nmt.py`, in the fused and the
+/// step-by-step path.
 #[test]
 fn seq2seq_loss_and_gradients_match_pytorch() {
     let fx = fixture();
     let cases = fx["seq2seq"].as_array().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 10);
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let c = &case["config"];
@@ -328,6 +329,7 @@ fn seq2seq_loss_and_gradients_match_pytorch() {
                 size(&case["src_len"]),
                 size(&case["tgt_len"]),
                 case["pad"].as_u64().unwrap() as u32,
+                case["label_smoothing"].as_f64().unwrap_or(0.0) as f32,
                 &mut None,
                 &dev(),
             );

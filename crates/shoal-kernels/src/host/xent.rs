@@ -1,7 +1,9 @@
 //! Fused softmax cross-entropy over a large vocabulary: the mean negative log-likelihood
 //! of the target ids over the rows with weight 1, and its gradient
-//! `w_i / count * (softmax(x_i) - onehot(t_i))` computed in one pass over the logits,
-//! rows in parallel. For training, [`linear_forward_grad`] computes the loss and the
+//! `w_i / count * (softmax(x_i) - q_i)` computed in one pass over the logits, rows in
+//! parallel. `q_i` is the target's one-hot vector, or with label smoothing `e` the
+//! mixture `(1 - e) onehot(t_i) + e / V` (PyTorch's `label_smoothing`, whose loss is
+//! `lse - (1 - e) x_t - e mean(x)`). For training, [`linear_forward_grad`] computes the loss and the
 //! gradient of the logits in the same visit of each row (one `exp` per logit, the row in
 //! L1 cache between its passes) and the logits buffer is reused from step to step.
 
@@ -45,10 +47,12 @@ pub fn linear_forward_grad(
     h: usize,
     targets: &[u32],
     weights: &[f32],
+    smoothing: f32,
     threads: usize,
 ) -> (f32, XentGrad) {
     let n = targets.len();
     let v = b.len();
+    let e = smoothing;
     assert_eq!(x.len(), n * h);
     assert_eq!(w.len(), v * h);
     assert_eq!(weights.len(), n);
@@ -73,11 +77,25 @@ pub fn linear_forward_grad(
                 let t = (targets[i] as usize).min(v - 1);
                 let m = math::add_max(row, b);
                 let xt = row[t];
+                if e == 0.0 {
+                    let sum = math::exp_sum_in_place(row, m);
+                    loss += wi as f64 * (m + sum.ln() - xt) as f64;
+                    math::scale_add(row, wi / sum, &mut db);
+                    row[t] -= wi;
+                    db[t] -= wi;
+                    continue;
+                }
+                let mean = (row.iter().map(|&a| a as f64).sum::<f64>() / v as f64) as f32;
                 let sum = math::exp_sum_in_place(row, m);
-                loss += wi as f64 * (m + sum.ln() - xt) as f64;
+                loss += wi as f64 * (m + sum.ln() - (1.0 - e) * xt - e * mean) as f64;
                 math::scale_add(row, wi / sum, &mut db);
-                row[t] -= wi;
-                db[t] -= wi;
+                let (hit, spread) = (wi * (1.0 - e), wi * e / v as f32);
+                for (r, d) in row.iter_mut().zip(db.iter_mut()) {
+                    *r -= spread;
+                    *d -= spread;
+                }
+                row[t] -= hit;
+                db[t] -= hit;
             }
             (loss, db)
         })
@@ -124,9 +142,16 @@ pub fn linear_backward_from_grad(
     (dx, dw, db)
 }
 
-/// Forward. `logits`: `[N, V]` row-major; `targets`, `weights`: `[N]`. Returns the mean
-/// loss over weighted rows and each row's log-sum-exp (kept for the backward pass).
-pub fn forward(logits: &[f32], v: usize, targets: &[u32], weights: &[f32]) -> (f32, Vec<f32>) {
+/// Forward. `logits`: `[N, V]` row-major; `targets`, `weights`: `[N]`; `smoothing`:
+/// the label smoothing (0: none). Returns the mean loss over weighted rows and each
+/// row's log-sum-exp (kept for the backward pass).
+pub fn forward(
+    logits: &[f32],
+    v: usize,
+    targets: &[u32],
+    weights: &[f32],
+    smoothing: f32,
+) -> (f32, Vec<f32>) {
     let n = targets.len();
     assert_eq!(logits.len(), n * v);
     assert_eq!(weights.len(), n);
@@ -138,11 +163,17 @@ pub fn forward(logits: &[f32], v: usize, targets: &[u32], weights: &[f32]) -> (f
         })
         .collect();
     let count: f32 = weights.iter().sum::<f32>().max(1.0);
+    let e = smoothing;
     let total: f64 = (0..n)
         .map(|i| {
             let t = targets[i] as usize;
             let t = t.min(v - 1);
-            weights[i] as f64 * (lse[i] - logits[i * v + t]) as f64
+            let row = &logits[i * v..(i + 1) * v];
+            if e == 0.0 || weights[i] == 0.0 {
+                return weights[i] as f64 * (lse[i] - row[t]) as f64;
+            }
+            let mean = (row.iter().map(|&a| a as f64).sum::<f64>() / v as f64) as f32;
+            weights[i] as f64 * (lse[i] - (1.0 - e) * row[t] - e * mean) as f64
         })
         .sum();
     ((total / count as f64) as f32, lse)
@@ -159,6 +190,7 @@ pub fn linear_forward(
     h: usize,
     targets: &[u32],
     weights: &[f32],
+    smoothing: f32,
     logits: &mut Vec<f32>,
     threads: usize,
 ) -> (f32, Vec<f32>) {
@@ -173,7 +205,7 @@ pub fn linear_forward(
         .for_each(|row| row.copy_from_slice(b));
     // logits += x W^T: W^T element (p, j) = w[j * h + p].
     super::sgemm(n, v, h, x, h, 1, w, 1, h, logits, v, true, threads);
-    forward(logits, v, targets, weights)
+    forward(logits, v, targets, weights, smoothing)
 }
 
 #[cfg(test)]
@@ -258,10 +290,10 @@ mod tests {
         let weights = [1.0, 0.0, 1.0];
         let f = |x: &[f32], w: &[f32], b: &[f32]| {
             let mut l = Vec::new();
-            linear_forward(x, w, b, h, &targets, &weights, &mut l, 1).0
+            linear_forward(x, w, b, h, &targets, &weights, 0.0, &mut l, 1).0
         };
         let mut logits = Vec::new();
-        let (_, lse) = linear_forward(&x, &w, &b, h, &targets, &weights, &mut logits, 1);
+        let (_, lse) = linear_forward(&x, &w, &b, h, &targets, &weights, 0.0, &mut logits, 1);
         let (dx, dw, db) = linear_backward(logits, &x, &w, h, &targets, &weights, &lse, 1.0, 1);
         let eps = 1e-2f32;
         let fd = |which: usize, i: usize| {
@@ -293,9 +325,9 @@ mod tests {
         for (threads, grad) in [(1, 1.0), (3, 1.0), (2, 0.37)] {
             let mut logits = Vec::new();
             let (want_loss, lse) =
-                linear_forward(&x, &w, &b, h, &targets, &weights, &mut logits, 1);
+                linear_forward(&x, &w, &b, h, &targets, &weights, 0.0, &mut logits, 1);
             let want = linear_backward(logits, &x, &w, h, &targets, &weights, &lse, grad, 1);
-            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, threads);
+            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, 0.0, threads);
             assert!((loss - want_loss).abs() < 1e-5, "{loss} vs {want_loss}");
             let got = linear_backward_from_grad(g, &x, &w, h, grad, threads);
             for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
@@ -317,6 +349,20 @@ mod tests {
         targets: &[u32],
         weights: &[f32],
     ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+        reference_smoothed_f64(x, w, b, h, targets, weights, 0.0)
+    }
+
+    /// [`reference_f64`] with label smoothing `e`: the target distribution is
+    /// `(1 - e) onehot + e / V`, the loss its cross-entropy with the softmax.
+    fn reference_smoothed_f64(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        h: usize,
+        targets: &[u32],
+        weights: &[f32],
+        e: f64,
+    ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
         let (n, v) = (targets.len(), b.len());
         let count = weights.iter().map(|&w| w as f64).sum::<f64>().max(1.0);
         let (mut loss, mut dx, mut dw, mut db) =
@@ -337,9 +383,10 @@ mod tests {
             let se: f64 = z.iter().map(|&zj| (zj - m).exp()).sum();
             let t = targets[i] as usize;
             let wi = weights[i] as f64 / count;
-            loss += wi * (m + se.ln() - z[t]);
+            let q = |j: usize| e / v as f64 + if j == t { 1.0 - e } else { 0.0 };
+            loss += wi * (0..v).map(|j| -q(j) * (z[j] - m - se.ln())).sum::<f64>();
             for j in 0..v {
-                let g = wi * ((z[j] - m).exp() / se - if j == t { 1.0 } else { 0.0 });
+                let g = wi * ((z[j] - m).exp() / se - q(j));
                 db[j] += g;
                 for k in 0..h {
                     dx[i * h + k] += g * w[j * h + k] as f64;
@@ -370,7 +417,7 @@ mod tests {
             reference_f64(&x, &w, &b, h, &targets, &weights);
         // Twice each: the second call reuses the logits buffer the first gave back.
         for (threads, grad) in [(2, 1.0f32), (3, 0.37), (2, 1.0), (1, 0.37)] {
-            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, threads);
+            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, 0.0, threads);
             assert!(
                 (loss as f64 - want_loss).abs() < 1e-7 * want_loss,
                 "{loss} vs {want_loss}"
@@ -396,6 +443,62 @@ mod tests {
         }
     }
 
+    /// Label smoothing 0.1 (fairseq's and OpenNMT's usual setting) against the f64
+    /// definition: the training forward's loss and gradients (padding rows, 1-3
+    /// threads, an upstream gradient below 1) and the evaluation forward's loss, within
+    /// f32 rounding of sums over 301 logits (bounds: 1e-6 of the loss, 1e-5 of each
+    /// gradient's largest value, as at the model's shapes).
+    #[test]
+    fn label_smoothing_matches_its_definition() {
+        let (n, h, v) = (13, 16, 301);
+        let x = crate::host::test_values(n * h, 4);
+        let w: Vec<f32> = crate::host::test_values(v * h, 5)
+            .iter()
+            .map(|a| a * 0.5)
+            .collect();
+        let b = crate::host::test_values(v, 6);
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 53) % v) as u32).collect();
+        let weights: Vec<f32> = (0..n).map(|i| if i % 5 == 2 { 0.0 } else { 1.0 }).collect();
+        let e = 0.1f32;
+        let (want_loss, want_dx, want_dw, want_db) =
+            reference_smoothed_f64(&x, &w, &b, h, &targets, &weights, e as f64);
+        let (plain, ..) = reference_f64(&x, &w, &b, h, &targets, &weights);
+        assert!(
+            (want_loss - plain).abs() > 1e-3,
+            "smoothing changes the loss"
+        );
+        let mut logits = Vec::new();
+        let (eval_loss, _) = linear_forward(&x, &w, &b, h, &targets, &weights, e, &mut logits, 2);
+        assert!(
+            (eval_loss as f64 - want_loss).abs() < 1e-6 * want_loss,
+            "{eval_loss} vs {want_loss}"
+        );
+        for (threads, grad) in [(1, 1.0f32), (2, 0.37), (3, 1.0)] {
+            let (loss, g) = linear_forward_grad(&x, &w, &b, h, &targets, &weights, e, threads);
+            assert!(
+                (loss as f64 - want_loss).abs() < 1e-6 * want_loss,
+                "{loss} vs {want_loss}"
+            );
+            let (dx, dw, db) = linear_backward_from_grad(g, &x, &w, h, grad, threads);
+            for (name, got, want) in [
+                ("dx", &dx, &want_dx),
+                ("dw", &dw, &want_dw),
+                ("db", &db, &want_db),
+            ] {
+                let top = want.iter().fold(0.0f64, |a, &b| a.max(b.abs())) * grad as f64;
+                let worst = got
+                    .iter()
+                    .zip(want.iter())
+                    .map(|(&p, &q)| (p as f64 - q * grad as f64).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst <= 1e-5 * top,
+                    "{name} (threads {threads}): worst {worst} of {top}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_direct_formula_and_finite_differences() {
         let (n, v) = (4, 7);
@@ -404,7 +507,7 @@ mod tests {
             .collect();
         let targets = [3u32, 0, 6, 2];
         let weights = [1.0, 1.0, 0.0, 1.0];
-        let (loss, lse) = forward(&logits, v, &targets, &weights);
+        let (loss, lse) = forward(&logits, v, &targets, &weights, 0.0);
         let mut want = 0.0f64;
         for i in 0..n {
             let row = &logits[i * v..(i + 1) * v];
@@ -418,9 +521,9 @@ mod tests {
         for k in 0..n * v {
             let mut p = logits.clone();
             p[k] += eps;
-            let up = forward(&p, v, &targets, &weights).0;
+            let up = forward(&p, v, &targets, &weights, 0.0).0;
             p[k] -= 2.0 * eps;
-            let down = forward(&p, v, &targets, &weights).0;
+            let down = forward(&p, v, &targets, &weights, 0.0).0;
             let fd = (up - down) / (2.0 * eps);
             assert!((fd - g[k]).abs() < 1e-3, "[{k}]: analytic {} fd {fd}", g[k]);
         }

@@ -41,6 +41,10 @@ pub(crate) struct NmtArgs {
     /// train.lr
     #[arg(long)]
     pub(crate) lr: Option<f32>,
+    /// train.label_smoothing: the training target is (1 - e) onehot + e / vocabulary
+    /// (0.1 is the usual setting; 0 = none).
+    #[arg(long)]
+    pub(crate) label_smoothing: Option<f64>,
     /// train.seed
     #[arg(long)]
     pub(crate) seed: Option<u64>,
@@ -124,6 +128,9 @@ pub(crate) fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
     }
     if let Some(v) = a.lr {
         put("train.lr", format!("{v:?}"));
+    }
+    if let Some(v) = a.label_smoothing {
+        put("train.label_smoothing", format!("{v:?}"));
     }
     if let Some(v) = a.seed {
         put("train.seed", v.to_string());
