@@ -167,6 +167,11 @@ pub struct EvalSection {
     pub valid_limit: usize,
     /// Sample translations to print.
     pub samples: usize,
+    /// During training, score validation BLEU every N updates (0 = not by steps) and
+    /// keep the best checkpoint as `RUN/best` (one-process training).
+    pub every_steps: u64,
+    /// The same every N minutes of training (0 = not by time).
+    pub every_minutes: f64,
 }
 
 impl Default for EvalSection {
@@ -176,6 +181,8 @@ impl Default for EvalSection {
             alpha: 0.6,
             valid_limit: 0,
             samples: 5,
+            every_steps: 0,
+            every_minutes: 0.0,
         }
     }
 }
@@ -259,6 +266,16 @@ impl NmtTrainConfig {
         }
         if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
             return bad("train.lr", "must be positive");
+        }
+        if !(self.eval.every_minutes.is_finite() && self.eval.every_minutes >= 0.0) {
+            return bad("eval.every_minutes", "must be a number of minutes >= 0");
+        }
+        if (self.eval.every_steps > 0 || self.eval.every_minutes > 0.0) && self.dist.workers > 1 {
+            return bad(
+                "eval.every_steps / eval.every_minutes",
+                "validation BLEU during training runs in one-process training only (the \
+                 other workers would wait on worker 0's decoding past the data plane's deadlines)",
+            );
         }
         if !(0.0..1.0).contains(&self.train.label_smoothing) {
             return bad("train.label_smoothing", "must be in [0, 1)");

@@ -37,6 +37,21 @@ pub fn describe(path: &Path) -> Result<Option<Info>> {
             ("checkpoints".to_string(), kept.join(", ")),
             ("latest".to_string(), latest),
         ];
+        if let Some(b) = shoal_runtime::store::best(path) {
+            let bleu = read_metrics(&b)?.get("bleu").copied();
+            head.push((
+                "best".to_string(),
+                format!(
+                    "{}{} (`{}/best`)",
+                    b.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    bleu.map(|x| format!(", validation BLEU {x:.2}"))
+                        .unwrap_or_default(),
+                    path.display()
+                ),
+            ));
+        }
         if path.join("job").is_dir() {
             head.push((
                 "processes' logs".to_string(),

@@ -264,6 +264,8 @@ fn worker(
             step: *step,
             path: path.clone(),
         }),
+        // Refused in distributed jobs (config validation).
+        Event::Validation { .. } => {}
     })?;
     if let Some(Exchange::Ps(c)) = t.detach() {
         c.close()?;

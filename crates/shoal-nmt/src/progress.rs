@@ -149,6 +149,23 @@ impl Progress {
                     ));
                 }
             }
+            Event::Validation {
+                step,
+                bleu,
+                path,
+                best,
+            } => {
+                self.record(*step, &[("valid/bleu", *bleu)], true);
+                self.bar.say(&format!(
+                    "validation BLEU {bleu:.2} at step {step} ({}){}",
+                    path.display(),
+                    if *best {
+                        ": the best so far, now RUN/best"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             Event::Checkpoint { step, path } => {
                 self.record(*step, &[], true);
                 self.bar

@@ -67,6 +67,14 @@ pub enum Event {
         epoch: u64,
         valid_loss: f32,
     },
+    /// Validation BLEU during training (`eval.every_steps` / `eval.every_minutes`), of
+    /// the checkpoint at `path`; `best`: the best so far (now `RUN/best`).
+    Validation {
+        step: u64,
+        bleu: f64,
+        path: PathBuf,
+        best: bool,
+    },
     Checkpoint {
         step: u64,
         path: PathBuf,
@@ -540,6 +548,8 @@ where
     batch: Batch,
     /// This worker's place among `cfg.dist.workers`.
     rank: usize,
+    /// The best validation BLEU of the run so far (during-training evaluations).
+    best_bleu: Option<f64>,
 }
 
 impl NmtTrainer<CpuTrain> {
@@ -749,6 +759,9 @@ where
             train_seconds,
             batch: Batch::default(),
             rank: 0,
+            best_bleu: shoal_runtime::store::best(run_dir)
+                .and_then(|b| shoal_runtime::info::read_metrics(&b).ok())
+                .and_then(|m| m.get("bleu").copied()),
         })
     }
 
@@ -908,6 +921,12 @@ where
         let start_step = self.pos.step;
         let mut tokens = 0usize;
         let mut last_ckpt = None;
+        // The next time-scheduled validation, in seconds of training.
+        let (eval_steps, eval_minutes) = (self.cfg.eval.every_steps, self.cfg.eval.every_minutes);
+        let mut next_eval_s = match eval_minutes {
+            m if m > 0.0 => ((base_seconds / (m * 60.0)).floor() + 1.0) * m * 60.0,
+            _ => f64::INFINITY,
+        };
         let stop = loop {
             if self.pos.step >= max_steps {
                 break StopReason::MaxSteps;
@@ -963,6 +982,42 @@ where
                     path: path.clone(),
                 });
                 last_ckpt = Some(path);
+            }
+            let by_steps = eval_steps > 0 && self.pos.step.is_multiple_of(eval_steps);
+            let by_time = eval_minutes > 0.0 && self.train_seconds >= next_eval_s;
+            if self.rank == 0 && (by_steps || by_time) {
+                if by_time {
+                    while next_eval_s <= self.train_seconds {
+                        next_eval_s += eval_minutes * 60.0;
+                    }
+                }
+                let path = match &last_ckpt {
+                    Some(p) if *p == checkpoint::step_dir(&self.run_dir, self.pos.step) => {
+                        p.clone()
+                    }
+                    _ => {
+                        let path = self.save_checkpoint()?;
+                        on_event(&Event::Checkpoint {
+                            step: self.pos.step,
+                            path: path.clone(),
+                        });
+                        last_ckpt = Some(path.clone());
+                        path
+                    }
+                };
+                let bleu = self.valid_bleu()?.0.score;
+                shoal_runtime::info::record_metrics(&path, &[("bleu", bleu)])?;
+                let best = self.best_bleu.is_none_or(|b| bleu > b);
+                if best {
+                    self.best_bleu = Some(bleu);
+                    shoal_runtime::store::mark_best(&self.run_dir, &path)?;
+                }
+                on_event(&Event::Validation {
+                    step: self.pos.step,
+                    bleu,
+                    path,
+                    best,
+                });
             }
         };
         let seconds = start.elapsed().as_secs_f64();

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 /// The file in a run directory that names its newest complete checkpoint.
 pub const LATEST: &str = "latest";
 
+/// The file in a run directory that names its best checkpoint by validation score
+/// (kept when older checkpoints are removed).
+pub const BEST: &str = "best";
+
 /// The file that marks a checkpoint directory (its metadata).
 pub const META_FILE: &str = "meta.json";
 
@@ -150,18 +154,36 @@ pub fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join(format!("ckpt-{step:08}"))
 }
 
-/// Records `ckpt` as the run's latest checkpoint (atomic rename of a pointer file),
-/// then deletes all but the newest `keep` checkpoints.
-pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
+/// Points the run's `pointer` file (`latest`, `best`) at `ckpt` (atomic rename).
+fn point(run: &Path, pointer: &str, ckpt: &Path) -> Result<()> {
     let name = ckpt
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let tmp = run.join(format!("{LATEST}.tmp"));
+    let tmp = run.join(format!("{pointer}.tmp"));
     write_synced(&tmp, name.as_bytes())?;
-    let latest = run.join(LATEST);
-    fs::rename(&tmp, &latest).map_err(io_err(&latest))?;
-    sync_dir(run)?;
+    let to = run.join(pointer);
+    fs::rename(&tmp, &to).map_err(io_err(&to))?;
+    sync_dir(run)
+}
+
+/// Records `ckpt` as the run's best checkpoint (`best`, which [`publish`] keeps).
+pub fn mark_best(run: &Path, ckpt: &Path) -> Result<()> {
+    point(run, BEST, ckpt)
+}
+
+/// The checkpoint the run's `best` names, if it has one.
+pub fn best(run: &Path) -> Option<PathBuf> {
+    let name = fs::read_to_string(run.join(BEST)).ok()?;
+    let dir = run.join(name.trim());
+    dir.join(META_FILE).is_file().then_some(dir)
+}
+
+/// Records `ckpt` as the run's latest checkpoint (atomic rename of a pointer file),
+/// then deletes all but the newest `keep` checkpoints (and the one `best` names).
+pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
+    point(run, LATEST, ckpt)?;
+    let best = best(run);
     let mut all: Vec<PathBuf> = fs::read_dir(run)
         .map_err(io_err(run))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -178,7 +200,7 @@ pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
     all.sort();
     let excess = all.len().saturating_sub(keep);
     for old in all.into_iter().take(excess) {
-        if old != ckpt {
+        if old != ckpt && Some(&old) != best.as_ref() {
             fs::remove_dir_all(&old).map_err(io_err(&old))?;
         }
     }
@@ -186,10 +208,27 @@ pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
 }
 
 /// Resolves what a user passed to `--resume`/`--checkpoint`: a checkpoint directory
-/// (it has `meta.json`) or a run directory (its `latest` names the checkpoint).
+/// (it has `meta.json`), a run directory (its `latest` names the checkpoint), or one of
+/// a run's pointer files (`RUN/best`, `RUN/latest`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(META_FILE).is_file() {
         return Ok(path.to_path_buf());
+    }
+    let pointer = path.file_name().and_then(|n| n.to_str());
+    if path.is_file() && matches!(pointer, Some(BEST) | Some(LATEST)) {
+        let run = path.parent().unwrap_or(Path::new("."));
+        let name = fs::read_to_string(path).map_err(io_err(path))?;
+        let dir = run.join(name.trim());
+        if dir.join(META_FILE).is_file() {
+            return Ok(dir);
+        }
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            why: format!(
+                "names '{}', which is not a complete checkpoint",
+                name.trim()
+            ),
+        });
     }
     let latest = path.join(LATEST);
     if latest.is_file() {
@@ -215,6 +254,37 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The best checkpoint survives the pruning of old ones and is reached through its
+    /// pointer file.
+    #[test]
+    fn best_checkpoint_is_kept_and_resolved() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let save = |step: u64| {
+            let c = step_dir(run, step);
+            write_dir_atomically(&c, &[(META_FILE, b"{}")]).unwrap();
+            c
+        };
+        let first = save(1);
+        publish(run, &first, 1).unwrap();
+        mark_best(run, &first).unwrap();
+        for s in 2..5 {
+            let c = save(s);
+            publish(run, &c, 1).unwrap();
+        }
+        assert!(first.is_dir(), "the best checkpoint was removed");
+        assert!(!step_dir(run, 2).exists() && !step_dir(run, 3).exists());
+        assert_eq!(resolve(&run.join(BEST)).unwrap(), first);
+        assert_eq!(resolve(&run.join(LATEST)).unwrap(), step_dir(run, 4));
+        assert_eq!(resolve(run).unwrap(), step_dir(run, 4));
+        fs::write(run.join(BEST), "ckpt-00000099").unwrap();
+        let e = resolve(&run.join(BEST)).unwrap_err().to_string();
+        assert!(
+            e.contains("ckpt-00000099") && e.contains("not a complete checkpoint"),
+            "{e}"
+        );
+    }
 
     /// A directory written again is the new one, with the event file that was being
     /// written into the old one (and what the writer adds after the move), and nothing

@@ -586,6 +586,82 @@ fn distributed_runs_resume_exactly() {
     }
 }
 
+/// Validation BLEU during training (every 3 updates here): each evaluation is said and
+/// recorded (metrics.json, TensorBoard), the best checkpoint is `RUN/best`, survives
+/// the pruning of old checkpoints, is what `info` names and what `translate` takes;
+/// a distributed job that asks for it is refused before it starts.
+#[test]
+fn validation_during_training_keeps_the_best() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 64);
+    let o = train(
+        d.path(),
+        &[
+            "--max-steps",
+            "9",
+            "--no-eval",
+            "--set",
+            "eval.every_steps=3",
+            "--set",
+            "eval.valid_limit=16",
+            "--set",
+            "train.keep_checkpoints=1",
+            "--checkpoint-every",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.matches("validation BLEU").count(), 3, "{err}");
+    assert!(err.contains("the best so far, now RUN/best"), "{err}");
+    let best = std::fs::read_to_string(d.path().join("run/best")).unwrap();
+    let best_dir = d.path().join("run").join(best.trim());
+    assert!(best_dir.join("meta.json").is_file(), "{best}: pruned");
+    let scores: Vec<f64> = ["ckpt-00000003", "ckpt-00000006", "ckpt-00000009"]
+        .iter()
+        .filter_map(|c| {
+            let m = std::fs::read(d.path().join("run").join(c).join("metrics.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            v["bleu"].as_f64()
+        })
+        .collect();
+    // The best one's recorded score is the highest of those recorded.
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(best_dir.join("metrics.json")).unwrap()).unwrap();
+    let top = b["bleu"].as_f64().unwrap();
+    assert!(scores.iter().all(|&s| s <= top), "{scores:?} vs best {top}");
+    assert_eq!(event_tags(&d.path().join("run"), "valid/bleu"), 3);
+    let info = info_json(d.path(), "run");
+    assert!(
+        info["made"]["best"]
+            .as_str()
+            .unwrap()
+            .starts_with(best.trim()),
+        "{info}"
+    );
+    let o = shoal(
+        d.path(),
+        &["translate", "--checkpoint", "run/best"],
+        Some("A man.\n"),
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut args = vec![
+        "train",
+        "nmt",
+        "--data-dir",
+        ".",
+        "--workers",
+        "2",
+        "--set",
+        "eval.every_steps=3",
+    ];
+    args.extend_from_slice(TINY);
+    assert_clear_error(
+        &shoal(d.path(), &args, None),
+        &["eval.every_steps", "one-process"],
+    );
+}
+
 /// How often `tag` occurs in the one TensorBoard event file in `dir`.
 fn event_tags(dir: &Path, tag: &str) -> usize {
     let files: Vec<_> = std::fs::read_dir(dir)
