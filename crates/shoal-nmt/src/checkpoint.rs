@@ -181,6 +181,63 @@ impl Checkpoint {
     }
 }
 
+/// Checkpoint averaging (as OpenNMT's `average_models.py` and fairseq's
+/// `average_checkpoints.py`): the element-wise mean of the parameters of `dirs`
+/// (summed in f64, in the order given), written as checkpoint `out`. The checkpoints
+/// must hold the same model (parameter names and shapes, tokenizers); the result
+/// carries the last one's metadata (step, data position, configuration) and optimizer
+/// state, so it translates, scores and resumes like that one. Returns what was averaged.
+pub fn average(dirs: &[std::path::PathBuf], out: &Path) -> Result<Checkpoint> {
+    let fail = |path: &Path, why: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut sum: Vec<f64> = Vec::new();
+    let mut first: Option<Checkpoint> = None;
+    let mut last: Option<Checkpoint> = None;
+    for d in dirs {
+        let c = Checkpoint::load(d)?;
+        match &first {
+            None => {
+                sum = c.params.iter().map(|&x| x as f64).collect();
+                first = Some(c.clone());
+            }
+            Some(f) => {
+                if c.meta.params != f.meta.params {
+                    return Err(fail(
+                        d,
+                        format!(
+                            "holds another model than {} (parameter names or shapes differ)",
+                            dirs[0].display()
+                        ),
+                    ));
+                }
+                if c.meta.src_tokenizer != f.meta.src_tokenizer
+                    || c.meta.tgt_tokenizer != f.meta.tgt_tokenizer
+                {
+                    return Err(fail(
+                        d,
+                        format!("has other vocabularies than {}", dirs[0].display()),
+                    ));
+                }
+                for (s, &x) in sum.iter_mut().zip(&c.params) {
+                    *s += x as f64;
+                }
+            }
+        }
+        last = Some(c);
+    }
+    let Some(mut avg) = last else {
+        return Err(Error::Config(
+            "average: give at least one checkpoint".into(),
+        ));
+    };
+    let n = dirs.len() as f64;
+    avg.params = sum.iter().map(|&s| (s / n) as f32).collect();
+    avg.save(out)?;
+    Ok(avg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +276,41 @@ mod tests {
         publish(run.path(), &d, 2).unwrap();
         let back = Checkpoint::load(&resolve(run.path()).unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// The average of three checkpoints is their element-wise mean, saved and loaded
+    /// back like any checkpoint, with the last one's position; another model is refused.
+    #[test]
+    fn average_is_the_mean_of_the_parameters() {
+        let run = tempfile::tempdir().unwrap();
+        let dirs: Vec<_> = (1..=3u64)
+            .map(|s| {
+                let mut c = sample();
+                c.meta.step = s;
+                c.params = (0..9).map(|i| (i as f32) * s as f32 + 0.25).collect();
+                let d = step_dir(run.path(), s);
+                c.save(&d).unwrap();
+                d
+            })
+            .collect();
+        let out = run.path().join("avg");
+        let avg = average(&dirs, &out).unwrap();
+        let back = Checkpoint::load(&out).unwrap();
+        assert_eq!(back, avg);
+        assert_eq!(back.meta.step, 3);
+        // (i + 2i + 3i) / 3 + 0.25 = 2i + 0.25, exactly in f32.
+        let want: Vec<f32> = (0..9).map(|i| 2.0 * i as f32 + 0.25).collect();
+        assert_eq!(back.params, want);
+        let mut other = sample();
+        other.meta.params = vec![("b.weight".into(), vec![9])];
+        let d = run.path().join("other");
+        other.save(&d).unwrap();
+        let e = average(&[dirs[0].clone(), d], &run.path().join("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another model"), "{e}");
+        assert!(!run.path().join("x").exists());
+        assert!(average(&[], &run.path().join("y")).is_err());
     }
 
     #[test]

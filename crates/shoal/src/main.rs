@@ -28,6 +28,9 @@ enum Cmd {
     Translate(translate::TranslateArgs),
     /// Score translations with BLEU (sacreBLEU-compatible, 13a tokenisation).
     Eval(eval::EvalArgs),
+    /// Average the parameters of NMT checkpoints into a new one (checkpoint averaging,
+    /// as OpenNMT's and fairseq's): `average --last 3 --out avg runs/nmt`.
+    Average(average::AverageArgs),
     /// Benchmarks (see bench/run, which runs them against their peers).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         }) => cli::data::run(rows, fields, ids_per_field, zipf, seed, out),
         Cmd::Translate(a) => cli::translate::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
+        Cmd::Average(a) => cli::average::run(a),
         Cmd::Bench(b) => cli::bench::run(b),
         Cmd::Role => cli::run_role(),
         Cmd::Coordinator(a) => cli::coordinator::run(a),

@@ -645,6 +645,41 @@ fn validation_during_training_keeps_the_best() {
         Some("A man.\n"),
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // Checkpoint averaging (the mean itself: shoal-nmt's checkpoint tests): the best
+    // and the latest, or the run's last two, into checkpoints that translate.
+    for (args, out) in [
+        (vec!["run/best", "run"], "avg"),
+        (vec!["--last", "2", "run"], "avg2"),
+    ] {
+        let mut a = vec!["average", "--out", out];
+        a.extend(args);
+        let o = shoal(d.path(), &a, None);
+        assert!(o.status.success(), "{a:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("averaged 2 checkpoints"),
+            "{}",
+            text(&o.stderr)
+        );
+        assert_eq!(info_json(d.path(), out)["kind"], "nmt-checkpoint");
+        let o = shoal(
+            d.path(),
+            &["translate", "--checkpoint", out],
+            Some("A man.\n"),
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    assert_clear_error(
+        &shoal(d.path(), &["average", "--out", "avg", "run"], None),
+        &["--out avg", "already exists"],
+    );
+    assert_clear_error(
+        &shoal(
+            d.path(),
+            &["average", "--out", "a3", "--last", "5", "run"],
+            None,
+        ),
+        &["2 checkpoints", "--last asks for 5"],
+    );
     let mut args = vec![
         "train",
         "nmt",

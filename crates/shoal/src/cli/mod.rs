@@ -1,6 +1,7 @@
 //! The command line: one module per command (its arguments and what runs them); the
 //! flags' choices are the library crates' own enums (their `clap` feature).
 
+pub mod average;
 pub mod bench;
 pub mod compress;
 pub mod coordinator;
