@@ -28,12 +28,6 @@ impl CnnProgress {
         self.events = Recorder::new(w);
     }
 
-    fn record(&mut self, step: u64, scalars: &[(&str, f64)], flush: bool) {
-        if let Some(e) = self.events.record(step, scalars, flush) {
-            self.bar.say(&e);
-        }
-    }
-
     /// Handles one event.
     pub fn on_event(&mut self, e: &crate::trainer::CnnEvent) {
         use crate::trainer::CnnEvent;
@@ -57,7 +51,8 @@ impl CnnProgress {
                 images_per_s,
             } => {
                 self.last_step = *step;
-                self.record(
+                self.events.record_on(
+                    &self.bar,
                     *step,
                     &[
                         ("train/loss", *batch_loss as f64),
@@ -76,7 +71,8 @@ impl CnnProgress {
             }
             CnnEvent::Eval { epoch, eval } => {
                 let s = self.last_step;
-                self.record(
+                self.events.record_on(
+                    &self.bar,
                     s,
                     &[
                         ("test/top1", eval.top1),
@@ -99,6 +95,6 @@ impl CnnProgress {
     /// Removes the bar (and writes what the event file buffers).
     pub fn finish(&mut self) {
         self.bar.finish();
-        self.record(0, &[], true);
+        self.events.record_on(&self.bar, 0, &[], true);
     }
 }

@@ -29,12 +29,6 @@ impl CtrProgress {
         self.events = Recorder::new(w);
     }
 
-    fn record(&mut self, step: u64, scalars: &[(&str, f64)], flush: bool) {
-        if let Some(e) = self.events.record(step, scalars, flush) {
-            self.bar.say(&e);
-        }
-    }
-
     /// Handles one event.
     pub fn on_event(&mut self, e: &crate::trainer::CtrEvent) {
         use crate::trainer::CtrEvent;
@@ -66,7 +60,8 @@ impl CtrProgress {
                 ..
             } => {
                 self.last_step = *step;
-                self.record(
+                self.events.record_on(
+                    &self.bar,
                     *step,
                     &[
                         ("train/logloss", *batch_loss),
@@ -85,7 +80,8 @@ impl CtrProgress {
             }
             CtrEvent::Eval { epoch, eval } => {
                 let s = self.last_step;
-                self.record(
+                self.events.record_on(
+                    &self.bar,
                     s,
                     &[("valid/auc", eval.auc), ("valid/logloss", eval.logloss)],
                     true,
@@ -106,6 +102,6 @@ impl CtrProgress {
     /// Removes the bar (and writes what the event file buffers).
     pub fn finish(&mut self) {
         self.bar.finish();
-        self.record(0, &[], true);
+        self.events.record_on(&self.bar, 0, &[], true);
     }
 }

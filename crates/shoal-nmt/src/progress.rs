@@ -49,13 +49,6 @@ impl Progress {
         self.events.writer()
     }
 
-    /// Writes scalars to the event file (a failure is said once; training goes on).
-    fn record(&mut self, step: u64, scalars: &[(&str, f64)], flush: bool) {
-        if let Some(e) = self.events.record(step, scalars, flush) {
-            self.bar.say(&e);
-        }
-    }
-
     /// Text shown after the step message (a distributed job's per-worker rates).
     pub fn set_detail(&mut self, detail: String) {
         self.detail = detail;
@@ -108,7 +101,8 @@ impl Progress {
                 tokens_per_s,
             } => {
                 self.last_step = Some(*step);
-                self.record(
+                self.events.record_on(
+                    &self.bar,
                     *step,
                     &[
                         ("train/loss", stats.loss as f64),
@@ -139,7 +133,12 @@ impl Progress {
             }
             Event::EpochEnd { epoch, valid_loss } => {
                 if let Some(s) = self.last_step {
-                    self.record(s, &[("valid/loss", *valid_loss as f64)], true);
+                    self.events.record_on(
+                        &self.bar,
+                        s,
+                        &[("valid/loss", *valid_loss as f64)],
+                        true,
+                    );
                 }
                 if !self.quiet {
                     self.bar.say(&format!(
@@ -155,7 +154,8 @@ impl Progress {
                 path,
                 best,
             } => {
-                self.record(*step, &[("valid/bleu", *bleu)], true);
+                self.events
+                    .record_on(&self.bar, *step, &[("valid/bleu", *bleu)], true);
                 self.bar.say(&format!(
                     "validation BLEU {bleu:.2} at step {step} ({}){}",
                     path.display(),
@@ -167,7 +167,7 @@ impl Progress {
                 ));
             }
             Event::Checkpoint { step, path } => {
-                self.record(*step, &[], true);
+                self.events.record_on(&self.bar, *step, &[], true);
                 self.bar
                     .say(&format!("checkpoint at step {step}: {}", path.display()));
             }
@@ -177,6 +177,6 @@ impl Progress {
     /// Removes the bar (and writes what the event file buffers).
     pub fn finish(&mut self) {
         self.bar.finish();
-        self.record(0, &[], true);
+        self.events.record_on(&self.bar, 0, &[], true);
     }
 }

@@ -118,6 +118,19 @@ impl Recorder {
         Some(format!("TensorBoard events no longer recorded: {e}"))
     }
 
+    /// [`Recorder::record`], the error (once) said above `bar`.
+    pub fn record_on(
+        &mut self,
+        bar: &crate::progress::StepBar,
+        step: u64,
+        scalars: &[(&str, f64)],
+        flush: bool,
+    ) {
+        if let Some(e) = self.record(step, scalars, flush) {
+            bar.say(&e);
+        }
+    }
+
     /// The event file, while it records.
     pub fn writer(&mut self) -> Option<&mut EventWriter> {
         self.w.as_mut()

@@ -397,6 +397,24 @@ mod tests {
         (loss, dx, dw, db)
     }
 
+    /// Each of `dx`, `dw`, `db` (for an upstream gradient `grad`) within 1e-5 of its f64
+    /// reference's largest value.
+    fn assert_gradients_close(pairs: [(&Vec<f32>, &Vec<f64>); 3], grad: f32, threads: usize) {
+        for (name, (got, want)) in ["dx", "dw", "db"].into_iter().zip(pairs) {
+            assert_eq!(got.len(), want.len());
+            let top = want.iter().fold(0.0f64, |a, &b| a.max(b.abs())) * grad as f64;
+            let worst = got
+                .iter()
+                .zip(want.iter())
+                .map(|(&p, &q)| (p as f64 - q * grad as f64).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-5 * top,
+                "{name} (threads {threads}): worst {worst} of {top}"
+            );
+        }
+    }
+
     /// The training forward at the default model's shapes (hidden 128, vocabulary
     /// 8,000; rows split over 2 and 3 threads, an upstream gradient below 1, padding
     /// rows) against the f64 definition. f32 sums over 8,000 logits and 128 inputs
@@ -423,23 +441,11 @@ mod tests {
                 "{loss} vs {want_loss}"
             );
             let (dx, dw, db) = linear_backward_from_grad(g, &x, &w, h, grad, threads);
-            for (name, got, want) in [
-                ("dx", &dx, &want_dx),
-                ("dw", &dw, &want_dw),
-                ("db", &db, &want_db),
-            ] {
-                assert_eq!(got.len(), want.len());
-                let top = want.iter().fold(0.0f64, |a, &b| a.max(b.abs())) * grad as f64;
-                let worst = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(&p, &q)| (p as f64 - q * grad as f64).abs())
-                    .fold(0.0, f64::max);
-                assert!(
-                    worst <= 1e-5 * top,
-                    "{name} (threads {threads}): worst {worst} of {top}"
-                );
-            }
+            assert_gradients_close(
+                [(&dx, &want_dx), (&dw, &want_dw), (&db, &want_db)],
+                grad,
+                threads,
+            );
         }
     }
 
@@ -480,22 +486,11 @@ mod tests {
                 "{loss} vs {want_loss}"
             );
             let (dx, dw, db) = linear_backward_from_grad(g, &x, &w, h, grad, threads);
-            for (name, got, want) in [
-                ("dx", &dx, &want_dx),
-                ("dw", &dw, &want_dw),
-                ("db", &db, &want_db),
-            ] {
-                let top = want.iter().fold(0.0f64, |a, &b| a.max(b.abs())) * grad as f64;
-                let worst = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(&p, &q)| (p as f64 - q * grad as f64).abs())
-                    .fold(0.0, f64::max);
-                assert!(
-                    worst <= 1e-5 * top,
-                    "{name} (threads {threads}): worst {worst} of {top}"
-                );
-            }
+            assert_gradients_close(
+                [(&dx, &want_dx), (&dw, &want_dw), (&db, &want_db)],
+                grad,
+                threads,
+            );
         }
     }
 
