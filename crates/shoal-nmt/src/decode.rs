@@ -204,3 +204,140 @@ pub fn beam_search<B: FusedRnnBackend>(
         .unwrap_or_default();
     Ok(best)
 }
+
+/// [`beam_search`] over many sentences at once: the sources are encoded as one padded
+/// batch and every alive hypothesis of every sentence is one row of each decoding step
+/// (so the step's products run over up to `sources.len() * k` rows instead of `k`).
+/// Each sentence keeps its own beams, finished list and stopping rule, exactly as
+/// [`beam_search`] does alone.
+pub fn beam_search_batch<B: FusedRnnBackend>(
+    model: &Seq2Seq<B>,
+    sources: &[Vec<u32>],
+    k: usize,
+    alpha: f32,
+    sp: Specials,
+    device: &B::Device,
+) -> Result<Vec<Vec<u32>>> {
+    let n = sources.len();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+    // Empty sources translate to nothing (as in beam_search); the rest decode together.
+    let live: Vec<usize> = (0..n).filter(|&i| !sources[i].is_empty()).collect();
+    if live.is_empty() {
+        return Ok(out);
+    }
+    let k = k.max(1);
+    let srcs: Vec<Vec<u32>> = live.iter().map(|&i| sources[i].clone()).collect();
+    let (flat, s) = pad_batch(&srcs, sp.pad);
+    let enc_all = model.encode(
+        ids_tensor::<B>(&flat, srcs.len(), s, device),
+        pad_mask::<B>(&flat, srcs.len(), s, sp.pad, device),
+        &mut None,
+    );
+    let penalty = |len: usize| ((5.0 + len as f32) / 6.0).powf(alpha);
+    let max_len: Vec<usize> = srcs.iter().map(|s| max_output_len(s.len())).collect();
+    // Per sentence (index into `srcs`): alive beams (tokens, summed log-prob) and
+    // finished hypotheses (tokens, normalised score).
+    let mut beams: Vec<Vec<(Vec<u32>, f32)>> = vec![vec![(Vec::new(), 0.0)]; srcs.len()];
+    let mut finished: Vec<Vec<(Vec<u32>, f32)>> = vec![Vec::new(); srcs.len()];
+    // The rows of the current step: (sentence, beam), in order.
+    let mut rows: Vec<(usize, usize)> = (0..srcs.len()).map(|j| (j, 0)).collect();
+    let mut enc = enc_all.clone();
+    let mut state = model.start_state(&enc);
+    let mut prev = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(vec![sp.bos as i32; rows.len()], [rows.len()]),
+        device,
+    );
+    let mut step = 0usize;
+    while !rows.is_empty() {
+        let (lp, st) = model.decode_step(&enc, prev, &state);
+        let [_, v] = lp.dims();
+        let lp = to_vec_f32(lp)?;
+        let mut next_rows: Vec<(usize, usize)> = Vec::new();
+        let mut parents: Vec<i32> = Vec::new();
+        let mut last: Vec<i32> = Vec::new();
+        let mut r = 0;
+        while r < rows.len() {
+            let j = rows[r].0;
+            let end = r + rows[r..].iter().take_while(|x| x.0 == j).count();
+            // The best 2k candidates over this sentence's alive beams.
+            let take = (2 * k).min(v);
+            let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity((end - r) * take);
+            let mut idx: Vec<usize> = Vec::with_capacity(v);
+            for (row, &(_, b)) in rows.iter().enumerate().take(end).skip(r) {
+                let lrow = &lp[row * v..(row + 1) * v];
+                idx.clear();
+                idx.extend(0..v);
+                idx.select_nth_unstable_by(take - 1, |&x, &y| lrow[y].total_cmp(&lrow[x]));
+                for &t in &idx[..take] {
+                    cand.push((beams[j][b].1 + lrow[t], row, t as u32));
+                }
+            }
+            cand.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut next: Vec<(Vec<u32>, f32)> = Vec::with_capacity(k);
+            let mut next_parents: Vec<i32> = Vec::with_capacity(k);
+            for (score, row, t) in cand {
+                if next.len() == k {
+                    break;
+                }
+                let mut toks = beams[j][rows[row].1].0.clone();
+                if t == sp.eos || step == max_len[j] {
+                    let len = toks.len() + 1;
+                    finished[j].push((toks, score / penalty(len)));
+                } else {
+                    toks.push(t);
+                    next.push((toks, score));
+                    next_parents.push(row as i32);
+                }
+            }
+            let best_done = finished[j]
+                .iter()
+                .map(|f| f.1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let best_alive = next
+                .iter()
+                .map(|b| b.1 / penalty(max_len[j] + 1))
+                .fold(f32::NEG_INFINITY, f32::max);
+            if next.is_empty() || (finished[j].len() >= k && best_done >= best_alive) {
+                // Ended with nothing finished: the best alive beam (as beam_search).
+                if finished[j].is_empty() {
+                    finished[j] = std::mem::take(&mut beams[j]);
+                }
+            } else {
+                for (b, (toks, _)) in next.iter().enumerate() {
+                    next_rows.push((j, b));
+                    last.push(*toks.last().unwrap_or(&sp.bos) as i32);
+                }
+                parents.extend(next_parents);
+                beams[j] = next;
+            }
+            r = end;
+        }
+        step += 1;
+        if next_rows.is_empty() {
+            break;
+        }
+        let m = next_rows.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(parents, [m]), device);
+        state = st.select(idx);
+        let sent: Vec<i32> = next_rows.iter().map(|x| x.0 as i32).collect();
+        enc = enc_all.select(Tensor::<B, 1, Int>::from_data(
+            TensorData::new(sent, [m]),
+            device,
+        ));
+        prev = Tensor::from_data(TensorData::new(last, [m]), device);
+        rows = next_rows;
+    }
+    for (j, &i) in live.iter().enumerate() {
+        let pool = if finished[j].is_empty() {
+            &beams[j]
+        } else {
+            &finished[j]
+        };
+        out[i] = pool
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|f| f.0.clone())
+            .unwrap_or_default();
+    }
+    Ok(out)
+}

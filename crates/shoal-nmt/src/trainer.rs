@@ -5,7 +5,7 @@
 
 use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
 use crate::config::NmtTrainConfig;
-use crate::decode::{beam_search, greedy, Specials};
+use crate::decode::{beam_search_batch, greedy, Specials};
 use crate::fused::FusedRnnBackend;
 use crate::model::DropoutRng;
 use crate::{Cpu, CpuTrain, FlatLayout, Seq2Seq};
@@ -257,9 +257,18 @@ impl<B: FusedRnnBackend> Translator<B> {
                 done(n);
             }
         } else {
-            for (i, s) in sources.iter().enumerate() {
-                outs[i] = beam_search(&self.model, s, beam, alpha, SPECIALS, &device)?;
-                done(i + 1);
+            // Sentences of similar length searched together, every hypothesis a row.
+            let mut order: Vec<usize> = (0..sources.len()).collect();
+            order.sort_by_key(|&i| sources[i].len());
+            let mut n = 0;
+            for chunk in order.chunks(32) {
+                let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| sources[i].clone()).collect();
+                let res = beam_search_batch(&self.model, &srcs, beam, alpha, SPECIALS, &device)?;
+                for (&i, r) in chunk.iter().zip(res) {
+                    outs[i] = r;
+                }
+                n += chunk.len();
+                done(n);
             }
         }
         outs.iter().map(|o| Ok(self.tok.tgt.decode(o)?)).collect()
