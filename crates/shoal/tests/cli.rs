@@ -1066,6 +1066,9 @@ fn ctr_train_predict_and_bad_rows() {
     let v: serde_json::Value =
         serde_json::from_str(text(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(v["worker_examples_per_s"].as_array().unwrap().len(), 2);
+    // The job's TensorBoard events sit beside the model worker 0 saved (its updates
+    // are reported twice a second: this job is over before the first report).
+    assert_eq!(event_tags(&d.path().join("m2"), "valid/auc"), 1);
     for w in ["worker-0", "worker-1"] {
         let log =
             std::fs::read_to_string(d.path().join(format!("m2.cluster/job/logs/{w}.log"))).unwrap();

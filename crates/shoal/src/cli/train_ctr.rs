@@ -308,7 +308,7 @@ pub(crate) fn train_ctr_cluster(
     };
     let mut last = std::time::Instant::now();
     let mut eval = None;
-    let summary = launch_job(&d, 1, &run_dir, &opts, |r, rates| match r {
+    let mut report = |r: &Report, rates: &[f64]| match r {
         Report::Step {
             rank: 0,
             step,
@@ -340,7 +340,44 @@ pub(crate) fn train_ctr_cluster(
             eval = Some((*auc, *logloss, planted_auc.copied()));
         }
         _ => {}
+    };
+    // The job's scalars from worker 0's reports, beside the model (as one process).
+    let mut events = shoal_runtime::tensorboard::Recorder::new(crate::cli::events_in(&a.out)?);
+    let mut last_step = 0;
+    let summary = launch_job(&d, 1, &run_dir, &opts, |r, rates| {
+        let e = match r {
+            Report::Step {
+                rank: 0,
+                step,
+                loss,
+                ..
+            } => {
+                last_step = *step;
+                let speed = rates.iter().sum::<f64>();
+                let s = [
+                    ("train/logloss", *loss as f64),
+                    ("train/examples_per_s", speed),
+                ];
+                events.record(*step, &s, false)
+            }
+            Report::Scores { scores, .. } => {
+                let pick = |k: &str| scores.get(k).copied().unwrap_or(f64::NAN);
+                let s = [
+                    ("valid/auc", pick("auc")),
+                    ("valid/logloss", pick("logloss")),
+                ];
+                events.record(last_step, &s, true)
+            }
+            _ => None,
+        };
+        if let Some(e) = e {
+            eprintln!("{e}");
+        }
+        report(r, rates)
     })?;
+    if let Some(e) = events.record(last_step, &[], true) {
+        eprintln!("{e}");
+    }
     let (auc, logloss, planted_auc) = eval.context("worker 0 reported no evaluation")?;
     record_scores(&a.out, auc, logloss, planted_auc)?;
     println!(
