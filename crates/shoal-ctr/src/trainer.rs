@@ -1080,6 +1080,7 @@ fn score(
 /// with a CTR configuration in its metadata): the model, the data, how far training
 /// went, the held-out scores recorded beside it and the commands that use it.
 pub fn describe(dir: &Path) -> Result<Option<shoal_runtime::info::Info>> {
+    use shoal_runtime::info::config_name as name;
     let file = model_file(dir);
     let Ok(bytes) = std::fs::read(&file) else {
         return Ok(None);
@@ -1154,17 +1155,4 @@ pub fn describe(dir: &Path) -> Result<Option<shoal_runtime::info::Info>> {
         format!("shoal train ctr --resume {d} --epochs N"),
     ];
     Ok(Some(i))
-}
-
-/// A configuration enum's name as the configuration spells it.
-/// (A tagged table gives its `kind`.)
-fn name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| {
-            v.as_str()
-                .or_else(|| v.get("kind").and_then(|k| k.as_str()))
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "?".into())
 }

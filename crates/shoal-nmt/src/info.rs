@@ -5,9 +5,8 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::NmtTrainConfig;
 use crate::{Error, Result};
-use serde::Serialize;
 use shoal_data::SubwordTokenizer;
-use shoal_runtime::info::{read_metrics, Info};
+use shoal_runtime::info::{config_name as name, read_metrics, Info};
 use shoal_runtime::store::{LATEST, META_FILE};
 use std::path::Path;
 
@@ -192,12 +191,4 @@ fn describe_checkpoint(dir: &Path) -> Result<Option<Info>> {
         format!("shoal train nmt --resume {d} --epochs N"),
     ];
     Ok(Some(i))
-}
-
-/// An enum's name as the configuration spells it.
-fn name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_else(|| "?".into())
 }

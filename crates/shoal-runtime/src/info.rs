@@ -97,6 +97,19 @@ impl Info {
     }
 }
 
+/// A configuration value's name as the configuration spells it: a unit enum's string,
+/// or a tagged table's `kind` (`"?"` for anything else).
+pub fn config_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("kind").and_then(|k| k.as_str()))
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 /// A score as a person reads it: 4 significant decimals, no trailing noise.
 fn number(v: f64) -> String {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
@@ -150,6 +163,24 @@ mod tests {
         std::fs::write(d.path().join(METRICS_FILE), b"[1, 2").unwrap();
         let e = read_metrics(d.path()).unwrap_err().to_string();
         assert!(e.contains("metrics.json") && e.contains("scores"), "{e}");
+    }
+
+    /// Unit enums by their string, tagged tables by their `kind`.
+    #[test]
+    fn configuration_names_are_the_files_spelling() {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        enum Unit {
+            PsSync,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(tag = "kind", rename_all = "kebab-case")]
+        enum Tagged {
+            LazyAdam { beta1: f32 },
+        }
+        assert_eq!(config_name(&Unit::PsSync), "ps-sync");
+        assert_eq!(config_name(&Tagged::LazyAdam { beta1: 0.9 }), "lazy-adam");
+        assert_eq!(config_name(&3), "?");
     }
 
     #[test]
