@@ -102,7 +102,8 @@ pub fn greedy<B: FusedRnnBackend>(
 }
 
 /// Beam search for one source sentence with beam width `k` and the GNMT length
-/// penalty `((5 + len) / 6)^alpha`. Returns the best hypothesis without BOS/EOS.
+/// penalty `((5 + len) / 6)^alpha`. Returns the best hypothesis without BOS/EOS
+/// (an empty source: nothing). The batch of one of [`beam_search_batch`].
 pub fn beam_search<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     source: &[u32],
@@ -111,105 +112,21 @@ pub fn beam_search<B: FusedRnnBackend>(
     sp: Specials,
     device: &B::Device,
 ) -> Result<Vec<u32>> {
-    if source.is_empty() {
-        return Ok(Vec::new());
-    }
-    let k = k.max(1);
-    let s = source.len();
-    let enc1 = model.encode(
-        ids_tensor::<B>(source, 1, s, device),
-        pad_mask::<B>(source, 1, s, sp.pad, device),
-        &mut None,
-    );
-    let penalty = |len: usize| ((5.0 + len as f32) / 6.0).powf(alpha);
-    let max_len = max_output_len(s);
-    // Alive beams: (tokens, summed log-prob).
-    let mut beams: Vec<(Vec<u32>, f32)> = vec![(Vec::new(), 0.0)];
-    let mut finished: Vec<(Vec<u32>, f32)> = Vec::new();
-    let mut enc = enc1.clone();
-    let mut state = model.start_state(&enc);
-    let mut prev =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![sp.bos as i32], [1]), device);
-    for step in 0..=max_len {
-        let (lp, st) = model.decode_step(&enc, prev, &state);
-        let [n, v] = lp.dims();
-        let lp = to_vec_f32(lp)?;
-        // The best 2k candidates over all alive beams.
-        let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity(n * 2 * k);
-        for (b, (_, score)) in beams.iter().enumerate() {
-            let row = &lp[b * v..(b + 1) * v];
-            let mut idx: Vec<usize> = (0..v).collect();
-            let take = (2 * k).min(v);
-            idx.select_nth_unstable_by(take - 1, |&x, &y| row[y].total_cmp(&row[x]));
-            for &t in &idx[..take] {
-                cand.push((score + row[t], b, t as u32));
-            }
-        }
-        cand.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut next: Vec<(Vec<u32>, f32)> = Vec::with_capacity(k);
-        let mut parents: Vec<i32> = Vec::with_capacity(k);
-        for (score, b, t) in cand {
-            if next.len() == k {
-                break;
-            }
-            let mut toks = beams[b].0.clone();
-            if t == sp.eos || step == max_len {
-                let len = toks.len() + 1;
-                finished.push((toks, score / penalty(len)));
-            } else {
-                toks.push(t);
-                next.push((toks, score));
-                parents.push(b as i32);
-            }
-        }
-        // Stop when k hypotheses have ended and no alive beam can beat the best one
-        // (scores only fall as hypotheses grow; the penalty's growth is bounded by
-        // assuming the alive beam ends at the maximum length).
-        let best_done = finished
-            .iter()
-            .map(|f| f.1)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let best_alive = next
-            .iter()
-            .map(|b| b.1 / penalty(max_len + 1))
-            .fold(f32::NEG_INFINITY, f32::max);
-        if next.is_empty() || (finished.len() >= k && best_done >= best_alive) {
-            break;
-        }
-        let m = next.len();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(parents, [m]), device);
-        state = st.select(idx.clone());
-        if enc.outputs.dims()[0] != m {
-            let zeros = Tensor::<B, 1, Int>::zeros([m], device);
-            enc = enc1.select(zeros);
-        }
-        let last: Vec<i32> = next
-            .iter()
-            .map(|(t, _)| *t.last().unwrap_or(&sp.bos) as i32)
-            .collect();
-        prev = Tensor::from_data(TensorData::new(last, [m]), device);
-        beams = next;
-        let _ = n;
-    }
-    let best = finished
-        .into_iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|f| f.0)
-        .or_else(|| {
-            beams
-                .into_iter()
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|b| b.0)
-        })
-        .unwrap_or_default();
-    Ok(best)
+    let mut out = beam_search_batch(model, &[source.to_vec()], k, alpha, sp, device)?;
+    Ok(out.pop().unwrap_or_default())
 }
 
-/// [`beam_search`] over many sentences at once: the sources are encoded as one padded
-/// batch and every alive hypothesis of every sentence is one row of each decoding step
-/// (so the step's products run over up to `sources.len() * k` rows instead of `k`).
-/// Each sentence keeps its own beams, finished list and stopping rule, exactly as
-/// [`beam_search`] does alone.
+/// Beam search over many sentences at once (beam width `k`, GNMT length penalty
+/// `((5 + len) / 6)^alpha`): the sources are encoded as one padded batch and every
+/// alive hypothesis of every sentence is one row of each decoding step (so the step's
+/// products run over up to `sources.len() * k` rows instead of `k`). Each sentence
+/// keeps its own beams, finished list and stopping rule: the best `2k` continuations
+/// of its alive beams are taken in score order, an EOS (or the length limit) ends a
+/// hypothesis with its score normalised by the penalty, and the search of a sentence
+/// stops when `k` have ended and no alive beam can beat the best of them (scores only
+/// fall as hypotheses grow; the penalty's growth is bounded by assuming the alive beam
+/// ends at the maximum length). Returns each sentence's best hypothesis without
+/// BOS/EOS (the best alive beam if none ended).
 pub fn beam_search_batch<B: FusedRnnBackend>(
     model: &Seq2Seq<B>,
     sources: &[Vec<u32>],
