@@ -98,31 +98,16 @@ fn train_translate_eval_and_resume() {
     );
     // TensorBoard events in the run directory (the format: shoal-runtime's test against
     // TensorBoard's own reader): each update's scalars and the final scores.
-    let events: Vec<_> = std::fs::read_dir(d.path().join("run"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("events.out.tfevents.")
-        })
-        .collect();
-    assert_eq!(events.len(), 1, "{events:?}");
     assert!(
         text(&o.stderr).contains("tensorboard --logdir run"),
         "{}",
         text(&o.stderr)
     );
-    let ev = std::fs::read(&events[0]).unwrap();
-    let count = |tag: &str| {
-        ev.windows(tag.len())
-            .filter(|w| *w == tag.as_bytes())
-            .count()
-    };
-    assert_eq!(count("train/loss"), 3);
-    assert_eq!(count("train/lr"), 3);
-    assert_eq!(count("final/bleu"), 1);
+    // (event_tags: exactly one event file, and how often a tag is in it.)
+    let run = d.path().join("run");
+    assert_eq!(event_tags(&run, "train/loss"), 3);
+    assert_eq!(event_tags(&run, "train/lr"), 3);
+    assert_eq!(event_tags(&run, "final/bleu"), 1);
 
     // Translate: one output line per input line, greedy and beam.
     for beam in ["1", "3"] {
