@@ -183,10 +183,18 @@ pub fn memcpy_bandwidth(bytes: usize) -> f64 {
 }
 
 /// Seconds per synchronous step of `workers` workers (threads) pushing a gradient of
-/// `bytes` to `shards` parameter-server shards (TCP on loopback, Adam on the shards)
-/// and pulling the new parameters (best of `iters` after one warm-up).
-pub fn ps_step_seconds(shards: usize, workers: usize, bytes: usize, iters: usize) -> Result<f64> {
-    use crate::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
+/// `bytes` to `shards` parameter-server shards (over loopback TCP, or shared-memory
+/// links when `shm`; Adam on the shards) and pulling the new parameters (best of
+/// `iters` after one warm-up).
+pub fn ps_step_seconds(
+    shards: usize,
+    workers: usize,
+    bytes: usize,
+    iters: usize,
+    shm: bool,
+) -> Result<f64> {
+    use crate::ps::ShardPlane;
+    use crate::ps::{shard_range, shm_link, LinkOpener, PsClient, PsMode, PsServer, ShardConfig};
     let total = bytes / 4;
     let cfg = ShardConfig {
         workers,
@@ -199,22 +207,48 @@ pub fn ps_step_seconds(shards: usize, workers: usize, bytes: usize, iters: usize
         timeout: Duration::from_secs(60),
         ..Default::default()
     };
+    let job = format!("ps-bench-{}-{shards}-{bytes}", std::process::id());
+    let wait = Duration::from_secs(30);
     let servers = (0..shards)
         .map(|i| {
             let (a, b) = shard_range(total, shards, i);
-            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
-                what: "binding a benchmark shard".into(),
-                source: e,
-            })?;
-            PsServer::start(l, b - a, cfg.clone())
+            let plane = match shm {
+                true => ShardPlane::Links(
+                    (0..workers)
+                        .map(|w| {
+                            let job = job.clone();
+                            Box::new(move || shm_link(&job, i, w, 0, wait)) as LinkOpener
+                        })
+                        .collect(),
+                ),
+                false => {
+                    ShardPlane::Tcp(TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io {
+                        what: "binding a benchmark shard".into(),
+                        source: e,
+                    })?)
+                }
+            };
+            PsServer::start_on(plane, b - a, cfg.clone())
         })
         .collect::<Result<Vec<_>>>()?;
-    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let addrs: Vec<SocketAddr> = servers.iter().filter_map(|s| s.addr()).collect();
+    let connect = move |w: usize| -> Result<PsClient> {
+        match shm {
+            true => {
+                let links = (0..shards)
+                    .map(|i| shm_link(&job, i, w, 1, wait))
+                    .collect::<Result<Vec<_>>>()?;
+                PsClient::over(links, w, total, 0, "bench")
+            }
+            false => PsClient::connect(&addrs, w, total, 0, "bench"),
+        }
+    };
+    let connect = std::sync::Arc::new(connect);
     let hs: Vec<_> = (0..workers)
         .map(|w| {
-            let addrs = addrs.clone();
+            let connect = connect.clone();
             std::thread::spawn(move || -> Result<f64> {
-                let mut c = PsClient::connect(&addrs, w, total, 0, "bench")?;
+                let mut c = connect(w)?;
                 let mut params = vec![0.5f32; total];
                 if w == 0 {
                     c.init(&params)?;

@@ -31,5 +31,18 @@ pub enum Error {
     Optim(#[from] shoal_optim::Error),
 }
 
+impl Error {
+    /// The same error naming `peer` where it names a rank: a conversation carried by a
+    /// two-rank transport (a parameter-server link) reports the worker or shard, not
+    /// the pair's rank 0 or 1.
+    pub(crate) fn about(self, peer: usize) -> Self {
+        match self {
+            Error::Frame { why, .. } => Error::Frame { peer, why },
+            Error::Disconnected { .. } => Error::Disconnected { peer },
+            e => e,
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -88,4 +88,26 @@ impl Transport for LocalTransport {
         buf.copy_from_slice(&data);
         Ok(())
     }
+
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        self.check(peer)?;
+        let r = self.from[peer]
+            .as_ref()
+            .ok_or(Error::Disconnected { peer })?;
+        let (t, data) = r.recv().map_err(|_| Error::Disconnected { peer })?;
+        if data.len() as u64 > max {
+            return Err(too_long(peer, data.len() as u64, max));
+        }
+        buf.clear();
+        buf.extend_from_slice(&data);
+        Ok(t)
+    }
+}
+
+/// A message over the receiver's limit.
+pub(crate) fn too_long(peer: usize, len: u64, max: u64) -> Error {
+    Error::Frame {
+        peer,
+        why: format!("message of {len} bytes exceeds the limit of {max}"),
+    }
 }

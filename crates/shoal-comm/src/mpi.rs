@@ -114,6 +114,21 @@ impl Transport for MpiTransport {
         Ok(())
     }
 
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        self.check_peer(peer)?;
+        let (msg, status) = self.world.process_at_rank(peer as i32).matched_probe();
+        let n = status.count(u8::equivalent_datatype()) as usize;
+        if n as u64 > max {
+            let mut sink = vec![0u8; n];
+            msg.matched_receive_into(&mut sink[..]);
+            return Err(crate::local::too_long(peer, n as u64, max));
+        }
+        buf.clear();
+        buf.resize(n, 0);
+        msg.matched_receive_into(&mut buf[..]);
+        Ok(status.tag() as u32)
+    }
+
     fn allreduce_sum_native(&mut self, data: &mut [f32]) -> Option<Result<()>> {
         use mpi::collective::{CommunicatorCollectives, SystemOperation};
         self.send_copy.clear();

@@ -1,7 +1,10 @@
 //! The parameter server: `M` shards, each owning a contiguous range of the flat dense
 //! parameter buffer (ranges balanced by size) and the sparse rows whose key hashes to
-//! it (created on first touch). Workers push gradients and pull parameters over TCP
-//! frames. In sync mode a shard sums the pushes of all `N` workers for a step, applies
+//! it (created on first touch). Workers push gradients and pull parameters over any
+//! [`Transport`]: each worker–shard conversation is a group of two ranks (TCP
+//! connections accepted on the shard's port; shared-memory ring pairs, [`shm_link`],
+//! between processes of one host; in-process pairs in tests), its messages of any
+//! length ([`Transport::recv_any`]). In sync mode a shard sums the pushes of all `N` workers for a step, applies
 //! its optimizer once, then serves the pulls for that step; in async mode it applies
 //! each push on arrival, and a pull may run ahead of the applied updates by at most
 //! `max_staleness` steps. Optimizer state lives on the server (`shoal-optim`).
@@ -9,10 +12,9 @@
 //! A worker that disconnects before saying goodbye fails the shard: every other
 //! worker's next pull returns an error naming it instead of waiting for ever.
 
-use crate::frame::{
-    f32_bytes, read_exact, read_header, u64_bytes, write_frame, Kind, DEFAULT_MAX_PAYLOAD,
-};
-use crate::{Error, Result};
+use crate::frame::{f32_bytes, u64_bytes, DEFAULT_MAX_PAYLOAD};
+use crate::tcp::TcpTransport;
+use crate::{Error, Result, Transport};
 use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -193,7 +195,7 @@ impl Shard {
 
 /// A running shard: its address and a handle to stop waiting on it.
 pub struct PsServer {
-    pub addr: SocketAddr,
+    addr: Option<SocketAddr>,
     state: Arc<(Mutex<Shard>, Condvar)>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
@@ -202,17 +204,41 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn send_frame(s: &mut TcpStream, op: u32, parts: &[&[u8]], peer: usize) -> Result<()> {
-    write_frame(s, Kind::Data, op, parts, peer)
+/// One side of a worker–shard conversation: a transport of two ranks (the shard is
+/// rank 0, the worker rank 1) and the index of the other side, which its errors name
+/// instead of the pair's rank.
+struct Link {
+    t: Box<dyn Transport>,
+    other: usize,
+    who: usize,
 }
 
-/// Reads one frame into `buf` (reused) and returns its tag.
-fn recv_frame(s: &mut TcpStream, buf: &mut Vec<u8>, peer: usize, max: u64) -> Result<u32> {
-    let h = read_header(s, peer, max)?;
-    buf.clear();
-    buf.resize(h.len as usize, 0);
-    read_exact(s, buf, peer)?;
-    Ok(h.tag)
+impl Link {
+    fn new(t: Box<dyn Transport>, who: usize) -> Result<Self> {
+        if t.size() != 2 {
+            return Err(Error::Mismatch(format!(
+                "a parameter-server link is a group of two ranks, this one has {}",
+                t.size()
+            )));
+        }
+        let other = 1 - t.rank().min(1);
+        Ok(Self { t, other, who })
+    }
+
+    fn send(&mut self, op: u32, parts: &[&[u8]]) -> Result<()> {
+        let who = self.who;
+        self.t
+            .send_parts(self.other, op, parts)
+            .map_err(|e| e.about(who))
+    }
+
+    /// Reads one message into `buf` (reused) and returns its operation.
+    fn recv(&mut self, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        let who = self.who;
+        self.t
+            .recv_any(self.other, buf, max)
+            .map_err(|e| e.about(who))
+    }
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -385,9 +411,47 @@ fn decode_state(b: &[u8], peer: usize) -> Result<PsState> {
     })
 }
 
+/// Opens one worker place's link (in the thread that then serves it).
+pub type LinkOpener = Box<dyn FnOnce() -> Result<Box<dyn Transport>> + Send>;
+
+/// How a shard meets its workers.
+pub enum ShardPlane {
+    /// TCP connections accepted on this listener, each opening with a worker's hello
+    /// (strangers are refused and do not use up a worker's place).
+    Tcp(TcpListener),
+    /// One two-rank transport per worker place, the shard rank 0 of each (worker `i`
+    /// must say hello on link `i`): [`shm_link`] between processes of one host, or
+    /// in-process pairs ([`crate::local::LocalTransport::group`]).
+    Links(Vec<LinkOpener>),
+}
+
+/// The shared-memory link between shard `shard` and worker `worker` of the job whose
+/// token is `token` (the shard is rank 0, the worker rank 1): two rings of 2 MiB. Each
+/// side waits up to `connect` for the other; once connected a side waits on the other
+/// for as long as it takes (a worker may evaluate for minutes between two requests),
+/// but notices at once when the other's process has died.
+pub fn shm_link(
+    token: &str,
+    shard: usize,
+    worker: usize,
+    rank: usize,
+    connect: Duration,
+) -> Result<Box<dyn Transport>> {
+    let name = format!("shoal-ps-{token}-{shard}-{worker}");
+    let mut t = crate::shm::ShmTransport::connect_with(&name, rank, 2, 2 << 20, connect, false)?;
+    t.set_timeout(Duration::from_secs(365 * 24 * 3600));
+    Ok(Box::new(t))
+}
+
 impl PsServer {
-    /// Starts a shard owning `len` dense values on `listener`.
+    /// Starts a shard owning `len` dense values, accepting TCP connections on
+    /// `listener`.
     pub fn start(listener: TcpListener, len: usize, cfg: ShardConfig) -> Result<Self> {
+        Self::start_on(ShardPlane::Tcp(listener), len, cfg)
+    }
+
+    /// Starts a shard owning `len` dense values on `plane`.
+    pub fn start_on(plane: ShardPlane, len: usize, cfg: ShardConfig) -> Result<Self> {
         if cfg.workers == 0 {
             return Err(Error::Mismatch(
                 "a parameter server needs at least one worker".into(),
@@ -401,10 +465,15 @@ impl PsServer {
         cfg.optimizer
             .validate()
             .map_err(|e| Error::Mismatch(format!("parameter server optimizer: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(io("reading the shard address".into()))?;
         let workers = cfg.workers;
+        if let ShardPlane::Links(l) = &plane {
+            if l.len() != workers {
+                return Err(Error::Mismatch(format!(
+                    "a shard for {workers} workers was given {} links",
+                    l.len()
+                )));
+            }
+        }
         let sparse = if cfg.sparse_dim > 0 {
             let rule = cfg
                 .sparse_rule
@@ -434,44 +503,47 @@ impl PsServer {
         };
         let state = Arc::new((Mutex::new(shard), Condvar::new()));
         let st = state.clone();
-        listener
-            .set_nonblocking(true)
-            .map_err(io("configuring the shard listener".into()))?;
-        // Accepts until every worker is done or the shard failed; refused strangers
-        // do not use up a worker's place.
-        let accept = std::thread::spawn(move || loop {
-            {
-                let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
-                if sh.done >= workers || sh.failed.is_some() {
-                    break;
-                }
+        let (addr, accept) = match plane {
+            ShardPlane::Tcp(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(io("reading the shard address".into()))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(io("configuring the shard listener".into()))?;
+                (
+                    Some(addr),
+                    std::thread::spawn(move || accept_tcp(listener, len, st)),
+                )
             }
-            match listener.accept() {
-                Ok((s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let st = st.clone();
-                    std::thread::spawn(move || {
-                        if let Err(e) = serve(s, len, &st) {
-                            let (m, cv) = &*st;
-                            let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
-                            if sh.failed.is_none() {
-                                sh.failed = Some(e.to_string());
+            ShardPlane::Links(openers) => {
+                let h = std::thread::spawn(move || {
+                    for (i, open) in openers.into_iter().enumerate() {
+                        let st = st.clone();
+                        std::thread::spawn(move || {
+                            let r = open()
+                                .and_then(|t| Link::new(t, i))
+                                .map_err(|e| Error::Mismatch(format!("worker {i}: {e}")))
+                                .and_then(|link| serve(link, Origin::Place(i), len, &st));
+                            if let Err(e) = r {
+                                fail_shard(&st, e.to_string());
                             }
-                            cv.notify_all();
-                        }
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => break,
+                        });
+                    }
+                });
+                (None, h)
             }
-        });
+        };
         Ok(Self {
             addr,
             state,
             accept: Some(accept),
         })
+    }
+
+    /// The address of a shard that accepts TCP connections (None on links).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
     /// A copy of the shard's current dense parameters (None before initialisation).
@@ -515,12 +587,80 @@ impl PsServer {
     }
 }
 
+/// Accepts workers' TCP connections until every worker is done or the shard failed;
+/// refused strangers do not use up a worker's place.
+fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)>) {
+    let workers = st.0.lock().unwrap_or_else(|p| p.into_inner()).cfg.workers;
+    loop {
+        {
+            let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
+            if sh.done >= workers || sh.failed.is_some() {
+                break;
+            }
+        }
+        match listener.accept() {
+            Ok((s, from)) => {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let opened = s
+                        .set_nonblocking(false)
+                        .and_then(|_| s.set_read_timeout(Some(HELLO_TIMEOUT)))
+                        .and_then(|_| s.try_clone())
+                        .map_err(io(format!("configuring the connection from {from}")));
+                    let ctl = match opened {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("parameter-server shard: {e}");
+                            return;
+                        }
+                    };
+                    let r = TcpTransport::pair(s, 0, DEFAULT_MAX_PAYLOAD)
+                        .and_then(|t| Link::new(Box::new(t), usize::MAX))
+                        .and_then(|link| {
+                            serve(link, Origin::Accepted(from.to_string(), ctl), len, &st)
+                        });
+                    if let Err(e) = r {
+                        fail_shard(&st, e.to_string());
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 /// How long a new connection has to present its hello before it is dropped.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Serves one worker connection until it says goodbye.
-fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Result<()> {
-    let _ = s.set_nodelay(true);
+/// Where a conversation a shard serves comes from.
+enum Origin {
+    /// A TCP connection from this address: until its hello it is a stranger, and a
+    /// stranger's failure is not the shard's (the control resets its hello timeout).
+    Accepted(String, TcpStream),
+    /// The link of worker place `i`: a failure is the shard's.
+    Place(usize),
+}
+
+/// Records the shard's first failure and wakes every waiting request.
+fn fail_shard(st: &(Mutex<Shard>, Condvar), why: String) {
+    let (m, cv) = st;
+    let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
+    if sh.failed.is_none() {
+        sh.failed = Some(why);
+    }
+    cv.notify_all();
+}
+
+/// Serves one worker's link until it says goodbye.
+fn serve(
+    mut link: Link,
+    origin: Origin,
+    len: usize,
+    st: &Arc<(Mutex<Shard>, Condvar)>,
+) -> Result<()> {
     let (m, cv) = &**st;
     let (token, workers, dim, timeout) = {
         let sh = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -536,32 +676,43 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
     let (mut dense, mut rows) = (Vec::new(), Vec::new());
     let mut pushed = SparseSum::default();
     let (mut pull_keys, mut pull_rows) = (Vec::new(), Vec::new());
-    // Hello: worker rank and token, within HELLO_TIMEOUT. A connection that says
-    // nothing, closes, or sends something else is a stranger: refused, and the shard
-    // (and the job) go on.
-    let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
-    let hello = recv_frame(&mut s, &mut buf, usize::MAX, 4096)
-        .and_then(|op| Ok((op, read_u64(&buf, 0, usize::MAX)? as usize)));
+    // Hello: worker rank and token (on TCP within HELLO_TIMEOUT). A connection that
+    // says nothing, closes, or sends something else is a stranger: refused, and the
+    // shard (and the job) go on. On a worker place's own link it is that worker's
+    // failure.
+    let hello = link
+        .recv(&mut buf, 4096)
+        .and_then(|op| Ok((op, read_u64(&buf, 0, link.who)? as usize)));
+    let refuse = |why: String| match &origin {
+        Origin::Accepted(from, _) => {
+            eprintln!("parameter-server shard: refused a connection from {from}: {why}");
+            Ok(())
+        }
+        Origin::Place(i) => Err(Error::Mismatch(format!("worker {i}: {why}"))),
+    };
     let (op, worker) = match hello {
         Ok(h) => h,
-        Err(e) => {
-            let from = s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "an unknown address".into());
-            eprintln!("parameter-server shard: refused a connection from {from}: {e}");
-            return Ok(());
-        }
+        Err(e) => return refuse(e.to_string()),
     };
-    let _ = s.set_read_timeout(None);
-    if op != OP_HELLO || !crate::frame::same_token(&buf[8..], token.as_bytes()) || worker >= workers
+    let good_place = match &origin {
+        Origin::Accepted(_, ctl) => {
+            let _ = ctl.set_read_timeout(None);
+            true
+        }
+        Origin::Place(i) => *i == worker,
+    };
+    if op != OP_HELLO
+        || !crate::frame::same_token(&buf[8..], token.as_bytes())
+        || worker >= workers
+        || !good_place
     {
         let msg = format!("refused: bad hello (worker {worker}) or wrong job token");
-        let _ = send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker);
+        let _ = link.send(OP_ERR, &[msg.as_bytes()]);
         // A refused stranger does not fail the shard.
-        return Ok(());
+        return refuse(msg);
     }
-    send_frame(&mut s, OP_OK, &[], worker)?;
+    link.who = worker;
+    link.send(OP_OK, &[])?;
     let fail = |sh: &mut Shard, e: &Error| {
         if sh.failed.is_none() {
             sh.failed = Some(format!("worker {worker}: {e}"));
@@ -569,7 +720,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
         cv.notify_all();
     };
     loop {
-        let op = match recv_frame(&mut s, &mut buf, worker, DEFAULT_MAX_PAYLOAD) {
+        let op = match link.recv(&mut buf, DEFAULT_MAX_PAYLOAD) {
             Ok(op) => op,
             Err(e) => {
                 let mut sh = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -648,7 +799,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                     None => vec![0u8; 32],
                 };
                 drop(sh);
-                send_frame(&mut s, OP_OK, &[&bytes], worker)?;
+                link.send(OP_OK, &[&bytes])?;
             }
             OP_SPARSE_RESTORE => {
                 let r = decode_sparse(&buf, worker).and_then(|st| {
@@ -668,17 +819,12 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 let sh = m.lock().unwrap_or_else(|p| p.into_inner());
                 let (Some(p), Some(o)) = (sh.params.as_ref(), sh.opt.as_ref()) else {
                     drop(sh);
-                    send_frame(
-                        &mut s,
-                        OP_ERR,
-                        &[b"state requested before initialisation"],
-                        worker,
-                    )?;
+                    link.send(OP_ERR, &[b"state requested before initialisation"])?;
                     continue;
                 };
                 let bytes = encode_state(sh.applied, o.steps(), p, &o.state());
                 drop(sh);
-                send_frame(&mut s, OP_OK, &[&bytes], worker)?;
+                link.send(OP_OK, &[&bytes])?;
             }
             OP_PUSH => {
                 // step u64, n_dense u64, n_keys u64, lr f32 (as u64 bits; NaN: the
@@ -785,7 +931,7 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 if let Some(f) = &sh.failed {
                     let msg = format!("parameter server shard failed: {f}");
                     drop(sh);
-                    send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker)?;
+                    link.send(OP_ERR, &[msg.as_bytes()])?;
                     continue;
                 }
                 if sh.params.is_none() || sh.applied < need {
@@ -794,12 +940,12 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                         timeout, sh.arrived, sh.applied
                     );
                     drop(sh);
-                    send_frame(&mut s, OP_ERR, &[msg.as_bytes()], worker)?;
+                    link.send(OP_ERR, &[msg.as_bytes()])?;
                     continue;
                 }
                 let p = sh.params.clone().unwrap_or_default();
                 drop(sh);
-                send_frame(&mut s, OP_OK, &[f32_bytes(&p)], worker)?;
+                link.send(OP_OK, &[f32_bytes(&p)])?;
             }
             op @ (OP_PULL_SPARSE | OP_PEEK_SPARSE) => {
                 pull_keys.clear();
@@ -824,8 +970,8 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
                 };
                 drop(sh);
                 match r {
-                    Ok(()) => send_frame(&mut s, OP_OK, &[f32_bytes(&pull_rows)], worker)?,
-                    Err(e) => send_frame(&mut s, OP_ERR, &[e.to_string().as_bytes()], worker)?,
+                    Ok(()) => link.send(OP_OK, &[f32_bytes(&pull_rows)])?,
+                    Err(e) => link.send(OP_ERR, &[e.to_string().as_bytes()])?,
                 }
             }
             OP_BYE => {
@@ -847,9 +993,9 @@ fn serve(mut s: TcpStream, len: usize, st: &Arc<(Mutex<Shard>, Condvar)>) -> Res
     }
 }
 
-/// A worker's connections to every shard.
+/// A worker's links to every shard.
 pub struct PsClient {
-    conns: Vec<TcpStream>,
+    conns: Vec<Link>,
     ranges: Vec<(usize, usize)>,
     dim: usize,
     buf: Vec<u8>,
@@ -859,8 +1005,9 @@ pub struct PsClient {
     pos: Vec<Vec<usize>>,
 }
 
-fn expect_ok(s: &mut TcpStream, buf: &mut Vec<u8>, shard: usize) -> Result<()> {
-    match recv_frame(s, buf, shard, DEFAULT_MAX_PAYLOAD)? {
+fn expect_ok(s: &mut Link, buf: &mut Vec<u8>) -> Result<()> {
+    let shard = s.who;
+    match s.recv(buf, DEFAULT_MAX_PAYLOAD)? {
         OP_OK => Ok(()),
         OP_ERR => Err(Error::Mismatch(format!(
             "parameter server shard {shard}: {}",
@@ -874,8 +1021,8 @@ fn expect_ok(s: &mut TcpStream, buf: &mut Vec<u8>, shard: usize) -> Result<()> {
 }
 
 impl PsClient {
-    /// Connects worker `worker` to the shards at `addrs` for a dense buffer of `total`
-    /// values and sparse rows of width `dim`.
+    /// Connects worker `worker` over TCP to the shards at `addrs` for a dense buffer of
+    /// `total` values and sparse rows of width `dim`.
     pub fn connect(
         addrs: &[SocketAddr],
         worker: usize,
@@ -883,21 +1030,36 @@ impl PsClient {
         dim: usize,
         token: &str,
     ) -> Result<Self> {
-        let m = addrs.len();
-        let mut conns = Vec::with_capacity(m);
-        let mut buf = Vec::new();
+        let mut links: Vec<Box<dyn Transport>> = Vec::with_capacity(addrs.len());
         for (i, a) in addrs.iter().enumerate() {
-            let mut s = TcpStream::connect(a).map_err(io(format!(
+            let s = TcpStream::connect(a).map_err(io(format!(
                 "connecting to parameter server shard {i} at {a}"
             )))?;
-            let _ = s.set_nodelay(true);
-            send_frame(
-                &mut s,
+            links.push(Box::new(TcpTransport::pair(s, 1, DEFAULT_MAX_PAYLOAD)?));
+        }
+        Self::over(links, worker, total, dim, token)
+    }
+
+    /// As [`PsClient::connect`] over links already open, one per shard in shard order,
+    /// each a two-rank transport whose rank 0 is the shard ([`shm_link`] with rank 1,
+    /// or an in-process pair).
+    pub fn over(
+        links: Vec<Box<dyn Transport>>,
+        worker: usize,
+        total: usize,
+        dim: usize,
+        token: &str,
+    ) -> Result<Self> {
+        let m = links.len();
+        let mut conns = Vec::with_capacity(m);
+        let mut buf = Vec::new();
+        for (i, t) in links.into_iter().enumerate() {
+            let mut s = Link::new(t, i)?;
+            s.send(
                 OP_HELLO,
                 &[&(worker as u64).to_le_bytes(), token.as_bytes()],
-                i,
             )?;
-            expect_ok(&mut s, &mut buf, i)?;
+            expect_ok(&mut s, &mut buf)?;
             conns.push(s);
         }
         Ok(Self {
@@ -916,7 +1078,7 @@ impl PsClient {
     pub fn init(&mut self, params: &[f32]) -> Result<()> {
         for (i, s) in self.conns.iter_mut().enumerate() {
             let (a, b) = self.ranges[i];
-            send_frame(s, OP_INIT, &[f32_bytes(&params[a..b])], i)?;
+            s.send(OP_INIT, &[f32_bytes(&params[a..b])])?;
         }
         Ok(())
     }
@@ -967,8 +1129,7 @@ impl PsClient {
                 weight.to_bits() as u64,
             ];
             let s = &mut self.conns[i];
-            send_frame(
-                s,
+            s.send(
                 OP_PUSH,
                 &[
                     u64_bytes(&head),
@@ -976,7 +1137,6 @@ impl PsClient {
                     u64_bytes(&self.keys[i]),
                     f32_bytes(&self.rows[i]),
                 ],
-                i,
             )?;
         }
         Ok(())
@@ -984,11 +1144,11 @@ impl PsClient {
 
     /// Pulls the dense parameters as of `step` updates into `params`.
     pub fn pull(&mut self, step: u64, params: &mut [f32]) -> Result<()> {
-        for (i, s) in self.conns.iter_mut().enumerate() {
-            send_frame(s, OP_PULL, &[&step.to_le_bytes()], i)?;
+        for s in self.conns.iter_mut() {
+            s.send(OP_PULL, &[&step.to_le_bytes()])?;
         }
         for (i, s) in self.conns.iter_mut().enumerate() {
-            expect_ok(s, &mut self.buf, i)?;
+            expect_ok(s, &mut self.buf)?;
             let (a, b) = self.ranges[i];
             if self.buf.len() != 4 * (b - a) {
                 return Err(Error::Frame {
@@ -1042,8 +1202,8 @@ impl PsClient {
             if self.keys[i].is_empty() {
                 continue;
             }
-            send_frame(&mut self.conns[i], op, &[u64_bytes(&self.keys[i])], i)?;
-            expect_ok(&mut self.conns[i], &mut self.buf, i)?;
+            self.conns[i].send(op, &[u64_bytes(&self.keys[i])])?;
+            expect_ok(&mut self.conns[i], &mut self.buf)?;
             if self.buf.len() != 4 * dim * self.keys[i].len() {
                 return Err(Error::Frame {
                     peer: i,
@@ -1079,7 +1239,7 @@ impl PsClient {
                 .map(|(n, v)| (n.as_str(), &v[a..b]))
                 .collect();
             let bytes = encode_state(st.applied, st.optimizer_steps, &st.params[a..b], &bufs);
-            send_frame(s, OP_INIT_STATE, &[&bytes], i)?;
+            s.send(OP_INIT_STATE, &[&bytes])?;
         }
         Ok(())
     }
@@ -1089,8 +1249,8 @@ impl PsClient {
     pub fn state(&mut self) -> Result<PsState> {
         let mut all: Option<PsState> = None;
         for (i, s) in self.conns.iter_mut().enumerate() {
-            send_frame(s, OP_STATE, &[], i)?;
-            expect_ok(s, &mut self.buf, i)?;
+            s.send(OP_STATE, &[])?;
+            expect_ok(s, &mut self.buf)?;
             let part = decode_state(&self.buf, i)?;
             let (a, b) = self.ranges[i];
             if part.params.len() != b - a {
@@ -1129,8 +1289,8 @@ impl PsClient {
     pub fn sparse_state(&mut self) -> Result<SparseState> {
         let mut all = SparseState::default();
         for (i, s) in self.conns.iter_mut().enumerate() {
-            send_frame(s, OP_SPARSE_STATE, &[], i)?;
-            expect_ok(s, &mut self.buf, i)?;
+            s.send(OP_SPARSE_STATE, &[])?;
+            expect_ok(s, &mut self.buf)?;
             let part = decode_sparse(&self.buf, i)?;
             all.keys.extend(part.keys);
             all.values.extend(part.values);
@@ -1158,16 +1318,16 @@ impl PsClient {
                 p.steps.push(st.steps[i]);
             }
         }
-        for (i, (s, p)) in self.conns.iter_mut().zip(&parts).enumerate() {
-            send_frame(s, OP_SPARSE_RESTORE, &[&encode_sparse(p)], i)?;
+        for (s, p) in self.conns.iter_mut().zip(&parts) {
+            s.send(OP_SPARSE_RESTORE, &[&encode_sparse(p)])?;
         }
         Ok(())
     }
 
     /// Tells every shard this worker is done.
     pub fn close(mut self) -> Result<()> {
-        for (i, s) in self.conns.iter_mut().enumerate() {
-            send_frame(s, OP_BYE, &[], i)?;
+        for s in self.conns.iter_mut() {
+            s.send(OP_BYE, &[])?;
         }
         Ok(())
     }

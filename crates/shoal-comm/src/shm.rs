@@ -2,7 +2,8 @@
 //! single-consumer ring buffer per direction per pair, in a file under `/dev/shm`
 //! mapped by both processes. The payload never passes through the kernel: the sender
 //! copies it into the ring and the receiver copies it out, coordinated by two atomic
-//! counters. A receiver that waits longer than the timeout, or whose sender's process
+//! counters; a side that waits longer than a moment sleeps on a futex in the ring until
+//! the other wakes it. A receiver that waits longer than the timeout, or whose sender's process
 //! has died, gets an error naming the peer instead of waiting for ever.
 //!
 //! Large allreduces take a single-copy path (as OpenMPI's shared-memory transport does
@@ -18,7 +19,7 @@ use crate::frame::f32_bytes_mut;
 use crate::transport::Transport;
 use crate::{Error, Result};
 use std::ffi::CString;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SHLSHM01");
@@ -27,6 +28,21 @@ const OFF_CAP: usize = 8;
 const OFF_HEAD: usize = 64;
 const OFF_TAIL: usize = 128;
 const OFF_WPID: usize = 192;
+const OFF_RPID: usize = 196;
+/// Set by a side when it lets go of the ring (its transport dropped): the other side
+/// then fails at once instead of waiting out its timeout.
+const OFF_WCLOSED: usize = 200;
+const OFF_RCLOSED: usize = 204;
+/// Futex words: bumped by the writer when it publishes bytes (the reader sleeps on it
+/// while the ring is empty), and by the reader when it frees space (the writer sleeps
+/// on it while the ring is full); each with a flag set while its side sleeps, so a
+/// side wakes the other (a system call) only when it is asleep.
+const OFF_WAKE_DATA: usize = 208;
+const OFF_SLEEP_DATA: usize = 212;
+const OFF_WAKE_SPACE: usize = 216;
+const OFF_SLEEP_SPACE: usize = 220;
+/// How long a sleeping side waits before it checks on the other side's process.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
 const DATA: usize = 256;
 const REC: usize = 16;
 
@@ -52,6 +68,8 @@ struct Ring {
     cap: u64,
     peer: usize,
     timeout: Duration,
+    /// This side writes the ring (else it reads it).
+    writer: bool,
 }
 
 // SAFETY: the mapping is shared memory accessed through atomics (counters) and by one
@@ -60,6 +78,17 @@ unsafe impl Send for Ring {}
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        let closed = if self.writer {
+            OFF_WCLOSED
+        } else {
+            OFF_RCLOSED
+        };
+        self.atomic_u32(closed).store(1, Ordering::Release);
+        // Whoever sleeps on the other side wakes now and finds the ring let go.
+        for w in [OFF_WAKE_DATA, OFF_WAKE_SPACE] {
+            self.atomic_u32(w).fetch_add(1, Ordering::Release);
+            futex_wake(self.atomic_u32(w));
+        }
         // SAFETY: base/map_len came from a successful mmap.
         unsafe {
             libc::munmap(self.base as *mut libc::c_void, self.map_len);
@@ -87,6 +116,11 @@ impl Ring {
     fn atomic_u64(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off is 8-aligned inside the header of a live mapping.
         unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn atomic_u32(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: off is 4-aligned inside the header of a live mapping.
+        unsafe { &*(self.base.add(off) as *const AtomicU32) }
     }
 
     fn map(fd: i32, len: usize, what: &str) -> Result<*mut u8> {
@@ -140,14 +174,25 @@ impl Ring {
             cap: cap as u64,
             peer: to,
             timeout,
+            writer: true,
         };
         ring.atomic_u64(OFF_CAP)
             .store(cap as u64, Ordering::Relaxed);
         ring.atomic_u64(OFF_HEAD).store(0, Ordering::Relaxed);
         ring.atomic_u64(OFF_TAIL).store(0, Ordering::Relaxed);
-        // SAFETY: 4-aligned offset in the header.
-        let wpid = unsafe { &*(ring.base.add(OFF_WPID) as *const AtomicU32) };
-        wpid.store(std::process::id(), Ordering::Relaxed);
+        ring.atomic_u32(OFF_WPID)
+            .store(std::process::id(), Ordering::Relaxed);
+        for off in [
+            OFF_RPID,
+            OFF_WCLOSED,
+            OFF_RCLOSED,
+            OFF_WAKE_DATA,
+            OFF_SLEEP_DATA,
+            OFF_WAKE_SPACE,
+            OFF_SLEEP_SPACE,
+        ] {
+            ring.atomic_u32(off).store(0, Ordering::Relaxed);
+        }
         ring.atomic_u64(OFF_MAGIC).store(MAGIC, Ordering::Release);
         Ok(ring)
     }
@@ -178,6 +223,7 @@ impl Ring {
                         cap: 0,
                         peer: from,
                         timeout,
+                        writer: false,
                     };
                     if ring.atomic_u64(OFF_MAGIC).load(Ordering::Acquire) == MAGIC {
                         ring.cap = ring.atomic_u64(OFF_CAP).load(Ordering::Relaxed);
@@ -187,6 +233,8 @@ impl Ring {
                                 why: format!("{p} has a bad size"),
                             });
                         }
+                        ring.atomic_u32(OFF_RPID)
+                            .store(std::process::id(), Ordering::Release);
                         // SAFETY: unlinking our own job's file.
                         unsafe { libc::unlink(c.as_ptr()) };
                         return Ok(ring);
@@ -204,51 +252,78 @@ impl Ring {
     }
 
     fn writer_pid(&self) -> u32 {
-        // SAFETY: 4-aligned offset in the header.
-        unsafe { &*(self.base.add(OFF_WPID) as *const AtomicU32) }.load(Ordering::Relaxed)
+        self.atomic_u32(OFF_WPID).load(Ordering::Relaxed)
     }
 
-    fn writer_alive(&self) -> bool {
-        let pid = self.writer_pid();
+    /// Whether the other side still holds the ring: its process lives and it has not
+    /// let go (a reader not yet attached counts as there).
+    fn other_side_there(&self) -> bool {
+        let (pid, closed) = match self.writer {
+            true => (OFF_RPID, OFF_RCLOSED),
+            false => (OFF_WPID, OFF_WCLOSED),
+        };
+        if self.atomic_u32(closed).load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let pid = self.atomic_u32(pid).load(Ordering::Acquire);
+        if pid == 0 {
+            return true;
+        }
         // SAFETY: kill with signal 0 only checks that the process exists.
         let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
         r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
     }
 
     /// Waits until `ready()`: spinning for the first 200 us (a peer on another core
-    /// usually answers within that), then yielding the core until 5 ms, then sleeping
-    /// 50 us at a time; fails after the timeout or when the other side's process is gone.
-    fn wait(&self, ready: impl Fn() -> bool, check_writer: bool) -> Result<()> {
+    /// usually answers within that), then asleep on the futex word at `wake` (the
+    /// other side bumps it and wakes this one when it sees the `sleeping` flag), so a
+    /// side that waits long, as a parameter-server shard between two requests, costs
+    /// no CPU. Fails after the timeout or when the other side's process is gone or it
+    /// let go of the ring.
+    fn wait(&self, ready: impl Fn() -> bool, wake: usize, sleeping: usize) -> Result<()> {
         if ready() {
             return Ok(());
         }
         let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
+        while start.elapsed() < Duration::from_micros(200) {
             for _ in 0..64 {
                 if ready() {
                     return Ok(());
                 }
                 std::hint::spin_loop();
             }
-            spins += 1;
-            let waited = start.elapsed();
-            if waited < Duration::from_micros(200) {
-                continue;
+        }
+        let (word, flag) = (self.atomic_u32(wake), self.atomic_u32(sleeping));
+        loop {
+            let seq = word.load(Ordering::Acquire);
+            flag.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            // Checked after the flag is up: bytes published before it was seen are
+            // found here, bytes published after it come with a wake-up.
+            if ready() {
+                flag.store(0, Ordering::Relaxed);
+                return Ok(());
             }
-            if waited < Duration::from_millis(5) {
-                std::thread::yield_now();
-                continue;
+            futex_wait(word, seq, SLEEP_SLICE);
+            flag.store(0, Ordering::Relaxed);
+            if ready() {
+                return Ok(());
             }
-            std::thread::sleep(Duration::from_micros(50));
-            if spins.is_multiple_of(64) {
-                if check_writer && !self.writer_alive() {
-                    return Err(Error::Disconnected { peer: self.peer });
-                }
-                if waited > self.timeout {
-                    return Err(Error::Disconnected { peer: self.peer });
-                }
+            if !self.other_side_there() && !ready() {
+                return Err(Error::Disconnected { peer: self.peer });
             }
+            if start.elapsed() > self.timeout {
+                return Err(Error::Disconnected { peer: self.peer });
+            }
+        }
+    }
+
+    /// Wakes the other side if it sleeps on the futex word at `wake`.
+    fn notify(&self, wake: usize, sleeping: usize) {
+        fence(Ordering::SeqCst);
+        if self.atomic_u32(sleeping).load(Ordering::Relaxed) != 0 {
+            self.atomic_u32(wake).fetch_add(1, Ordering::Release);
+            futex_wake(self.atomic_u32(wake));
         }
     }
 
@@ -257,13 +332,18 @@ impl Ring {
         let tail = self.atomic_u64(OFF_TAIL);
         while !data.is_empty() {
             let h = head.load(Ordering::Relaxed);
-            self.wait(|| self.cap - (h - tail.load(Ordering::Acquire)) > 0, false)?;
+            self.wait(
+                || self.cap - (h - tail.load(Ordering::Acquire)) > 0,
+                OFF_WAKE_SPACE,
+                OFF_SLEEP_SPACE,
+            )?;
             let free = (self.cap - (h - tail.load(Ordering::Acquire))) as usize;
             let at = (h % self.cap) as usize;
             let n = data.len().min(free).min(self.cap as usize - at);
             // SAFETY: [at, at+n) is inside the data area and free (not yet readable).
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(DATA + at), n) };
             head.store(h + n as u64, Ordering::Release);
+            self.notify(OFF_WAKE_DATA, OFF_SLEEP_DATA);
             data = &data[n..];
         }
         Ok(())
@@ -274,7 +354,11 @@ impl Ring {
         let tail = self.atomic_u64(OFF_TAIL);
         while !buf.is_empty() {
             let t = tail.load(Ordering::Relaxed);
-            self.wait(|| head.load(Ordering::Acquire) > t, true)?;
+            self.wait(
+                || head.load(Ordering::Acquire) > t,
+                OFF_WAKE_DATA,
+                OFF_SLEEP_DATA,
+            )?;
             let avail = (head.load(Ordering::Acquire) - t) as usize;
             let at = (t % self.cap) as usize;
             let n = buf.len().min(avail).min(self.cap as usize - at);
@@ -282,9 +366,48 @@ impl Ring {
             // the tail moves past them.
             unsafe { std::ptr::copy_nonoverlapping(self.base.add(DATA + at), buf.as_mut_ptr(), n) };
             tail.store(t + n as u64, Ordering::Release);
+            self.notify(OFF_WAKE_SPACE, OFF_SLEEP_SPACE);
             buf = &mut buf[n..];
         }
         Ok(())
+    }
+}
+
+/// Sleeps while the shared word still holds `expected`, at most `timeout` (a wake-up,
+/// a change of the word or a signal ends it early).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the word is a live, aligned u32 of a shared mapping; FUTEX_WAIT (not the
+    // private variant) because the other side is another process.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Wakes whoever sleeps on the shared word.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as in futex_wait.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
     }
 }
 
@@ -423,6 +546,14 @@ impl ShmTransport {
             t.scratch = vec![0.0; SINGLE_COPY_PIECE];
         }
         Ok(t)
+    }
+
+    /// How long a send or receive waits on a peer from now on before it fails (a dead
+    /// peer's process is noticed whatever this is).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        for r in self.out.iter_mut().chain(self.inc.iter_mut()).flatten() {
+            r.timeout = timeout;
+        }
     }
 
     /// Whether large allreduces read peers' buffers directly (see the module doc).
@@ -588,6 +719,46 @@ impl Transport for ShmTransport {
             });
         }
         r.read(buf)
+    }
+
+    fn send_parts(&mut self, peer: usize, tag: u32, parts: &[&[u8]]) -> Result<()> {
+        let (rank, size) = (self.rank, self.size);
+        let r = self
+            .out
+            .get(peer)
+            .and_then(|r| r.as_ref())
+            .ok_or(Error::BadRank { peer, rank, size })?;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut rec = [0u8; REC];
+        rec[0..4].copy_from_slice(&tag.to_le_bytes());
+        rec[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+        r.write(&rec)?;
+        for p in parts {
+            r.write(p)?;
+        }
+        Ok(())
+    }
+
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        let (rank, size) = (self.rank, self.size);
+        let r = self
+            .inc
+            .get(peer)
+            .and_then(|r| r.as_ref())
+            .ok_or(Error::BadRank { peer, rank, size })?;
+        let mut rec = [0u8; REC];
+        r.read(&mut rec)?;
+        let t = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&rec[8..16]);
+        let len = u64::from_le_bytes(l);
+        if len > max {
+            return Err(crate::local::too_long(peer, len, max));
+        }
+        buf.clear();
+        buf.resize(len as usize, 0);
+        r.read(buf)?;
+        Ok(t)
     }
 
     fn allreduce_sum_native(&mut self, data: &mut [f32]) -> Option<Result<()>> {

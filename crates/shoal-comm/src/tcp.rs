@@ -170,6 +170,26 @@ impl TcpTransport {
         })
     }
 
+    /// A group of two over one connection already made (and authenticated) by the
+    /// caller: this side is `rank` (0 or 1), the connection leads to the other.
+    pub fn pair(stream: TcpStream, rank: usize, max_payload: u64) -> Result<Self> {
+        if rank > 1 {
+            return Err(Error::BadRank {
+                peer: rank,
+                rank,
+                size: 2,
+            });
+        }
+        let _ = stream.set_nodelay(true);
+        let mut peers = vec![None, None];
+        peers[1 - rank] = Some(stream);
+        Ok(Self {
+            rank,
+            peers,
+            max_payload,
+        })
+    }
+
     fn stream(&mut self, peer: usize) -> Result<&mut TcpStream> {
         let (rank, size) = (self.rank, self.peers.len());
         self.peers
@@ -215,5 +235,26 @@ impl Transport for TcpTransport {
             });
         }
         read_exact(s, buf, peer)
+    }
+
+    fn send_parts(&mut self, peer: usize, tag: u32, parts: &[&[u8]]) -> Result<()> {
+        let s = self.stream(peer)?;
+        write_frame(s, Kind::Data, tag, parts, peer)
+    }
+
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        let max = max.min(self.max_payload);
+        let s = self.stream(peer)?;
+        let h = read_header(s, peer, max)?;
+        if h.kind != Kind::Data {
+            return Err(Error::Frame {
+                peer,
+                why: format!("expected a data frame, got {:?}", h.kind),
+            });
+        }
+        buf.clear();
+        buf.resize(h.len as usize, 0);
+        read_exact(s, buf, peer)?;
+        Ok(h.tag)
     }
 }

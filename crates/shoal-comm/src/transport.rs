@@ -20,6 +20,21 @@ pub trait Transport: Send {
     /// Receives the next message from `peer` into `buf`. It must carry `tag` and exactly
     /// `buf.len()` bytes; anything else is an error naming the peer.
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()>;
+    /// Sends one message gathered from `parts` laid back to back. The default copies
+    /// them into one buffer; the socket and shared-memory transports write them as
+    /// they are.
+    fn send_parts(&mut self, peer: usize, tag: u32, parts: &[&[u8]]) -> Result<()> {
+        match parts {
+            [one] => self.send(peer, tag, one),
+            _ => self.send(peer, tag, &parts.concat()),
+        }
+    }
+    /// Receives the next message from `peer` whatever its tag and length, into `buf`
+    /// (resized to the message, its capacity kept from one call to the next), and
+    /// returns its tag: for conversations whose messages vary in size (the parameter
+    /// server's). A message longer than `max` bytes is an error naming the peer, found
+    /// before anything is allocated for it.
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32>;
     /// A transport with its own sum-allreduce over the whole group (MPI) runs it here;
     /// None: the collectives' own algorithms are used.
     fn allreduce_sum_native(&mut self, _data: &mut [f32]) -> Option<Result<()>> {
@@ -42,6 +57,12 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
         (**self).recv(peer, tag, buf)
+    }
+    fn send_parts(&mut self, peer: usize, tag: u32, parts: &[&[u8]]) -> Result<()> {
+        (**self).send_parts(peer, tag, parts)
+    }
+    fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
+        (**self).recv_any(peer, buf, max)
     }
     fn allreduce_sum_native(&mut self, data: &mut [f32]) -> Option<Result<()>> {
         (**self).allreduce_sum_native(data)

@@ -32,7 +32,7 @@ fn start(m: usize, total: usize, c: &ShardConfig) -> (Vec<PsServer>, Vec<SocketA
             PsServer::start(TcpListener::bind("127.0.0.1:0").unwrap(), b - a, c.clone()).unwrap()
         })
         .collect();
-    let addrs = servers.iter().map(|s| s.addr).collect();
+    let addrs = servers.iter().filter_map(|s| s.addr()).collect();
     (servers, addrs)
 }
 
@@ -391,4 +391,189 @@ fn strangers_on_a_shard_port_are_refused_and_the_job_goes_on() {
         .unwrap()
         .to_string();
     assert!(e.contains("token"), "{e}");
+}
+
+/// Which data plane a test job's shards and workers meet on.
+#[derive(Debug, Clone, Copy)]
+enum Plane {
+    Tcp,
+    Shm,
+    Local,
+}
+
+/// Starts `m` shards on `plane` and returns them with a function that opens worker
+/// `w`'s client.
+#[allow(clippy::type_complexity)]
+fn start_on(
+    plane: Plane,
+    m: usize,
+    total: usize,
+    dim: usize,
+    c: &ShardConfig,
+    job: &str,
+) -> (Vec<PsServer>, Box<dyn Fn(usize) -> PsClient + Send + Sync>) {
+    use shoal_comm::local::LocalTransport;
+    use shoal_comm::ps::{shm_link, LinkOpener, ShardPlane};
+    use shoal_comm::Transport;
+    use std::sync::Mutex;
+    let workers = c.workers;
+    let wait = Duration::from_secs(20);
+    match plane {
+        Plane::Tcp => {
+            let (servers, addrs) = start(m, total, c);
+            let open = move |w| PsClient::connect(&addrs, w, total, dim, "tok").unwrap();
+            (servers, Box::new(open))
+        }
+        Plane::Shm => {
+            let servers = (0..m)
+                .map(|i| {
+                    let (a, b) = shard_range(total, m, i);
+                    let openers: Vec<LinkOpener> = (0..workers)
+                        .map(|w| {
+                            let job = job.to_string();
+                            Box::new(move || shm_link(&job, i, w, 0, wait)) as LinkOpener
+                        })
+                        .collect();
+                    PsServer::start_on(ShardPlane::Links(openers), b - a, c.clone()).unwrap()
+                })
+                .collect();
+            let job = job.to_string();
+            let open = move |w| {
+                let links = (0..m)
+                    .map(|i| shm_link(&job, i, w, 1, wait).unwrap())
+                    .collect();
+                PsClient::over(links, w, total, dim, "tok").unwrap()
+            };
+            (servers, Box::new(open))
+        }
+        Plane::Local => {
+            // ends[w][i]: worker w's end of its pair with shard i.
+            let mut ends: Vec<Vec<Option<Box<dyn Transport>>>> =
+                (0..workers).map(|_| Vec::new()).collect();
+            let servers = (0..m)
+                .map(|i| {
+                    let (a, b) = shard_range(total, m, i);
+                    let openers: Vec<LinkOpener> = (0..workers)
+                        .map(|w| {
+                            let mut pair = LocalTransport::group(2).into_iter();
+                            let shard_end = pair.next().unwrap();
+                            ends[w].push(Some(Box::new(pair.next().unwrap())));
+                            Box::new(move || Ok(Box::new(shard_end) as Box<dyn Transport>))
+                                as LinkOpener
+                        })
+                        .collect();
+                    PsServer::start_on(ShardPlane::Links(openers), b - a, c.clone()).unwrap()
+                })
+                .collect();
+            let ends = Mutex::new(ends);
+            let open = move |w: usize| {
+                let links = ends.lock().unwrap()[w]
+                    .iter_mut()
+                    .map(|e| e.take().unwrap())
+                    .collect();
+                PsClient::over(links, w, total, dim, "tok").unwrap()
+            };
+            (servers, Box::new(open))
+        }
+    }
+}
+
+/// The parameter server runs over any transport: the same sync job (dense and sparse
+/// rows, Adam, 2 shards, 2 workers) over TCP, shared-memory links and in-process links
+/// ends with the same parameters and rows to the bit (two pushes sum the same in
+/// either order), and its dense part equals the optimizer applied locally.
+#[test]
+fn the_same_job_over_tcp_shared_memory_and_threads_gives_the_same_parameters() {
+    let (total, dim, workers, steps) = (333, 3, 2, 4);
+    let c = cfg(workers, PsMode::Sync, OptimizerKind::Adam, dim);
+    let init: Vec<f32> = (0..total).map(|i| (i as f32 * 0.02).cos()).collect();
+    let keys: Vec<u64> = (0..12u64).map(|k| k * 0x9E37_79B9 + 5).collect();
+    let run = |plane: Plane| {
+        let job = format!("ps-plane-test-{}-{plane:?}", std::process::id());
+        let (servers, open) = start_on(plane, 2, total, dim, &c, &job);
+        let open = std::sync::Arc::new(open);
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (open, init, keys) = (open.clone(), init.clone(), keys.clone());
+                std::thread::spawn(move || {
+                    let mut cl = open(w);
+                    if w == 0 {
+                        cl.init(&init).unwrap();
+                    }
+                    let mut p = vec![0.0; total];
+                    let mine: Vec<u64> = keys.iter().copied().skip(w).step_by(2).collect();
+                    let mut rows = vec![0.0; mine.len() * dim];
+                    for s in 0..steps {
+                        cl.pull_sparse(&mine, &mut rows).unwrap();
+                        let g: Vec<f32> = (0..total).map(|i| grad(w, s, i)).collect();
+                        let rg: Vec<f32> = rows.iter().map(|r| r - 0.25).collect();
+                        cl.push(s, &g, Some((&mine, &rg))).unwrap();
+                        cl.pull(s + 1, &mut p).unwrap();
+                    }
+                    let mut all = vec![0.0; keys.len() * dim];
+                    cl.peek_sparse(&keys, &mut all).unwrap();
+                    cl.close().unwrap();
+                    (p, all)
+                })
+            })
+            .collect();
+        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for s in servers {
+            s.join().unwrap();
+        }
+        outs.into_iter().next().unwrap()
+    };
+    let tcp = run(Plane::Tcp);
+    let mut reference = init.clone();
+    let mut o = Optimizer::new(c.optimizer, total).unwrap();
+    for s in 0..steps {
+        let g: Vec<f32> = (0..total)
+            .map(|i| (0..workers).map(|w| grad(w, s, i)).sum())
+            .collect();
+        o.step(c.lr, &mut reference, &g).unwrap();
+    }
+    let max = tcp
+        .0
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        max < 1e-5,
+        "TCP job differs from the local optimizer by {max}"
+    );
+    for plane in [Plane::Shm, Plane::Local] {
+        assert_eq!(run(plane), tcp, "{plane:?} differs from TCP");
+    }
+}
+
+/// A worker that lets go of its shared-memory links without saying goodbye fails the
+/// shard at once (not after a timeout), and the other worker's pull names it.
+#[test]
+fn a_worker_gone_from_shared_memory_is_reported() {
+    let total = 10;
+    let c = cfg(2, PsMode::Sync, OptimizerKind::Sgd, 0);
+    let job = format!("ps-shm-gone-{}", std::process::id());
+    let (servers, open) = start_on(Plane::Shm, 1, total, 0, &c, &job);
+    let b = std::thread::spawn({
+        let open = std::sync::Arc::new(open);
+        let o2 = open.clone();
+        let t = std::thread::spawn(move || o2(1));
+        let mut a = open(0);
+        let b = t.join().unwrap();
+        move || {
+            a.init(&vec![0.0; total]).unwrap();
+            a.push(0, &vec![1.0; total], None).unwrap();
+            drop(b);
+            let t0 = std::time::Instant::now();
+            let e = a.pull(1, &mut vec![0.0; total]).unwrap_err().to_string();
+            (e, t0.elapsed())
+        }
+    });
+    let (e, took) = b.join().unwrap();
+    assert!(e.contains("worker 1") && e.contains("shard failed"), "{e}");
+    assert!(took < Duration::from_secs(3), "noticed after {took:?}");
+    for s in servers {
+        assert!(s.join().is_err());
+    }
 }

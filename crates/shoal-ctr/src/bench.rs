@@ -68,7 +68,7 @@ pub fn ctr_scale(
                 Ok(PsServer::start(l, 0, cfg.clone())?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+        let addrs: Vec<_> = servers.iter().filter_map(|s| s.addr()).collect();
         let hs: Vec<_> =
             (0..2)
                 .map(|w| {

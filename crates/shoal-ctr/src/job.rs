@@ -7,10 +7,10 @@ use crate::model::{CtrConfig, CtrModel};
 use crate::trainer::{ctr_shard_config, CtrEvent, CtrTrainConfig, CtrTrainer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use shoal_comm::ps::{PsClient, PsMode, ShardConfig};
+use shoal_comm::ps::{PsMode, ShardConfig};
 use shoal_data::ctr::BadRows;
 use shoal_runtime::dist::{DistMode, DistSection};
-use shoal_runtime::exchange::{Exchange, PhaseTimes};
+use shoal_runtime::exchange::{Attachment, PhaseTimes};
 use shoal_runtime::launch::{write_kind, Report};
 use shoal_runtime::role::{emit, JobKind, Worker};
 use std::collections::BTreeMap;
@@ -62,12 +62,7 @@ impl JobKind for CtrJob {
     }
 
     fn run_worker(self, w: Worker) -> Result<()> {
-        let Exchange::Ps(client) = w.exchange else {
-            return Err(Error::Cluster(
-                "a CTR worker needs the parameter-server shards".into(),
-            ));
-        };
-        ctr_worker(self, w.resume.as_deref(), w.rank, w.workers, client)
+        ctr_worker(self, w.resume.as_deref(), w.attachment)
     }
 }
 
@@ -138,13 +133,7 @@ fn read_ctr_config(path: &Path) -> Result<CtrTrainConfig> {
 }
 
 /// A CTR worker against the job's shards; worker 0 evaluates and saves the model.
-fn ctr_worker(
-    j: CtrJob,
-    resume: Option<&Path>,
-    rank: usize,
-    workers: usize,
-    client: PsClient,
-) -> Result<()> {
+fn ctr_worker(j: CtrJob, resume: Option<&Path>, attachment: Attachment) -> Result<()> {
     let mut t = match resume {
         Some(p) => CtrTrainer::resume(p, |c| {
             c.epochs = j.cfg.epochs;
@@ -152,7 +141,8 @@ fn ctr_worker(
         })?,
         None => CtrTrainer::new(j.cfg)?,
     };
-    t.attach_ps(rank, workers, client)?;
+    let rank = attachment.rank();
+    t.attach(attachment)?;
     let start = Instant::now();
     let mut pending = 0usize;
     let mut steps = 0u64;
@@ -214,7 +204,7 @@ fn ctr_worker(
         t.save(&j.out)?;
     }
     let examples_per_s = t.examples_trained as f64 / t.train_seconds.max(1e-9);
-    t.detach_ps()?;
+    t.detach()?;
     emit(&Report::Done {
         rank,
         steps,

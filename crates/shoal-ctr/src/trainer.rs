@@ -5,7 +5,7 @@
 //! AUC and log loss on the held-out rows after every epoch; checkpoints holding the
 //! dense parameters and every touched row with its optimizer state.
 //!
-//! With parameter servers ([`CtrTrainer::attach_ps`]) the rows and the dense parameters
+//! With parameter servers ([`CtrTrainer::attach`]) the rows and the dense parameters
 //! live on the shards instead: each of `N` workers trains on its share of every global
 //! batch of `N x batch_size` rows, pulls only the rows its keys touch, and pushes its
 //! gradients (dense, and one per distinct key) weighted by its share; in sync mode this
@@ -18,6 +18,7 @@ use shoal_comm::ps::{PsClient, PsMode, PsState, ShardConfig, SparseState};
 use shoal_data::ctr::{read_click_log, BadRows, CtrData};
 use shoal_data::metrics::{auc, logloss};
 use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
+use shoal_runtime::exchange::Attachment;
 use shoal_runtime::store::{
     bytes_f32, bytes_u32, bytes_u64, f32_bytes, u32_bytes, u64_bytes, write_dir_atomically,
 };
@@ -264,8 +265,9 @@ pub struct CtrTrainer {
     ws: Workspace,
     batch: Batch,
     dense_grad: Vec<f32>,
-    /// Parameter servers: this worker's rank, the worker count, the connection.
-    ps: Option<(usize, usize, PsClient)>,
+    /// This worker's place in a job of several (its rows on the shards); None: one
+    /// process with a local table.
+    ps: Option<Attachment>,
     /// Seconds spent in updates (evaluation excluded) and the examples they trained on.
     pub train_seconds: f64,
     pub examples_trained: usize,
@@ -401,13 +403,17 @@ impl CtrTrainer {
         })
     }
 
-    /// Trains as worker `rank` of `workers` against parameter servers (shards made with
-    /// [`ctr_shard_config`]): rank 0 sets the shards' dense parameters, and every
-    /// worker starts from them.
-    pub fn attach_ps(&mut self, rank: usize, workers: usize, mut client: PsClient) -> Result<()> {
-        if rank >= workers {
-            return Err(Error::Cluster(format!("worker rank {rank} of {workers}")));
-        }
+    /// Trains in the place `a` gives in a job of several workers, against the
+    /// parameter-server shards that hold the rows (made with [`ctr_shard_config`]):
+    /// rank 0 sets the shards' state, and every worker starts from it. An attachment
+    /// to an allreduce is refused: CTR's rows live on the shards.
+    pub fn attach(&mut self, mut a: Attachment) -> Result<()> {
+        let rank = a.rank();
+        let Some(client) = a.shards() else {
+            return Err(Error::Cluster(
+                "a CTR worker needs the parameter-server shards that hold the rows, not an allreduce".into(),
+            ));
+        };
         if rank == 0 {
             // The shards start from this trainer's state (a resumed run's included). The
             // rows go first: the other workers wait for the dense parameters, so by the
@@ -431,23 +437,29 @@ impl CtrTrainer {
             })?;
         }
         client.pull(self.step, &mut self.dense)?;
-        self.ps = Some((rank, workers, client));
+        self.ps = Some(a);
         Ok(())
     }
 
-    /// Closes the parameter-server connection (every worker, at the end).
-    pub fn detach_ps(&mut self) -> Result<()> {
-        if let Some((_, _, c)) = self.ps.take() {
-            c.close()?;
+    /// Leaves the job (every worker, at the end): the shards are told this worker is
+    /// done.
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some(a) = self.ps.take() {
+            a.close()?;
         }
         Ok(())
+    }
+
+    /// The shards' client, when attached.
+    fn shards(&mut self) -> Option<&mut PsClient> {
+        self.ps.as_mut().and_then(Attachment::shards)
     }
 
     /// The rows of `keys`, from the shards with parameter servers (created there if
     /// new), else from the local table (not created).
     pub fn pull_rows(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
-        match self.ps.as_mut() {
-            Some((_, _, c)) => c.pull_sparse(keys, out)?,
+        match self.shards() {
+            Some(c) => c.pull_sparse(keys, out)?,
             None => self.table.peek(keys, out),
         }
         Ok(())
@@ -460,8 +472,8 @@ impl CtrTrainer {
         let b = &mut self.batch;
         b.fill(&self.data, idx);
         b.uniq_rows.resize(b.uniq.len() * w, 0.0);
-        match self.ps.as_mut() {
-            Some((_, _, c)) => c.pull_sparse(&b.uniq, &mut b.uniq_rows)?,
+        match self.ps.as_mut().and_then(Attachment::shards) {
+            Some(c) => c.pull_sparse(&b.uniq, &mut b.uniq_rows)?,
             None => self.table.pull(&b.uniq, &mut b.uniq_rows)?,
         }
         b.expand(w);
@@ -481,8 +493,8 @@ impl CtrTrainer {
             )?
         };
         b.reduce(w);
-        match self.ps.as_mut() {
-            Some((_, _, c)) => {
+        match self.ps.as_mut().and_then(Attachment::shards) {
+            Some(c) => {
                 c.push_weighted(
                     self.step,
                     self.cfg.lr,
@@ -524,8 +536,8 @@ impl CtrTrainer {
             ..
         } = self;
         score(model, dense, ws, batch, data, idx, |keys, out| {
-            match ps.as_mut() {
-                Some((_, _, c)) => c.peek_sparse(keys, out)?,
+            match ps.as_mut().and_then(Attachment::shards) {
+                Some(c) => c.peek_sparse(keys, out)?,
                 None => table.peek(keys, out),
             }
             Ok(())
@@ -568,7 +580,7 @@ impl CtrTrainer {
     /// Trains for the configured epochs (or steps), evaluating after each epoch (with
     /// parameter servers, only worker 0 evaluates).
     pub fn run(&mut self, mut on_event: impl FnMut(&CtrEvent)) -> Result<Eval> {
-        let (rank, workers) = self.ps.as_ref().map_or((0, 1), |(r, n, _)| (*r, *n));
+        let (rank, workers) = self.ps.as_ref().map_or((0, 1), |a| (a.rank(), a.workers()));
         let bs = self.cfg.batch_size * workers;
         let per_epoch = self.train_idx.len().div_ceil(bs);
         let max_steps = if self.cfg.max_steps > 0 {
@@ -661,7 +673,7 @@ impl CtrTrainer {
     /// state) to `dir` atomically; with parameter servers the rows are fetched from the
     /// shards first (call it on one worker).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
-        if let Some((_, _, c)) = self.ps.as_mut() {
+        if let Some(c) = self.shards() {
             // The rows and the MLP's optimizer state live on the shards.
             let st = c.sparse_state()?;
             let dense = c.state()?;

@@ -80,6 +80,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
 
 fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
     use shoal_comm::ps::PsClient;
+    use shoal_runtime::exchange::{Attachment, Exchange};
     let data = data.to_path_buf();
     let cfg = |batch| CtrTrainConfig {
         evict_idle_steps: evict,
@@ -106,7 +107,8 @@ fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
             std::thread::spawn(move || {
                 let mut t = CtrTrainer::new(c).unwrap();
                 let client = PsClient::connect(&addrs, rank, total, width, "t").unwrap();
-                t.attach_ps(rank, 2, client).unwrap();
+                t.attach(Attachment::new(rank, 2, Exchange::Ps(client)).unwrap())
+                    .unwrap();
                 t.run(|_| {}).unwrap();
                 let mut rows = vec![0.0; keys.len() * width];
                 t.pull_rows(&keys, &mut rows).unwrap();
@@ -114,7 +116,7 @@ fn sync_ps_run(dir: &Path, data: &Path, evict: u64) {
                 if rank == 0 {
                     t.save(&saved).unwrap();
                 }
-                t.detach_ps().unwrap();
+                t.detach().unwrap();
                 (dense, rows)
             })
         })
@@ -277,6 +279,7 @@ fn ps_job(
     keys: std::sync::Arc<Vec<u64>>,
 ) -> (Vec<f32>, Vec<f32>) {
     use shoal_comm::ps::PsClient;
+    use shoal_runtime::exchange::{Attachment, Exchange};
     let probe = CtrTrainer::new(cfg.clone()).unwrap();
     let (total, width) = (probe.dense().len(), probe.model.cfg.row_width());
     let (servers, addrs) = start_shards(cfg, total, width);
@@ -290,7 +293,8 @@ fn ps_job(
                     None => CtrTrainer::new(cfg).unwrap(),
                 };
                 let c = PsClient::connect(&addrs, rank, total, width, "t").unwrap();
-                t.attach_ps(rank, 2, c).unwrap();
+                t.attach(Attachment::new(rank, 2, Exchange::Ps(c)).unwrap())
+                    .unwrap();
                 t.run(|_| {}).unwrap();
                 let mut rows = vec![0.0; keys.len() * width];
                 t.pull_rows(&keys, &mut rows).unwrap();
@@ -300,7 +304,7 @@ fn ps_job(
                     }
                 }
                 let dense = t.dense().to_vec();
-                t.detach_ps().unwrap();
+                t.detach().unwrap();
                 (dense, rows)
             })
         })
@@ -391,7 +395,7 @@ fn start_shards(
             PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
         })
         .collect();
-    let addrs = servers.iter().map(|s| s.addr).collect();
+    let addrs = servers.iter().filter_map(|s| s.addr()).collect();
     (servers, addrs)
 }
 

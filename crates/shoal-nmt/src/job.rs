@@ -10,7 +10,7 @@ use crate::{Cpu, Error, FlatLayout, Result};
 use shoal_comm::ps::{PsMode, ShardConfig};
 use shoal_data::SubwordTokenizer;
 use shoal_runtime::dist::{DistMode, DistSection};
-use shoal_runtime::exchange::Exchange;
+use shoal_runtime::exchange::Attachment;
 use shoal_runtime::launch::{launch_job, write_kind, ClusterSummary, LaunchOptions, Report};
 use shoal_runtime::role::{emit, JobKind, Worker};
 use std::path::{Path, PathBuf};
@@ -58,8 +58,7 @@ impl JobKind for NmtJob {
             &w.run_dir,
             self.tok,
             w.resume.as_deref(),
-            w.rank,
-            w.exchange,
+            w.attachment,
         )
     }
 }
@@ -220,14 +219,14 @@ fn worker(
     run_dir: &Path,
     tok: Tokenizers,
     resume: Option<&Path>,
-    rank: usize,
-    exchange: Exchange,
+    attachment: Attachment,
 ) -> Result<()> {
     let mut t = match resume {
         Some(p) => NmtTrainer::resume(p, |_| Ok(cfg.clone()))?,
         None => NmtTrainer::with_tokenizers(cfg, run_dir, Some(tok))?,
     };
-    t.attach(rank, exchange)?;
+    let rank = attachment.rank();
+    t.attach(attachment)?;
     let summary = t.run(|e| match e {
         Event::Started {
             total_steps,
@@ -267,8 +266,8 @@ fn worker(
         // Refused in distributed jobs (config validation).
         Event::Validation { .. } => {}
     })?;
-    if let Some(Exchange::Ps(c)) = t.detach() {
-        c.close()?;
+    if let Some(a) = t.detach() {
+        a.close()?;
     }
     emit(&Report::Done {
         rank,

@@ -20,7 +20,7 @@ use shoal_data::{
 };
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
 use shoal_runtime::data::locate;
-pub use shoal_runtime::exchange::{Exchange, PhaseTimes};
+pub use shoal_runtime::exchange::{Attachment, Exchange, PhaseTimes};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -336,8 +336,8 @@ where
     pub clip_norm: f32,
     /// Label smoothing of the training loss (0: none; validation is always plain).
     pub label_smoothing: f32,
-    /// How gradients meet those of other workers (None: one process).
-    pub exchange: Option<Exchange>,
+    /// This worker's place in a distributed job (None: one process).
+    pub exchange: Option<Attachment>,
     /// Seconds spent in each phase of the updates so far.
     pub timing: PhaseTimes,
 }
@@ -420,7 +420,7 @@ where
         };
         let t3 = Instant::now();
         let mut t_comm = 0.0;
-        let grad_norm = match &mut self.exchange {
+        let grad_norm = match self.exchange.as_mut().map(Attachment::exchange) {
             None => self.clip_and_step(lr)?,
             Some(Exchange::Allreduce(comm)) => {
                 // Weighted by tokens, the summed gradients divided by the summed
@@ -488,8 +488,9 @@ where
     /// Makes every worker start from the same parameters and optimizer state: rank 0's
     /// are broadcast (allreduce) or sent to the shards, which the workers then pull
     /// (ps). `step` is the update the job starts at.
-    pub fn synchronise(&mut self, rank: usize, step: u64) -> Result<()> {
-        match &mut self.exchange {
+    pub fn synchronise(&mut self, step: u64) -> Result<()> {
+        let rank = self.exchange.as_ref().map_or(0, Attachment::rank);
+        match self.exchange.as_mut().map(Attachment::exchange) {
             None => return Ok(()),
             Some(Exchange::Allreduce(comm)) => comm.broadcast(&mut self.params, 0)?,
             Some(Exchange::Ps(client)) => {
@@ -511,7 +512,7 @@ where
     /// The optimizer's step count and state buffers: local, or fetched from the
     /// parameter servers (which own them in a ps job).
     pub fn optimizer_state(&mut self) -> Result<(u64, NamedBuffers)> {
-        if let Some(Exchange::Ps(client)) = &mut self.exchange {
+        if let Some(client) = self.exchange.as_mut().and_then(Attachment::shards) {
             let st = client.state()?;
             return Ok((st.optimizer_steps, st.buffers));
         }
@@ -774,19 +775,21 @@ where
         })
     }
 
-    /// Joins a distributed job as worker `rank` of `dist.workers`, exchanging gradients
-    /// through `exchange`; every worker then starts from rank 0's parameters (and, for
+    /// Joins a distributed job in the place `a` gives (its rank of `dist.workers`, and
+    /// how gradients meet); every worker then starts from rank 0's parameters (and, for
     /// parameter servers, optimizer state).
-    pub fn attach(&mut self, rank: usize, exchange: Exchange) -> Result<()> {
-        if rank >= self.cfg.dist.workers {
+    pub fn attach(&mut self, a: Attachment) -> Result<()> {
+        if a.workers() != self.cfg.dist.workers {
             return Err(Error::Cluster(format!(
-                "worker rank {rank} in a job of {} workers",
+                "worker {} of a job of {} workers attached to a configuration of {}",
+                a.rank(),
+                a.workers(),
                 self.cfg.dist.workers
             )));
         }
-        self.rank = rank;
-        self.learner.exchange = Some(exchange);
-        self.learner.synchronise(rank, self.pos.step)
+        self.rank = a.rank();
+        self.learner.exchange = Some(a);
+        self.learner.synchronise(self.pos.step)
     }
 
     /// This worker's rank (0 in a single process).
@@ -804,8 +807,8 @@ where
         &self.learner.params
     }
 
-    /// Takes the exchange back (to close parameter-server connections at the end).
-    pub fn detach(&mut self) -> Option<Exchange> {
+    /// Takes the attachment back (to [`Attachment::close`] it at the end).
+    pub fn detach(&mut self) -> Option<Attachment> {
         self.learner.exchange.take()
     }
 

@@ -11,7 +11,10 @@ use shoal_comm::ps::{shard_range, PsClient, PsMode, PsServer, ShardConfig};
 use shoal_comm::{Communicator, Transport};
 use shoal_nmt::trainer::Tokenizers;
 use shoal_nmt::NmtTrainConfig;
-use shoal_nmt::{trainer::Exchange, NmtTrainer};
+use shoal_nmt::{
+    trainer::{Attachment, Exchange},
+    NmtTrainer,
+};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -67,10 +70,11 @@ fn workers(
                     let _g = INIT.lock().unwrap();
                     NmtTrainer::with_tokenizers(cfg, out.path(), Some(tok)).unwrap()
                 };
-                t.attach(rank, exchange(rank)).unwrap();
+                t.attach(Attachment::new(rank, n, exchange(rank)).unwrap())
+                    .unwrap();
                 t.run(|_| {}).unwrap();
-                if let Some(Exchange::Ps(c)) = t.detach() {
-                    c.close().unwrap();
+                if let Some(a) = t.detach() {
+                    a.close().unwrap();
                 }
                 (t.params().to_vec(), t.losses().to_vec())
             })
@@ -183,7 +187,7 @@ fn sync_parameter_servers_equal_one_process_on_the_global_batch() {
                 PsServer::start(l, b - a, shard_cfg.clone()).unwrap()
             })
             .collect();
-        let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+        let addrs: Vec<_> = servers.iter().filter_map(|s| s.addr()).collect();
         let outs = workers(two, &tok, move |rank| {
             Exchange::Ps(PsClient::connect(&addrs, rank, total, 0, "t").unwrap())
         });
@@ -232,7 +236,7 @@ fn async_parameter_servers_converge_like_sync() {
         shard_cfg.timeout = Duration::from_secs(60);
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let server = PsServer::start(l, total, shard_cfg).unwrap();
-        let addr = server.addr;
+        let addr = server.addr().unwrap();
         let outs = workers(cfg, &tok, move |rank| {
             Exchange::Ps(PsClient::connect(&[addr], rank, total, 0, "t").unwrap())
         });

@@ -7,13 +7,15 @@
 //! Also the coordinator of a job whose processes a scheduler starts.
 
 use crate::dist::{DataPlane, DistSection, Placement};
-use crate::exchange::Exchange;
+use crate::exchange::{Attachment, Exchange};
 use crate::launch::{
     Report, ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_JOB, ENV_RESUME,
     ENV_ROLE, ENV_RUN, ENV_TOKEN,
 };
 use crate::{Error, Result};
-use shoal_comm::ps::{shard_range, PsClient, PsServer, ShardConfig};
+use shoal_comm::ps::{
+    shard_range, shm_link, LinkOpener, PsClient, PsServer, ShardConfig, ShardPlane,
+};
 use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
@@ -55,17 +57,18 @@ pub trait JobKind: Sized {
     fn run_worker(self, w: Worker) -> std::result::Result<(), Self::Error>;
 }
 
+/// How long a process waits for its peers' shared-memory rings.
+const SHM_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a worker of a job is given.
 pub struct Worker {
-    /// This worker's rank among the job's workers.
-    pub rank: usize,
-    pub workers: usize,
     /// The run directory (checkpoints).
     pub run_dir: PathBuf,
     /// A checkpoint to resume from.
     pub resume: Option<PathBuf>,
-    /// How its gradients meet the other workers'.
-    pub exchange: Exchange,
+    /// Its place in the job: rank, worker count and how its gradients meet the others'
+    /// (what the workload's trainer attaches to).
+    pub attachment: Attachment,
 }
 
 /// The kind of the job in `job` (its `kind` file; `nmt` when there is none, as jobs
@@ -199,7 +202,10 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         .into());
     }
     // Listeners are bound before registering, so the advertised addresses are live.
-    let shard_listener = if hosts_shard {
+    // Shards on shared memory (the processes of one host) meet their workers on
+    // per-pair rings and need no port.
+    let shm_shards = d.transport == DataPlane::Shm;
+    let shard_listener = if hosts_shard && !shm_shards {
         Some(bind(&host)?)
     } else {
         None
@@ -252,15 +258,31 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
     let (total, width) = spec.shard_shape()?;
     let shard_cfg = spec.shard_config(width, &token);
     let shards = shard_hosts.len();
-    let server = match shard_listener {
-        Some((l, _)) => {
+    let shm_job = format!("shoal-{token}");
+    let server = match hosts_shard {
+        true => {
             let idx = shard_hosts
                 .iter()
                 .position(|m| m.rank == reg.rank)
                 .ok_or_else(|| Error::Cluster(format!("{me}: not in the shard table")))?;
             let (a, b) = shard_range(total, shards, idx);
-            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            let s = PsServer::start(l, b - a, shard_cfg)?;
+            let (plane, addr) = match shard_listener {
+                Some((l, _)) => {
+                    let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    (ShardPlane::Tcp(l), addr)
+                }
+                None => {
+                    let links = (0..d.workers)
+                        .map(|w| {
+                            let job = shm_job.clone();
+                            Box::new(move || shm_link(&job, idx, w, 0, SHM_CONNECT_TIMEOUT))
+                                as LinkOpener
+                        })
+                        .collect();
+                    (ShardPlane::Links(links), "shared memory".to_string())
+                }
+            };
+            let s = PsServer::start_on(plane, b - a, shard_cfg)?;
             log(&format!(
                 "{me}: serving parameter-server shard {idx} of {shards} ({}) on {addr}",
                 match width {
@@ -270,7 +292,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
             ));
             Some(s)
         }
-        None => None,
+        false => None,
     };
     let result = if is_worker {
         let rank = worker_ranks
@@ -291,7 +313,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                         rank,
                         d.workers,
                         8 << 20,
-                        Duration::from_secs(60),
+                        SHM_CONNECT_TIMEOUT,
                     )?),
                     Some((l, _)) => {
                         let addrs = members
@@ -320,6 +342,12 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                 comm.set_hosts(&host_of)?;
                 Exchange::Allreduce(comm)
             }
+            true if shm_shards => {
+                let links = (0..shards)
+                    .map(|i| shm_link(&shm_job, i, rank, 1, SHM_CONNECT_TIMEOUT))
+                    .collect::<shoal_comm::Result<Vec<_>>>()?;
+                Exchange::Ps(PsClient::over(links, rank, total, width, &token)?)
+            }
             true => Exchange::Ps(PsClient::connect(
                 &shard_addrs()?,
                 rank,
@@ -335,15 +363,14 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                 Exchange::Allreduce(_) if d.transport == DataPlane::Tcp =>
                     "ring allreduce over TCP".to_string(),
                 Exchange::Allreduce(_) => "ring allreduce over shared memory".to_string(),
-                _ => format!("{shards} parameter-server shards"),
+                _ if shm_shards => format!("{shards} parameter-server shards over shared memory"),
+                _ => format!("{shards} parameter-server shards over TCP"),
             }
         ));
         spec.run_worker(Worker {
-            rank,
-            workers: d.workers,
             run_dir: run_dir.clone(),
             resume: resume.clone(),
-            exchange,
+            attachment: Attachment::new(rank, d.workers, exchange)?,
         })
     } else {
         Ok(())

@@ -66,7 +66,7 @@ pub(crate) enum BenchCmd {
         iters: usize,
     },
     /// Synchronous parameter-server steps (push + Adam + pull) of 2 workers (threads) with
-    /// 1 and 2 shards, per gradient size.
+    /// 1 and 2 shards, over loopback TCP and over shared-memory links, per gradient size.
     PsShards {
         /// Sizes in MB, comma-separated.
         #[arg(long, default_value = "16")]
@@ -241,13 +241,22 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
                     .parse()
                     .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
                 let bytes = (mb * 1048576.0) as usize / 4 * 4;
-                for shards in [1usize, 2] {
-                    let t = shoal_comm::bench::ps_step_seconds(shards, workers, bytes, iters)?;
-                    println!(
-                        "{}",
-                        serde_json::json!({"bytes": bytes, "shards": shards, "workers": workers,
-                            "step_s": t, "gbps": 2.0 * (workers * bytes) as f64 / t / 1e9})
-                    );
+                for plane in ["tcp", "shm"] {
+                    for shards in [1usize, 2] {
+                        let t = shoal_comm::bench::ps_step_seconds(
+                            shards,
+                            workers,
+                            bytes,
+                            iters,
+                            plane == "shm",
+                        )?;
+                        println!(
+                            "{}",
+                            serde_json::json!({"bytes": bytes, "shards": shards, "workers": workers,
+                                "plane": plane, "step_s": t,
+                                "gbps": 2.0 * (workers * bytes) as f64 / t / 1e9})
+                        );
+                    }
                 }
             }
         }
