@@ -200,45 +200,40 @@ pub struct NmtTrainConfig {
 }
 
 impl NmtTrainConfig {
-    /// Reads a TOML file (if given), applies `key=value` overrides, and validates.
-    /// Relative data paths in a file are taken relative to the current directory.
+    /// The configuration from its layers: the defaults, the TOML file `file`, the
+    /// command line's flags (`section.key` and a typed value), then its `--set
+    /// section.key=value` overrides (later ones win); validated. Relative data paths in
+    /// a file are taken relative to the current directory.
+    pub fn layered(
+        file: Option<&Path>,
+        flags: &[(&str, toml::Value)],
+        set: &[(String, String)],
+    ) -> Result<Self> {
+        let cfg: Self = shoal_runtime::config::layered(file, flags, set)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`NmtTrainConfig::layered`] with `--set` overrides only.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self> {
-        let mut table = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::Io {
-                    path: p.to_path_buf(),
-                    source: e,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
-            }
-            None => toml::Table::new(),
-        };
-        for (k, v) in overrides {
-            set_override(&mut table, k, v)?;
-        }
-        let where_ = file
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "command line".into());
-        let cfg: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("{where_}: {e}")))?;
+        Self::layered(file, &[], overrides)
+    }
+
+    /// This configuration with the command line's flags and `--set` overrides laid
+    /// over it (a resumed run's), validated.
+    pub fn with_layers(
+        &self,
+        flags: &[(&str, toml::Value)],
+        set: &[(String, String)],
+    ) -> Result<Self> {
+        let cfg: Self = shoal_runtime::config::layered_on(self, flags, set)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// This configuration with `key=value` overrides applied (and validated).
     pub fn with_overrides(&self, overrides: &[(String, String)]) -> Result<Self> {
-        let mut table: toml::Table =
-            toml::Table::try_from(self).map_err(|e| Error::Config(e.to_string()))?;
-        for (k, v) in overrides {
-            set_override(&mut table, k, v)?;
-        }
-        let cfg: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("command line: {e}")))?;
-        cfg.validate()?;
-        Ok(cfg)
+        self.with_layers(&[], overrides)
     }
 
     /// The configuration as TOML text.

@@ -83,6 +83,26 @@ where
             .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
         merge(&mut table, t);
     }
+    over(table, flags, set)
+}
+
+/// The command line's layers (flags, then `--set`) laid over a configuration already
+/// made (a resumed run's saved one).
+pub fn layered_on<T>(base: &T, flags: &[(&str, toml::Value)], set: &[(String, String)]) -> Result<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let table = toml::Table::try_from(base)
+        .map_err(|e| Error::Config(format!("the configuration: {e}")))?;
+    over(table, flags, set)
+}
+
+/// `flags` then `set` on `table`, read back as a `T`.
+fn over<T: serde::de::DeserializeOwned>(
+    mut table: toml::Table,
+    flags: &[(&str, toml::Value)],
+    set: &[(String, String)],
+) -> Result<T> {
     for (k, v) in flags {
         set_value(&mut table, k, v.clone())?;
     }
@@ -91,7 +111,7 @@ where
     }
     toml::Value::Table(table)
         .try_into::<T>()
-        .map_err(|e| Error::Config(e.to_string()))
+        .map_err(|e| Error::Config(format!("command line: {e}")))
 }
 
 #[cfg(test)]

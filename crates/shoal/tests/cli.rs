@@ -282,6 +282,66 @@ workers = 2
     assert_eq!(cfg["batch_size"].as_integer(), Some(256), "the default");
     assert_eq!(cfg["dist"]["workers"].as_integer(), Some(2));
     assert_eq!(cfg["dist"]["ps"].as_integer(), Some(2), "--set");
+    // NMT the same way: its flags are configuration fields laid between the file and
+    // --set (which wins over a flag for the same field).
+    std::fs::write(
+        d.path().join("nmt.toml"),
+        "[train]
+epochs = 3
+batch_size = 8
+[model]
+hidden = 32
+",
+    )
+    .unwrap();
+    let o = shoal(
+        d.path(),
+        &[
+            "train",
+            "nmt",
+            "--config",
+            "nmt.toml",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "12",
+            "--cell",
+            "lstm",
+            "--ps",
+            "2",
+            "--set",
+            "train.epochs=7",
+            "--set",
+            "model.embed=24",
+            "--print-config",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let cfg: toml::Table = toml::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(
+        cfg["model"]["hidden"].as_integer(),
+        Some(32),
+        "from the file"
+    );
+    assert_eq!(
+        cfg["train"]["batch_size"].as_integer(),
+        Some(12),
+        "the flag beats the file"
+    );
+    assert_eq!(
+        cfg["train"]["epochs"].as_integer(),
+        Some(7),
+        "--set beats the flag"
+    );
+    assert_eq!(cfg["model"]["cell"].as_str(), Some("lstm"), "a flag's enum");
+    assert_eq!(cfg["model"]["embed"].as_integer(), Some(24), "--set");
+    assert_eq!(cfg["dist"]["ps"].as_integer(), Some(2));
+    assert_eq!(
+        cfg["dist"]["mode"].as_str(),
+        Some("ps-sync"),
+        "--ps alone: sync shards"
+    );
     std::fs::write(
         d.path().join("cnn.toml"),
         "[model]

@@ -121,6 +121,10 @@ pub(crate) struct CtrArgs {
     /// dist.placement (default separate).
     #[arg(long, value_enum)]
     pub(crate) ps_placement: Option<shoal_runtime::dist::Placement>,
+    /// dist.transport: the workers' links to the shards (default shm, processes of one
+    /// host; tcp otherwise).
+    #[arg(long, value_enum)]
+    pub(crate) transport: Option<shoal_runtime::dist::DataPlane>,
     /// Print the final scores as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -187,6 +191,9 @@ fn config(a: &CtrArgs) -> Result<shoal_ctr::trainer::CtrTrainConfig> {
     }
     if let Some(p) = a.ps_placement {
         flags.push(("dist.placement", Value::try_from(p)?));
+    }
+    if let Some(p) = a.transport {
+        flags.push(("dist.transport", Value::try_from(p)?));
     }
     let set = super::key_values(&a.set)?;
     Ok(shoal_runtime::config::layered(

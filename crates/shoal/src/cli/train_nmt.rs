@@ -1,5 +1,6 @@
-//! `shoal train nmt`: the NMT trainer's flags, turned into configuration overrides, and
-//! the run (one process, or the embedded local cluster).
+//! `shoal train nmt`: the NMT trainer's flags (each a configuration field, laid over
+//! the defaults and `--config` and under `--set`), and the run (one process, or the
+//! embedded local cluster).
 
 use super::*;
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,8 @@ pub(crate) struct NmtArgs {
     /// TOML configuration file (sections [model], [data], [train], [eval]).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// Override any configuration field, e.g. --set model.hidden=256 (repeatable).
+    /// Override any configuration field, e.g. --set model.hidden=256 (repeatable; wins
+    /// over the flags below, which win over --config).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub(crate) set: Vec<String>,
     /// Run directory for checkpoints.
@@ -78,7 +80,8 @@ pub(crate) struct NmtArgs {
     /// dist.placement: shards in their own processes or inside the first workers.
     #[arg(long, value_enum)]
     pub(crate) ps_placement: Option<shoal_runtime::dist::Placement>,
-    /// dist.transport: the allreduce data plane.
+    /// dist.transport: the data plane of the allreduce and of the links to the shards
+    /// (shm: processes of one host; tcp: any hosts).
     #[arg(long, value_enum)]
     pub(crate) transport: Option<shoal_runtime::dist::DataPlane>,
     /// eval.beam for the final BLEU (1 = greedy)
@@ -95,95 +98,83 @@ pub(crate) struct NmtArgs {
     pub(crate) print_config: bool,
 }
 
-pub(crate) fn overrides(a: &NmtArgs) -> Result<Vec<(String, String)>> {
-    let mut o = Vec::new();
-    for kv in &a.set {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
-        o.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let mut put = |k: &str, v: String| o.push((k.to_string(), v));
+/// The flags as configuration values (`section.key` and a typed value), laid over the
+/// defaults and `--config` and under `--set`, as `shoal train ctr` and `cnn` do.
+pub(crate) fn flags(a: &NmtArgs) -> Result<Vec<(&'static str, toml::Value)>> {
+    use toml::Value;
+    let mut f: Vec<(&'static str, Value)> = Vec::new();
     if let Some(d) = &a.data_dir {
-        for (k, f) in [
+        for (k, name) in [
             ("data.train_src", "train.en"),
             ("data.train_tgt", "train.de"),
             ("data.valid_src", "val.en"),
             ("data.valid_tgt", "val.de"),
         ] {
-            put(k, format!("{:?}", d.join(f).display().to_string()));
+            f.push((k, Value::String(d.join(name).display().to_string())));
         }
     }
-    if let Some(v) = a.epochs {
-        put("train.epochs", v.to_string());
+    for (k, v) in [
+        ("train.epochs", a.epochs),
+        ("train.max_steps", a.max_steps),
+        ("train.batch_size", a.batch_size.map(|v| v as u64)),
+        ("train.seed", a.seed),
+        ("train.checkpoint_every", a.checkpoint_every),
+        ("eval.beam", a.beam.map(|v| v as u64)),
+        ("dist.workers", a.workers.map(|v| v as u64)),
+        ("dist.ps", a.ps.map(|v| v as u64)),
+    ] {
+        if let Some(v) = v {
+            let v = i64::try_from(v).with_context(|| format!("{k}: {v} is too large"))?;
+            f.push((k, Value::Integer(v)));
+        }
     }
-    if let Some(v) = a.max_steps {
-        put("train.max_steps", v.to_string());
-    }
-    if let Some(v) = a.max_minutes {
-        put("train.max_minutes", format!("{v:?}"));
-    }
-    if let Some(v) = a.batch_size {
-        put("train.batch_size", v.to_string());
-    }
-    if let Some(v) = a.lr {
-        put("train.lr", format!("{v:?}"));
-    }
-    if let Some(v) = a.label_smoothing {
-        put("train.label_smoothing", format!("{v:?}"));
-    }
-    if let Some(v) = a.seed {
-        put("train.seed", v.to_string());
-    }
-    if let Some(v) = a.checkpoint_every {
-        put("train.checkpoint_every", v.to_string());
+    for (k, v) in [
+        ("train.max_minutes", a.max_minutes),
+        ("train.lr", a.lr.map(f64::from)),
+        ("train.label_smoothing", a.label_smoothing),
+        ("model.dropout", a.dropout.map(f64::from)),
+    ] {
+        if let Some(v) = v {
+            f.push((k, Value::Float(v)));
+        }
     }
     if let Some(c) = a.cell {
-        put("model.cell", format!("{:?}", value_name(c)));
+        f.push(("model.cell", Value::try_from(c)?));
     }
     if let Some(at) = a.attention {
-        put("model.attention", format!("{:?}", value_name(at)));
+        f.push(("model.attention", Value::try_from(at)?));
     }
     if a.layer_norm {
-        put("model.layer_norm", "true".into());
-    }
-    if let Some(v) = a.dropout {
-        put("model.dropout", format!("{v:?}"));
-    }
-    if let Some(v) = a.beam {
-        put("eval.beam", v.to_string());
+        f.push(("model.layer_norm", Value::Boolean(true)));
     }
     if let Some(d) = &a.device {
-        put("train.device", format!("{d:?}"));
+        f.push(("train.device", Value::String(d.clone())));
     }
-    if let Some(v) = a.workers {
-        put("dist.workers", v.to_string());
-    }
-    if let Some(v) = a.ps {
-        put("dist.ps", v.to_string());
-        if a.mode.is_none() && v > 0 {
-            put("dist.mode", "\"ps-sync\"".into());
+    // --ps N alone means synchronous shards; --mode ps-* alone means one shard.
+    use shoal_runtime::dist::DistMode;
+    match (a.mode, a.ps) {
+        (Some(m), ps) => {
+            f.push(("dist.mode", Value::try_from(m)?));
+            if ps.is_none() && m != DistMode::Allreduce {
+                f.push(("dist.ps", Value::Integer(1)));
+            }
         }
-    }
-    if let Some(m) = a.mode {
-        put("dist.mode", format!("{:?}", value_name(m)));
-        if a.ps.is_none() && !matches!(m, shoal_runtime::dist::DistMode::Allreduce) {
-            put("dist.ps", "1".into());
-        }
+        (None, Some(n)) if n > 0 => f.push(("dist.mode", Value::try_from(DistMode::PsSync)?)),
+        _ => {}
     }
     if let Some(p) = a.ps_placement {
-        put("dist.placement", format!("{:?}", value_name(p)));
+        f.push(("dist.placement", Value::try_from(p)?));
     }
     if let Some(p) = a.transport {
-        put("dist.transport", format!("{:?}", value_name(p)));
+        f.push(("dist.transport", Value::try_from(p)?));
     }
-    Ok(o)
+    Ok(f)
 }
 
 pub(crate) fn run(a: NmtArgs) -> Result<()> {
-    let ov = overrides(&a)?;
+    let (flags, set) = (flags(&a)?, key_values(&a.set)?);
     if a.resume.is_none() && !a.print_config {
-        let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+        let cfg = NmtTrainConfig::layered(a.config.as_deref(), &flags, &set)?;
         if cfg.dist.is_cluster() {
             return train_nmt_cluster(&a, cfg, None);
         }
@@ -193,7 +184,7 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
             if a.config.is_some() {
                 bail!("--resume continues with the run's saved configuration; drop --config");
             }
-            let t = NmtTrainer::resume(dir, |saved| saved.with_overrides(&ov))?;
+            let t = NmtTrainer::resume(dir, |saved| saved.with_layers(&flags, &set))?;
             if t.config().dist.is_cluster() {
                 let cfg = t.config().clone();
                 let tok = t.tokenizers().clone();
@@ -203,7 +194,7 @@ pub(crate) fn run(a: NmtArgs) -> Result<()> {
             t
         }
         None => {
-            let cfg = NmtTrainConfig::load(a.config.as_deref(), &ov)?;
+            let cfg = NmtTrainConfig::layered(a.config.as_deref(), &flags, &set)?;
             if a.print_config {
                 print!("{}", cfg.to_toml());
                 return Ok(());
