@@ -19,6 +19,7 @@ use crate::frame::f32_bytes_mut;
 use crate::transport::Transport;
 use crate::{Error, Result};
 use std::ffi::CString;
+use std::path::Path;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,11 @@ fn os_err(what: String) -> Error {
     }
 }
 
+/// The file of the ring `from -> to` of group `job`.
+pub fn ring_path(job: &str, from: usize, to: usize) -> String {
+    path(job, from, to)
+}
+
 fn path(job: &str, from: usize, to: usize) -> String {
     // The job name is hashed so that any string is a valid file name.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -146,14 +152,35 @@ impl Ring {
         let p = path(job, from, to);
         let c = CString::new(p.clone())
             .map_err(|_| Error::Mismatch("bad shared-memory path".into()))?;
-        // SAFETY: plain open(2) on a NUL-terminated path.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC,
-                0o600,
-            )
+        sweep_stale();
+        // Created exclusively, never through a link: a file already there is a ring of
+        // a process that died before its peer opened it (removed, once), or of a live
+        // one (refused: two jobs with one name).
+        let open = || {
+            // SAFETY: plain open(2) on a NUL-terminated path.
+            unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+                    0o600,
+                )
+            }
         };
+        let mut fd = open();
+        if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
+            match stale_writer(Path::new(&p)) {
+                Some(pid) if pid != std::process::id() && process_alive(pid) => {
+                    return Err(Error::Mismatch(format!(
+                        "{p} is a ring of process {pid}, which is alive: another job with the same name and token is running"
+                    )));
+                }
+                _ => {
+                    // SAFETY: unlinking a file of this job's own name.
+                    unsafe { libc::unlink(c.as_ptr()) };
+                    fd = open();
+                }
+            }
+        }
         if fd < 0 {
             return Err(os_err(format!("creating {p}")));
         }
@@ -205,8 +232,8 @@ impl Ring {
             .map_err(|_| Error::Mismatch("bad shared-memory path".into()))?;
         let start = Instant::now();
         loop {
-            // SAFETY: plain open(2).
-            let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR) };
+            // SAFETY: plain open(2), never through a link.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOFOLLOW) };
             if fd >= 0 {
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
                 // SAFETY: fd is open, st is a valid out-pointer.
@@ -225,9 +252,18 @@ impl Ring {
                         timeout,
                         writer: false,
                     };
-                    if ring.atomic_u64(OFF_MAGIC).load(Ordering::Acquire) == MAGIC {
+                    // Complete once its magic is there. A ring whose writer died or let
+                    // go of it (a run that failed before its peer came) is stale: the live
+                    // writer replaces it, so wait for that one rather than attach to the
+                    // dead one.
+                    let ready = ring.atomic_u64(OFF_MAGIC).load(Ordering::Acquire) == MAGIC;
+                    let wpid = ring.writer_pid();
+                    let stale = ring.atomic_u32(OFF_WCLOSED).load(Ordering::Acquire) != 0
+                        || (wpid != 0 && !process_alive(wpid));
+                    if ready && !stale {
                         ring.cap = ring.atomic_u64(OFF_CAP).load(Ordering::Relaxed);
                         if ring.cap as usize + DATA != len {
+                            ring.release();
                             return Err(Error::Frame {
                                 peer: from,
                                 why: format!("{p} has a bad size"),
@@ -239,6 +275,7 @@ impl Ring {
                         unsafe { libc::unlink(c.as_ptr()) };
                         return Ok(ring);
                     }
+                    ring.release();
                 } else {
                     // SAFETY: fd is open.
                     unsafe { libc::close(fd) };
@@ -249,6 +286,14 @@ impl Ring {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Unmaps a ring this side never took part in, without marking it let go (it is
+    /// not this side's to close: the writer may be setting it up).
+    fn release(self) {
+        // SAFETY: base/map_len came from a successful mmap; Drop does not run after.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
+        std::mem::forget(self);
     }
 
     fn writer_pid(&self) -> u32 {
@@ -266,12 +311,7 @@ impl Ring {
             return false;
         }
         let pid = self.atomic_u32(pid).load(Ordering::Acquire);
-        if pid == 0 {
-            return true;
-        }
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        pid == 0 || process_alive(pid)
     }
 
     /// Waits until `ready()`: spinning for the first 200 us (a peer on another core
@@ -371,6 +411,59 @@ impl Ring {
         }
         Ok(())
     }
+}
+
+/// Whether process `pid` exists.
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The writer's process id recorded in the ring file at `p` (None: not a ring, or not
+/// readable).
+fn stale_writer(p: &Path) -> Option<u32> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .ok()?;
+    let mut magic = [0u8; 8];
+    let mut pid = [0u8; 4];
+    f.read_exact_at(&mut magic, OFF_MAGIC as u64).ok()?;
+    f.read_exact_at(&mut pid, OFF_WPID as u64).ok()?;
+    (u64::from_le_bytes(magic) == MAGIC).then(|| u32::from_le_bytes(pid))
+}
+
+/// Removes, once per process, the ring files under `/dev/shm` that this user's dead
+/// processes left (a process that died before its peer opened its rings).
+fn sweep_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(n) = name.to_str() else { continue };
+            let p = e.path();
+            let ours = std::fs::symlink_metadata(&p)
+                .map(|m| m.is_file() && m.uid() == uid)
+                .unwrap_or(false);
+            if !n.starts_with("shoal-") || !ours {
+                continue;
+            }
+            if let Some(pid) = stale_writer(&p) {
+                if !process_alive(pid) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    });
 }
 
 /// Sleeps while the shared word still holds `expected`, at most `timeout` (a wake-up,

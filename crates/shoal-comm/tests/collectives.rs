@@ -342,6 +342,61 @@ fn shared_memory_reports_a_dead_process() {
     );
 }
 
+/// Ring files are made exclusively: one left by a process that died (killed before its
+/// peer came) is replaced and the group forms; one of a live process is refused (two
+/// groups with one name); a symbolic link planted at a ring's path is not followed (its
+/// target is untouched).
+#[test]
+fn stale_rings_are_replaced_live_ones_refused_links_not_followed() {
+    const NAME: &str = "stale_rings_are_replaced_live_ones_refused_links_not_followed";
+    if let Some(spec) = child_spec() {
+        return shm_child_rank(&spec);
+    }
+    let job = unique_job("test-shm-stale");
+    let ring = shoal_comm::shm::ring_path(&job, 1, 0);
+    let holder = spawn_child(NAME, format!("{job} 1 2 hold"), None);
+    let t = std::time::Instant::now();
+    while !std::path::Path::new(&ring).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the child made no ring"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Err(e) = ShmTransport::connect(&job, 1, 2, 1 << 16, Duration::from_secs(1)) else {
+        panic!("a second rank 1 joined while the first lives")
+    };
+    let e = e.to_string();
+    assert!(e.contains("alive"), "{e}");
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(holder.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = finish(holder);
+    assert!(
+        std::path::Path::new(&ring).exists(),
+        "the dead child's ring is there"
+    );
+    check_group(shm_group(2, &job));
+    // A link at the path of a ring: removed and replaced, its target never written.
+    let job = unique_job("test-shm-link");
+    let target = std::env::temp_dir().join(format!("{job}-target"));
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, shoal_comm::shm::ring_path(&job, 0, 1)).unwrap();
+    check_group(shm_group(2, &job));
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    let _ = std::fs::remove_file(&target);
+}
+
+/// A group of transports sums correctly (one allreduce, checked against the sequential
+/// sum).
+fn check_group(group: Vec<ShmTransport>) {
+    let n = group.len();
+    run(group, move |c| {
+        let mut d = input(c.rank(), 1000);
+        c.allreduce_sum(&mut d).unwrap();
+        assert_eq!(d, expected_sum(n, 1000));
+    });
+}
+
 /// One rank of a cross-process test (`spec`: job, rank, size and an optional mode).
 fn shm_child_rank(spec: &str) {
     let parts: Vec<&str> = spec.split(' ').collect();
@@ -351,6 +406,11 @@ fn shm_child_rank(spec: &str) {
         parts[2].parse().unwrap(),
     );
     match parts.get(3).copied() {
+        // Makes its rings and waits for its peers (until the parent kills it).
+        Some("hold") => {
+            let _ = ShmTransport::connect(job, r, n, 1 << 16, Duration::from_secs(60));
+            std::process::exit(0)
+        }
         // Joins, then dies without a word.
         Some("die") => {
             let _t = ShmTransport::connect(job, r, n, 1 << 16, Duration::from_secs(20)).unwrap();

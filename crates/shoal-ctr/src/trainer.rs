@@ -944,9 +944,17 @@ impl CtrCheckpoint {
             }
         }
         let model = CtrModel::new(mcfg)?;
+        // Weights that are not finite would predict NaN: refused, naming the tensor.
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;
-            Ok(bytes_f32(t.data()))
+            let v = bytes_f32(t.data());
+            match v.iter().position(|x| !x.is_finite()) {
+                Some(i) => Err(fail(format!(
+                    "tensor '{name}' holds a value that is not finite ({} at index {i})",
+                    v[i]
+                ))),
+                None => Ok(v),
+            }
         };
         let dense = f32s("dense")?;
         if dense.len() != model.dense_len() {

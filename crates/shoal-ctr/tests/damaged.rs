@@ -38,6 +38,45 @@ fn damaged_models_are_refused_without_a_panic() {
         let b = CtrTrainConfig::saved_in(&out).map(|_| ());
         a.and(b)
     });
+    // Checksums that hold over weights that are not finite (a NaN written into the
+    // dense parameters, the file's CRC32 recomputed by its rule: tensors by name, each
+    // name, length and bytes): refused, naming the tensor.
+    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&valid).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let dense = tensors.iter_mut().find(|t| t.0 == "dense").unwrap();
+    dense.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    for (name, _, _, data) in &tensors {
+        h.update(name.as_bytes());
+        h.update(&(data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    let mut md = meta.metadata().clone().unwrap();
+    md.insert("crc32".into(), format!("{:08x}", h.finalize()));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&file, safetensors::serialize(views, Some(md)).unwrap()).unwrap();
+    let Err(e) = CtrPredictor::load(&out) else {
+        panic!("a NaN weight loaded")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("not finite") && e.contains("'dense'") && e.contains("index 2"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -152,7 +152,14 @@ impl Checkpoint {
                     shape
                 )));
             }
+            let at = params.len();
             params.extend(bytes_f32(t.data()));
+            if let Some(i) = params[at..].iter().position(|v| !v.is_finite()) {
+                return Err(fail(format!(
+                    "tensor '{name}' holds a value that is not finite ({} at index {i})",
+                    params[at + i]
+                )));
+            }
         }
         let optim_bytes = read_checked(OPTIM_FILE)?;
         let st = SafeTensors::deserialize(&optim_bytes)
@@ -171,7 +178,14 @@ impl Checkpoint {
                     params.len()
                 )));
             }
-            optimizer.push((name.to_string(), bytes_f32(t.data())));
+            let values = bytes_f32(t.data());
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(fail(format!(
+                    "optimizer buffer '{name}' holds a value that is not finite ({} at index {i})",
+                    values[i]
+                )));
+            }
+            optimizer.push((name.to_string(), values));
         }
         Ok(Self {
             meta,

@@ -38,6 +38,42 @@ fn damaged_checkpoints_are_refused_without_a_panic() {
         });
         std::fs::write(&path, &valid).unwrap();
     }
+    // A checkpoint whose checksums hold but whose weights are not finite (a NaN written
+    // with its CRC32 recomputed) is refused, naming the tensor.
+    let path = ck.join("model.safetensors");
+    let valid = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors[0].3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let meta_path = ck.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["crc32"]["model.safetensors"] = crc32fast::hash(&bytes).into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let Err(e) = Checkpoint::load(&ck) else {
+        panic!("a NaN weight loaded")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("not finite") && e.contains(&tensors[0].0) && e.contains("index 1"),
+        "{e}"
+    );
 }
 
 #[test]
