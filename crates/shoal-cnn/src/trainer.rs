@@ -19,6 +19,9 @@ pub const PIXEL_MEAN: f32 = 0.2860;
 pub const PIXEL_STD: f32 = 0.3530;
 
 /// Everything a CNN run is configured by (saved with the model).
+/// The file of a saved model that holds the other files' CRC32s.
+const CHECKSUMS: &str = "crc32.json";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CnnTrainConfig {
@@ -159,8 +162,9 @@ impl CnnModel {
         })
     }
 
-    /// Saves `model.safetensors` (every parameter and statistic under its name) and
-    /// `meta.json` (the configuration) as directory `dir`, atomically.
+    /// Saves `model.safetensors` (every parameter and statistic under its name),
+    /// `meta.json` (the configuration) and `crc32.json` (both files' CRC32) as directory
+    /// `dir`, atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for t in &self.net.params {
@@ -172,9 +176,18 @@ impl CnnModel {
         let st = serialize_tensors(&tensors, dir)?;
         let meta =
             serde_json::to_vec_pretty(&self.cfg).map_err(|e| Error::Config(e.to_string()))?;
+        let sums = serde_json::to_vec_pretty(&std::collections::BTreeMap::from([
+            ("meta.json", crc32fast::hash(&meta)),
+            ("model.safetensors", crc32fast::hash(&st)),
+        ]))
+        .map_err(|e| Error::Config(e.to_string()))?;
         Ok(write_dir_atomically(
             dir,
-            &[("model.safetensors", &st), ("meta.json", &meta)],
+            &[
+                ("model.safetensors", &st),
+                ("meta.json", &meta),
+                (CHECKSUMS, &sums),
+            ],
         )?)
     }
 
@@ -187,10 +200,30 @@ impl CnnModel {
         };
         let meta_path = dir.join("meta.json");
         let meta = std::fs::read(&meta_path).map_err(crate::error::io_err(&meta_path))?;
-        let cfg: CnnTrainConfig =
-            serde_json::from_slice(&meta).map_err(|e| fail(format!("meta.json: {e}")))?;
         let path = dir.join("model.safetensors");
         let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
+        // Both files' CRC32s (models saved before the checksums existed load unchecked).
+        let sums_path = dir.join(CHECKSUMS);
+        if sums_path.exists() {
+            let text = std::fs::read(&sums_path).map_err(crate::error::io_err(&sums_path))?;
+            let sums: std::collections::BTreeMap<String, u32> =
+                serde_json::from_slice(&text).map_err(|e| fail(format!("{CHECKSUMS}: {e}")))?;
+            for (file, data) in [("meta.json", &meta), ("model.safetensors", &bytes)] {
+                let got = crc32fast::hash(data);
+                match sums.get(file) {
+                    Some(&want) if want == got => {}
+                    Some(want) => {
+                        return Err(fail(format!(
+                            "{file} is corrupt or truncated ({} bytes, CRC32 {got:08x}, {CHECKSUMS} says {want:08x})",
+                            data.len()
+                        )))
+                    }
+                    None => return Err(fail(format!("{CHECKSUMS} has no checksum for {file}"))),
+                }
+            }
+        }
+        let cfg: CnnTrainConfig =
+            serde_json::from_slice(&meta).map_err(|e| fail(format!("meta.json: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| fail(format!("model.safetensors: {e}")))?;
         let m = Self::assemble(cfg, |t| {

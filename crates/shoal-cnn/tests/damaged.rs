@@ -46,6 +46,20 @@ fn damaged_models_and_compressed_files_are_refused_without_a_panic() {
         });
         std::fs::write(&path, &valid).unwrap();
     }
+    // The configuration edited so that it still parses: caught by the checksum; a model
+    // saved before the checksums existed (no crc32.json) loads unchecked.
+    let meta = dir.join("meta.json");
+    let valid = std::fs::read_to_string(&meta).unwrap();
+    let edited = valid.replacen("\"epochs\": ", "\"epochs\": 1", 1);
+    assert_ne!(edited, valid);
+    std::fs::write(&meta, &edited).unwrap();
+    let Err(e) = CnnModel::load(&dir) else {
+        panic!("an edited meta.json loaded")
+    };
+    assert!(e.to_string().contains("meta.json is corrupt"), "{e}");
+    std::fs::write(&meta, &valid).unwrap();
+    std::fs::remove_file(dir.join("crc32.json")).unwrap();
+    CnnModel::load(&dir).unwrap();
     // A compressed file of each kind of tensor: int8, and pruned + codebook.
     for (spec, seed) in [
         (

@@ -822,8 +822,28 @@ fn save_ctr(
         "model_config".to_string(),
         serde_json::to_string(mcfg).map_err(|e| Error::Config(e.to_string()))?,
     );
+    meta.insert(
+        "meta_crc32".to_string(),
+        format!("{:08x}", metadata_crc(&meta)),
+    );
     let bytes = safetensors::serialize(tensors, Some(meta)).map_err(err)?;
     Ok(write_dir_atomically(dir, &[(MODEL_FILE, &bytes)])?)
+}
+
+/// CRC32 of a saved model's metadata, every key but `meta_crc32` with its value, in key
+/// order: what `meta_crc32` holds (files written before it have none and load
+/// unchecked).
+fn metadata_crc(md: &HashMap<String, String>) -> u32 {
+    let mut all: Vec<(&String, &String)> = md.iter().filter(|(k, _)| *k != "meta_crc32").collect();
+    all.sort();
+    let mut h = crc32fast::Hasher::new();
+    for (k, v) in all {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    h.finalize()
 }
 
 /// CRC32 of tensors as (name, bytes), taken in name order (the file's own order is the
@@ -914,6 +934,14 @@ impl CtrCheckpoint {
         file: &Path,
     ) -> Result<(CtrTrainConfig, CtrConfig, HashMap<String, String>)> {
         let fail = checkpoint_error(file);
+        if let Some(want) = md.get("meta_crc32") {
+            let got = metadata_crc(&md);
+            if format!("{got:08x}") != *want {
+                return Err(fail(format!(
+                    "its metadata is corrupt (CRC32 {got:08x}, the file says {want})"
+                )));
+            }
+        }
         let get = |k: &str| {
             md.get(k)
                 .cloned()

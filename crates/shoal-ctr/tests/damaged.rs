@@ -59,6 +59,8 @@ fn damaged_models_are_refused_without_a_panic() {
     }
     let mut md = meta.metadata().clone().unwrap();
     md.insert("crc32".into(), format!("{:08x}", h.finalize()));
+    // (Without the metadata's own checksum, as files written before it had none.)
+    md.remove("meta_crc32");
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, d, s, b)| {
@@ -77,6 +79,22 @@ fn damaged_models_are_refused_without_a_panic() {
         e.contains("not finite") && e.contains("'dense'") && e.contains("index 2"),
         "{e}"
     );
+    // A metadata value changed that still parses (the learning rate in the training
+    // configuration) is caught by the metadata's checksum.
+    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
+    let mut md = meta.metadata().clone().unwrap();
+    let cfg = md["train_config"].clone();
+    assert!(md.contains_key("meta_crc32"));
+    md.insert(
+        "train_config".into(),
+        cfg.replacen("\"lr\":", "\"lr\":1", 1),
+    );
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    std::fs::write(&file, safetensors::serialize(views, Some(md)).unwrap()).unwrap();
+    let Err(e) = CtrPredictor::load(&out) else {
+        panic!("an edited configuration loaded")
+    };
+    assert!(e.to_string().contains("metadata is corrupt"), "{e}");
 }
 
 #[test]

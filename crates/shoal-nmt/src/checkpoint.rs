@@ -1,7 +1,7 @@
 //! NMT checkpoints: a directory holding `model.safetensors` (parameters by name),
 //! `optimizer.safetensors` (optimizer state as flat buffers) and `meta.json` (format
-//! version, configuration, tokenizers, step, data position, seeds, and a CRC32 of each
-//! tensor file). Written atomically: everything goes to `NAME.tmp/`, each file and the
+//! version, configuration, tokenizers, step, data position, seeds, a CRC32 of each
+//! tensor file and one of the metadata itself). Written atomically: everything goes to `NAME.tmp/`, each file and the
 //! directory are fsync'ed, the directory is renamed into place, and only then does the
 //! run's `latest` pointer move (itself written to a temp file and renamed).
 
@@ -10,9 +10,39 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use shoal_runtime::store::{bytes_f32, serialize_tensors, write_dir_atomically};
 pub use shoal_runtime::store::{publish, resolve, step_dir};
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Resolves `path` as [`resolve`] does and loads the checkpoint. Given a run directory,
+/// a checkpoint that fails to load (damaged: a checksum, a truncated file) is passed
+/// over, with a warning naming it and why, for the next newest complete one; a
+/// checkpoint named directly is loaded or refused as it is.
+pub fn load_resolved(path: &Path) -> Result<(PathBuf, Checkpoint)> {
+    let dir = resolve(path)?;
+    let first = match Checkpoint::load(&dir) {
+        Ok(c) => return Ok((dir, c)),
+        Err(e) => e,
+    };
+    let is_run = !path.join(shoal_runtime::store::META_FILE).is_file() && path.is_dir();
+    if is_run {
+        for older in shoal_runtime::store::candidates(path)? {
+            if older == dir {
+                continue;
+            }
+            if let Ok(c) = Checkpoint::load(&older) {
+                eprintln!(
+                    "shoal: {} does not load ({first}); using {}",
+                    dir.display(),
+                    older.display()
+                );
+                return Ok((older, c));
+            }
+        }
+    }
+    Err(first)
+}
 
 /// Checkpoint format version written in `meta.json`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -46,6 +76,19 @@ pub struct Meta {
     pub params: Vec<(String, Vec<usize>)>,
     /// CRC32 of each tensor file, by file name.
     pub crc32: BTreeMap<String, u32>,
+    /// CRC32 of this metadata itself: of its compact JSON with this field left out
+    /// (checkpoints written before it load unchecked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_crc32: Option<u32>,
+}
+
+impl Meta {
+    /// The CRC32 [`Meta::meta_crc32`] holds.
+    fn own_crc(&self) -> u32 {
+        let mut m = self.clone();
+        m.meta_crc32 = None;
+        crc32fast::hash(&serde_json::to_vec(&m).unwrap_or_default())
+    }
 }
 
 /// A checkpoint in memory.
@@ -87,6 +130,7 @@ impl Checkpoint {
             (MODEL_FILE.to_string(), crc32fast::hash(&model)),
             (OPTIM_FILE.to_string(), crc32fast::hash(&optim)),
         ]);
+        self.meta.meta_crc32 = Some(self.meta.own_crc());
         let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| Error::Checkpoint {
             path: dir.to_path_buf(),
             why: e.to_string(),
@@ -120,6 +164,14 @@ impl Checkpoint {
                 "format version {} (this build reads {FORMAT_VERSION})",
                 meta.format_version
             )));
+        }
+        if let Some(want) = meta.meta_crc32 {
+            let got = meta.own_crc();
+            if got != want {
+                return Err(fail(format!(
+                    "{META_FILE} is corrupt (its contents' CRC32 is {got:08x}, it says {want:08x})"
+                )));
+            }
         }
         let read_checked = |file: &str| -> Result<Vec<u8>> {
             let bytes = fs::read(dir.join(file)).map_err(|e| fail(format!("{file}: {e}")))?;
@@ -272,6 +324,7 @@ mod tests {
                 losses: vec![3.0, 2.5],
                 params: vec![("a.weight".into(), vec![2, 3]), ("a.bias".into(), vec![3])],
                 crc32: BTreeMap::new(),
+                meta_crc32: None,
             },
             params: (0..9).map(|i| i as f32 * 0.5).collect(),
             optimizer: vec![
@@ -380,6 +433,56 @@ mod tests {
         assert!(e.contains("meta.json"), "{e}");
         let e = resolve(&run.path().join("nope")).unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
+    }
+
+    /// A run whose newest checkpoint is damaged (a flipped byte) or gone loads the next
+    /// newest complete one; a damaged checkpoint named directly is still refused.
+    #[test]
+    fn a_damaged_or_missing_latest_falls_back_to_the_newest_good_one() {
+        let run = tempfile::tempdir().unwrap();
+        for s in 1..=3 {
+            let mut c = sample();
+            c.meta.step = s;
+            let d = step_dir(run.path(), s);
+            c.save(&d).unwrap();
+            publish(run.path(), &d, 5).unwrap();
+        }
+        let f = step_dir(run.path(), 3).join(MODEL_FILE);
+        let mut bytes = fs::read(&f).unwrap();
+        let n = bytes.len();
+        bytes[n - 2] ^= 0x01;
+        fs::write(&f, &bytes).unwrap();
+        let (dir, c) = load_resolved(run.path()).unwrap();
+        assert_eq!((dir, c.meta.step), (step_dir(run.path(), 2), 2));
+        assert!(load_resolved(&step_dir(run.path(), 3)).is_err());
+        // 'latest' naming a checkpoint that is not there any more.
+        fs::remove_dir_all(step_dir(run.path(), 3)).unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), step_dir(run.path(), 2));
+        // Every checkpoint damaged: the newest one's error.
+        for s in 1..=2 {
+            fs::write(step_dir(run.path(), s).join(MODEL_FILE), b"x").unwrap();
+        }
+        let e = load_resolved(run.path()).unwrap_err().to_string();
+        assert!(e.contains("ckpt-00000002"), "{e}");
+    }
+
+    /// A change to the metadata that still parses (a step number) is caught by its own
+    /// checksum; metadata written before the checksum existed loads unchecked.
+    #[test]
+    fn edited_metadata_is_refused() {
+        let run = tempfile::tempdir().unwrap();
+        let d = step_dir(run.path(), 1);
+        sample().save(&d).unwrap();
+        let f = d.join(META_FILE);
+        let text = fs::read_to_string(&f).unwrap();
+        assert!(text.contains("\"step\": 7"), "{text}");
+        fs::write(&f, text.replace("\"step\": 7", "\"step\": 8")).unwrap();
+        let e = Checkpoint::load(&d).unwrap_err().to_string();
+        assert!(e.contains("meta.json is corrupt"), "{e}");
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v.as_object_mut().unwrap().remove("meta_crc32");
+        fs::write(&f, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(Checkpoint::load(&d).unwrap().meta.step, 7);
     }
 
     #[test]

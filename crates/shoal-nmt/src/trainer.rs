@@ -192,8 +192,7 @@ impl Translator<Cpu> {
 impl<B: FusedRnnBackend> Translator<B> {
     /// Loads the model saved in a checkpoint or run directory onto `device`.
     pub fn load_on(path: &Path, device: B::Device) -> Result<Self> {
-        let dir = checkpoint::resolve(path)?;
-        let ckpt = Checkpoint::load(&dir)?;
+        let (dir, ckpt) = checkpoint::load_resolved(path)?;
         let (_, model, _, tok) = restore_model::<B>(&dir, &ckpt, &device)?;
         Ok(Self { model, tok, device })
     }
@@ -640,8 +639,7 @@ where
         adjust: impl FnOnce(&NmtTrainConfig) -> Result<NmtTrainConfig>,
         device: B::Device,
     ) -> Result<Self> {
-        let dir = checkpoint::resolve(path)?;
-        let ckpt = Checkpoint::load(&dir)?;
+        let (dir, ckpt) = checkpoint::load_resolved(path)?;
         let (saved, model, layout, tok) = restore_model::<B>(&dir, &ckpt, &device)?;
         let cfg = adjust(&saved)?;
         let mut same = cfg.clone();
@@ -888,6 +886,7 @@ where
                     .map(|p| (p.name.clone(), p.shape.clone()))
                     .collect(),
                 crc32: Default::default(),
+                meta_crc32: None,
             },
             params: self.learner.params.clone(),
             optimizer,

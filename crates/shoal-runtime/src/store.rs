@@ -207,9 +207,37 @@ pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// A run directory's complete checkpoints (each has its `meta.json`), the one `latest`
+/// names first, then the others newest first: where a loader falls back to when the
+/// newest is damaged.
+pub fn candidates(run: &Path) -> Result<Vec<PathBuf>> {
+    let mut all: Vec<PathBuf> = fs::read_dir(run)
+        .map_err(io_err(run))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.join(META_FILE).is_file()
+                && p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("ckpt-") && !n.ends_with(".tmp")
+                })
+        })
+        .collect();
+    all.sort();
+    all.reverse();
+    if let Ok(name) = fs::read_to_string(run.join(LATEST)) {
+        let named = run.join(name.trim());
+        if let Some(i) = all.iter().position(|p| *p == named) {
+            let p = all.remove(i);
+            all.insert(0, p);
+        }
+    }
+    Ok(all)
+}
+
 /// Resolves what a user passed to `--resume`/`--checkpoint`: a checkpoint directory
-/// (it has `meta.json`), a run directory (its `latest` names the checkpoint), or one of
-/// a run's pointer files (`RUN/best`, `RUN/latest`).
+/// (it has `meta.json`), a run directory (its `latest` names the checkpoint; when that
+/// one is gone or incomplete, the newest complete one, with a warning), or one of a
+/// run's pointer files (`RUN/best`, `RUN/latest`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(META_FILE).is_file() {
         return Ok(path.to_path_buf());
@@ -237,10 +265,20 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         if dir.join(META_FILE).is_file() {
             return Ok(dir);
         }
+        // The checkpoint 'latest' names is gone or incomplete: the newest complete one.
+        if let Some(older) = candidates(path)?.into_iter().next() {
+            eprintln!(
+                "shoal: {}: 'latest' names '{}', which is not a complete checkpoint; using {}",
+                path.display(),
+                name.trim(),
+                older.display()
+            );
+            return Ok(older);
+        }
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             why: format!(
-                "'latest' names '{}', which is not a complete checkpoint",
+                "'latest' names '{}', which is not a complete checkpoint, and no other is",
                 name.trim()
             ),
         });
