@@ -102,22 +102,39 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    for (file, bytes) in files {
-        write_synced(&tmp.join(file), bytes)?;
-    }
-    if dir.is_dir() {
-        for e in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
-            let n = e.file_name();
-            if n.to_string_lossy()
-                .starts_with(crate::tensorboard::FILE_PREFIX)
-                && !files.iter().any(|(f, _)| *f == n)
-            {
-                fs::rename(e.path(), tmp.join(&n)).map_err(io_err(e.path()))?;
+    // A write that fails (a full disk) leaves nothing half-written behind: the partial
+    // directory goes, and the old one was never touched.
+    let staged = (|| {
+        for (file, bytes) in files {
+            write_synced(&tmp.join(file), bytes)?;
+        }
+        if dir.is_dir() {
+            for e in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+                let n = e.file_name();
+                if n.to_string_lossy()
+                    .starts_with(crate::tensorboard::FILE_PREFIX)
+                    && !files.iter().any(|(f, _)| *f == n)
+                {
+                    // Moved, not copied: a writer with the file open goes on writing
+                    // into it in its new place.
+                    fs::rename(e.path(), tmp.join(&n)).map_err(io_err(e.path()))?;
+                }
             }
         }
+        sync_dir(&tmp)
+    })();
+    if let Err(e) = staged {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    sync_dir(&tmp)?;
     if dir.exists() {
+        // Swapped in one step where the filesystem can (Linux's RENAME_EXCHANGE): at
+        // no moment is there neither the old directory nor the new one.
+        if exchange(&tmp, dir) {
+            sync_dir(parent)?;
+            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            return Ok(());
+        }
         let old = parent.join(format!("{}.old", name.to_string_lossy()));
         if old.exists() {
             fs::remove_dir_all(&old).map_err(io_err(&old))?;
@@ -130,6 +147,29 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         fs::rename(&tmp, dir).map_err(io_err(dir))?;
     }
     sync_dir(parent)
+}
+
+/// Swaps two paths atomically (`renameat2` with `RENAME_EXCHANGE`); false where the
+/// kernel or the filesystem cannot.
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: two NUL-terminated paths relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    r == 0
 }
 
 pub fn serialize_tensors(tensors: &[(String, Vec<usize>, &[f32])], path: &Path) -> Result<Vec<u8>> {
