@@ -587,10 +587,17 @@ impl PsServer {
     }
 }
 
+/// Connections beyond the workers' own that a shard's port holds at once (strangers
+/// waiting out their hello deadline); more are dropped on arrival.
+const MAX_STRANGERS: usize = 256;
+
 /// Accepts workers' TCP connections until every worker is done or the shard failed;
-/// refused strangers do not use up a worker's place.
+/// refused strangers do not use up a worker's place, and at most `workers +
+/// MAX_STRANGERS` connections are open at once.
 fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)>) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let workers = st.0.lock().unwrap_or_else(|p| p.into_inner()).cfg.workers;
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         {
             let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -600,8 +607,24 @@ fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)
         }
         match listener.accept() {
             Ok((s, from)) => {
-                let st = st.clone();
+                if open.load(SeqCst) >= workers + MAX_STRANGERS {
+                    eprintln!(
+                        "parameter-server shard: dropped a connection from {from}: {} connections are open",
+                        workers + MAX_STRANGERS
+                    );
+                    continue;
+                }
+                open.fetch_add(1, SeqCst);
+                let (st, open) = (st.clone(), open.clone());
                 std::thread::spawn(move || {
+                    // Gives the connection's place back however the thread ends.
+                    struct Place(Arc<AtomicUsize>);
+                    impl Drop for Place {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, SeqCst);
+                        }
+                    }
+                    let _place = Place(open);
                     let opened = s
                         .set_nonblocking(false)
                         .and_then(|_| s.set_read_timeout(Some(HELLO_TIMEOUT)))

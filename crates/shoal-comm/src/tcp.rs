@@ -38,6 +38,42 @@ impl Default for TcpOptions {
 /// How long an accepted connection has to present its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Most connections that may wait for their hello at once on a listener.
+const MAX_PENDING: usize = 256;
+
+/// What a connection said when it arrived: its hello's payload (the sender's rank and
+/// the token), or why it is not one.
+struct Hello {
+    stream: TcpStream,
+    from: SocketAddr,
+    said: Result<Vec<u8>>,
+}
+
+/// Reads the hello of a connection just accepted, within `timeout`.
+fn read_hello(mut s: TcpStream, from: SocketAddr, timeout: Duration) -> Hello {
+    let said = (|| -> Result<Vec<u8>> {
+        s.set_nonblocking(false)
+            .and_then(|_| s.set_nodelay(true))
+            .and_then(|_| s.set_read_timeout(Some(timeout)))
+            .map_err(io(format!("configuring the connection from {from}")))?;
+        let h = read_header(&mut s, usize::MAX, 1024)?;
+        if h.kind != Kind::Hello || h.len < 8 {
+            return Err(Error::Frame {
+                peer: usize::MAX,
+                why: "connection did not open with a hello".into(),
+            });
+        }
+        let mut p = vec![0u8; h.len as usize];
+        read_exact(&mut s, &mut p, usize::MAX)?;
+        Ok(p)
+    })();
+    Hello {
+        stream: s,
+        from,
+        said,
+    }
+}
+
 /// One rank's connections to all its peers.
 pub struct TcpTransport {
     rank: usize,
@@ -102,33 +138,51 @@ impl TcpTransport {
             write_frame(&mut s, Kind::Hello, 0, &[&payload], peer)?;
             peers[peer] = Some(s);
         }
-        // Accept every higher rank; check who it is and its token.
+        // Accept every higher rank; check who it is and its token. Hellos are read by
+        // a thread per connection (each within HELLO_TIMEOUT), so a stranger that
+        // connects and says nothing delays no real peer; at most MAX_PENDING
+        // connections wait for their hello at once, and more are dropped on arrival.
         listener
-            .set_nonblocking(false)
+            .set_nonblocking(true)
             .map_err(io("configuring the listener".into()))?;
+        let hello_timeout = HELLO_TIMEOUT.min(opts.connect_timeout);
+        let (tx, rx) = std::sync::mpsc::channel::<Hello>();
+        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut missing = n - rank - 1;
         while missing > 0 {
-            let (mut s, from) = listener
-                .accept()
-                .map_err(io(format!("rank {rank} accepting peers")))?;
-            s.set_nodelay(true)
-                .map_err(io(format!("configuring the connection from {from}")))?;
-            // A legitimate peer sends its hello as soon as it connects: a connection that
-            // stays silent is dropped after HELLO_TIMEOUT, not after the whole connect
-            // timeout, so a stranger cannot stall the group's setup.
-            s.set_read_timeout(Some(HELLO_TIMEOUT.min(opts.connect_timeout)))
-                .map_err(io(format!("configuring the connection from {from}")))?;
-            // A connection that fails its handshake is dropped; the group waits on.
-            let who = (|| -> Result<usize> {
-                let h = read_header(&mut s, usize::MAX, 1024)?;
-                if h.kind != Kind::Hello || h.len < 8 {
-                    return Err(Error::Frame {
-                        peer: usize::MAX,
-                        why: "connection did not open with a hello".into(),
+            let arrived = match listener.accept() {
+                Ok((s, from)) => {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    if pending.load(SeqCst) >= MAX_PENDING {
+                        eprintln!(
+                            "shoal-comm: rank {rank} dropped a connection from {from}: {MAX_PENDING} others are still to say hello"
+                        );
+                        continue;
+                    }
+                    pending.fetch_add(1, SeqCst);
+                    let (tx, pending) = (tx.clone(), pending.clone());
+                    std::thread::spawn(move || {
+                        let h = read_hello(s, from, hello_timeout);
+                        pending.fetch_sub(1, SeqCst);
+                        let _ = tx.send(h);
                     });
+                    rx.try_recv().ok()
                 }
-                let mut p = vec![0u8; h.len as usize];
-                read_exact(&mut s, &mut p, usize::MAX)?;
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    rx.recv_timeout(Duration::from_millis(2)).ok()
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: format!("rank {rank} accepting peers"),
+                        source: e,
+                    })
+                }
+            };
+            let Some(Hello { stream, from, said }) = arrived else {
+                continue;
+            };
+            // A connection that fails its handshake is dropped; the group waits on.
+            let who = said.and_then(|p| {
                 let mut r = [0u8; 8];
                 r.copy_from_slice(&p[..8]);
                 let peer = u64::from_le_bytes(r) as usize;
@@ -146,12 +200,13 @@ impl TcpTransport {
                     });
                 }
                 Ok(peer)
-            })();
+            });
             match who {
                 Ok(peer) => {
-                    s.set_read_timeout(opts.read_timeout)
+                    stream
+                        .set_read_timeout(opts.read_timeout)
                         .map_err(io(format!("configuring the connection from rank {peer}")))?;
-                    peers[peer] = Some(s);
+                    peers[peer] = Some(stream);
                     missing -= 1;
                 }
                 Err(e) => {
@@ -159,6 +214,9 @@ impl TcpTransport {
                 }
             }
         }
+        listener
+            .set_nonblocking(false)
+            .map_err(io("configuring the listener".into()))?;
         for s in peers.iter().flatten() {
             s.set_read_timeout(opts.read_timeout)
                 .map_err(io("configuring a connection".into()))?;

@@ -548,31 +548,29 @@ fn the_same_job_over_tcp_shared_memory_and_threads_gives_the_same_parameters() {
 }
 
 /// A worker that lets go of its shared-memory links without saying goodbye fails the
-/// shard at once (not after a timeout), and the other worker's pull names it.
+/// shard when it does (its rings say so), and the other worker's pull names it: reported
+/// as the shard's failure, not as a pull that waited out the shard's minute for worker
+/// 1's push.
 #[test]
 fn a_worker_gone_from_shared_memory_is_reported() {
     let total = 10;
-    let c = cfg(2, PsMode::Sync, OptimizerKind::Sgd, 0);
+    let mut c = cfg(2, PsMode::Sync, OptimizerKind::Sgd, 0);
+    c.timeout = Duration::from_secs(60);
     let job = format!("ps-shm-gone-{}", std::process::id());
     let (servers, open) = start_on(Plane::Shm, 1, total, 0, &c, &job);
-    let b = std::thread::spawn({
-        let open = std::sync::Arc::new(open);
-        let o2 = open.clone();
-        let t = std::thread::spawn(move || o2(1));
-        let mut a = open(0);
-        let b = t.join().unwrap();
-        move || {
-            a.init(&vec![0.0; total]).unwrap();
-            a.push(0, &vec![1.0; total], None).unwrap();
-            drop(b);
-            let t0 = std::time::Instant::now();
-            let e = a.pull(1, &mut vec![0.0; total]).unwrap_err().to_string();
-            (e, t0.elapsed())
-        }
-    });
-    let (e, took) = b.join().unwrap();
+    let open = std::sync::Arc::new(open);
+    let second = {
+        let open = open.clone();
+        std::thread::spawn(move || open(1))
+    };
+    let mut a = open(0);
+    let b = second.join().unwrap();
+    a.init(&vec![0.0; total]).unwrap();
+    a.push(0, &vec![1.0; total], None).unwrap();
+    drop(b);
+    let e = a.pull(1, &mut vec![0.0; total]).unwrap_err().to_string();
     assert!(e.contains("worker 1") && e.contains("shard failed"), "{e}");
-    assert!(took < Duration::from_secs(3), "noticed after {took:?}");
+    assert!(!e.contains("timed out"), "{e}");
     for s in servers {
         assert!(s.join().is_err());
     }
