@@ -180,12 +180,7 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
                 "tcp" => Which::Tcp,
                 other => bail!("--transport {other}: expected local, shm or tcp"),
             };
-            for mb in sizes.split(',') {
-                let mb: f64 = mb
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
-                let bytes = (mb * 1048576.0) as usize / 4 * 4;
+            for bytes in sizes_mb(&sizes)? {
                 let secs = if processes {
                     shm_processes_seconds(ranks, bytes, iters)?
                 } else {
@@ -203,12 +198,7 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
         }
         BenchCmd::Transport { sizes, iters } => {
             use shoal_comm::bench::{push_pull_seconds, Which};
-            for mb in sizes.split(',') {
-                let mb: f64 = mb
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
-                let bytes = (mb * 1048576.0) as usize;
+            for bytes in sizes_mb(&sizes)? {
                 let shm = push_pull_seconds(Which::Shm, bytes, iters)?;
                 let tcp = push_pull_seconds(Which::Tcp, bytes, iters)?;
                 let grpc = shoal_control::bench::grpc_push_pull_seconds(bytes, iters)?;
@@ -235,12 +225,7 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
             workers,
             iters,
         } => {
-            for mb in sizes.split(',') {
-                let mb: f64 = mb
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
-                let bytes = (mb * 1048576.0) as usize / 4 * 4;
+            for bytes in sizes_mb(&sizes)? {
                 for plane in ["tcp", "shm"] {
                     for shards in [1usize, 2] {
                         let t = shoal_comm::bench::ps_step_seconds(
@@ -318,4 +303,35 @@ pub(crate) fn shm_processes_seconds(ranks: usize, bytes: usize, iters: usize) ->
         worst = worst.max(secs);
     }
     Ok(worst)
+}
+
+/// The largest buffer a benchmark takes (`--sizes`, in MB).
+const MAX_BENCH_MB: f64 = 4096.0;
+
+/// `--sizes` in MB (comma-separated) as byte counts, each a multiple of 4 (whole f32s):
+/// every size a positive number of at most 4 GiB, and four buffers of it (the ranks'
+/// and their copies) within the memory available.
+fn sizes_mb(sizes: &str) -> Result<Vec<usize>> {
+    sizes
+        .split(',')
+        .map(|mb| {
+            let v: f64 = mb
+                .trim()
+                .parse()
+                .with_context(|| format!("--sizes: '{mb}' is not a number"))?;
+            if !(v > 0.0 && v <= MAX_BENCH_MB) {
+                bail!("--sizes: {mb} MB is not a size in (0, {MAX_BENCH_MB}]");
+            }
+            let bytes = ((v * 1048576.0) as usize / 4 * 4).max(4);
+            let avail = shoal_runtime::sys::available_memory_bytes().unwrap_or(u64::MAX);
+            if 4 * bytes as u64 > avail {
+                bail!(
+                    "--sizes: {mb} MB needs about {:.1} GB, {:.1} GB of memory is available",
+                    4.0 * bytes as f64 / 1e9,
+                    avail as f64 / 1e9
+                );
+            }
+            Ok(bytes)
+        })
+        .collect()
 }

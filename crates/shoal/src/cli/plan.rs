@@ -170,8 +170,11 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         w.words_per_step = x;
     }
     let (mut intra, mut stream) = if a.intra_gbs.is_none() || a.stream_gbs.is_none() {
+        // Timed on the gradient's size up to 64 MB: beyond that the bandwidth is what it
+        // is at 64 MB, and a huge --values must not become a huge buffer here.
+        let bytes = w.grad_bytes.min((64u64 << 20) as f64) as usize;
         eprintln!("timing 2-rank allreduces of the gradient over shared memory and TCP...");
-        shoal_runtime::plan::plan_links(w.grad_bytes as usize)?
+        shoal_runtime::plan::plan_links(bytes)?
     } else {
         (gbs(1.0, 5.0), gbs(1.0, 30.0))
     };
