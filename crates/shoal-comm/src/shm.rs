@@ -641,6 +641,23 @@ impl ShmTransport {
         Ok(t)
     }
 
+    /// Reads the header of the next message from `peer`: the ring it comes on, its tag
+    /// and its length.
+    fn next_record(&self, peer: usize) -> Result<(&Ring, u32, u64)> {
+        let (rank, size) = (self.rank, self.size);
+        let r = self
+            .inc
+            .get(peer)
+            .and_then(|r| r.as_ref())
+            .ok_or(Error::BadRank { peer, rank, size })?;
+        let mut rec = [0u8; REC];
+        r.read(&mut rec)?;
+        let t = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&rec[8..16]);
+        Ok((r, t, u64::from_le_bytes(l)))
+    }
+
     /// How long a send or receive waits on a peer from now on before it fails (a dead
     /// peer's process is noticed whatever this is).
     pub fn set_timeout(&mut self, timeout: Duration) {
@@ -776,32 +793,11 @@ impl Transport for ShmTransport {
     }
 
     fn send(&mut self, peer: usize, tag: u32, data: &[u8]) -> Result<()> {
-        let (rank, size) = (self.rank, self.size);
-        let r = self
-            .out
-            .get(peer)
-            .and_then(|r| r.as_ref())
-            .ok_or(Error::BadRank { peer, rank, size })?;
-        let mut rec = [0u8; REC];
-        rec[0..4].copy_from_slice(&tag.to_le_bytes());
-        rec[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        r.write(&rec)?;
-        r.write(data)
+        self.send_parts(peer, tag, &[data])
     }
 
     fn recv(&mut self, peer: usize, tag: u32, buf: &mut [u8]) -> Result<()> {
-        let (rank, size) = (self.rank, self.size);
-        let r = self
-            .inc
-            .get(peer)
-            .and_then(|r| r.as_ref())
-            .ok_or(Error::BadRank { peer, rank, size })?;
-        let mut rec = [0u8; REC];
-        r.read(&mut rec)?;
-        let t = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&rec[8..16]);
-        let len = u64::from_le_bytes(l);
+        let (r, t, len) = self.next_record(peer)?;
         if t != tag || len != buf.len() as u64 {
             return Err(Error::Frame {
                 peer,
@@ -833,18 +829,7 @@ impl Transport for ShmTransport {
     }
 
     fn recv_any(&mut self, peer: usize, buf: &mut Vec<u8>, max: u64) -> Result<u32> {
-        let (rank, size) = (self.rank, self.size);
-        let r = self
-            .inc
-            .get(peer)
-            .and_then(|r| r.as_ref())
-            .ok_or(Error::BadRank { peer, rank, size })?;
-        let mut rec = [0u8; REC];
-        r.read(&mut rec)?;
-        let t = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&rec[8..16]);
-        let len = u64::from_le_bytes(l);
+        let (r, t, len) = self.next_record(peer)?;
         if len > max {
             return Err(crate::local::too_long(peer, len, max));
         }

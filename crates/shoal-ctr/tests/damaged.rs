@@ -41,36 +41,28 @@ fn damaged_models_are_refused_without_a_panic() {
     // Checksums that hold over weights that are not finite (a NaN written into the
     // dense parameters, the file's CRC32 recomputed by its rule: tensors by name, each
     // name, length and bytes): refused, naming the tensor.
-    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&valid).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let dense = tensors.iter_mut().find(|t| t.0 == "dense").unwrap();
-    dense.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
-    for (name, _, _, data) in &tensors {
-        h.update(name.as_bytes());
-        h.update(&(data.len() as u64).to_le_bytes());
-        h.update(data);
-    }
     let mut md = meta.metadata().clone().unwrap();
-    md.insert("crc32".into(), format!("{:08x}", h.finalize()));
     // (Without the metadata's own checksum, as files written before it had none.)
     md.remove("meta_crc32");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(&file, safetensors::serialize(views, Some(md)).unwrap()).unwrap();
+    let nan = shoal_testkit::rewrite_safetensors(
+        &valid,
+        |tensors| {
+            let dense = tensors.iter_mut().find(|t| t.0 == "dense").unwrap();
+            dense.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+            let mut h = crc32fast::Hasher::new();
+            for (name, _, _, data) in tensors.iter() {
+                h.update(name.as_bytes());
+                h.update(&(data.len() as u64).to_le_bytes());
+                h.update(data);
+            }
+            md.insert("crc32".into(), format!("{:08x}", h.finalize()));
+        },
+        None,
+    );
+    // The checksum is known only after the edit: the same tensors with it.
+    let nan = shoal_testkit::rewrite_safetensors(&nan, |_| {}, Some(md));
+    std::fs::write(&file, nan).unwrap();
     let Err(e) = CtrPredictor::load(&out) else {
         panic!("a NaN weight loaded")
     };
@@ -81,7 +73,6 @@ fn damaged_models_are_refused_without_a_panic() {
     );
     // A metadata value changed that still parses (the learning rate in the training
     // configuration) is caught by the metadata's checksum.
-    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
     let mut md = meta.metadata().clone().unwrap();
     let cfg = md["train_config"].clone();
     assert!(md.contains_key("meta_crc32"));
@@ -89,8 +80,11 @@ fn damaged_models_are_refused_without_a_panic() {
         "train_config".into(),
         cfg.replacen("\"lr\":", "\"lr\":1", 1),
     );
-    let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
-    std::fs::write(&file, safetensors::serialize(views, Some(md)).unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        shoal_testkit::rewrite_safetensors(&valid, |_| {}, Some(md)),
+    )
+    .unwrap();
     let Err(e) = CtrPredictor::load(&out) else {
         panic!("an edited configuration loaded")
     };

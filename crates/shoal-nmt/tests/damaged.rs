@@ -42,24 +42,15 @@ fn damaged_checkpoints_are_refused_without_a_panic() {
     // with its CRC32 recomputed) is refused, naming the tensor.
     let path = ck.join("model.safetensors");
     let valid = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&valid).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors[0].3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).unwrap();
+    let mut first = String::new();
+    let bytes = shoal_testkit::rewrite_safetensors(
+        &valid,
+        |t| {
+            first = t[0].0.clone();
+            t[0].3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        },
+        None,
+    );
     std::fs::write(&path, &bytes).unwrap();
     let meta_path = ck.join("meta.json");
     let mut meta: serde_json::Value =
@@ -73,7 +64,7 @@ fn damaged_checkpoints_are_refused_without_a_panic() {
     };
     let e = e.to_string();
     assert!(
-        e.contains("not finite") && e.contains(&tensors[0].0) && e.contains("index 1"),
+        e.contains("not finite") && e.contains(&first) && e.contains("index 1"),
         "{e}"
     );
 }

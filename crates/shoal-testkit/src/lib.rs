@@ -107,6 +107,35 @@ impl<T, E> IsOk for Result<T, E> {
     }
 }
 
+/// A tensor of a safetensors file, owned: name, dtype, shape, bytes.
+pub type Tensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// A safetensors file rewritten: its tensors in name order handed to `edit` (which may
+/// change their bytes), then written back with `metadata` (None: none). For tests that
+/// need a file that parses but holds a chosen value (a NaN under a valid checksum).
+pub fn rewrite_safetensors(
+    valid: &[u8],
+    edit: impl FnOnce(&mut [Tensor]),
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(valid).expect("a valid safetensors file");
+    let mut tensors: Vec<Tensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("a tensor");
+            (n.clone(), v)
+        })
+        .collect();
+    safetensors::serialize(views, metadata).expect("serializing tensors")
+}
+
 #[cfg(test)]
 mod tests {
     use super::damaged;
