@@ -323,6 +323,21 @@ pub fn import(path: &Path) -> Result<CnnModel> {
                     _ => vec![0.0; s.len()],
                 };
                 let axis = attr(n, "axis").and_then(|a| a.i).unwrap_or(1);
+                // Scales and zero points one per channel (or one in all), and as many
+                // quantized values as the shape says, a whole number per channel.
+                let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if s.is_empty()
+                    || zp.len() != s.len()
+                    || elems != Some(q.len())
+                    || q.len() % s.len() != 0
+                {
+                    return Err(fail(format!(
+                        "node '{who}': DequantizeLinear of {} values (shape {shape:?}) with {} scales and {} zero points",
+                        q.len(),
+                        s.len(),
+                        zp.len()
+                    )));
+                }
                 let v: Vec<f32> = if s.len() == 1 {
                     q.iter().map(|&x| (x - zp[0]) * s[0]).collect()
                 } else if axis == 0 && shape.first() == Some(&s.len()) && !s.is_empty() {

@@ -307,3 +307,16 @@ fn bad_files_and_graphs_are_refused_by_name() {
         );
     }
 }
+
+/// Found by `fuzz/` (target `onnx`): an int8 export whose DequantizeLinear has fewer
+/// zero points than scales indexed past them (a panic); now an error naming the node.
+/// The file is the fuzzer's input, kept as it found it.
+#[test]
+fn dequantize_with_mismatched_zero_points_is_refused() {
+    let p = fixtures().join("fuzz-dequantize-zero-points.onnx");
+    let e = import(&p).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        e.contains("fc1.weight_dq") && e.contains("6 scales and 3 zero points"),
+        "{e}"
+    );
+}
