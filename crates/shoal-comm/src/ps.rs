@@ -588,7 +588,7 @@ impl PsServer {
 }
 
 /// Connections beyond the workers' own that a shard's port holds at once (strangers
-/// waiting out their hello deadline); more are dropped on arrival.
+/// waiting out their hello deadline); more wait in the kernel's backlog.
 const MAX_STRANGERS: usize = 256;
 
 /// Accepts workers' TCP connections until every worker is done or the shard failed;
@@ -605,15 +605,14 @@ fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)
                 break;
             }
         }
+        // At the cap, newer connections wait in the kernel's backlog until a
+        // stranger's hello deadline frees a place (a worker among them is not lost).
+        if open.load(SeqCst) >= workers + MAX_STRANGERS {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
         match listener.accept() {
             Ok((s, from)) => {
-                if open.load(SeqCst) >= workers + MAX_STRANGERS {
-                    eprintln!(
-                        "parameter-server shard: dropped a connection from {from}: {} connections are open",
-                        workers + MAX_STRANGERS
-                    );
-                    continue;
-                }
                 open.fetch_add(1, SeqCst);
                 let (st, open) = (st.clone(), open.clone());
                 std::thread::spawn(move || {

@@ -141,7 +141,7 @@ impl TcpTransport {
         // Accept every higher rank; check who it is and its token. Hellos are read by
         // a thread per connection (each within HELLO_TIMEOUT), so a stranger that
         // connects and says nothing delays no real peer; at most MAX_PENDING
-        // connections wait for their hello at once, and more are dropped on arrival.
+        // connections wait for their hello at once, more wait in the backlog.
         listener
             .set_nonblocking(true)
             .map_err(io("configuring the listener".into()))?;
@@ -150,33 +150,35 @@ impl TcpTransport {
         let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut missing = n - rank - 1;
         while missing > 0 {
-            let arrived = match listener.accept() {
-                Ok((s, from)) => {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    if pending.load(SeqCst) >= MAX_PENDING {
-                        eprintln!(
-                            "shoal-comm: rank {rank} dropped a connection from {from}: {MAX_PENDING} others are still to say hello"
-                        );
-                        continue;
+            use std::sync::atomic::Ordering::SeqCst;
+            // With MAX_PENDING hellos outstanding, newer connections wait in the
+            // kernel's backlog (not dropped: a real peer among them is taken as soon as
+            // a stranger's deadline frees a place).
+            let mut accepted = false;
+            if pending.load(SeqCst) < MAX_PENDING {
+                match listener.accept() {
+                    Ok((s, from)) => {
+                        pending.fetch_add(1, SeqCst);
+                        let (tx, pending) = (tx.clone(), pending.clone());
+                        std::thread::spawn(move || {
+                            let h = read_hello(s, from, hello_timeout);
+                            pending.fetch_sub(1, SeqCst);
+                            let _ = tx.send(h);
+                        });
+                        accepted = true;
                     }
-                    pending.fetch_add(1, SeqCst);
-                    let (tx, pending) = (tx.clone(), pending.clone());
-                    std::thread::spawn(move || {
-                        let h = read_hello(s, from, hello_timeout);
-                        pending.fetch_sub(1, SeqCst);
-                        let _ = tx.send(h);
-                    });
-                    rx.try_recv().ok()
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        return Err(Error::Io {
+                            what: format!("rank {rank} accepting peers"),
+                            source: e,
+                        })
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    rx.recv_timeout(Duration::from_millis(2)).ok()
-                }
-                Err(e) => {
-                    return Err(Error::Io {
-                        what: format!("rank {rank} accepting peers"),
-                        source: e,
-                    })
-                }
+            }
+            let arrived = match accepted {
+                true => rx.try_recv().ok(),
+                false => rx.recv_timeout(Duration::from_millis(2)).ok(),
             };
             let Some(Hello { stream, from, said }) = arrived else {
                 continue;

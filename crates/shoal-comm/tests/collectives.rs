@@ -667,3 +667,63 @@ fn allreduce_of_64_mb_on_every_transport() {
         }
     }
 }
+
+/// A crowd of silent connections on a rank's listener (more than it reads hellos for at
+/// once) does not keep the real peer out: the hellos are read concurrently, the crowd
+/// beyond the cap waits in the backlog instead of being taken and dropped, and the
+/// group forms and reduces. (Read one at a time, the 300 strangers' deadlines of 3 s
+/// each would hold the group for 15 minutes; the test states no time, it would hang.)
+#[test]
+fn silent_crowd_on_a_listener_does_not_keep_the_peer_out() {
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let connected = std::sync::Arc::new(AtomicUsize::new(0));
+    let crowd: Vec<_> = (0..300)
+        .map(|_| {
+            let (to, done, connected) = (addrs[0], done.clone(), connected.clone());
+            std::thread::spawn(move || {
+                // Connects (perhaps only once the backlog has room) and says nothing.
+                let s = std::net::TcpStream::connect(to);
+                connected.fetch_add(1, SeqCst);
+                while !done.load(SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                drop(s);
+            })
+        })
+        .collect();
+    // The crowd is there before the real peers (at least the part that fits any
+    // listen backlog; the rest is still knocking).
+    while connected.load(SeqCst) < 100 {
+        std::thread::yield_now();
+    }
+    let group: Vec<TcpTransport> = [l0, l1]
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let opts = TcpOptions {
+                    token: "crowd".into(),
+                    ..Default::default()
+                };
+                TcpTransport::connect(r, &addrs, l, &opts).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    run(group, |c| {
+        let mut d = input(c.rank(), 100);
+        c.allreduce_sum(&mut d).unwrap();
+        assert_eq!(d, expected_sum(2, 100));
+    });
+    done.store(true, SeqCst);
+    for t in crowd {
+        t.join().unwrap();
+    }
+}
