@@ -976,10 +976,9 @@ impl CtrCheckpoint {
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| fail(format!("{name}: {e}")))?;
             let v = bytes_f32(t.data());
-            match v.iter().position(|x| !x.is_finite()) {
-                Some(i) => Err(fail(format!(
-                    "tensor '{name}' holds a value that is not finite ({} at index {i})",
-                    v[i]
+            match shoal_runtime::store::first_non_finite(&v) {
+                Some((i, x)) => Err(fail(format!(
+                    "tensor '{name}' holds a value that is not finite ({x} at index {i})"
                 ))),
                 None => Ok(v),
             }

@@ -8,7 +8,7 @@
 use crate::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use shoal_runtime::store::{bytes_f32, serialize_tensors, write_dir_atomically};
+use shoal_runtime::store::{bytes_f32, first_non_finite, serialize_tensors, write_dir_atomically};
 pub use shoal_runtime::store::{publish, resolve, step_dir};
 
 use std::collections::BTreeMap;
@@ -206,10 +206,9 @@ impl Checkpoint {
             }
             let at = params.len();
             params.extend(bytes_f32(t.data()));
-            if let Some(i) = params[at..].iter().position(|v| !v.is_finite()) {
+            if let Some((i, v)) = first_non_finite(&params[at..]) {
                 return Err(fail(format!(
-                    "tensor '{name}' holds a value that is not finite ({} at index {i})",
-                    params[at + i]
+                    "tensor '{name}' holds a value that is not finite ({v} at index {i})"
                 )));
             }
         }
@@ -231,10 +230,9 @@ impl Checkpoint {
                 )));
             }
             let values = bytes_f32(t.data());
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            if let Some((i, v)) = first_non_finite(&values) {
                 return Err(fail(format!(
-                    "optimizer buffer '{name}' holds a value that is not finite ({} at index {i})",
-                    values[i]
+                    "optimizer buffer '{name}' holds a value that is not finite ({v} at index {i})"
                 )));
             }
             optimizer.push((name.to_string(), values));

@@ -33,6 +33,12 @@ pub fn u32_bytes(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// The first value of `v` that is not finite, with its index (weights read back from a
+/// file are refused with it).
+pub fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
+    v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+}
+
 pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -224,20 +230,7 @@ pub fn best(run: &Path) -> Option<PathBuf> {
 pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
     point(run, LATEST, ckpt)?;
     let best = best(run);
-    let mut all: Vec<PathBuf> = fs::read_dir(run)
-        .map_err(io_err(run))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .map(|n| {
-                        let n = n.to_string_lossy();
-                        n.starts_with("ckpt-") && !n.ends_with(".tmp")
-                    })
-                    .unwrap_or(false)
-        })
-        .collect();
-    all.sort();
+    let all = checkpoint_dirs(run)?;
     let excess = all.len().saturating_sub(keep);
     for old in all.into_iter().take(excess) {
         if old != ckpt && Some(&old) != best.as_ref() {
@@ -247,15 +240,14 @@ pub fn publish(run: &Path, ckpt: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// A run directory's complete checkpoints (each has its `meta.json`), the one `latest`
-/// names first, then the others newest first: where a loader falls back to when the
-/// newest is damaged.
-pub fn candidates(run: &Path) -> Result<Vec<PathBuf>> {
+/// A run directory's checkpoint directories (`ckpt-*`, not the `.tmp` of a save in
+/// progress), oldest first (the names hold the zero-padded step).
+fn checkpoint_dirs(run: &Path) -> Result<Vec<PathBuf>> {
     let mut all: Vec<PathBuf> = fs::read_dir(run)
         .map_err(io_err(run))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.join(META_FILE).is_file()
+            p.is_dir()
                 && p.file_name().is_some_and(|n| {
                     let n = n.to_string_lossy();
                     n.starts_with("ckpt-") && !n.ends_with(".tmp")
@@ -263,6 +255,15 @@ pub fn candidates(run: &Path) -> Result<Vec<PathBuf>> {
         })
         .collect();
     all.sort();
+    Ok(all)
+}
+
+/// A run directory's complete checkpoints (each has its `meta.json`), the one `latest`
+/// names first, then the others newest first: where a loader falls back to when the
+/// newest is damaged.
+pub fn candidates(run: &Path) -> Result<Vec<PathBuf>> {
+    let mut all = checkpoint_dirs(run)?;
+    all.retain(|p| p.join(META_FILE).is_file());
     all.reverse();
     if let Ok(name) = fs::read_to_string(run.join(LATEST)) {
         let named = run.join(name.trim());
