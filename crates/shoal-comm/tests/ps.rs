@@ -36,6 +36,28 @@ fn start(m: usize, total: usize, c: &ShardConfig) -> (Vec<PsServer>, Vec<SocketA
     (servers, addrs)
 }
 
+/// The shards' optimizer applied locally to the summed gradients of `c.workers`
+/// workers, `steps` times from `init`: what a sync job must end with.
+fn local_reference(c: &ShardConfig, init: &[f32], steps: u64) -> Vec<f32> {
+    let mut p = init.to_vec();
+    let mut o = Optimizer::new(c.optimizer, p.len()).unwrap();
+    for s in 0..steps {
+        let g: Vec<f32> = (0..p.len())
+            .map(|i| (0..c.workers).map(|w| grad(w, s, i)).sum())
+            .collect();
+        o.step(c.lr, &mut p, &g).unwrap();
+    }
+    p
+}
+
+/// The largest absolute difference between two buffers.
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn grad(worker: usize, step: u64, i: usize) -> f32 {
     (((worker * 7919 + step as usize * 104_729 + i * 31) % 97) as f32 - 48.0) / 48.0
 }
@@ -77,20 +99,9 @@ fn sync_push_pull_equals_local_optimizer_on_summed_gradients() {
                 s.join().unwrap();
             }
             // Local reference: the same optimizer on the summed gradients.
-            let mut p = init.clone();
-            let mut o = Optimizer::new(c.optimizer, total).unwrap();
-            for s in 0..steps {
-                let g: Vec<f32> = (0..total)
-                    .map(|i| (0..workers).map(|w| grad(w, s, i)).sum())
-                    .collect();
-                o.step(c.lr, &mut p, &g).unwrap();
-            }
+            let p = local_reference(&c, &init, steps);
             for r in &results {
-                let max = r
-                    .iter()
-                    .zip(&p)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+                let max = max_difference(r, &p);
                 assert!(
                     max < 1e-5,
                     "{kind:?}, {shards} shards: max difference {max}"
@@ -524,20 +535,7 @@ fn the_same_job_over_tcp_shared_memory_and_threads_gives_the_same_parameters() {
         outs.into_iter().next().unwrap()
     };
     let tcp = run(Plane::Tcp);
-    let mut reference = init.clone();
-    let mut o = Optimizer::new(c.optimizer, total).unwrap();
-    for s in 0..steps {
-        let g: Vec<f32> = (0..total)
-            .map(|i| (0..workers).map(|w| grad(w, s, i)).sum())
-            .collect();
-        o.step(c.lr, &mut reference, &g).unwrap();
-    }
-    let max = tcp
-        .0
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let max = max_difference(&tcp.0, &local_reference(&c, &init, steps));
     assert!(
         max < 1e-5,
         "TCP job differs from the local optimizer by {max}"
