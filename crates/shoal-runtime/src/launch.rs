@@ -133,7 +133,8 @@ pub fn new_token() -> Result<String> {
 struct Proc {
     name: String,
     child: Child,
-    log: PathBuf,
+    /// Where its stderr goes (None: this process's own stderr).
+    log: Option<PathBuf>,
 }
 
 fn log_tail(path: &Path) -> String {
@@ -243,11 +244,110 @@ pub fn launch_job(
         procs.push(Proc {
             name: name.clone(),
             child,
-            log,
+            log: Some(log),
         });
     }
     drop(tx);
     let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_report);
+    if result.is_err() {
+        kill_all(&mut procs);
+    }
+    result
+}
+
+/// Runs `n` copies of a command on this host as the processes of one job (`shoal run
+/// -n N -- CMD`): a coordinator for them, and in each process's environment its rank
+/// and the job (`SHOAL_COORDINATOR`, `SHOAL_JOB_TOKEN`, `SHOAL_INDEX`,
+/// `SHOAL_TRANSPORT`, and torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), `threads` compute threads each
+/// (`OMP_NUM_THREADS`, 0: cores / n). Their output is this process's. Returns when all
+/// have exited; the first that fails (or that the coordinator declares failed) stops
+/// the others and is named in the error.
+pub fn run_command(
+    n: usize,
+    command: &[String],
+    transport: crate::dist::DataPlane,
+    threads: usize,
+    heartbeat_timeout: Duration,
+) -> Result<()> {
+    let Some((program, args)) = command.split_first() else {
+        return Err(Error::Cluster("no command to run".into()));
+    };
+    if n == 0 {
+        return Err(Error::Cluster("a job needs at least one process".into()));
+    }
+    let token = new_token()?;
+    let coord = Coordinator::start(
+        "127.0.0.1:0".parse().expect("literal address"),
+        CoordinatorConfig {
+            token: token.clone(),
+            world: n as u32,
+            heartbeat_timeout,
+            rendezvous_timeout: Duration::from_secs(180),
+        },
+    )?;
+    // A free port for a script's own torch.distributed store, as torchrun gives one.
+    let master_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Cluster(format!("finding a free port for MASTER_PORT: {e}")))?;
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let threads = match threads {
+        0 => (cores / n).max(1),
+        t => t,
+    };
+    let plane = match transport {
+        crate::dist::DataPlane::Shm => "shm",
+        crate::dist::DataPlane::Tcp => "tcp",
+    };
+    let mut procs: Vec<Proc> = Vec::new();
+    for i in 0..n {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env(ENV_COORDINATOR, format!("http://{}", coord.addr))
+            .env(ENV_TOKEN, &token)
+            .env(ENV_ROLE, "worker")
+            .env(ENV_INDEX, i.to_string())
+            .env(crate::group::ENV_TRANSPORT, plane)
+            .env("RANK", i.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", i.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", master_port.to_string())
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null());
+        match cmd.spawn() {
+            Ok(child) => procs.push(Proc {
+                name: format!("rank {i}"),
+                child,
+                log: None,
+            }),
+            Err(e) => {
+                kill_all(&mut procs);
+                return Err(Error::Cluster(format!("starting {program}: {e}")));
+            }
+        }
+    }
+    let mut exited = vec![false; n];
+    let result = loop {
+        match poll_exits(&mut procs, &mut exited) {
+            Err(e) | Ok(Some(e)) => break Err(e),
+            Ok(None) => {}
+        }
+        if let Some((rank, why)) = coord.failures().into_iter().next() {
+            break Err(Error::Cluster(format!(
+                "the coordinator declared the process of control rank {rank} failed: {why}"
+            )));
+        }
+        if exited.iter().all(|&e| e) {
+            break Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     if result.is_err() {
         kill_all(&mut procs);
     }
@@ -419,19 +519,19 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> 
     failed.sort_by_key(|(_, st)| st.signal().is_none());
     let (i, st) = failed[0];
     let p = &procs[i];
-    let tail = log_tail(&p.log);
-    let mut msg = format!(
-        "{} (pid {}) {}; its log {}{}",
-        p.name,
-        p.child.id(),
-        describe(st),
-        p.log.display(),
-        if tail.is_empty() {
-            " is empty".to_string()
-        } else {
-            format!(" ends:\n    {tail}")
-        }
-    );
+    let mut msg = format!("{} (pid {}) {}", p.name, p.child.id(), describe(st));
+    if let Some(log) = &p.log {
+        let tail = log_tail(log);
+        msg.push_str(&format!(
+            "; its log {}{}",
+            log.display(),
+            if tail.is_empty() {
+                " is empty".to_string()
+            } else {
+                format!(" ends:\n    {tail}")
+            }
+        ));
+    }
     if failed.len() > 1 {
         let then: Vec<String> = failed[1..]
             .iter()

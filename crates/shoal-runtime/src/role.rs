@@ -8,6 +8,7 @@
 
 use crate::dist::{DataPlane, DistSection, Placement};
 use crate::exchange::{Attachment, Exchange};
+use crate::group::{bind, parse_addr, worker_plane, Watchdog, SHM_CONNECT_TIMEOUT};
 use crate::launch::{
     Report, ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_JOB, ENV_RESUME,
     ENV_ROLE, ENV_RUN, ENV_TOKEN,
@@ -16,14 +17,10 @@ use crate::{Error, Result};
 use shoal_comm::ps::{
     shard_range, shm_link, LinkOpener, PsClient, PsServer, ShardConfig, ShardPlane,
 };
-use shoal_comm::shm::ShmTransport;
-use shoal_comm::tcp::{TcpOptions, TcpTransport};
-use shoal_comm::{Communicator, Transport};
 use shoal_control::{ControlClient, Coordinator, CoordinatorConfig, Joining};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,9 +53,6 @@ pub trait JobKind: Sized {
     /// Runs this worker's part of the job.
     fn run_worker(self, w: Worker) -> std::result::Result<(), Self::Error>;
 }
-
-/// How long a process waits for its peers' shared-memory rings.
-const SHM_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a worker of a job is given.
 pub struct Worker {
@@ -307,39 +301,12 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         };
         let exchange = match shards_needed {
             false => {
-                let t: Box<dyn Transport> = match ring_listener {
-                    None => Box::new(ShmTransport::connect(
-                        &format!("shoal-{token}"),
-                        rank,
-                        d.workers,
-                        8 << 20,
-                        SHM_CONNECT_TIMEOUT,
-                    )?),
-                    Some((l, _)) => {
-                        let addrs = members
-                            .iter()
-                            .filter(|m| m.role.starts_with("worker"))
-                            .map(|m| parse_addr(&m.data_addr, &format!("worker {}", m.rank)))
-                            .collect::<Result<Vec<_>>>()?;
-                        let opts = TcpOptions {
-                            token: token.clone(),
-                            ..Default::default()
-                        };
-                        Box::new(TcpTransport::connect(rank, &addrs, l, &opts)?)
-                    }
-                };
-                let mut comm = Communicator::new(t);
-                // Ranks on several hosts: the two-level allreduce.
                 let workers: Vec<&shoal_control::proto::Member> = members
                     .iter()
                     .copied()
                     .filter(|m| m.role.starts_with("worker"))
                     .collect();
-                let host_of: Vec<usize> = workers
-                    .iter()
-                    .map(|m| workers.iter().position(|x| x.host == m.host).unwrap_or(0))
-                    .collect();
-                comm.set_hosts(&host_of)?;
+                let comm = worker_plane(&token, rank, &workers, ring_listener.map(|(l, _)| l))?;
                 Exchange::Allreduce(comm)
             }
             true if shm_shards => {
@@ -413,40 +380,6 @@ fn finish<K: JobKind>(
 fn env(name: &str) -> Result<String> {
     std::env::var(name)
         .map_err(|_| Error::Cluster(format!("environment variable {name} is not set")))
-}
-
-/// Stops this process if the control plane reports a failed member (or loses the
-/// coordinator), so that no process of a broken job waits for ever.
-struct Watchdog {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn start(ctl: Arc<ControlClient>, me: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if let Err(e) = ctl.check() {
-                    eprintln!("{me}: stopping: {e}");
-                    std::process::exit(3);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Prints a report for the launcher (one JSON line on stdout), and what it says in
@@ -594,20 +527,6 @@ impl StepLog {
             ),
         })
     }
-}
-
-fn bind(host: &str) -> Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind((host, 0))
-        .map_err(|e| Error::Cluster(format!("binding a data-plane listener on {host}: {e}")))?;
-    let a = l
-        .local_addr()
-        .map_err(|e| Error::Cluster(format!("reading the listener address: {e}")))?;
-    Ok((l, a))
-}
-
-fn parse_addr(s: &str, who: &str) -> Result<SocketAddr> {
-    s.parse()
-        .map_err(|_| Error::Cluster(format!("{who} advertised a bad data-plane address '{s}'")))
 }
 
 /// This process's index within its role, from [`ENV_INDEX`] or what a scheduler sets.

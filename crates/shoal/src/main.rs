@@ -59,6 +59,10 @@ enum Cmd {
     /// role` in each): prepares the job directory from the training configuration,
     /// serves rendezvous and health checks, and exits when the job ends.
     Coordinator(coordinator::CoordinatorArgs),
+    /// Run N copies of a command as one job on this machine (`shoal run -n 2 -- python
+    /// train.py`): a PyTorch script with the `shoal` Python package gets shoal's
+    /// allreduce; the others stop when one fails.
+    Run(run::RunArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,7 +106,10 @@ fn chain(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Train(_) | Cmd::Role | Cmd::Coordinator(_)) {
+    if !matches!(
+        cli.cmd,
+        Cmd::Train(_) | Cmd::Role | Cmd::Coordinator(_) | Cmd::Run(_)
+    ) {
         // Commands whose output is piped (`shoal predict ... | head`) end quietly when
         // the reader goes away, as Unix tools do. Training keeps Rust's default (SIGPIPE
         // ignored) so that a peer's closed socket is an error naming it, not a silent
@@ -141,6 +148,7 @@ fn main() -> ExitCode {
         Cmd::Bench(b) => cli::bench::run(b),
         Cmd::Role => cli::run_role(),
         Cmd::Coordinator(a) => cli::coordinator::run(a),
+        Cmd::Run(a) => cli::run::run(a),
         Cmd::Launch(a) => cli::launch::run(a),
         Cmd::Compress(a) => cli::compress::run(a),
         Cmd::Plan(a) => cli::plan::run(a),

@@ -11,6 +11,7 @@ pub mod info;
 pub mod launch;
 pub mod plan;
 pub mod predict;
+pub mod run;
 pub mod train_cnn;
 pub mod train_ctr;
 pub mod train_nmt;

@@ -1,0 +1,440 @@
+//! `shoal._native`: the `shoal` Python package's native part. `init()` joins the
+//! process group the environment describes (`shoal run`, torchrun's variables, or a
+//! group of one); collectives on flat float32 buffers are queued to one background
+//! thread that runs them in the order they were submitted (the same on every rank, as
+//! Horovod's and DDP's buckets are), with the GIL released while a caller waits. Each
+//! operation first checks that every rank submitted the same one (kind, length, root),
+//! so mismatched calls fail on every rank with the same message instead of hanging.
+//! The buffers are given as an address and a length by the Python layer, which checks
+//! the tensor (CPU, float32, contiguous) and keeps it alive in the handle.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use shoal_runtime::group::Group;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+create_exception!(
+    _native,
+    ShoalError,
+    PyRuntimeError,
+    "A collective failed: mismatched calls across ranks, or a broken data plane."
+);
+
+/// What a queued operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Allreduce {
+        average: bool,
+    },
+    Broadcast {
+        root: usize,
+    },
+    /// Concatenates every rank's buffer into the one at `out` (size x len values).
+    Allgather {
+        out: usize,
+    },
+    Barrier,
+}
+
+impl Kind {
+    fn code(self) -> u32 {
+        match self {
+            Kind::Allreduce { average: false } => 1,
+            Kind::Allreduce { average: true } => 2,
+            Kind::Broadcast { .. } => 3,
+            Kind::Allgather { .. } => 4,
+            Kind::Barrier => 5,
+        }
+    }
+
+    fn root(self) -> u32 {
+        match self {
+            Kind::Broadcast { root } => root as u32,
+            _ => 0,
+        }
+    }
+}
+
+fn describe(code: u32, len: u64, root: u32) -> String {
+    match code {
+        1 => format!("allreduce (sum) of {len} values"),
+        2 => format!("allreduce (average) of {len} values"),
+        3 => format!("broadcast of {len} values from rank {root}"),
+        4 => format!("allgather of {len} values"),
+        5 => "barrier".into(),
+        c => format!("unknown operation {c}"),
+    }
+}
+
+/// Where an operation's outcome is left for its handle.
+#[derive(Default)]
+struct Done {
+    state: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn finish(&self, r: Result<(), String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = s.as_ref() {
+                return r.clone();
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+struct Op {
+    seq: u64,
+    name: String,
+    kind: Kind,
+    ptr: usize,
+    len: usize,
+    done: Arc<Done>,
+}
+
+/// The running group: its shape and the queue to its background thread.
+struct Engine {
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    local_size: usize,
+    seq: u64,
+    tx: mpsc::Sender<Op>,
+    thread: JoinHandle<Group>,
+}
+
+static ENGINE: Mutex<Option<Engine>> = Mutex::new(None);
+
+fn engine() -> std::sync::MutexGuard<'static, Option<Engine>> {
+    ENGINE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn not_initialized() -> PyErr {
+    PyRuntimeError::new_err("shoal: init() has not been called (call shoal.torch.init() first)")
+}
+
+/// Runs the queued operations in order until the queue closes; returns the group so
+/// that `shutdown` can leave the job.
+fn serve(mut group: Group, rx: mpsc::Receiver<Op>) -> Group {
+    // After a failure of the data plane nothing more can cross it.
+    let mut broken: Option<String> = None;
+    for op in rx {
+        let r = match &broken {
+            Some(b) => Err(format!("the data plane failed earlier: {b}")),
+            // Mismatched calls fail on every rank alike: the next ones can still run.
+            None => match run_op(&mut group, &op) {
+                Ok(()) => Ok(()),
+                Err(Failure::Mismatch(m)) => Err(m),
+                Err(Failure::Plane(m)) => {
+                    broken = Some(m.clone());
+                    Err(m)
+                }
+            },
+        };
+        op.done.finish(r);
+    }
+    group
+}
+
+/// Why an operation failed.
+enum Failure {
+    /// The ranks submitted different operations (every rank sees the same).
+    Mismatch(String),
+    /// The data plane failed (a peer gone, a broken ring).
+    Plane(String),
+}
+
+fn run_op(group: &mut Group, op: &Op) -> Result<(), Failure> {
+    let n = group.size();
+    let what = format!("operation {} ('{}')", op.seq, op.name);
+    // Every rank's (kind, length, root), gathered; float32 words carry the bits (the
+    // allgather only copies them).
+    let len = op.len as u64;
+    let mine = [
+        op.kind.code(),
+        len as u32,
+        (len >> 32) as u32,
+        op.kind.root(),
+    ]
+    .map(f32::from_bits);
+    let mut all = vec![0f32; 4 * n];
+    let comm = group.comm();
+    comm.allgather(&mine, &mut all)
+        .map_err(|e| Failure::Plane(format!("{what}: {e}")))?;
+    let desc = |r: usize| {
+        let w: Vec<u32> = all[4 * r..4 * r + 4].iter().map(|f| f.to_bits()).collect();
+        (w[0], u64::from(w[1]) | (u64::from(w[2]) << 32), w[3])
+    };
+    // Each rank against rank 0's: every rank finds the same difference.
+    if let Some(r) = (1..n).find(|&r| desc(r) != desc(0)) {
+        let (c0, l0, r0) = desc(0);
+        let (c1, l1, r1) = desc(r);
+        return Err(Failure::Mismatch(format!(
+            "{what}: every rank must submit the same collectives in the same order; rank 0 \
+             submitted a {}, rank {r} a {}",
+            describe(c0, l0, r0),
+            describe(c1, l1, r1)
+        )));
+    }
+    let data: &mut [f32] = if op.len == 0 {
+        &mut []
+    } else {
+        // SAFETY: the Python layer gave the address and length of a contiguous float32
+        // CPU tensor that its handle keeps alive until this operation is done (a handle
+        // dropped early waits for it), and no other operation of this thread uses it.
+        unsafe { std::slice::from_raw_parts_mut(op.ptr as *mut f32, op.len) }
+    };
+    let comm = group.comm();
+    let r = match op.kind {
+        Kind::Allreduce { average } => comm.allreduce_sum(data).map(|()| {
+            if average && n > 1 {
+                let s = 1.0 / n as f32;
+                data.iter_mut().for_each(|x| *x *= s);
+            }
+        }),
+        Kind::Broadcast { root } => comm.broadcast(data, root),
+        Kind::Allgather { out } => {
+            let out: &mut [f32] = if op.len == 0 {
+                &mut []
+            } else {
+                // SAFETY: as above, for the output tensor of n x len values.
+                unsafe { std::slice::from_raw_parts_mut(out as *mut f32, op.len * n) }
+            };
+            comm.allgather(data, out)
+        }
+        Kind::Barrier => comm.barrier(),
+    };
+    r.map_err(|e| Failure::Plane(format!("{what}: {e}")))
+}
+
+/// Joins the process group the environment describes; a second call does nothing.
+#[pyfunction]
+fn init(py: Python<'_>) -> PyResult<()> {
+    if engine().is_some() {
+        return Ok(());
+    }
+    let group = py
+        .detach(Group::join_from_env)
+        .map_err(|e| ShoalError::new_err(format!("shoal: joining the job: {e}")))?;
+    let (rank, size, local_rank, local_size) = (
+        group.rank(),
+        group.size(),
+        group.local_rank(),
+        group.local_size(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("shoal-collectives".into())
+        .spawn(move || serve(group, rx))
+        .map_err(|e| ShoalError::new_err(format!("shoal: starting the collectives thread: {e}")))?;
+    *engine() = Some(Engine {
+        rank,
+        size,
+        local_rank,
+        local_size,
+        seq: 0,
+        tx,
+        thread,
+    });
+    Ok(())
+}
+
+/// Whether `init()` has been called (and `shutdown()` not since).
+#[pyfunction]
+fn is_initialized() -> bool {
+    engine().is_some()
+}
+
+fn shape(f: impl Fn(&Engine) -> usize) -> PyResult<usize> {
+    engine().as_ref().map(f).ok_or_else(not_initialized)
+}
+
+/// This process's rank, 0..size().
+#[pyfunction]
+fn rank() -> PyResult<usize> {
+    shape(|e| e.rank)
+}
+
+/// The number of processes in the job.
+#[pyfunction]
+fn size() -> PyResult<usize> {
+    shape(|e| e.size)
+}
+
+/// This process's rank among those on its host.
+#[pyfunction]
+fn local_rank() -> PyResult<usize> {
+    shape(|e| e.local_rank)
+}
+
+/// The number of processes on this host.
+#[pyfunction]
+fn local_size() -> PyResult<usize> {
+    shape(|e| e.local_size)
+}
+
+/// An operation in flight: `poll()` says whether it is done, `wait()` blocks (the GIL
+/// released) and raises `ShoalError` if it failed. It holds the objects whose memory
+/// the operation uses; dropped before the operation ends, it waits for it.
+#[pyclass(module = "shoal._native")]
+struct Handle {
+    done: Arc<Done>,
+    #[pyo3(get)]
+    name: String,
+    keep: Vec<Py<PyAny>>,
+}
+
+#[pymethods]
+impl Handle {
+    /// True once the operation has finished (successfully or not).
+    fn poll(&self) -> bool {
+        self.done.is_done()
+    }
+
+    /// Waits for the operation; raises `ShoalError` if it failed.
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        let done = self.done.clone();
+        py.detach(move || done.wait())
+            .map_err(|e| ShoalError::new_err(format!("shoal: {e}")))
+    }
+
+    /// The objects this operation works on (what the Python layer returns).
+    fn objects(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.keep.iter().map(|o| o.clone_ref(py)).collect()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The memory in `keep` must outlive the operation; the collectives thread never
+        // needs the GIL, so waiting here cannot deadlock.
+        let _ = self.done.wait();
+    }
+}
+
+fn check_buffer(ptr: usize, len: usize, what: &str) -> PyResult<()> {
+    if len > 0 && (ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<f32>())) {
+        return Err(PyValueError::new_err(format!(
+            "shoal: {what}: address {ptr:#x} is not that of float32 values"
+        )));
+    }
+    if len > (isize::MAX as usize) / 4 {
+        return Err(PyValueError::new_err(format!(
+            "shoal: {what}: {len} values is too many"
+        )));
+    }
+    Ok(())
+}
+
+/// Queues one operation (used by `shoal.torch`, which checks the tensors): `kind` is
+/// `sum`, `average`, `broadcast`, `allgather` or `barrier`; `ptr`/`len` the float32
+/// values it works on in place (`out`: the allgather's output, size x len values);
+/// `keep`: the objects that own that memory.
+#[pyfunction]
+#[pyo3(signature = (kind, ptr, len, keep, name, root=0, out=0))]
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    kind: &str,
+    ptr: usize,
+    len: usize,
+    keep: Vec<Py<PyAny>>,
+    name: String,
+    root: usize,
+    out: usize,
+) -> PyResult<Handle> {
+    let mut guard = engine();
+    let e = guard.as_mut().ok_or_else(not_initialized)?;
+    let kind = match kind {
+        "sum" => Kind::Allreduce { average: false },
+        "average" => Kind::Allreduce { average: true },
+        "broadcast" => {
+            if root >= e.size {
+                return Err(PyValueError::new_err(format!(
+                    "shoal: broadcast from rank {root} in a job of {} processes",
+                    e.size
+                )));
+            }
+            Kind::Broadcast { root }
+        }
+        "allgather" => {
+            check_buffer(out, len.saturating_mul(e.size), "allgather output")?;
+            Kind::Allgather { out }
+        }
+        "barrier" => Kind::Barrier,
+        k => {
+            return Err(PyValueError::new_err(format!(
+                "shoal: unknown operation '{k}'"
+            )))
+        }
+    };
+    check_buffer(ptr, len, &name)?;
+    e.seq += 1;
+    let done = Arc::new(Done::default());
+    let op = Op {
+        seq: e.seq,
+        name: name.clone(),
+        kind,
+        ptr,
+        len,
+        done: done.clone(),
+    };
+    if e.tx.send(op).is_err() {
+        return Err(ShoalError::new_err(
+            "shoal: the collectives thread has stopped",
+        ));
+    }
+    Ok(Handle { done, name, keep })
+}
+
+/// Waits for every queued operation, then leaves the job in order. `init()` may be
+/// called again afterwards only in a new job.
+#[pyfunction]
+fn shutdown(py: Python<'_>) -> PyResult<()> {
+    let Some(e) = engine().take() else {
+        return Ok(());
+    };
+    drop(e.tx);
+    py.detach(move || {
+        let group = e
+            .thread
+            .join()
+            .map_err(|_| "the collectives thread panicked".to_string())?;
+        group.leave().map_err(|e| e.to_string())
+    })
+    .map_err(|e| ShoalError::new_err(format!("shoal: leaving the job: {e}")))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("ShoalError", m.py().get_type::<ShoalError>())?;
+    m.add_class::<Handle>()?;
+    for f in [
+        wrap_pyfunction!(init, m)?,
+        wrap_pyfunction!(is_initialized, m)?,
+        wrap_pyfunction!(rank, m)?,
+        wrap_pyfunction!(size, m)?,
+        wrap_pyfunction!(local_rank, m)?,
+        wrap_pyfunction!(local_size, m)?,
+        wrap_pyfunction!(submit, m)?,
+        wrap_pyfunction!(shutdown, m)?,
+    ] {
+        m.add_function(f)?;
+    }
+    Ok(())
+}

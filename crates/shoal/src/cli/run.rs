@@ -1,0 +1,43 @@
+//! `shoal run -n N -- CMD ...`: N copies of a command (a PyTorch script with the
+//! `shoal` Python package) as one job on this machine, as torchrun or horovodrun start
+//! theirs.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use shoal_runtime::dist::DataPlane;
+
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// How many processes.
+    #[arg(short = 'n', long = "np", default_value_t = 1)]
+    pub(crate) np: usize,
+    /// The data plane between them: shared-memory rings or TCP.
+    #[arg(long, value_enum, default_value_t = DataPlane::Shm)]
+    pub(crate) transport: DataPlane,
+    /// Compute threads per process (OMP_NUM_THREADS; 0: the cores shared out).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads_per_process: usize,
+    /// A process silent for this long fails the job, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) heartbeat_timeout_s: f64,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub(crate) command: Vec<String>,
+}
+
+pub(crate) fn run(a: RunArgs) -> Result<()> {
+    if a.np == 0 || a.np > 1024 {
+        bail!("-n {}: a job runs 1 to 1024 processes", a.np);
+    }
+    if !(a.heartbeat_timeout_s.is_finite() && (0.1..=86_400.0).contains(&a.heartbeat_timeout_s)) {
+        bail!("--heartbeat-timeout-s must be 0.1 to 86400 seconds");
+    }
+    shoal_runtime::launch::run_command(
+        a.np,
+        &a.command,
+        a.transport,
+        a.threads_per_process,
+        std::time::Duration::from_secs_f64(a.heartbeat_timeout_s),
+    )?;
+    Ok(())
+}
