@@ -47,6 +47,7 @@ __all__ = [
     "broadcast_parameters",
     "broadcast_optimizer_state",
     "DistributedOptimizer",
+    "SparseEmbedding",
 ]
 
 #: Reduction operations.
@@ -68,8 +69,15 @@ def init():
         _registered_exit = True
 
 
+# The sparse tables this process made, closed (in order) before it leaves the job.
+_tables = []
+
+
 def shutdown():
-    """Waits for every operation in flight and leaves the job (also done at exit)."""
+    """Waits for every operation in flight, leaves the sparse tables (every process must)
+    and the job (also done at exit)."""
+    while _tables:
+        _tables.pop(0).close()
     _native.shutdown()
 
 
@@ -443,3 +451,85 @@ class DistributedOptimizer:
 
     def __repr__(self):
         return f"shoal.torch.DistributedOptimizer({self._opt!r}, {len(self._buckets)} buckets)"
+
+
+class _SparseRows(torch.autograd.Function):
+    """The rows of a batch's keys from the shards; backward pushes their gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, keys, table, batch):
+        uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
+        uniq = uniq.contiguous()
+        rows = torch.empty(uniq.numel(), table.dim)
+        table.pull(uniq.data_ptr(), uniq.numel(), rows.data_ptr())
+        ctx.save_for_backward(uniq, inv)
+        ctx.table, ctx.batch = table, batch
+        return rows.index_select(0, inv).view(*keys.shape, table.dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        uniq, inv = ctx.saved_tensors
+        dim = ctx.table.dim
+        g = torch.zeros(uniq.numel(), dim).index_add_(0, inv, grad.reshape(-1, dim).to(torch.float32))
+        ctx.table.push(uniq.data_ptr(), uniq.numel(), g.data_ptr(), float(ctx.batch))
+        return torch.zeros(0), None, None, None
+
+
+class SparseEmbedding(torch.nn.Module):
+    """An embedding whose rows live on the job's parameter-server shards, not in this
+    process: `forward(keys)` (int64, shape `(batch, num_fields)`, any 64-bit ids: no
+    vocabulary to size) pulls the rows of the batch's keys, creating new ones (uniform in
+    +-`init_scale`, from a hash of the seed and the key), and returns `(batch, num_fields,
+    dim)`; `backward()` pushes their gradient, and the shards apply the mean over the
+    processes' batches with `optimizer` (sgd, adagrad, row-adagrad, adam: lazy, on the
+    touched rows; ftrl) at `lr`. Updates are synchronous: the next pull sees every
+    process's last push. Not in `parameters()`: the shards are its optimizer. In
+    `eval()` mode (or under `torch.no_grad()`) a pull creates nothing.
+
+    Every process makes its SparseEmbeddings in the same order; the first
+    `SHOAL_PS_SHARDS` processes (`shoal run --ps M`; default all) host the shards, the
+    rows spread over them by a hash of the key."""
+
+    def __init__(self, num_fields, dim, optimizer="adagrad", lr=0.01, init_scale=0.01, seed=0, eps=1e-10,
+                 betas=(0.9, 0.999)):
+        super().__init__()
+        if not is_initialized():
+            raise RuntimeError("shoal: init() has not been called (call shoal.torch.init() first)")
+        if not (isinstance(num_fields, int) and num_fields > 0):
+            raise ValueError(f"shoal: SparseEmbedding: num_fields must be a positive integer, not {num_fields!r}")
+        self.num_fields = num_fields
+        self.dim = dim
+        self._table = _native.sparse_table(dim, optimizer, lr, init_scale, seed, eps, betas[0], betas[1])
+        _tables.append(self._table)
+        # A zero-size input that requires grad, so that autograd calls the backward.
+        self.register_buffer("_anchor", torch.zeros(0, requires_grad=True), persistent=False)
+
+    @property
+    def shards(self):
+        """How many shards hold the rows."""
+        return self._table.shards
+
+    def local_rows(self):
+        """How many rows this process's shard holds (0 if it hosts none)."""
+        return self._table.local_rows()
+
+    def forward(self, keys):
+        if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
+            got = keys.dtype if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise TypeError(f"shoal: SparseEmbedding: keys must be an int64 tensor, got {got}")
+        if keys.dim() != 2 or keys.shape[1] != self.num_fields:
+            raise ValueError(
+                f"shoal: SparseEmbedding: keys of shape {tuple(keys.shape)}, expected (batch, {self.num_fields})"
+            )
+        keys = keys.detach().to("cpu").contiguous()
+        if self.training and torch.is_grad_enabled():
+            anchor = self._anchor.detach().requires_grad_(True)
+            return _SparseRows.apply(anchor, keys, self._table, keys.shape[0])
+        uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
+        uniq = uniq.contiguous()
+        rows = torch.empty(uniq.numel(), self.dim)
+        self._table.peek(uniq.data_ptr(), uniq.numel(), rows.data_ptr())
+        return rows.index_select(0, inv).view(*keys.shape, self.dim)
+
+    def extra_repr(self):
+        return f"num_fields={self.num_fields}, dim={self.dim}, shards={self.shards}"

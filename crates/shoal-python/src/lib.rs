@@ -11,9 +11,12 @@
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use shoal_comm::ps::{shm_link, PsClient, PsMode, PsServer, ShardConfig, ShardPlane};
+use shoal_optim::sparse::SparseRule;
 use shoal_runtime::group::Group;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 create_exception!(
     _native,
@@ -114,6 +117,12 @@ struct Engine {
     size: usize,
     local_rank: usize,
     local_size: usize,
+    /// Names the job's shared-memory planes.
+    name: String,
+    /// How many processes host parameter-server shards (the first ones).
+    shards: usize,
+    /// Sparse tables made so far (each has its own shards).
+    tables: usize,
     seq: u64,
     tx: mpsc::Sender<Op>,
     thread: JoinHandle<Group>,
@@ -238,6 +247,10 @@ fn init(py: Python<'_>) -> PyResult<()> {
         group.local_rank(),
         group.local_size(),
     );
+    let name = group.name().to_string();
+    let shards = group
+        .shards()
+        .map_err(|e| ShoalError::new_err(format!("shoal: {e}")))?;
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("shoal-collectives".into())
@@ -248,6 +261,9 @@ fn init(py: Python<'_>) -> PyResult<()> {
         size,
         local_rank,
         local_size,
+        name,
+        shards,
+        tables: 0,
         seq: 0,
         tx,
         thread,
@@ -402,6 +418,277 @@ fn submit(
     Ok(Handle { done, name, keep })
 }
 
+/// How long a table's processes wait for each other's shared-memory links.
+const LINK_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct TableState {
+    client: PsClient,
+    /// This process's shard of the table, if it hosts one.
+    server: Option<PsServer>,
+    /// Pushes so far: a pull waits until the shards applied that many updates.
+    step: u64,
+}
+
+/// A sparse table on parameter-server shards (what `shoal.torch.SparseEmbedding`
+/// stores its rows in): rows of `dim` float32 values by 64-bit key, created on first
+/// pull, updated on the shards by the table's rule from the mean of every process's
+/// pushed gradients (synchronously: a pull waits for the previous push of every process).
+#[pyclass(module = "shoal._native")]
+struct SparseTable {
+    state: Mutex<Option<TableState>>,
+    #[pyo3(get)]
+    dim: usize,
+    #[pyo3(get)]
+    shards: usize,
+    lr: f32,
+}
+
+fn ps_err(e: impl std::fmt::Display) -> PyErr {
+    ShoalError::new_err(format!("shoal: sparse table: {e}"))
+}
+
+/// Makes the job's next sparse table (every process makes its tables in the same
+/// order): rows of `dim` values, `rule` one of sgd, adagrad, row-adagrad, adam (lazy:
+/// moments of the touched rows only), ftrl; new rows uniform in +-`init_scale` from a
+/// hash of (`seed`, key).
+#[pyfunction]
+#[pyo3(signature = (dim, rule, lr, init_scale=0.01, seed=0, eps=1e-10, beta1=0.9, beta2=0.999))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_table(
+    py: Python<'_>,
+    dim: usize,
+    rule: &str,
+    lr: f32,
+    init_scale: f32,
+    seed: u64,
+    eps: f32,
+    beta1: f32,
+    beta2: f32,
+) -> PyResult<SparseTable> {
+    if dim == 0 || dim > 1 << 16 {
+        return Err(PyValueError::new_err(format!(
+            "shoal: sparse table: rows of {dim} values (1 to 65536)"
+        )));
+    }
+    if !(lr.is_finite() && lr > 0.0 && init_scale.is_finite() && init_scale >= 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "shoal: sparse table: lr {lr} and init_scale {init_scale} must be finite, lr positive"
+        )));
+    }
+    let rule = match rule {
+        "sgd" => SparseRule::Sgd,
+        "adagrad" => SparseRule::Adagrad { eps },
+        "row-adagrad" => SparseRule::RowAdagrad { eps },
+        "adam" => SparseRule::LazyAdam { beta1, beta2, eps },
+        "ftrl" => SparseRule::Ftrl {
+            beta: 1.0,
+            l1: 0.0,
+            l2: 0.0,
+        },
+        r => {
+            return Err(PyValueError::new_err(format!(
+                "shoal: sparse table: unknown rule '{r}'; expected sgd, adagrad, row-adagrad, adam or ftrl"
+            )))
+        }
+    };
+    let (rank, size, shards, job) = {
+        let mut g = engine();
+        let e = g.as_mut().ok_or_else(not_initialized)?;
+        if e.local_size != e.size {
+            return Err(ShoalError::new_err(
+                "shoal: sparse tables need every process on one host for now (their shards \
+                 meet the workers over shared memory)",
+            ));
+        }
+        e.tables += 1;
+        (
+            e.rank,
+            e.size,
+            e.shards,
+            format!("{}-t{}", e.name, e.tables),
+        )
+    };
+    let state = py
+        .detach(move || -> shoal_comm::Result<TableState> {
+            let server = match rank < shards {
+                true => {
+                    let openers = (0..size)
+                        .map(|w| {
+                            let job = job.clone();
+                            Box::new(move || shm_link(&job, rank, w, 0, LINK_TIMEOUT))
+                                as shoal_comm::ps::LinkOpener
+                        })
+                        .collect();
+                    let cfg = ShardConfig {
+                        workers: size,
+                        mode: PsMode::Sync,
+                        lr,
+                        average: true,
+                        sparse_dim: dim,
+                        sparse_rule: Some(rule),
+                        sparse_init: (init_scale, seed),
+                        token: job.clone(),
+                        timeout: Duration::from_secs(600),
+                        ..Default::default()
+                    };
+                    Some(PsServer::start_on(ShardPlane::Links(openers), 0, cfg)?)
+                }
+                false => None,
+            };
+            let links = (0..shards)
+                .map(|i| shm_link(&job, i, rank, 1, LINK_TIMEOUT))
+                .collect::<shoal_comm::Result<Vec<_>>>()?;
+            let mut client = PsClient::over(links, rank, 0, dim, &job)?;
+            client.init(&[])?;
+            Ok(TableState {
+                client,
+                server,
+                step: 0,
+            })
+        })
+        .map_err(ps_err)?;
+    Ok(SparseTable {
+        state: Mutex::new(Some(state)),
+        dim,
+        shards,
+        lr,
+    })
+}
+
+/// The `n` keys at `keys` and the `n * dim` values at `rows`, as slices.
+///
+/// # Safety
+/// The Python layer passes contiguous int64 and float32 CPU tensors of those sizes,
+/// alive for the call.
+unsafe fn key_rows<'a>(
+    keys: usize,
+    n: usize,
+    rows: usize,
+    dim: usize,
+) -> (&'a [u64], &'a mut [f32]) {
+    if n == 0 {
+        return (&[], &mut []);
+    }
+    (
+        std::slice::from_raw_parts(keys as *const u64, n),
+        std::slice::from_raw_parts_mut(rows as *mut f32, n * dim),
+    )
+}
+
+fn check_rows(keys: usize, n: usize, rows: usize, dim: usize) -> PyResult<()> {
+    if n > 0
+        && (keys == 0
+            || rows == 0
+            || !keys.is_multiple_of(8)
+            || !rows.is_multiple_of(4)
+            || n.checked_mul(dim)
+                .is_none_or(|v| v > (isize::MAX as usize) / 4))
+    {
+        return Err(PyValueError::new_err(
+            "shoal: sparse table: bad key or row buffer",
+        ));
+    }
+    Ok(())
+}
+
+impl SparseTable {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut TableState) -> shoal_comm::Result<T> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        py.detach(|| {
+            let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let st = g
+                .as_mut()
+                .ok_or_else(|| ShoalError::new_err("shoal: sparse table: closed"))?;
+            f(st).map_err(ps_err)
+        })
+    }
+}
+
+#[pymethods]
+impl SparseTable {
+    /// Fills `rows` (`n * dim` float32) with the rows of the `n` int64 `keys` as of
+    /// every process's last push, creating missing rows.
+    fn pull(&self, py: Python<'_>, keys: usize, n: usize, rows: usize) -> PyResult<()> {
+        check_rows(keys, n, rows, self.dim)?;
+        let dim = self.dim;
+        self.with(py, move |st| {
+            // SAFETY: see `key_rows`.
+            let (k, r) = unsafe { key_rows(keys, n, rows, dim) };
+            st.client.pull(st.step, &mut [])?;
+            st.client.pull_sparse(k, r)
+        })
+    }
+
+    /// As `pull`, creating nothing (a missing row reads as its initial values).
+    fn peek(&self, py: Python<'_>, keys: usize, n: usize, rows: usize) -> PyResult<()> {
+        check_rows(keys, n, rows, self.dim)?;
+        let dim = self.dim;
+        self.with(py, move |st| {
+            // SAFETY: see `key_rows`.
+            let (k, r) = unsafe { key_rows(keys, n, rows, dim) };
+            st.client.pull(st.step, &mut [])?;
+            st.client.peek_sparse(k, r)
+        })
+    }
+
+    /// Pushes this process's gradient rows (`n` distinct int64 keys, `n * dim` float32
+    /// values) of a batch of `weight` examples: the shards apply
+    /// `sum(weight * grad) / sum(weight)` over the processes.
+    fn push(
+        &self,
+        py: Python<'_>,
+        keys: usize,
+        n: usize,
+        grads: usize,
+        weight: f32,
+    ) -> PyResult<()> {
+        check_rows(keys, n, grads, self.dim)?;
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "shoal: sparse table: push weight {weight}"
+            )));
+        }
+        let (dim, lr) = (self.dim, self.lr);
+        self.with(py, move |st| {
+            // SAFETY: see `key_rows`.
+            let (k, g) = unsafe { key_rows(keys, n, grads, dim) };
+            st.client
+                .push_weighted(st.step, lr, weight, &[], Some((k, &*g)))?;
+            st.step += 1;
+            Ok(())
+        })
+    }
+
+    /// Rows held by this process's shard (0 if it hosts none).
+    fn local_rows(&self) -> usize {
+        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .and_then(|s| s.server.as_ref())
+            .map_or(0, PsServer::sparse_rows)
+    }
+
+    /// Leaves the table: tells the shards, then waits until every process has left
+    /// this process's shard. Every process must call it (`shoal.torch.shutdown` does).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(st) = st {
+                st.client.close().map_err(ps_err)?;
+                if let Some(s) = st.server {
+                    s.join().map_err(ps_err)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Waits for every queued operation, then leaves the job in order. `init()` may be
 /// called again afterwards only in a new job.
 #[pyfunction]
@@ -424,6 +711,7 @@ fn shutdown(py: Python<'_>) -> PyResult<()> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ShoalError", m.py().get_type::<ShoalError>())?;
     m.add_class::<Handle>()?;
+    m.add_class::<SparseTable>()?;
     for f in [
         wrap_pyfunction!(init, m)?,
         wrap_pyfunction!(is_initialized, m)?,
@@ -432,6 +720,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(local_rank, m)?,
         wrap_pyfunction!(local_size, m)?,
         wrap_pyfunction!(submit, m)?,
+        wrap_pyfunction!(sparse_table, m)?,
         wrap_pyfunction!(shutdown, m)?,
     ] {
         m.add_function(f)?;

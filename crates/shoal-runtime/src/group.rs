@@ -19,6 +19,10 @@ use std::time::Duration;
 /// The data plane a command's processes use (`shm` or `tcp`), set by `shoal run`.
 pub const ENV_TRANSPORT: &str = "SHOAL_TRANSPORT";
 
+/// How many of a command's processes host parameter-server shards (the first ones; set
+/// by `shoal run --ps M`; default: all of them).
+pub const ENV_SHARDS: &str = "SHOAL_PS_SHARDS";
+
 /// How long a process waits for its peers' shared-memory rings.
 pub(crate) const SHM_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -33,6 +37,8 @@ pub struct Group {
     local_rank: usize,
     local_size: usize,
     comm: Communicator<Box<dyn Transport>>,
+    /// Names the job's shared-memory rings (from its token).
+    name: String,
     ctl: Option<Arc<ControlClient>>,
     dog: Option<Watchdog>,
     /// With torchrun-style variables, rank 0 hosts the coordinator.
@@ -98,7 +104,7 @@ impl Group {
         let rank_var = int_var(ENV_INDEX)?.or(int_var("RANK")?);
         let Some(coordinator) = var(ENV_COORDINATOR) else {
             return match (world, rank_var) {
-                (None | Some(1), None | Some(0)) => Ok(Self::alone()),
+                (None | Some(1), None | Some(0)) => Self::alone(),
                 (Some(w), Some(r)) => Self::torchrun(r, w),
                 (w, r) => Err(Error::Cluster(format!(
                     "RANK is {} and WORLD_SIZE {}: a launcher sets both (or run under \
@@ -117,18 +123,19 @@ impl Group {
         Self::assemble(ctl, &token, rank_var, None)
     }
 
-    fn alone() -> Group {
+    fn alone() -> Result<Group> {
         let t: Box<dyn Transport> = Box::new(LocalTransport::group(1).remove(0));
-        Group {
+        Ok(Group {
             rank: 0,
             size: 1,
             local_rank: 0,
             local_size: 1,
             comm: Communicator::new(t),
+            name: format!("shoal-{}", crate::launch::new_token()?),
             ctl: None,
             dog: None,
             _coordinator: None,
-        }
+        })
     }
 
     fn torchrun(rank: usize, world: usize) -> Result<Group> {
@@ -260,6 +267,7 @@ impl Group {
             local_rank,
             local_size: local.len(),
             comm,
+            name: format!("shoal-{token}"),
             ctl: Some(ctl),
             dog: Some(dog),
             _coordinator: coordinator,
@@ -284,6 +292,25 @@ impl Group {
     /// The number of processes on this process's host.
     pub fn local_size(&self) -> usize {
         self.local_size
+    }
+
+    /// A name for this job's shared-memory rings, the same on every process (a
+    /// program's further planes, such as parameter-server links, are named after it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many processes host parameter-server shards (the first ones): `SHOAL_PS_SHARDS`
+    /// (1 to size), else all of them.
+    pub fn shards(&self) -> Result<usize> {
+        match int_var(ENV_SHARDS)? {
+            None => Ok(self.size),
+            Some(m) if (1..=self.size).contains(&m) => Ok(m),
+            Some(m) => Err(Error::Cluster(format!(
+                "{ENV_SHARDS} is {m}: the job's {} processes can host 1 to {} shards",
+                self.size, self.size
+            ))),
+        }
     }
 
     /// The collectives between the group's processes.

@@ -259,12 +259,15 @@ pub fn launch_job(
 /// -n N -- CMD`): a coordinator for them, and in each process's environment its rank
 /// and the job (`SHOAL_COORDINATOR`, `SHOAL_JOB_TOKEN`, `SHOAL_INDEX`,
 /// `SHOAL_TRANSPORT`, and torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), `threads` compute threads each
+/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; `SHOAL_PS_SHARDS` when `shards`
+/// is given: the first that many processes host the parameter-server shards of a
+/// script's sparse tables), `threads` compute threads each
 /// (`OMP_NUM_THREADS`, 0: cores / n). Their output is this process's. Returns when all
 /// have exited; the first that fails (or that the coordinator declares failed) stops
 /// the others and is named in the error.
 pub fn run_command(
     n: usize,
+    shards: Option<usize>,
     command: &[String],
     transport: crate::dist::DataPlane,
     threads: usize,
@@ -320,6 +323,9 @@ pub fn run_command(
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string())
             .stdin(Stdio::null());
+        if let Some(m) = shards {
+            cmd.env(crate::group::ENV_SHARDS, m.to_string());
+        }
         match cmd.spawn() {
             Ok(child) => procs.push(Proc {
                 name: format!("rank {i}"),

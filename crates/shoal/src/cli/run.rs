@@ -11,6 +11,10 @@ pub(crate) struct RunArgs {
     /// How many processes.
     #[arg(short = 'n', long = "np", default_value_t = 1)]
     pub(crate) np: usize,
+    /// How many of them host parameter-server shards for the script's sparse
+    /// embeddings (`shoal.torch.SparseEmbedding`): the first M (default: all).
+    #[arg(long)]
+    pub(crate) ps: Option<usize>,
     /// The data plane between them: shared-memory rings or TCP.
     #[arg(long, value_enum, default_value_t = DataPlane::Shm)]
     pub(crate) transport: DataPlane,
@@ -32,8 +36,18 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     if !(a.heartbeat_timeout_s.is_finite() && (0.1..=86_400.0).contains(&a.heartbeat_timeout_s)) {
         bail!("--heartbeat-timeout-s must be 0.1 to 86400 seconds");
     }
+    if let Some(m) = a.ps {
+        if m == 0 || m > a.np {
+            bail!(
+                "--ps {m}: 1 to {} of the {} processes can host shards",
+                a.np,
+                a.np
+            );
+        }
+    }
     shoal_runtime::launch::run_command(
         a.np,
+        a.ps,
         &a.command,
         a.transport,
         a.threads_per_process,
