@@ -14,8 +14,9 @@ Model (as bench/ctr_train.py): logit = bias + sum w + FM(v) + MLP(concat v), MLP
 128-64-1 with ReLU; rows [w, v_1..v_dim] Adagrad (lr 0.02, eps 1e-8, init +-0.01); bias
 and MLP Adam (lr 1e-3).
 
-Usage: shoal run -n 2 [--ps 2] -- python deepfm.py --train FILE --test FILE
+Usage: shoal run -n 2 [--ps 2] -- python deepfm.py (--data FILE | --train FILE --test FILE)
        [--embedding shoal|torch] [--epochs E] [--batch B (global)] [--dim D]
+(--data: its last 20% of rows held out.)
 """
 
 import argparse
@@ -123,8 +124,9 @@ class Offsets(nn.Module):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
+    p.add_argument("--data", help="one click log: the last 20%% of its rows are held out")
+    p.add_argument("--train")
+    p.add_argument("--test")
     p.add_argument("--embedding", choices=["shoal", "torch"], default="shoal")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=256, help="global batch (split over the processes)")
@@ -132,8 +134,15 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(1)
-    y, vals = read(a.train)
-    ty, tvals = read(a.test)
+    if a.data:
+        y, vals = read(a.data)
+        cut = len(y) * 8 // 10
+        y, ty, vals, tvals = y[:cut], y[cut:], vals[:cut], vals[cut:]
+    elif a.train and a.test:
+        y, vals = read(a.train)
+        ty, tvals = read(a.test)
+    else:
+        p.error("give --data FILE, or --train FILE and --test FILE")
     fields = len(vals[0])
     if a.embedding == "shoal":
         import shoal.torch as sh

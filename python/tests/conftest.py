@@ -22,7 +22,7 @@ class Job:
         path.write_text(textwrap.dedent(body))
         return path
 
-    def run(self, n, body, *args, launcher_args=(), timeout=120, env=None):
+    def run(self, n, body, *args, launcher_args=(), timeout=600, env=None):
         """Runs `body` as `shoal run -n N -- python SCRIPT ARGS`; returns the completed
         process (stdout and stderr as text)."""
         path = self.script(body)

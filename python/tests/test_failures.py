@@ -10,7 +10,7 @@ def run_alone(code):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") and k not in ("RANK", "WORLD_SIZE")}
     # Run from elsewhere: python/ itself holds the package's sources without its native part.
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=os.path.dirname(sys.executable)
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(sys.executable)
     )
 
 
@@ -114,7 +114,6 @@ def test_a_killed_process_stops_the_job_and_is_named(job):
         for _ in range(1_000_000):
             sh.allreduce_(t)
         """,
-        timeout=60,
     )
     assert r.returncode != 0
     assert "rank 1 (pid" in r.stderr and "killed by signal 9" in r.stderr, r.stderr
@@ -146,7 +145,7 @@ os.write(1, f"torchrun {sh.rank()} {sh.size()} {sh.local_rank()} {t.tolist()}\\n
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(port), str(script)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
     assert "torchrun 0 2 0 [3.0, 3.0, 3.0, 3.0, 3.0]" in r.stdout, r.stdout

@@ -1,8 +1,9 @@
 //! The Kubernetes objects of a job, as JSON values (printed as YAML, or submitted):
 //! the token Secret and configuration ConfigMap, then per scheduler the pods' owners.
 //! Every pod runs the same `shoal` binary: `shoal coordinator` in one, `shoal role` in
-//! the workers' and servers', which find the coordinator by its DNS name and take their
-//! index from what the scheduler sets.
+//! the workers' and servers' (a `python` job's workers run its command instead), which
+//! find the coordinator by its DNS name and take their index from what the scheduler
+//! sets.
 
 use crate::spec::{quantity, JobSpec, Resources, Scheduler};
 use serde_json::{json, Value};
@@ -79,6 +80,26 @@ fn resources(r: &Resources, gpus: i64) -> Value {
 fn pod(p: &Plan, role: &str, container: &str) -> Value {
     let s = p.spec;
     let (command, res, gpus) = match role {
+        // A python job's coordinator knows no workload: the number of workers is all.
+        "coordinator" if s.kind == "python" => (
+            json!([
+                "shoal",
+                "coordinator",
+                "--kind",
+                "python",
+                "--workers",
+                s.workers.to_string(),
+                "--listen",
+                format!("0.0.0.0:{}", s.port),
+                "--rendezvous-timeout-s",
+                s.rendezvous_timeout_s.to_string(),
+            ]),
+            &s.resources.coordinator,
+            0,
+        ),
+        "worker" if s.kind == "python" => {
+            (json!(s.command), &s.resources.worker, s.gpus_per_worker)
+        }
         "coordinator" => (
             json!([
                 "shoal",
@@ -112,12 +133,13 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
         json!({"name": "SHOAL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
         json!({"name": "SHOAL_CONNECT_TIMEOUT_S", "value": s.rendezvous_timeout_s.to_string()}),
     ];
-    // The engine uses as many threads as the pod has whole CPUs.
+    // The engine (and a python job's PyTorch) uses as many threads as the pod has
+    // whole CPUs.
     if let Some(cpus) = res.cpu.as_deref().and_then(|c| quantity(c).ok()) {
         if cpus >= 1.0 {
-            env.push(
-                json!({"name": "RAYON_NUM_THREADS", "value": (cpus.floor() as u64).to_string()}),
-            );
+            let n = (cpus.floor() as u64).to_string();
+            env.push(json!({"name": "RAYON_NUM_THREADS", "value": n}));
+            env.push(json!({"name": "OMP_NUM_THREADS", "value": n}));
         }
     }
     for (k, v) in &s.env {

@@ -83,11 +83,18 @@ pub struct JobSpec {
     pub image: String,
     #[serde(default)]
     pub image_pull_policy: Option<String>,
-    /// What it trains: `nmt` or `ctr`.
+    /// What it trains: `nmt` or `ctr`, or `python`: a script using the `shoal` Python
+    /// package, run by `command` in every worker pod.
     pub kind: String,
-    /// The training configuration (relative to the job file): `train nmt`'s TOML, or
-    /// a CTR configuration; its `[dist]` section is set from this spec.
-    pub config: PathBuf,
+    /// The training configuration (relative to the job file; `nmt` and `ctr` only):
+    /// `train nmt`'s TOML, or a CTR configuration; its `[dist]` section is set from this
+    /// spec.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// What each worker pod runs (`python` only), e.g. `["python", "/data/train.py"]`:
+    /// `shoal.torch.init()` in it finds the job through the `SHOAL_*` variables.
+    #[serde(default)]
+    pub command: Vec<String>,
     #[serde(default = "one")]
     pub workers: i64,
     /// Parameter-server shards (0: allreduce).
@@ -153,9 +160,9 @@ impl JobSpec {
         })?;
         let mut spec: JobSpec =
             toml::from_str(&text).map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
-        if spec.config.is_relative() {
+        if let Some(c) = spec.config.as_mut().filter(|c| c.is_relative()) {
             if let Some(dir) = path.parent() {
-                spec.config = dir.join(&spec.config);
+                *c = dir.join(&*c);
             }
         }
         spec.apply(ov);
@@ -222,8 +229,41 @@ impl JobSpec {
                 self.rendezvous_timeout_s
             ));
         }
-        if !matches!(self.kind.as_str(), "nmt" | "ctr") {
-            return Err(format!("kind = '{}': expected nmt or ctr", self.kind));
+        match (self.kind.as_str(), &self.config, self.command.is_empty()) {
+            ("nmt" | "ctr", Some(_), true) => {}
+            ("nmt" | "ctr", None, _) => {
+                return Err(format!(
+                    "kind = '{}' needs config = \"its training configuration\"",
+                    self.kind
+                ))
+            }
+            ("nmt" | "ctr", _, false) => {
+                return Err(format!(
+                    "command is for kind = 'python'; a '{}' job runs shoal's own trainer",
+                    self.kind
+                ))
+            }
+            ("python", _, true) => {
+                return Err(
+                    "kind = 'python' needs command = [\"python\", \"/data/train.py\", ...]".into(),
+                )
+            }
+            ("python", Some(_), false) => {
+                return Err("config is for nmt and ctr jobs; a python job has command".into())
+            }
+            ("python", None, false) if self.ps > 0 => return Err(format!(
+                "ps = {}: a python job's sparse tables live in its worker processes (set ps = 0)",
+                self.ps
+            )),
+            ("python", None, false) => {}
+            (k, _, _) => return Err(format!("kind = '{k}': expected nmt, ctr or python")),
+        }
+        if self
+            .command
+            .iter()
+            .any(|a| a.is_empty() || a.contains('\0'))
+        {
+            return Err("command: every argument must be non-empty text".into());
         }
         if self.image.trim().is_empty() || self.image.contains(char::is_whitespace) {
             return Err(format!("image = '{}': not an image reference", self.image));

@@ -556,7 +556,12 @@ fn bad_specs_are_refused_before_anything_is_generated() {
             "at most 47",
         ),
         ("name", "\"-x\"", "not a DNS label"),
-        ("kind", "\"gan\"", "expected nmt or ctr"),
+        ("kind", "\"gan\"", "expected nmt, ctr or python"),
+        (
+            "command",
+            "[\"python\", \"train.py\"]",
+            "command is for kind = 'python'",
+        ),
         ("port", "70000", "not a TCP port"),
         (
             "resources.worker",
@@ -591,4 +596,78 @@ fn bad_specs_are_refused_before_anything_is_generated() {
         .unwrap_err()
         .to_string()
         .contains("yarn"));
+}
+
+#[test]
+fn a_python_job_runs_its_command_in_the_workers_beside_a_coordinator_without_a_workload() {
+    let text = r#"
+name = "torch-demo"
+image = "registry.example/shoal:0.1.0"
+kind = "python"
+command = ["python", "/data/train.py", "--epochs", "2"]
+workers = 4
+[data]
+claim = "shoal-data"
+"#;
+    let s: JobSpec = toml::from_str(text).unwrap();
+    s.validate().unwrap();
+    let objs = objects(&Plan {
+        spec: &s,
+        config_toml: "",
+        ps_pods: 0,
+        token: "0123abcd",
+    });
+    let jobs: Vec<Job> = objs
+        .iter()
+        .filter(|o| o["kind"] == "Job")
+        .map(typed)
+        .collect();
+    assert_eq!(jobs.len(), 2, "a coordinator and the workers, no shards");
+    let command = |j: &Job| {
+        let p = j.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        p.containers[0].command.clone().unwrap()
+    };
+    assert_eq!(
+        command(&jobs[0]),
+        [
+            "shoal",
+            "coordinator",
+            "--kind",
+            "python",
+            "--workers",
+            "4",
+            "--listen",
+            "0.0.0.0:7070",
+            "--rendezvous-timeout-s",
+            "900"
+        ]
+    );
+    assert_eq!(
+        command(&jobs[1]),
+        ["python", "/data/train.py", "--epochs", "2"]
+    );
+    let js = jobs[1].spec.as_ref().unwrap();
+    assert_eq!((js.completions, js.parallelism), (Some(4), Some(4)));
+    let c = &js.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        env_of(c, "SHOAL_COORDINATOR").as_deref(),
+        Some("http://torch-demo-coordinator-0.torch-demo:7070")
+    );
+    assert_eq!(env_of(c, "SHOAL_ROLE").as_deref(), Some("worker"));
+    // What a python job may not have.
+    for (extra, why) in [
+        ("ps = 1", "sparse tables live in its worker processes"),
+        ("config = \"c.toml\"", "config is for nmt and ctr jobs"),
+    ] {
+        let bad: JobSpec =
+            toml::from_str(&text.replace("workers = 4", &format!("workers = 4\n{extra}"))).unwrap();
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains(why), "{extra}: {e}");
+    }
+    let no_command: JobSpec = toml::from_str(&text.replace(
+        "command = [\"python\", \"/data/train.py\", \"--epochs\", \"2\"]",
+        "",
+    ))
+    .unwrap();
+    assert!(no_command.validate().unwrap_err().contains("needs command"));
 }

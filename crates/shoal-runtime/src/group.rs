@@ -3,7 +3,7 @@
 //! one that torchrun-style variables describe, forms the workers' allreduce group over
 //! shared memory or TCP, and stops the process when another member fails.
 
-use crate::launch::{ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_TOKEN};
+use crate::launch::{ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_TOKEN};
 use crate::{Error, Result};
 use shoal_comm::local::LocalTransport;
 use shoal_comm::shm::ShmTransport;
@@ -101,7 +101,10 @@ impl Group {
     /// Returns once every member has joined and the data plane is formed.
     pub fn join_from_env() -> Result<Group> {
         let world = int_var("WORLD_SIZE")?;
-        let rank_var = int_var(ENV_INDEX)?.or(int_var("RANK")?);
+        let rank_var = match crate::role::role_index()? {
+            Some(i) => Some(i as usize),
+            None => int_var("RANK")?,
+        };
         let Some(coordinator) = var(ENV_COORDINATOR) else {
             return match (world, rank_var) {
                 (None | Some(1), None | Some(0)) => Self::alone(),
@@ -332,6 +335,34 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// Serves as the coordinator of a job of `workers` processes that are no workload of
+/// shoal's (a python job on a cluster): serves on `listen` (its address said on stderr
+/// as `coordinator listening on ADDR`), returns when every process has left in order,
+/// or an error if one fails or the job has not assembled within `rendezvous`.
+pub fn serve_coordinator(
+    listen: SocketAddr,
+    token: &str,
+    workers: u32,
+    rendezvous: Duration,
+) -> Result<()> {
+    let coord = Coordinator::start(
+        listen,
+        CoordinatorConfig {
+            token: token.into(),
+            world: workers,
+            heartbeat_timeout: Duration::from_secs_f64(
+                crate::dist::DistSection::default().heartbeat_timeout_s,
+            ),
+            rendezvous_timeout: rendezvous,
+        },
+    )?;
+    eprintln!("coordinator listening on {}", coord.addr);
+    eprintln!("coordinator of a python job: expecting {workers} processes");
+    coord.wait_finished()?;
+    eprintln!("every process of the job has finished");
+    Ok(())
 }
 
 /// The allreduce plane of a job's workers (`workers` in rank order, `rank` this one's):

@@ -530,7 +530,7 @@ impl StepLog {
 }
 
 /// This process's index within its role, from [`ENV_INDEX`] or what a scheduler sets.
-fn role_index() -> Result<Option<u32>> {
+pub(crate) fn role_index() -> Result<Option<u32>> {
     for name in [ENV_INDEX, "JOB_COMPLETION_INDEX", "VC_TASK_INDEX"] {
         if let Ok(v) = std::env::var(name) {
             return v

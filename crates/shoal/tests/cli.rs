@@ -1964,3 +1964,29 @@ fn require(available: bool, what: &str) -> bool {
 fn shoal_data_dir() -> &'static str {
     "/usr/share/datasets/fashion-mnist"
 }
+
+#[test]
+fn generated_click_logs_go_into_a_folder_that_does_not_exist_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = shoal(
+        dir.path(),
+        &[
+            "data",
+            "gen-ctr",
+            "--rows",
+            "500",
+            "--fields",
+            "3",
+            "--ids-per-field",
+            "10",
+            "--out",
+            "runs/new/clicks.csv",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let csv = std::fs::read_to_string(dir.path().join("runs/new/clicks.csv")).unwrap();
+    let probs = std::fs::read_to_string(dir.path().join("runs/new/clicks.csv.p")).unwrap();
+    assert_eq!(csv.lines().next(), Some("label,C1,C2,C3"));
+    assert_eq!((csv.lines().count(), probs.lines().count()), (501, 500));
+}

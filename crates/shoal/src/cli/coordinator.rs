@@ -7,12 +7,16 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub(crate) struct CoordinatorArgs {
-    /// What the job trains.
-    #[arg(long, value_parser = ["nmt", "ctr"])]
+    /// What the job trains (`python`: processes of a script using the `shoal` Python
+    /// package, with no configuration to prepare).
+    #[arg(long, value_parser = ["nmt", "ctr", "python"])]
     pub(crate) kind: String,
-    /// Its training configuration (TOML; for ctr the fields of `train ctr`).
+    /// Its training configuration (TOML; for ctr the fields of `train ctr`; nmt and ctr).
     #[arg(long)]
-    pub(crate) config: PathBuf,
+    pub(crate) config: Option<PathBuf>,
+    /// How many processes join (python jobs; the others take it from the configuration).
+    #[arg(long)]
+    pub(crate) workers: Option<u32>,
     /// Address to serve the control plane on (port 0: a free port, picked by the
     /// system). Once bound, stderr says `coordinator listening on ADDR`.
     #[arg(long, default_value = "0.0.0.0:7070")]
@@ -29,6 +33,32 @@ pub(crate) fn run(a: CoordinatorArgs) -> Result<()> {
     use shoal_runtime::launch::{ENV_RUN, ENV_TOKEN};
     let token =
         std::env::var(ENV_TOKEN).with_context(|| format!("the job token: set {ENV_TOKEN}"))?;
+    if !(a.rendezvous_timeout_s.is_finite() && a.rendezvous_timeout_s > 0.0) {
+        bail!("--rendezvous-timeout-s must be a positive number of seconds");
+    }
+    let rendezvous = std::time::Duration::from_secs_f64(a.rendezvous_timeout_s);
+    if a.kind == "python" {
+        let workers = match (a.workers, &a.config) {
+            (_, Some(_)) => bail!("--config is for nmt and ctr jobs; a python job has none"),
+            (Some(w), None) if (1..=100_000).contains(&w) => w,
+            (Some(w), None) => bail!("--workers {w}: expected 1 to 100000"),
+            (None, None) => bail!("a python job's coordinator needs --workers N"),
+        };
+        shoal_runtime::group::serve_coordinator(a.listen, &token, workers, rendezvous)?;
+        return Ok(());
+    }
+    if a.workers.is_some() {
+        bail!(
+            "--workers is for python jobs; an {} job takes it from --config",
+            a.kind
+        );
+    }
+    let Some(config) = a.config else {
+        bail!(
+            "an {} job's coordinator needs --config (its training configuration)",
+            a.kind
+        );
+    };
     let run_dir = match a.run_dir {
         Some(d) => d,
         None => PathBuf::from(
@@ -36,17 +66,13 @@ pub(crate) fn run(a: CoordinatorArgs) -> Result<()> {
                 .with_context(|| format!("the run directory: pass --run-dir or set {ENV_RUN}"))?,
         ),
     };
-    if !(a.rendezvous_timeout_s.is_finite() && a.rendezvous_timeout_s > 0.0) {
-        bail!("--rendezvous-timeout-s must be a positive number of seconds");
-    }
-    let rendezvous = std::time::Duration::from_secs_f64(a.rendezvous_timeout_s);
     use shoal_runtime::role::run_coordinator;
     match a.kind.as_str() {
         "nmt" => run_coordinator::<shoal_nmt::job::NmtJob>(
-            &a.config, &run_dir, a.listen, &token, rendezvous,
+            &config, &run_dir, a.listen, &token, rendezvous,
         )?,
         "ctr" => {
-            run_coordinator::<shoal_ctr::CtrJob>(&a.config, &run_dir, a.listen, &token, rendezvous)?
+            run_coordinator::<shoal_ctr::CtrJob>(&config, &run_dir, a.listen, &token, rendezvous)?
         }
         other => bail!("config: unknown job kind '{other}'; expected nmt or ctr"),
     }

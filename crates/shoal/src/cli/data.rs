@@ -1,6 +1,6 @@
 //! `shoal data`: data tools (synthetic click logs).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
 
@@ -48,6 +48,10 @@ pub(crate) fn run(
         seed,
         ..Default::default()
     };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for --out", dir.display()))?;
+    }
     let probs = PathBuf::from(format!("{}.p", out.display()));
     let (n, auc) = shoal_data::ctr::write_synth(&cfg, &out, &probs)?;
     println!(

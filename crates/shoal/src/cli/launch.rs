@@ -95,19 +95,26 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     };
     let spec = JobSpec::load(&path, &ov)?;
     // The training configuration the pods get: its [dist] section from the spec, the
-    // data plane over TCP (pods share no memory).
-    let (config, dist) = super::job_config(&spec.kind, &spec.config, |d| {
-        d.workers = spec.workers as usize;
-        d.ps = spec.ps as usize;
-        if d.ps > 0 && d.mode == DistMode::Allreduce {
-            d.mode = DistMode::PsSync;
+    // data plane over TCP (pods share no memory). A python job has none: its command
+    // is the whole of what the workers run.
+    let (config, ps_pods) = match &spec.config {
+        None => (String::new(), 0),
+        Some(path) => {
+            let (config, dist) = super::job_config(&spec.kind, path, |d| {
+                d.workers = spec.workers as usize;
+                d.ps = spec.ps as usize;
+                if d.ps > 0 && d.mode == DistMode::Allreduce {
+                    d.mode = DistMode::PsSync;
+                }
+                if d.ps == 0 {
+                    d.mode = DistMode::Allreduce;
+                }
+                d.transport = shoal_nmt::config::DataPlane::Tcp;
+            })
+            .with_context(|| format!("the training configuration {}", path.display()))?;
+            (config, dist.separate_servers())
         }
-        if d.ps == 0 {
-            d.mode = DistMode::Allreduce;
-        }
-        d.transport = shoal_nmt::config::DataPlane::Tcp;
-    })
-    .with_context(|| format!("the training configuration {}", spec.config.display()))?;
+    };
     let token = match shoal_launch::manifest::token_dir() {
         Ok(dir) => {
             let t =
@@ -125,7 +132,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     let objects = shoal_launch::objects(&shoal_launch::Plan {
         spec: &spec,
         config_toml: &config,
-        ps_pods: dist.separate_servers(),
+        ps_pods,
         token: &token,
     });
     if !a.apply {
