@@ -251,10 +251,12 @@ impl JobSpec {
             ("python", Some(_), false) => {
                 return Err("config is for nmt and ctr jobs; a python job has command".into())
             }
-            ("python", None, false) if self.ps > 0 => return Err(format!(
+            ("python", None, false) if self.ps > 0 => {
+                return Err(format!(
                 "ps = {}: a python job's sparse tables live in its worker processes (set ps = 0)",
                 self.ps
-            )),
+            ))
+            }
             ("python", None, false) => {}
             (k, _, _) => return Err(format!("kind = '{k}': expected nmt, ctr or python")),
         }
