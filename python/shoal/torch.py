@@ -218,30 +218,46 @@ def broadcast_(tensor, root_rank=0, name=None):
 
 
 def allgather(tensor, name=None):
-    """Every process's `tensor` (all of the same shape) concatenated along the first
-    dimension, in rank order (a scalar: one value per process)."""
+    """Every process's `tensor` concatenated along the first dimension, in rank order (as
+    Horovod's: the first dimension may differ between processes, the others must not; a
+    scalar gives one value per process)."""
     name = _name(name, "allgather", tensor)
     buf, _ = _float_buffer(tensor, name)
     n = size()
-    # The shapes first: the same number of values in another shape is a mistake too.
-    dims = list(buf.shape)[:8]
     if buf.dim() > 8:
         raise ValueError(f"shoal: {name}: at most 8 dimensions")
+    # The shapes first: the rows each process has, and that the rest agrees.
+    dims = list(buf.shape)
     mine = torch.tensor([buf.dim()] + dims + [0] * (8 - len(dims)), dtype=torch.int32).view(torch.float32)
     shapes = torch.empty(n * 9, dtype=torch.float32)
     _native.submit("allgather", mine.data_ptr(), 9, [mine, shapes], f"{name} (shapes)", out=shapes.data_ptr()).wait()
     rows = shapes.view(torch.int32).view(n, 9).tolist()
-    for r, row in enumerate(rows):
-        if row != rows[0]:
+    shape_of = [tuple(row[1:1 + row[0]]) for row in rows]
+    for r, sh in enumerate(shape_of):
+        if len(sh) != len(shape_of[0]) or sh[1:] != shape_of[0][1:]:
             raise ShoalError(
-                f"shoal: {name}: every process must gather the same shape; rank 0 has "
-                f"{tuple(rows[0][1:1 + rows[0][0]])}, rank {r} {tuple(row[1:1 + row[0]])}"
+                f"shoal: {name}: every process must gather the same shape but for the first "
+                f"dimension; rank 0 has {shape_of[0]}, rank {r} {sh}"
             )
-    out = torch.empty((n * buf.numel(),), dtype=torch.float32)
-    _native.submit("allgather", buf.data_ptr(), buf.numel(), [buf, out], name, out=out.data_ptr()).wait()
-    shape = (n,) if buf.dim() == 0 else (n * buf.shape[0],) + tuple(buf.shape[1:])
-    out = out.view(shape)
-    return out if tensor.device.type == "cpu" else out.to(tensor.device)
+    if buf.dim() == 0:
+        counts = [1] * n
+    else:
+        counts = [sh[0] for sh in shape_of]
+    row = 1  # values per row
+    for d in buf.shape[1:]:
+        row *= d
+    most = max(counts)
+    # Every process sends `most` rows (its own, then padding): one allgather.
+    padded = buf.reshape(-1) if counts[rank()] == most else torch.cat(
+        [buf.reshape(-1), torch.zeros((most - counts[rank()]) * row)])
+    out = torch.empty((n * most * row,), dtype=torch.float32)
+    _native.submit("allgather", padded.data_ptr(), padded.numel(), [padded, out], name, out=out.data_ptr()).wait()
+    if buf.dim() == 0:
+        result = out
+    else:
+        parts = [out[r * most * row:(r * most + counts[r]) * row] for r in range(n)]
+        result = (parts[0] if n == 1 else torch.cat(parts)).view((sum(counts),) + tuple(buf.shape[1:]))
+    return result if tensor.device.type == "cpu" else result.to(tensor.device)
 
 
 def barrier():
@@ -423,7 +439,7 @@ class DistributedOptimizer:
                 for p, off in zip(b.params, b.offsets):
                     src = b.flat[off:off + p.numel()].view_as(p)
                     if p.grad is None:
-                        p.grad = src.clone()
+                        p.grad = src.to(p.device, copy=True)
                     else:
                         p.grad.copy_(src)
                 b.pending = len(b.params)

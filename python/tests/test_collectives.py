@@ -22,6 +22,8 @@ def test_sum_average_broadcast_allgather_and_barrier_across_three_processes(job)
         g = sh.allgather(torch.tensor([[r, r + 0.5]]))
         out["gather"] = g.tolist()
         out["gather_scalar"] = sh.allgather(torch.tensor(float(r))).tolist()
+        # Horovod's rule: the first dimension may differ (rank r has r rows).
+        out["gather_ragged"] = sh.allgather(torch.full((r, 2), float(r))).tolist()
         sh.barrier()
         with open(f"out{r}.json", "w") as f:
             json.dump(out, f)
@@ -36,6 +38,7 @@ def test_sum_average_broadcast_allgather_and_barrier_across_three_processes(job)
         assert out["bcast"] == [0, 3, 6, 9, 12, 15, 18]
         assert out["gather"] == [[0, 0.5], [1, 1.5], [2, 2.5]]
         assert out["gather_scalar"] == [0.0, 1.0, 2.0]
+        assert out["gather_ragged"] == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
 
 
 def test_async_handles_complete_in_any_wait_order(job):
