@@ -143,11 +143,13 @@ fn not_initialized() -> PyErr {
 fn serve(mut group: Group, rx: mpsc::Receiver<Op>) -> Group {
     // After a failure of the data plane nothing more can cross it.
     let mut broken: Option<String> = None;
+    // Every rank's description of the current operation (reused).
+    let mut descriptions = vec![0f32; 4 * group.size()];
     for op in rx {
         let r = match &broken {
             Some(b) => Err(format!("the data plane failed earlier: {b}")),
             // Mismatched calls fail on every rank alike: the next ones can still run.
-            None => match run_op(&mut group, &op) {
+            None => match run_op(&mut group, &op, &mut descriptions) {
                 Ok(()) => Ok(()),
                 Err(Failure::Mismatch(m)) => Err(m),
                 Err(Failure::Plane(m)) => {
@@ -169,9 +171,10 @@ enum Failure {
     Plane(String),
 }
 
-fn run_op(group: &mut Group, op: &Op) -> Result<(), Failure> {
+fn run_op(group: &mut Group, op: &Op, all: &mut [f32]) -> Result<(), Failure> {
     let n = group.size();
-    let what = format!("operation {} ('{}')", op.seq, op.name);
+    // Named only when something fails (no text built per operation).
+    let what = || format!("operation {} ('{}')", op.seq, op.name);
     // Every rank's (kind, length, root), gathered; float32 words carry the bits (the
     // allgather only copies them).
     let len = op.len as u64;
@@ -182,21 +185,21 @@ fn run_op(group: &mut Group, op: &Op) -> Result<(), Failure> {
         op.kind.root(),
     ]
     .map(f32::from_bits);
-    let mut all = vec![0f32; 4 * n];
     let comm = group.comm();
-    comm.allgather(&mine, &mut all)
-        .map_err(|e| Failure::Plane(format!("{what}: {e}")))?;
+    comm.allgather(&mine, all)
+        .map_err(|e| Failure::Plane(format!("{}: {e}", what())))?;
     let desc = |r: usize| {
-        let w: Vec<u32> = all[4 * r..4 * r + 4].iter().map(|f| f.to_bits()).collect();
-        (w[0], u64::from(w[1]) | (u64::from(w[2]) << 32), w[3])
+        let w = |i: usize| all[4 * r + i].to_bits();
+        (w(0), u64::from(w(1)) | (u64::from(w(2)) << 32), w(3))
     };
     // Each rank against rank 0's: every rank finds the same difference.
     if let Some(r) = (1..n).find(|&r| desc(r) != desc(0)) {
         let (c0, l0, r0) = desc(0);
         let (c1, l1, r1) = desc(r);
         return Err(Failure::Mismatch(format!(
-            "{what}: every rank must submit the same collectives in the same order; rank 0 \
+            "{}: every rank must submit the same collectives in the same order; rank 0 \
              submitted a {}, rank {r} a {}",
+            what(),
             describe(c0, l0, r0),
             describe(c1, l1, r1)
         )));
@@ -229,7 +232,7 @@ fn run_op(group: &mut Group, op: &Op) -> Result<(), Failure> {
         }
         Kind::Barrier => comm.barrier(),
     };
-    r.map_err(|e| Failure::Plane(format!("{what}: {e}")))
+    r.map_err(|e| Failure::Plane(format!("{}: {e}", what())))
 }
 
 /// Joins the process group the environment describes; a second call does nothing.
