@@ -504,7 +504,8 @@ class SparseEmbedding(torch.nn.Module):
 
     Every process makes its SparseEmbeddings in the same order; the first
     `SHOAL_PS_SHARDS` processes (`shoal run --ps M`; default all) host the shards, the
-    rows spread over them by a hash of the key."""
+    rows spread over them by a hash of the key; the shards meet the processes over
+    shared memory on one host, over TCP across hosts."""
 
     def __init__(self, num_fields, dim, optimizer="adagrad", lr=0.01, init_scale=0.01, seed=0, eps=1e-10,
                  betas=(0.9, 0.999)):

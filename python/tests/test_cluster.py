@@ -19,8 +19,11 @@ os.write(1, f"rank {sh.rank()} of {sh.size()}, local {sh.local_rank()} of {sh.lo
 """
 
 
-def test_pods_with_a_python_coordinator_meet_over_tcp(tmp_path):
-    (tmp_path / "train.py").write_text(SCRIPT)
+def run_pods(tmp_path, script, extra_env=None):
+    """`script` as two pods of a python job: a `shoal coordinator --kind python`, and two
+    processes on 127.0.0.1 and 127.0.0.2 whose scheduler indexes are 1 and 0; returns
+    their (stdout, stderr)."""
+    (tmp_path / "train.py").write_text(script)
     token = "cluster-test-token-0123456789"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") and k not in ("RANK", "WORLD_SIZE")}
     env["SHOAL_JOB_TOKEN"] = token
@@ -40,7 +43,7 @@ def test_pods_with_a_python_coordinator_meet_over_tcp(tmp_path):
         pods = []
         for i, host in enumerate(["127.0.0.1", "127.0.0.2"]):
             e = dict(env, SHOAL_ROLE="worker", SHOAL_COORDINATOR=f"http://{addr}", SHOAL_HOST=host,
-                     JOB_COMPLETION_INDEX=str(1 - i))
+                     JOB_COMPLETION_INDEX=str(1 - i), **(extra_env or {}))
             pods.append(subprocess.Popen([sys.executable, str(tmp_path / "train.py")], stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True, env=e, cwd=tmp_path))
         outs = []
@@ -53,9 +56,21 @@ def test_pods_with_a_python_coordinator_meet_over_tcp(tmp_path):
                 raise AssertionError(f"a pod hung: {p.communicate()}")
         for p, (out, err) in zip(pods, outs):
             assert p.returncode == 0, err
-        # The scheduler's index is the rank; each pod is alone on its host.
-        assert outs[0][0].strip() == "rank 1 of 2, local 0 of 1", outs[0]
-        assert outs[1][0].strip() == "rank 0 of 2, local 0 of 1", outs[1]
         assert coord.wait(timeout=120) == 0
+        return outs
     finally:
         coord.kill()
+
+
+def test_pods_with_a_python_coordinator_meet_over_tcp(tmp_path):
+    outs = run_pods(tmp_path, SCRIPT)
+    # The scheduler's index is the rank; each pod is alone on its host.
+    assert outs[0][0].strip() == "rank 1 of 2, local 0 of 1", outs[0]
+    assert outs[1][0].strip() == "rank 0 of 2, local 0 of 1", outs[1]
+
+
+def test_sparse_embedding_shards_on_two_hosts_meet_their_workers_over_tcp(tmp_path):
+    import test_sparse
+
+    run_pods(tmp_path, test_sparse.script("adagrad"), {"SHOAL_PS_SHARDS": "2"})
+    test_sparse.verify(tmp_path, "adagrad")

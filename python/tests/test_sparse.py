@@ -68,12 +68,21 @@ def reference(init, rule):
     return emb.weight.detach(), w.detach()
 
 
+def script(rule):
+    """The training script of two processes, for `rule`."""
+    return TRAIN.format(here=os.path.dirname(os.path.abspath(__file__)), rule=rule)
+
+
 def check(job, rule):
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = job.run(2, TRAIN.format(here=here, rule=rule), launcher_args=("--ps", "2"))
+    r = job.run(2, script(rule), launcher_args=("--ps", "2"))
     assert r.returncode == 0, r.stderr
-    a = torch.load(job.tmp / "sparse0.pt")
-    b = torch.load(job.tmp / "sparse1.pt")
+    verify(job.tmp, rule)
+
+
+def verify(tmp, rule):
+    """What the two processes wrote in `tmp` against torch on the global batch."""
+    a = torch.load(tmp / "sparse0.pt")
+    b = torch.load(tmp / "sparse1.pt")
     assert a["shards"] == b["shards"] == 2
     # The rows are spread over both shards; together they hold every key touched.
     touched = data()[0].unique().numel()

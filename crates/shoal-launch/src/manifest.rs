@@ -142,6 +142,10 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
             env.push(json!({"name": "OMP_NUM_THREADS", "value": n}));
         }
     }
+    // A python job's sparse embeddings: the first `ps` workers host their shards.
+    if s.kind == "python" && role == "worker" && s.ps > 0 {
+        env.push(json!({"name": "SHOAL_PS_SHARDS", "value": s.ps.to_string()}));
+    }
     for (k, v) in &s.env {
         env.push(json!({"name": k, "value": v}));
     }

@@ -97,7 +97,8 @@ pub struct JobSpec {
     pub command: Vec<String>,
     #[serde(default = "one")]
     pub workers: i64,
-    /// Parameter-server shards (0: allreduce).
+    /// Parameter-server shards (0: allreduce; a python job: how many of its first
+    /// worker pods host the shards of its sparse embeddings, 0 meaning all).
     #[serde(default)]
     pub ps: i64,
     #[serde(default)]
@@ -251,11 +252,11 @@ impl JobSpec {
             ("python", Some(_), false) => {
                 return Err("config is for nmt and ctr jobs; a python job has command".into())
             }
-            ("python", None, false) if self.ps > 0 => {
+            ("python", None, false) if self.ps > self.workers => {
                 return Err(format!(
-                "ps = {}: a python job's sparse tables live in its worker processes (set ps = 0)",
-                self.ps
-            ))
+                    "ps = {}: a python job's shards live in its first worker pods (at most the {} workers)",
+                    self.ps, self.workers
+                ))
             }
             ("python", None, false) => {}
             (k, _, _) => return Err(format!("kind = '{k}': expected nmt, ctr or python")),

@@ -654,9 +654,42 @@ claim = "shoal-data"
         Some("http://torch-demo-coordinator-0.torch-demo:7070")
     );
     assert_eq!(env_of(c, "SHOAL_ROLE").as_deref(), Some("worker"));
+    assert_eq!(
+        env_of(c, "SHOAL_PS_SHARDS"),
+        None,
+        "no ps: every worker hosts a shard"
+    );
+    // ps = 2: the first two worker pods host the sparse embeddings' shards.
+    let two: JobSpec = toml::from_str(&text.replace("workers = 4", "workers = 4\nps = 2")).unwrap();
+    two.validate().unwrap();
+    let objs = objects(&Plan {
+        spec: &two,
+        config_toml: "",
+        ps_pods: 0,
+        token: "0123abcd",
+    });
+    let jobs: Vec<Job> = objs
+        .iter()
+        .filter(|o| o["kind"] == "Job")
+        .map(typed)
+        .collect();
+    assert_eq!(jobs.len(), 2, "still no ps pods");
+    let c = &jobs[1]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(env_of(c, "SHOAL_PS_SHARDS").as_deref(), Some("2"));
     // What a python job may not have.
     for (extra, why) in [
-        ("ps = 1", "sparse tables live in its worker processes"),
+        (
+            "ps = 5",
+            "shards live in its first worker pods (at most the 4 workers)",
+        ),
         ("config = \"c.toml\"", "config is for nmt and ctr jobs"),
     ] {
         let bad: JobSpec =

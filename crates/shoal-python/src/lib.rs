@@ -403,11 +403,24 @@ fn submit(
         }
     };
     check_buffer(ptr, len, &name)?;
+    let done = enqueue(e, kind, ptr, len, name.clone())?;
+    Ok(Handle { done, name, keep })
+}
+
+/// Queues one operation on the collectives thread; the memory at `ptr` must stay
+/// alive until the returned outcome is finished.
+fn enqueue(
+    e: &mut Engine,
+    kind: Kind,
+    ptr: usize,
+    len: usize,
+    name: String,
+) -> PyResult<Arc<Done>> {
     e.seq += 1;
     let done = Arc::new(Done::default());
     let op = Op {
         seq: e.seq,
-        name: name.clone(),
+        name,
         kind,
         ptr,
         len,
@@ -418,8 +431,11 @@ fn submit(
             "shoal: the collectives thread has stopped",
         ));
     }
-    Ok(Handle { done, name, keep })
+    Ok(done)
 }
+
+/// Bytes of one process's address record when a table's shards meet over TCP.
+const ADDR_BYTES: usize = 64;
 
 /// How long a table's processes wait for each other's shared-memory links.
 const LINK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -494,27 +510,52 @@ fn sparse_table(
             )))
         }
     };
-    let (rank, size, shards, job) = {
+    let (rank, size, shards, job, one_host) = {
         let mut g = engine();
         let e = g.as_mut().ok_or_else(not_initialized)?;
-        if e.local_size != e.size {
-            return Err(ShoalError::new_err(
-                "shoal: sparse tables need every process on one host for now (their shards \
-                 meet the workers over shared memory)",
-            ));
-        }
         e.tables += 1;
         (
             e.rank,
             e.size,
             e.shards,
             format!("{}-t{}", e.name, e.tables),
+            e.local_size == e.size,
         )
+    };
+    // On one host the shards meet the processes over shared memory; across hosts each
+    // shard listens on TCP (on SHOAL_HOST) and every process learns the shards'
+    // addresses by an allgather on the group's plane.
+    let listener = match (one_host, rank < shards) {
+        (false, true) => {
+            let host = std::env::var("SHOAL_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+            let l = std::net::TcpListener::bind((host.as_str(), 0)).map_err(|e| {
+                ShoalError::new_err(format!("shoal: sparse table: listening on {host}: {e}"))
+            })?;
+            Some(l)
+        }
+        _ => None,
+    };
+    let addrs = match one_host {
+        true => None,
+        false => Some(shard_addresses(py, listener.as_ref(), size, shards)?),
+    };
+    let cfg = move |job: &str| ShardConfig {
+        workers: size,
+        mode: PsMode::Sync,
+        lr,
+        average: true,
+        sparse_dim: dim,
+        sparse_rule: Some(rule),
+        sparse_init: (init_scale, seed),
+        token: job.to_string(),
+        timeout: Duration::from_secs(600),
+        ..Default::default()
     };
     let state = py
         .detach(move || -> shoal_comm::Result<TableState> {
-            let server = match rank < shards {
-                true => {
+            let server = match (rank < shards, listener) {
+                (true, Some(l)) => Some(PsServer::start_on(ShardPlane::Tcp(l), 0, cfg(&job))?),
+                (true, None) => {
                     let openers = (0..size)
                         .map(|w| {
                             let job = job.clone();
@@ -522,26 +563,23 @@ fn sparse_table(
                                 as shoal_comm::ps::LinkOpener
                         })
                         .collect();
-                    let cfg = ShardConfig {
-                        workers: size,
-                        mode: PsMode::Sync,
-                        lr,
-                        average: true,
-                        sparse_dim: dim,
-                        sparse_rule: Some(rule),
-                        sparse_init: (init_scale, seed),
-                        token: job.clone(),
-                        timeout: Duration::from_secs(600),
-                        ..Default::default()
-                    };
-                    Some(PsServer::start_on(ShardPlane::Links(openers), 0, cfg)?)
+                    Some(PsServer::start_on(
+                        ShardPlane::Links(openers),
+                        0,
+                        cfg(&job),
+                    )?)
                 }
-                false => None,
+                (false, _) => None,
             };
-            let links = (0..shards)
-                .map(|i| shm_link(&job, i, rank, 1, LINK_TIMEOUT))
-                .collect::<shoal_comm::Result<Vec<_>>>()?;
-            let mut client = PsClient::over(links, rank, 0, dim, &job)?;
+            let mut client = match addrs {
+                Some(a) => PsClient::connect(&a, rank, 0, dim, &job)?,
+                None => {
+                    let links = (0..shards)
+                        .map(|i| shm_link(&job, i, rank, 1, LINK_TIMEOUT))
+                        .collect::<shoal_comm::Result<Vec<_>>>()?;
+                    PsClient::over(links, rank, 0, dim, &job)?
+                }
+            };
             client.init(&[])?;
             Ok(TableState {
                 client,
@@ -556,6 +594,67 @@ fn sparse_table(
         shards,
         lr,
     })
+}
+
+/// The TCP addresses of a new table's `shards` shards (the first processes'), from an
+/// allgather of every process's record (its listener's address, or nothing).
+fn shard_addresses(
+    py: Python<'_>,
+    listener: Option<&std::net::TcpListener>,
+    size: usize,
+    shards: usize,
+) -> PyResult<Vec<std::net::SocketAddr>> {
+    let mut mine = [0u8; ADDR_BYTES];
+    if let Some(l) = listener {
+        let a = l
+            .local_addr()
+            .map_err(|e| ShoalError::new_err(format!("shoal: sparse table: {e}")))?
+            .to_string();
+        if a.len() > ADDR_BYTES {
+            return Err(ShoalError::new_err(format!(
+                "shoal: sparse table: the address {a} is too long"
+            )));
+        }
+        mine[..a.len()].copy_from_slice(a.as_bytes());
+    }
+    // Words carry the bytes (the allgather only copies them).
+    let words: Vec<f32> = mine
+        .chunks_exact(4)
+        .map(|c| f32::from_bits(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    let mut all = vec![0f32; size * words.len()];
+    let done = {
+        let mut g = engine();
+        let e = g.as_mut().ok_or_else(not_initialized)?;
+        enqueue(
+            e,
+            Kind::Allgather {
+                out: all.as_mut_ptr() as usize,
+            },
+            words.as_ptr() as usize,
+            words.len(),
+            "sparse table shard addresses".into(),
+        )?
+    };
+    // `words` and `all` outlive the operation: it is waited for here.
+    py.detach(|| done.wait())
+        .map_err(|e| ShoalError::new_err(format!("shoal: sparse table: {e}")))?;
+    let per = words.len();
+    (0..shards)
+        .map(|r| {
+            let bytes: Vec<u8> = all[r * per..(r + 1) * per]
+                .iter()
+                .flat_map(|w| w.to_bits().to_le_bytes())
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let text = text.trim_end_matches('\0');
+            text.parse().map_err(|_| {
+                ShoalError::new_err(format!(
+                    "shoal: sparse table: shard {r} sent the address '{text}'"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The `n` keys at `keys` and the `n * dim` values at `rows`, as slices.
