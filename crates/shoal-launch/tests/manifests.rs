@@ -598,6 +598,20 @@ fn bad_specs_are_refused_before_anything_is_generated() {
         .contains("yarn"));
 }
 
+/// The Jobs of a python job's objects (it ships no configuration and has no shard pods).
+fn python_jobs(s: &JobSpec) -> Vec<Job> {
+    objects(&Plan {
+        spec: s,
+        config_toml: "",
+        ps_pods: 0,
+        token: "0123abcd",
+    })
+    .iter()
+    .filter(|o| o["kind"] == "Job")
+    .map(typed)
+    .collect()
+}
+
 #[test]
 fn a_python_job_runs_its_command_in_the_workers_beside_a_coordinator_without_a_workload() {
     let text = r#"
@@ -611,17 +625,7 @@ claim = "shoal-data"
 "#;
     let s: JobSpec = toml::from_str(text).unwrap();
     s.validate().unwrap();
-    let objs = objects(&Plan {
-        spec: &s,
-        config_toml: "",
-        ps_pods: 0,
-        token: "0123abcd",
-    });
-    let jobs: Vec<Job> = objs
-        .iter()
-        .filter(|o| o["kind"] == "Job")
-        .map(typed)
-        .collect();
+    let jobs = python_jobs(&s);
     assert_eq!(jobs.len(), 2, "a coordinator and the workers, no shards");
     let command = |j: &Job| {
         let p = j.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -662,17 +666,7 @@ claim = "shoal-data"
     // ps = 2: the first two worker pods host the sparse embeddings' shards.
     let two: JobSpec = toml::from_str(&text.replace("workers = 4", "workers = 4\nps = 2")).unwrap();
     two.validate().unwrap();
-    let objs = objects(&Plan {
-        spec: &two,
-        config_toml: "",
-        ps_pods: 0,
-        token: "0123abcd",
-    });
-    let jobs: Vec<Job> = objs
-        .iter()
-        .filter(|o| o["kind"] == "Job")
-        .map(typed)
-        .collect();
+    let jobs = python_jobs(&two);
     assert_eq!(jobs.len(), 2, "still no ps pods");
     let c = &jobs[1]
         .spec
