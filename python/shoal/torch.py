@@ -127,6 +127,14 @@ def _name(name, what, t):
     return name if name is not None else f"{what} of {tuple(t.shape)}"
 
 
+def _check_contiguous(t, what):
+    if not t.is_contiguous():
+        raise ValueError(
+            f"shoal: {what}: the tensor is not contiguous (strides {t.stride()} for shape "
+            f"{tuple(t.shape)}); pass t.contiguous() and use the result"
+        )
+
+
 def _float_buffer(t, what):
     """The contiguous float32 CPU tensor an in-place collective on `t` works on, and
     what to do once it is done (copy back, for a CUDA tensor)."""
@@ -136,11 +144,7 @@ def _float_buffer(t, what):
         raise TypeError(f"shoal: {what}: float32 tensors only, this one is {t.dtype}")
     if t.layout != torch.strided:
         raise TypeError(f"shoal: {what}: dense tensors only, this one is {t.layout}")
-    if not t.is_contiguous():
-        raise ValueError(
-            f"shoal: {what}: the tensor is not contiguous (strides {t.stride()} for shape "
-            f"{tuple(t.shape)}); pass t.contiguous() and use the result"
-        )
+    _check_contiguous(t, what)
     if t.device.type == "cpu":
         return t.detach(), None
     host = t.detach().to("cpu")
@@ -179,11 +183,7 @@ def _byte_words(t, what):
         raise TypeError(f"shoal: {what}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype == torch.float32:
         return _float_buffer(t, what)
-    if not t.is_contiguous():
-        raise ValueError(
-            f"shoal: {what}: the tensor is not contiguous (strides {t.stride()} for shape "
-            f"{tuple(t.shape)}); pass t.contiguous() and use the result"
-        )
+    _check_contiguous(t, what)
     src = t.detach()
     host = src if src.device.type == "cpu" else src.to("cpu")
     raw = host.reshape(-1).view(torch.uint8)

@@ -130,6 +130,18 @@ pub fn new_token() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// Compute threads for each of `n` processes: `threads`, or with 0 this machine's cores
+/// shared out (at least one each).
+fn threads_each(threads: usize, n: usize) -> usize {
+    match threads {
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            (cores / n.max(1)).max(1)
+        }
+        t => t,
+    }
+}
+
 struct Proc {
     name: String,
     child: Child,
@@ -185,13 +197,7 @@ pub fn launch_job(
             rendezvous_timeout: Duration::from_secs(180),
         },
     )?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let threads = match threads {
-        0 => (cores / d.workers).max(1),
-        t => t,
-    };
+    let threads = threads_each(threads, d.workers);
     let mut roles: Vec<(String, String, usize)> = Vec::new();
     for i in 0..d.workers {
         let hosts =
@@ -294,13 +300,7 @@ pub fn run_command(
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| Error::Cluster(format!("finding a free port for MASTER_PORT: {e}")))?;
-    let cores = std::thread::available_parallelism()
-        .map(|c| c.get())
-        .unwrap_or(1);
-    let threads = match threads {
-        0 => (cores / n).max(1),
-        t => t,
-    };
+    let threads = threads_each(threads, n);
     let plane = match transport {
         crate::dist::DataPlane::Shm => "shm",
         crate::dist::DataPlane::Tcp => "tcp",
