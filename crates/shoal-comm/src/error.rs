@@ -26,6 +26,9 @@ pub enum Error {
     /// Buffers whose sizes must agree do not, or a group-level condition failed.
     #[error("{0}")]
     Mismatch(String),
+    /// TLS could not be set up or a handshake failed; `what` says which.
+    #[error("{what}: {why}")]
+    Tls { what: String, why: String },
     /// The optimizer on a parameter-server shard refused an update.
     #[error(transparent)]
     Optim(#[from] shoal_optim::Error),

@@ -114,7 +114,10 @@ pub fn write_frame(
         let slices: [IoSlice; MAX_PARTS + 1] =
             std::array::from_fn(|i| IoSlice::new(if i >= first { bufs[i] } else { &[] }));
         let mut n = s.write_vectored(&slices).map_err(|source| Error::Io {
-            what: format!("sending to rank {peer}"),
+            what: match past_deadline(&source) {
+                true => format!("sending to rank {peer}: it took nothing within the deadline"),
+                false => format!("sending to rank {peer}"),
+            },
             source,
         })?;
         if n == 0 {
@@ -129,6 +132,15 @@ pub fn write_frame(
     Ok(())
 }
 
+/// Whether a socket error is its timeout running out (`SO_RCVTIMEO`/`SO_SNDTIMEO` say
+/// "would block").
+fn past_deadline(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Fills `buf` from the stream; end of stream is [`Error::Disconnected`].
 pub fn read_exact(s: &mut impl Read, buf: &mut [u8], peer: usize) -> Result<()> {
     s.read_exact(buf).map_err(|e| {
@@ -136,7 +148,10 @@ pub fn read_exact(s: &mut impl Read, buf: &mut [u8], peer: usize) -> Result<()> 
             Error::Disconnected { peer }
         } else {
             Error::Io {
-                what: format!("receiving from rank {peer}"),
+                what: match past_deadline(&e) {
+                    true => format!("receiving from rank {peer}: nothing came within the deadline"),
+                    false => format!("receiving from rank {peer}"),
+                },
                 source: e,
             }
         }

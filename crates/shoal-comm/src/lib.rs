@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`frame`] | the wire header: magic, version, kind, tag, bounded length |
 //! | [`transport`] | the [`Transport`] trait; [`local`] (threads, the reference), [`shm`] (processes on one host), [`tcp`], and `mpi` (feature `mpi`: ranks of an `mpirun` job, MPI's own allreduce) |
+//! | [`tls`] | TLS on the TCP plane and PS links (feature `tls`), per-job certificates |
 //! | [`ps`] | parameter-server shards and their client |
 //! | [`collective`] | allreduce (ring for large, recursive doubling for small messages), broadcast, allgather, barrier, the fusion buffer |
 
@@ -20,6 +21,7 @@ pub mod mpi;
 pub mod ps;
 pub mod shm;
 pub mod tcp;
+pub mod tls;
 pub mod transport;
 
 pub use collective::{Communicator, FusionBuffer};

@@ -14,6 +14,7 @@
 
 use crate::frame::{f32_bytes, u64_bytes, DEFAULT_MAX_PAYLOAD};
 use crate::tcp::TcpTransport;
+use crate::tls::{Socket, Tls};
 use crate::{Error, Result, Transport};
 use shoal_optim::{Optimizer, OptimizerConfig, SparseRule, SparseTable};
 use std::collections::HashMap;
@@ -69,6 +70,9 @@ pub struct ShardConfig {
     pub token: String,
     /// How long a pull waits for the other workers before failing.
     pub timeout: Duration,
+    /// TLS on the shard's TCP connections (None: plain TCP; shared-memory links have
+    /// none).
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Default for ShardConfig {
@@ -86,6 +90,7 @@ impl Default for ShardConfig {
             sparse_evict_idle: 0,
             token: String::new(),
             timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -596,7 +601,10 @@ const MAX_STRANGERS: usize = 256;
 /// MAX_STRANGERS` connections are open at once.
 fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)>) {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let workers = st.0.lock().unwrap_or_else(|p| p.into_inner()).cfg.workers;
+    let (workers, tls) = {
+        let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
+        (sh.cfg.workers, sh.cfg.tls.clone())
+    };
     let open = Arc::new(AtomicUsize::new(0));
     loop {
         {
@@ -614,7 +622,7 @@ fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)
         match listener.accept() {
             Ok((s, from)) => {
                 open.fetch_add(1, SeqCst);
-                let (st, open) = (st.clone(), open.clone());
+                let (st, open, tls) = (st.clone(), open.clone(), tls.clone());
                 std::thread::spawn(move || {
                     // Gives the connection's place back however the thread ends.
                     struct Place(Arc<AtomicUsize>);
@@ -635,6 +643,20 @@ fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)
                             eprintln!("parameter-server shard: {e}");
                             return;
                         }
+                    };
+                    // A stranger that fails the TLS handshake is refused like one
+                    // that fails its hello.
+                    let s = match &tls {
+                        None => Socket::Plain(s),
+                        Some(t) => match t.accept(s, HELLO_TIMEOUT) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                eprintln!(
+                                    "parameter-server shard: refused a connection from {from}: {e}"
+                                );
+                                return;
+                            }
+                        },
                     };
                     let r = TcpTransport::pair(s, 0, DEFAULT_MAX_PAYLOAD)
                         .and_then(|t| Link::new(Box::new(t), usize::MAX))
@@ -1052,11 +1074,32 @@ impl PsClient {
         dim: usize,
         token: &str,
     ) -> Result<Self> {
+        Self::connect_with(addrs, worker, total, dim, token, None, None)
+    }
+
+    /// As [`PsClient::connect`], with TLS on every link when `tls` is given, and every
+    /// receive and send failing after `io_timeout` when it is.
+    pub fn connect_with(
+        addrs: &[SocketAddr],
+        worker: usize,
+        total: usize,
+        dim: usize,
+        token: &str,
+        tls: Option<&Tls>,
+        io_timeout: Option<Duration>,
+    ) -> Result<Self> {
         let mut links: Vec<Box<dyn Transport>> = Vec::with_capacity(addrs.len());
         for (i, a) in addrs.iter().enumerate() {
-            let s = TcpStream::connect(a).map_err(io(format!(
-                "connecting to parameter server shard {i} at {a}"
-            )))?;
+            let what = || format!("connecting to parameter server shard {i} at {a}");
+            let s = TcpStream::connect(a).map_err(io(what()))?;
+            let s = match tls {
+                Some(t) => t.connect(s, HELLO_TIMEOUT)?,
+                None => Socket::Plain(s),
+            };
+            s.tcp()
+                .set_read_timeout(io_timeout)
+                .and_then(|_| s.tcp().set_write_timeout(io_timeout))
+                .map_err(io(what()))?;
             links.push(Box::new(TcpTransport::pair(s, 1, DEFAULT_MAX_PAYLOAD)?));
         }
         Self::over(links, worker, total, dim, token)

@@ -3,12 +3,16 @@
 //! with a `Hello` frame carrying the sender's rank and the job token, and a connection
 //! that presents a wrong token, an unknown rank or a malformed frame is refused. Sends
 //! write the header and the caller's buffer with vectored writes (no copy, no
-//! allocation); receives read straight into the caller's buffer.
+//! allocation); receives read straight into the caller's buffer. With
+//! [`TcpOptions::tls`] every connection runs a mutually authenticated TLS handshake
+//! before its hello (see [`crate::tls`]).
 
 use crate::frame::{read_exact, read_header, write_frame, Kind, DEFAULT_MAX_PAYLOAD};
+use crate::tls::{Socket, Tls};
 use crate::transport::Transport;
 use crate::{Error, Result};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Connection settings.
@@ -20,8 +24,10 @@ pub struct TcpOptions {
     pub connect_timeout: Duration,
     /// Largest payload accepted in one frame.
     pub max_payload: u64,
-    /// A receive that waits longer than this fails (None: wait for ever).
-    pub read_timeout: Option<Duration>,
+    /// A receive or a send that waits longer than this fails (None: wait for ever).
+    pub io_timeout: Option<Duration>,
+    /// TLS on every connection (None: plain TCP).
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Default for TcpOptions {
@@ -30,7 +36,8 @@ impl Default for TcpOptions {
             token: String::new(),
             connect_timeout: Duration::from_secs(30),
             max_payload: DEFAULT_MAX_PAYLOAD,
-            read_timeout: None,
+            io_timeout: None,
+            tls: None,
         }
     }
 }
@@ -44,18 +51,22 @@ const MAX_PENDING: usize = 256;
 /// What a connection said when it arrived: its hello's payload (the sender's rank and
 /// the token), or why it is not one.
 struct Hello {
-    stream: TcpStream,
     from: SocketAddr,
-    said: Result<Vec<u8>>,
+    said: Result<(Socket, Vec<u8>)>,
 }
 
-/// Reads the hello of a connection just accepted, within `timeout`.
-fn read_hello(mut s: TcpStream, from: SocketAddr, timeout: Duration) -> Hello {
-    let said = (|| -> Result<Vec<u8>> {
+/// Runs the TLS handshake (with `tls`) and reads the hello of a connection just
+/// accepted, within `timeout`.
+fn read_hello(s: TcpStream, from: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Hello {
+    let said = (|| -> Result<(Socket, Vec<u8>)> {
         s.set_nonblocking(false)
             .and_then(|_| s.set_nodelay(true))
             .and_then(|_| s.set_read_timeout(Some(timeout)))
             .map_err(io(format!("configuring the connection from {from}")))?;
+        let mut s = match tls {
+            Some(t) => t.accept(s, timeout)?,
+            None => Socket::Plain(s),
+        };
         let h = read_header(&mut s, usize::MAX, 1024)?;
         if h.kind != Kind::Hello || h.len < 8 {
             return Err(Error::Frame {
@@ -65,19 +76,15 @@ fn read_hello(mut s: TcpStream, from: SocketAddr, timeout: Duration) -> Hello {
         }
         let mut p = vec![0u8; h.len as usize];
         read_exact(&mut s, &mut p, usize::MAX)?;
-        Ok(p)
+        Ok((s, p))
     })();
-    Hello {
-        stream: s,
-        from,
-        said,
-    }
+    Hello { from, said }
 }
 
 /// One rank's connections to all its peers.
 pub struct TcpTransport {
     rank: usize,
-    peers: Vec<Option<TcpStream>>,
+    peers: Vec<Option<Socket>>,
     max_payload: u64,
 }
 
@@ -113,11 +120,11 @@ impl TcpTransport {
                 size: n,
             });
         }
-        let mut peers: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let mut peers: Vec<Option<Socket>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + opts.connect_timeout;
         // Connect to every lower rank (retrying while it starts), and introduce ourselves.
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
-            let mut s = loop {
+            let s = loop {
                 match TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
@@ -134,6 +141,10 @@ impl TcpTransport {
             };
             s.set_nodelay(true)
                 .map_err(io(format!("configuring the connection to rank {peer}")))?;
+            let mut s = match &opts.tls {
+                Some(t) => t.connect(s, opts.connect_timeout.max(HELLO_TIMEOUT))?,
+                None => Socket::Plain(s),
+            };
             let payload = hello_payload(rank, &opts.token);
             write_frame(&mut s, Kind::Hello, 0, &[&payload], peer)?;
             peers[peer] = Some(s);
@@ -160,8 +171,9 @@ impl TcpTransport {
                     Ok((s, from)) => {
                         pending.fetch_add(1, SeqCst);
                         let (tx, pending) = (tx.clone(), pending.clone());
+                        let tls = opts.tls.clone();
                         std::thread::spawn(move || {
-                            let h = read_hello(s, from, hello_timeout);
+                            let h = read_hello(s, from, hello_timeout, tls.as_deref());
                             pending.fetch_sub(1, SeqCst);
                             let _ = tx.send(h);
                         });
@@ -180,11 +192,11 @@ impl TcpTransport {
                 true => rx.try_recv().ok(),
                 false => rx.recv_timeout(Duration::from_millis(2)).ok(),
             };
-            let Some(Hello { stream, from, said }) = arrived else {
+            let Some(Hello { from, said }) = arrived else {
                 continue;
             };
             // A connection that fails its handshake is dropped; the group waits on.
-            let who = said.and_then(|p| {
+            let who = said.and_then(|(stream, p)| {
                 let mut r = [0u8; 8];
                 r.copy_from_slice(&p[..8]);
                 let peer = u64::from_le_bytes(r) as usize;
@@ -201,13 +213,10 @@ impl TcpTransport {
                         size: n,
                     });
                 }
-                Ok(peer)
+                Ok((peer, stream))
             });
             match who {
-                Ok(peer) => {
-                    stream
-                        .set_read_timeout(opts.read_timeout)
-                        .map_err(io(format!("configuring the connection from rank {peer}")))?;
+                Ok((peer, stream)) => {
                     peers[peer] = Some(stream);
                     missing -= 1;
                 }
@@ -220,7 +229,9 @@ impl TcpTransport {
             .set_nonblocking(false)
             .map_err(io("configuring the listener".into()))?;
         for s in peers.iter().flatten() {
-            s.set_read_timeout(opts.read_timeout)
+            s.tcp()
+                .set_read_timeout(opts.io_timeout)
+                .and_then(|_| s.tcp().set_write_timeout(opts.io_timeout))
                 .map_err(io("configuring a connection".into()))?;
         }
         Ok(Self {
@@ -232,7 +243,7 @@ impl TcpTransport {
 
     /// A group of two over one connection already made (and authenticated) by the
     /// caller: this side is `rank` (0 or 1), the connection leads to the other.
-    pub fn pair(stream: TcpStream, rank: usize, max_payload: u64) -> Result<Self> {
+    pub fn pair(stream: Socket, rank: usize, max_payload: u64) -> Result<Self> {
         if rank > 1 {
             return Err(Error::BadRank {
                 peer: rank,
@@ -240,7 +251,7 @@ impl TcpTransport {
                 size: 2,
             });
         }
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         let mut peers = vec![None, None];
         peers[1 - rank] = Some(stream);
         Ok(Self {
@@ -250,7 +261,7 @@ impl TcpTransport {
         })
     }
 
-    fn stream(&mut self, peer: usize) -> Result<&mut TcpStream> {
+    fn stream(&mut self, peer: usize) -> Result<&mut Socket> {
         let (rank, size) = (self.rank, self.peers.len());
         self.peers
             .get_mut(peer)

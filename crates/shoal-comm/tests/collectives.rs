@@ -576,6 +576,33 @@ fn wrong_token_is_refused_and_garbage_is_rejected() {
     assert!(e.contains("token"), "{e}");
 }
 
+/// With a deadline, a receive from a peer that is connected but sends nothing, and a
+/// send to one that takes nothing, fail naming the peer instead of waiting for ever.
+#[test]
+fn a_silent_peer_fails_a_receive_and_a_full_one_a_send_after_the_deadline() {
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+    let opts = TcpOptions {
+        token: "t".into(),
+        io_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let (a, o) = (addrs.clone(), opts.clone());
+    let r0 = std::thread::spawn(move || TcpTransport::connect(0, &a, l0, &o).unwrap());
+    let mut t1 = TcpTransport::connect(1, &addrs, l1, &opts).unwrap();
+    let mut t0 = r0.join().unwrap();
+    let e = t0.recv(1, 1, &mut [0u8; 8]).unwrap_err().to_string();
+    assert!(e.contains("rank 1") && e.contains("deadline"), "{e}");
+    // Rank 0 never receives: rank 1's sends fill the socket buffers, then one fails.
+    let big = vec![0u8; 1 << 20];
+    let e = (0..1000)
+        .find_map(|_| t1.send(0, 2, &big).err())
+        .expect("1 GB went into a peer that reads nothing")
+        .to_string();
+    assert!(e.contains("rank 0") && e.contains("deadline"), "{e}");
+}
+
 /// The two-level allreduce (ranks on several hosts) gives the sequential sum, the same
 /// bits on every rank, for hosts laid out in blocks and interleaved, and falls back to
 /// the flat ring for uneven hosts.
