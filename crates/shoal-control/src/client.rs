@@ -46,7 +46,7 @@ impl ControlClient {
         host: &str,
         data_addr: &str,
     ) -> Result<(Self, Registration)> {
-        let mut c = Self::connect(addr, token, Duration::ZERO)?;
+        let mut c = Self::connect(addr, token, Duration::ZERO, None)?;
         let reg = c.join(&Joining {
             role: role.into(),
             host: host.into(),
@@ -59,9 +59,15 @@ impl ControlClient {
     /// Connects to the coordinator at `addr`, retrying for up to `wait` while it cannot
     /// be reached (on a cluster, processes start in any order and the coordinator's
     /// name may not resolve yet); the first failed attempt says so on stderr
-    /// (`the coordinator at ADDR is not reachable yet ...; retrying`). Does not register:
+    /// (`the coordinator at ADDR is not reachable yet ...; retrying`). With `tls`, the
+    /// connection is TLS, both sides authenticated by the job CA. Does not register:
     /// see [`ControlClient::join`].
-    pub fn connect(addr: &str, token: &str, wait: Duration) -> Result<Self> {
+    pub fn connect(
+        addr: &str,
+        token: &str,
+        wait: Duration,
+        tls: Option<&crate::TlsPem>,
+    ) -> Result<Self> {
         if token.is_empty() {
             return Err(Error::Status(format!(
                 "the job token for {addr} is empty (set SHOAL_JOB_TOKEN)"
@@ -79,8 +85,17 @@ impl ControlClient {
             })?;
         let deadline = std::time::Instant::now() + wait;
         let mut told = false;
+        let endpoint = match tls {
+            Some(t) => crate::tls::endpoint(addr, t)?,
+            None => tonic::transport::Endpoint::from_shared(addr.to_string()).map_err(|e| {
+                Error::Transport {
+                    what: format!("the coordinator address {addr}"),
+                    why: error_chain(&e),
+                }
+            })?,
+        };
         let client = loop {
-            match rt.block_on(CoordinatorClient::connect(addr.to_string())) {
+            match rt.block_on(endpoint.connect()).map(CoordinatorClient::new) {
                 Ok(c) => break c,
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(Error::Transport {
@@ -225,7 +240,7 @@ impl Drop for ControlClient {
 }
 
 /// An error with its causes (a connection error's own message is often just "transport error").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -20,6 +20,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout: Duration,
     /// Registration and barriers fail if the job has not assembled within this.
     pub rendezvous_timeout: Duration,
+    /// TLS on every connection, clients authenticated by the job CA (None: plain).
+    pub tls: Option<crate::TlsPem>,
 }
 
 #[derive(Default)]
@@ -228,6 +230,10 @@ impl Coordinator {
             what: "reading the coordinator address".into(),
             why: e.to_string(),
         })?;
+        let mut builder = match &cfg.tls {
+            Some(t) => crate::tls::server(tonic::transport::Server::builder(), t)?,
+            None => tonic::transport::Server::builder(),
+        };
         let state = Arc::new(Mutex::new(State::default()));
         let changed = Arc::new(Notify::new());
         let svc = Service {
@@ -268,7 +274,7 @@ impl Coordinator {
                     }
                 });
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                let _ = tonic::transport::Server::builder()
+                let _ = builder
                     .add_service(CoordinatorServer::new(svc))
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = rx.await;

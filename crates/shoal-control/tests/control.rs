@@ -27,6 +27,7 @@ fn coordinator(world: u32, rendezvous_s: u64) -> Coordinator {
             world,
             heartbeat_timeout: Duration::from_millis(HEARTBEAT_MS),
             rendezvous_timeout: Duration::from_secs(rendezvous_s),
+            tls: None,
         },
     )
     .unwrap()
@@ -198,6 +199,7 @@ fn empty_job_tokens_are_refused() {
             world: 1,
             heartbeat_timeout: Duration::from_secs(3),
             rendezvous_timeout: Duration::from_secs(3),
+            tls: None,
         },
     )
     .err()
@@ -205,7 +207,7 @@ fn empty_job_tokens_are_refused() {
     .to_string();
     assert!(e.contains("token"), "{e}");
     let c = coordinator(1, 3);
-    let e = ControlClient::connect(&format!("http://{}", c.addr), "", Duration::ZERO)
+    let e = ControlClient::connect(&format!("http://{}", c.addr), "", Duration::ZERO, None)
         .err()
         .unwrap()
         .to_string();
