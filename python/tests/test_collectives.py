@@ -1,6 +1,7 @@
 """shoal.torch's collectives across processes: results checked against what the same
 arithmetic gives in one process."""
 
+import os
 import json
 
 
@@ -80,3 +81,27 @@ def test_tcp_plane_gives_the_same_sums(job):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("ok") == 2
+
+
+def test_tls_on_every_plane_gives_the_same_sums(job):
+    # `shoal run --tls`: a per-job CA, the control plane and the TCP ring over TLS.
+    r = job.run(
+        2,
+        """
+        import os
+        import torch
+        import shoal.torch as sh
+        assert os.path.isfile(os.path.join(os.environ["SHOAL_TLS_DIR"], "cert.pem"))
+        sh.init()
+        t = torch.arange(100_000, dtype=torch.float32) * (sh.rank() + 1)
+        sh.allreduce_(t, op=sh.Sum)
+        assert torch.equal(t, torch.arange(100_000, dtype=torch.float32) * 3), t[:4]
+        os.write(1, f"ok {os.environ['SHOAL_TLS_DIR']}\\n".encode())
+        """,
+        launcher_args=("--transport", "tcp", "--tls"),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("ok ")]
+    assert len(lines) == 2, r.stdout
+    # The per-job certificates are gone with the job.
+    assert not os.path.exists(lines[0][3:]), lines

@@ -14,16 +14,35 @@ pub const JOB_LABEL: &str = "shoal.dev/job";
 pub const ROLE_LABEL: &str = "shoal.dev/role";
 /// Where the training configuration is mounted.
 pub const CONFIG_DIR: &str = "/etc/shoal";
+/// Where the job's TLS certificates are mounted (from its Secret) when it has TLS.
+pub const TLS_DIR: &str = "/etc/shoal-tls";
+
+/// The job's TLS certificates in PEM: shipped in its Secret beside the token and
+/// mounted into every pod at [`TLS_DIR`] (`SHOAL_TLS_DIR`).
+#[derive(Clone, Copy)]
+pub struct TlsPems<'a> {
+    pub ca: &'a str,
+    pub cert: &'a str,
+    pub key: &'a str,
+}
+
+impl std::fmt::Debug for TlsPems<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsPems").finish_non_exhaustive()
+    }
+}
 
 /// What to generate: the spec, the training configuration it ships (its `[dist]`
 /// section already set from the spec), the number of parameter-server pods (shards
-/// colocated with workers have none), and the job token.
+/// colocated with workers have none), the job token, and its TLS certificates when it
+/// has TLS.
 #[derive(Debug, Clone)]
 pub struct Plan<'a> {
     pub spec: &'a JobSpec,
     pub config_toml: &'a str,
     pub ps_pods: usize,
     pub token: &'a str,
+    pub tls: Option<TlsPems<'a>>,
 }
 
 /// The host name of the coordinator's pod, as each scheduler names it, with the
@@ -146,6 +165,9 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
     if s.kind == "python" && role == "worker" && s.ps > 0 {
         env.push(json!({"name": "SHOAL_PS_SHARDS", "value": s.ps.to_string()}));
     }
+    if p.tls.is_some() {
+        env.push(json!({"name": "SHOAL_TLS_DIR", "value": TLS_DIR}));
+    }
     for (k, v) in &s.env {
         env.push(json!({"name": k, "value": v}));
     }
@@ -166,6 +188,11 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
     if role == "coordinator" {
         c["ports"] = json!([{"name": "control", "containerPort": s.port, "protocol": "TCP"}]);
     }
+    if p.tls.is_some() {
+        if let Some(m) = c["volumeMounts"].as_array_mut() {
+            m.push(json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}));
+        }
+    }
     let mut spec = json!({
         "restartPolicy": "Never",
         "containers": [c],
@@ -174,6 +201,17 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
             {"name": "data", "persistentVolumeClaim": {"claimName": s.data.claim}},
         ],
     });
+    if p.tls.is_some() {
+        // The certificates' part of the job's Secret (not its token).
+        let items: Vec<Value> = ["ca.pem", "cert.pem", "key.pem"]
+            .iter()
+            .map(|k| json!({"key": k, "path": k}))
+            .collect();
+        if let Some(v) = spec["volumes"].as_array_mut() {
+            v.push(json!({"name": "tls", "secret": {
+                "secretName": format!("{}-token", s.name), "items": items}}));
+        }
+    }
     if let Some(a) = &s.service_account {
         spec["serviceAccountName"] = json!(a);
     }
@@ -196,13 +234,19 @@ fn roles(p: &Plan) -> Vec<(&'static str, usize)> {
 /// Every object of the job, in the order to create them.
 pub fn objects(p: &Plan) -> Vec<Value> {
     let s = p.spec;
+    let mut secret = json!({"token": p.token});
+    if let Some(t) = &p.tls {
+        secret["ca.pem"] = json!(t.ca);
+        secret["cert.pem"] = json!(t.cert);
+        secret["key.pem"] = json!(t.key);
+    }
     let mut out = vec![
         json!({
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": metadata(s, &format!("{}-token", s.name), None),
             "type": "Opaque",
-            "stringData": {"token": p.token},
+            "stringData": secret,
         }),
         json!({
             "apiVersion": "v1",
@@ -388,6 +432,64 @@ pub fn job_token(
         .map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(token)
+}
+
+/// The TLS certificates of job `name` in `namespace` (`ca.pem`, `cert.pem`, `key.pem`),
+/// the same each time the job's objects are made: kept in `dir` beside its token as
+/// the folder `NAMESPACE.NAME.tls` (its owner's only), made by `make` the first time or
+/// when `fresh` asks for new ones.
+pub fn job_tls(
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+    fresh: bool,
+    make: impl FnOnce() -> crate::Result<[String; 3]>,
+) -> crate::Result<[String; 3]> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| crate::Error::Io { path, source }
+    };
+    const FILES: [&str; 3] = ["ca.pem", "cert.pem", "key.pem"];
+    let at = dir.join(format!("{namespace}.{name}.tls"));
+    if !fresh && at.exists() {
+        let mut out: [String; 3] = Default::default();
+        for (o, f) in out.iter_mut().zip(FILES) {
+            let p = at.join(f);
+            let meta = std::fs::metadata(&p).map_err(io(&p))?;
+            if meta.len() > 1 << 20 {
+                return Err(crate::Error::Spec(format!(
+                    "{}: larger than a certificate; remove the folder or pass --new-token",
+                    p.display()
+                )));
+            }
+            *o = std::fs::read_to_string(&p).map_err(io(&p))?;
+        }
+        return Ok(out);
+    }
+    let made = make()?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = dir.join(format!(".{namespace}.{name}.tls.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(io(&tmp))?;
+    for (text, f) in made.iter().zip(FILES) {
+        let p = tmp.join(f);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io(&p))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io(&p))?;
+    }
+    let _ = std::fs::remove_dir_all(&at);
+    std::fs::rename(&tmp, &at).map_err(io(&at))?;
+    Ok(made)
 }
 
 /// Where job tokens are kept: `$SHOAL_TOKEN_DIR`, else `$XDG_CONFIG_HOME/shoal/tokens`,

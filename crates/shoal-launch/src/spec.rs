@@ -124,6 +124,11 @@ pub struct JobSpec {
     /// (images pull, pods queue).
     #[serde(default = "default_wait")]
     pub rendezvous_timeout_s: i64,
+    /// TLS on every plane of the job (the training configuration's `dist.tls` does the
+    /// same): certificates from its `dist.tls_dir`, else a per-job CA kept beside the
+    /// job's token; shipped in the job's Secret.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 fn default_namespace() -> String {

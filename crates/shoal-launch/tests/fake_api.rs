@@ -254,6 +254,7 @@ fn submit_follow_and_delete_a_job() {
         config_toml: "x = 1\n",
         ps_pods: 1,
         token: "t",
+        tls: None,
     });
     let applied = c.apply(&objs).unwrap();
     assert_eq!(
@@ -353,6 +354,7 @@ fn a_scheduler_the_cluster_lacks_is_refused_before_anything_is_submitted() {
             config_toml: "x = 1\n",
             ps_pods: 1,
             token: "t",
+            tls: None,
         });
         let e = c.apply(&objs).unwrap_err().to_string();
         assert!(

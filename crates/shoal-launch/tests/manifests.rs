@@ -53,6 +53,7 @@ fn generate(s: &JobSpec) -> Vec<Value> {
         config_toml: CONFIG,
         ps_pods: s.ps as usize,
         token: "0123abcd",
+        tls: None,
     })
 }
 
@@ -231,6 +232,7 @@ fn kubernetes_indexed_jobs_and_headless_service() {
         config_toml: CONFIG,
         ps_pods: 0,
         token: "t",
+        tls: None,
     });
     assert_eq!(colocated.len(), 5);
 }
@@ -493,6 +495,7 @@ fn printed_yaml_reads_back_as_the_same_objects() {
                 config_toml: cfg,
                 ps_pods: 2,
                 token: "123456",
+                tls: None,
             });
             let text = yaml::documents(&objs);
             let back: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
@@ -605,6 +608,7 @@ fn python_jobs(s: &JobSpec) -> Vec<Job> {
         config_toml: "",
         ps_pods: 0,
         token: "0123abcd",
+        tls: None,
     })
     .iter()
     .filter(|o| o["kind"] == "Job")

@@ -121,6 +121,8 @@ struct Engine {
     name: String,
     /// How many processes host parameter-server shards (the first ones).
     shards: usize,
+    /// TLS for the sparse tables' TCP links, when the job has it.
+    tls: Option<std::sync::Arc<shoal_comm::tls::Tls>>,
     /// Sparse tables made so far (each has its own shards).
     tables: usize,
     seq: u64,
@@ -251,6 +253,7 @@ fn init(py: Python<'_>) -> PyResult<()> {
         group.local_size(),
     );
     let name = group.name().to_string();
+    let tls = group.tls().cloned();
     let shards = group
         .shards()
         .map_err(|e| ShoalError::new_err(format!("shoal: {e}")))?;
@@ -266,6 +269,7 @@ fn init(py: Python<'_>) -> PyResult<()> {
         local_size,
         name,
         shards,
+        tls,
         tables: 0,
         seq: 0,
         tx,
@@ -510,7 +514,7 @@ fn sparse_table(
             )))
         }
     };
-    let (rank, size, shards, job, one_host) = {
+    let (rank, size, shards, job, one_host, tls) = {
         let mut g = engine();
         let e = g.as_mut().ok_or_else(not_initialized)?;
         e.tables += 1;
@@ -520,6 +524,7 @@ fn sparse_table(
             e.shards,
             format!("{}-t{}", e.name, e.tables),
             e.local_size == e.size,
+            e.tls.clone(),
         )
     };
     // On one host the shards meet the processes over shared memory; across hosts each
@@ -539,6 +544,7 @@ fn sparse_table(
         true => None,
         false => Some(shard_addresses(py, listener.as_ref(), size, shards)?),
     };
+    let shard_tls = tls.clone();
     let cfg = move |job: &str| ShardConfig {
         workers: size,
         mode: PsMode::Sync,
@@ -549,6 +555,7 @@ fn sparse_table(
         sparse_init: (init_scale, seed),
         token: job.to_string(),
         timeout: Duration::from_secs(600),
+        tls: shard_tls.clone(),
         ..Default::default()
     };
     let state = py
@@ -572,7 +579,7 @@ fn sparse_table(
                 (false, _) => None,
             };
             let mut client = match addrs {
-                Some(a) => PsClient::connect(&a, rank, 0, dim, &job)?,
+                Some(a) => PsClient::connect_with(&a, rank, 0, dim, &job, tls.as_deref(), None)?,
                 None => {
                     let links = (0..shards)
                         .map(|i| shm_link(&job, i, rank, 1, LINK_TIMEOUT))

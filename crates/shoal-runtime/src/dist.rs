@@ -56,6 +56,12 @@ pub struct DistSection {
     pub max_staleness: u64,
     /// A process silent (or a peer unresponsive) for this long fails the job.
     pub heartbeat_timeout_s: f64,
+    /// TLS on the control plane, the TCP data plane and the parameter-server links
+    /// (shared memory stays on the host): certificates from `tls_dir`, or a per-job CA
+    /// the launcher makes.
+    pub tls: bool,
+    /// A directory with `ca.pem`, `cert.pem` and `key.pem` (empty: a per-job CA).
+    pub tls_dir: String,
 }
 
 impl Default for DistSection {
@@ -68,6 +74,8 @@ impl Default for DistSection {
             transport: DataPlane::Shm,
             max_staleness: 0,
             heartbeat_timeout_s: 10.0,
+            tls: false,
+            tls_dir: String::new(),
         }
     }
 }
@@ -119,7 +127,21 @@ impl DistSection {
                 ),
             );
         }
+        if !self.tls && !self.tls_dir.is_empty() {
+            return bad(
+                "tls_dir",
+                "is set but dist.tls is off (set dist.tls = true to use it)".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// How long one receive or send on the data plane may wait for a peer before the job
+    /// fails: six heartbeat timeouts, at least a minute (a worker may wait that long on
+    /// one that validates or saves a checkpoint; a peer that is gone is found sooner, by
+    /// its closed connection or by the heartbeats).
+    pub fn data_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64((6.0 * self.heartbeat_timeout_s).max(60.0))
     }
 
     /// True when the job runs as several processes.

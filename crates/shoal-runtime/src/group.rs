@@ -43,6 +43,8 @@ pub struct Group {
     dog: Option<Watchdog>,
     /// With torchrun-style variables, rank 0 hosts the coordinator.
     _coordinator: Option<Coordinator>,
+    /// TLS for the program's further TCP planes (from `SHOAL_TLS_DIR`).
+    tls: Option<Arc<shoal_comm::tls::Tls>>,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -122,8 +124,14 @@ impl Group {
                 "{ENV_COORDINATOR} is set but {ENV_TOKEN} is not (start the job with `shoal run`)"
             ))
         })?;
-        let ctl = ControlClient::connect(&coordinator, &token, connect_wait()?)?;
-        Self::assemble(ctl, &token, rank_var, None)
+        let tls = crate::tls::from_env()?;
+        let ctl = ControlClient::connect(
+            &coordinator,
+            &token,
+            connect_wait()?,
+            tls.as_ref().map(|t| &t.control),
+        )?;
+        Self::assemble(ctl, &token, rank_var, None, tls)
     }
 
     fn alone() -> Result<Group> {
@@ -138,6 +146,7 @@ impl Group {
             ctl: None,
             dog: None,
             _coordinator: None,
+            tls: None,
         })
     }
 
@@ -167,6 +176,7 @@ impl Group {
                 &var("TORCHELASTIC_RUN_ID").unwrap_or_default(),
             )
         });
+        let tls = crate::tls::from_env()?;
         let coordinator = if rank == 0 {
             let listen: SocketAddr =
                 std::net::ToSocketAddrs::to_socket_addrs(&(addr.as_str(), port))
@@ -184,14 +194,19 @@ impl Group {
                         crate::dist::DistSection::default().heartbeat_timeout_s,
                     ),
                     rendezvous_timeout: Duration::from_secs(180),
+                    tls: tls.as_ref().map(|t| t.control.clone()),
                 },
             )?)
         } else {
             None
         };
-        let ctl =
-            ControlClient::connect(&format!("http://{addr}:{port}"), &token, connect_wait()?)?;
-        Self::assemble(ctl, &token, Some(rank), coordinator)
+        let ctl = ControlClient::connect(
+            &format!("http://{addr}:{port}"),
+            &token,
+            connect_wait()?,
+            tls.as_ref().map(|t| &t.control),
+        )?;
+        Self::assemble(ctl, &token, Some(rank), coordinator, tls)
     }
 
     fn assemble(
@@ -199,6 +214,7 @@ impl Group {
         token: &str,
         index: Option<usize>,
         coordinator: Option<Coordinator>,
+        tls: Option<crate::tls::JobTls>,
     ) -> Result<Group> {
         let host = var(ENV_HOST).unwrap_or_else(|| "127.0.0.1".into());
         let tcp = match var(ENV_TRANSPORT).as_deref() {
@@ -263,7 +279,9 @@ impl Group {
         };
         let ctl = Arc::new(ctl);
         let dog = Watchdog::start(ctl.clone(), format!("rank {rank}"));
-        let comm = worker_plane(token, rank, &members, listener)?;
+        let tls = tls.map(|t| t.data);
+        let timeout = crate::dist::DistSection::default().data_timeout();
+        let comm = worker_plane(token, rank, &members, listener, tls.clone(), timeout)?;
         Ok(Group {
             rank,
             size,
@@ -274,6 +292,7 @@ impl Group {
             ctl: Some(ctl),
             dog: Some(dog),
             _coordinator: coordinator,
+            tls,
         })
     }
 
@@ -316,6 +335,12 @@ impl Group {
         }
     }
 
+    /// TLS for the program's further TCP planes (the processes' own parameter-server
+    /// links), when the job has it.
+    pub fn tls(&self) -> Option<&Arc<shoal_comm::tls::Tls>> {
+        self.tls.as_ref()
+    }
+
     /// The collectives between the group's processes.
     pub fn comm(&mut self) -> &mut Communicator<Box<dyn Transport>> {
         &mut self.comm
@@ -356,6 +381,7 @@ pub fn serve_coordinator(
                 crate::dist::DistSection::default().heartbeat_timeout_s,
             ),
             rendezvous_timeout: rendezvous,
+            tls: crate::tls::from_env()?.map(|t| t.control),
         },
     )?;
     eprintln!("coordinator listening on {}", coord.addr);
@@ -368,12 +394,15 @@ pub fn serve_coordinator(
 /// The allreduce plane of a job's workers (`workers` in rank order, `rank` this one's):
 /// TCP between the addresses they advertised when `listener` is given, else
 /// shared-memory rings named after the job's token; on several hosts, the two-level
-/// allreduce.
+/// allreduce. On TCP every connection is TLS when `tls` is given, and every receive and
+/// send fails after `timeout` (the shared-memory rings keep their own deadline).
 pub(crate) fn worker_plane(
     token: &str,
     rank: usize,
     workers: &[&Member],
     listener: Option<TcpListener>,
+    tls: Option<Arc<shoal_comm::tls::Tls>>,
+    timeout: Duration,
 ) -> Result<Communicator<Box<dyn Transport>>> {
     let n = workers.len();
     let t: Box<dyn Transport> = match listener {
@@ -391,6 +420,8 @@ pub(crate) fn worker_plane(
                 .collect::<Result<Vec<_>>>()?;
             let opts = TcpOptions {
                 token: token.into(),
+                io_timeout: Some(timeout),
+                tls,
                 ..Default::default()
             };
             Box::new(TcpTransport::connect(rank, &addrs, l, &opts)?)

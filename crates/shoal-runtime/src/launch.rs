@@ -173,6 +173,14 @@ fn kill_all(procs: &mut [Proc]) {
     }
 }
 
+/// Points a child at the job's TLS directory, or makes sure it inherits none.
+fn set_tls_env(cmd: &mut Command, tls: Option<&crate::tls::TlsDir>) {
+    match tls {
+        Some(t) => cmd.env(crate::tls::ENV_TLS_DIR, &t.path),
+        None => cmd.env_remove(crate::tls::ENV_TLS_DIR),
+    };
+}
+
 /// Starts the processes of a job whose files are already in `RUN/job` (the kind, its
 /// configuration): the coordinator, `d.workers` workers and the separate shards, each
 /// worker with `threads` engine threads (0: cores / workers); relays every report with
@@ -188,6 +196,17 @@ pub fn launch_job(
     let token = new_token()?;
     let servers = d.separate_servers();
     let world = d.workers + servers;
+    // A per-job CA lives in the job's folder while the job runs (one left by a killed
+    // launcher is replaced).
+    let at = job.join("tls");
+    if d.tls && d.tls_dir.is_empty() {
+        let _ = std::fs::remove_dir_all(&at);
+    }
+    let tls_dir = crate::tls::prepare(d, &at)?;
+    let tls = match &tls_dir {
+        Some(t) => Some(crate::tls::JobTls::load(&t.path)?),
+        None => None,
+    };
     let coord = Coordinator::start(
         "127.0.0.1:0".parse().expect("literal address"),
         CoordinatorConfig {
@@ -195,6 +214,7 @@ pub fn launch_job(
             world: world as u32,
             heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
             rendezvous_timeout: Duration::from_secs(180),
+            tls: tls.map(|t| t.control),
         },
     )?;
     let threads = threads_each(threads, d.workers);
@@ -224,6 +244,7 @@ pub fn launch_job(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err));
+        set_tls_env(&mut cmd, tls_dir.as_ref());
         if let Some(r) = &opts.resume {
             cmd.env(ENV_RESUME, r);
         }
@@ -278,6 +299,7 @@ pub fn run_command(
     transport: crate::dist::DataPlane,
     threads: usize,
     heartbeat_timeout: Duration,
+    tls_dir: Option<&crate::tls::TlsDir>,
 ) -> Result<()> {
     let Some((program, args)) = command.split_first() else {
         return Err(Error::Cluster("no command to run".into()));
@@ -293,6 +315,10 @@ pub fn run_command(
             world: n as u32,
             heartbeat_timeout,
             rendezvous_timeout: Duration::from_secs(180),
+            tls: match tls_dir {
+                Some(t) => Some(crate::tls::JobTls::load(&t.path)?.control),
+                None => None,
+            },
         },
     )?;
     // A free port for a script's own torch.distributed store, as torchrun gives one.
@@ -323,6 +349,7 @@ pub fn run_command(
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string())
             .stdin(Stdio::null());
+        set_tls_env(&mut cmd, tls_dir);
         if let Some(m) = shards {
             cmd.env(crate::group::ENV_SHARDS, m.to_string());
         }

@@ -8,7 +8,7 @@
 //! ([`group`]),
 //! the launcher and supervisor of a job's local processes ([`launch`]), the role a
 //! process plays in a job and the [`role::JobKind`] trait the workload crates implement
-//! ([`role`]), TensorBoard event files ([`tensorboard`]), and the cost model that predicts
+//! ([`role`]), TensorBoard event files ([`tensorboard`]), a job's TLS certificates ([`tls`]), and the cost model that predicts
 //! how a job scales ([`plan`]).
 
 pub mod config;
@@ -26,5 +26,6 @@ pub mod role;
 pub mod store;
 pub mod sys;
 pub mod tensorboard;
+pub mod tls;
 
 pub use error::{io_err, Error, Result};

@@ -13,6 +13,7 @@ use crate::launch::{
     Report, ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_JOB, ENV_RESUME,
     ENV_ROLE, ENV_RUN, ENV_TOKEN,
 };
+use crate::tls::JobTls;
 use crate::{Error, Result};
 use shoal_comm::ps::{
     shard_range, shm_link, LinkOpener, PsClient, PsServer, ShardConfig, ShardPlane,
@@ -90,6 +91,7 @@ pub struct Joined {
     index: Option<u32>,
     kind: String,
     ctl: ControlClient,
+    tls: Option<JobTls>,
 }
 
 impl Joined {
@@ -137,7 +139,13 @@ pub fn connect() -> Result<Joined> {
         index.map(|i| format!(" index {i}")).unwrap_or_default(),
         run_dir.display()
     ));
-    let ctl = ControlClient::connect(&coordinator, &token, Duration::from_secs_f64(wait))?;
+    let tls = crate::tls::from_env()?;
+    let ctl = ControlClient::connect(
+        &coordinator,
+        &token,
+        Duration::from_secs_f64(wait),
+        tls.as_ref().map(|t| &t.control),
+    )?;
     let kind = job_kind(&job)?;
     log(&format!("connected: a '{kind}' job in {}", job.display()));
     Ok(Joined {
@@ -150,6 +158,7 @@ pub fn connect() -> Result<Joined> {
         index,
         kind,
         ctl,
+        tls,
     })
 }
 
@@ -166,6 +175,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         index,
         kind,
         mut ctl,
+        tls,
     } = j;
     if kind != K::KIND {
         return Err(Error::Cluster(format!(
@@ -178,6 +188,15 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
     STEP_LOG.lock().unwrap_or_else(|p| p.into_inner()).unit = K::UNIT;
     let spec = K::read(&job)?;
     let d = spec.dist().clone();
+    if d.tls && tls.is_none() {
+        return Err(Error::Config(format!(
+            "dist.tls is on but {} names no directory of certificates (the launcher sets \
+             it; a process started by hand needs it set)",
+            crate::tls::ENV_TLS_DIR
+        ))
+        .into());
+    }
+    let data_tls = tls.as_ref().map(|t| t.data.clone());
     let shards_needed = spec.needs_shards();
     // A scheduler starts all workers from one template: with colocated shards, the
     // workers with the lowest indexes host them.
@@ -250,7 +269,9 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
     }
     // This process's shard, if it hosts one.
     let (total, width) = spec.shard_shape()?;
-    let shard_cfg = spec.shard_config(width, &token);
+    let mut shard_cfg = spec.shard_config(width, &token);
+    shard_cfg.tls = data_tls.clone();
+    let ps_wait = shard_cfg.timeout;
     let shards = shard_hosts.len();
     let shm_job = format!("shoal-{token}");
     let server = match hosts_shard {
@@ -263,7 +284,8 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
             let (plane, addr) = match shard_listener {
                 Some((l, _)) => {
                     let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    (ShardPlane::Tcp(l), addr)
+                    let tls = if data_tls.is_some() { " with TLS" } else { "" };
+                    (ShardPlane::Tcp(l), format!("{addr}{tls}"))
                 }
                 None => {
                     let links = (0..d.workers)
@@ -306,7 +328,14 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                     .copied()
                     .filter(|m| m.role.starts_with("worker"))
                     .collect();
-                let comm = worker_plane(&token, rank, &workers, ring_listener.map(|(l, _)| l))?;
+                let comm = worker_plane(
+                    &token,
+                    rank,
+                    &workers,
+                    ring_listener.map(|(l, _)| l),
+                    data_tls.clone(),
+                    d.data_timeout(),
+                )?;
                 Exchange::Allreduce(comm)
             }
             true if shm_shards => {
@@ -315,23 +344,30 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                     .collect::<shoal_comm::Result<Vec<_>>>()?;
                 Exchange::Ps(PsClient::over(links, rank, total, width, &token)?)
             }
-            true => Exchange::Ps(PsClient::connect(
+            true => Exchange::Ps(PsClient::connect_with(
                 &shard_addrs()?,
                 rank,
                 total,
                 width,
                 &token,
+                data_tls.as_deref(),
+                // Past the shards' own wait for the other workers, which names them.
+                Some(d.data_timeout().max(ps_wait + Duration::from_secs(30))),
             )?),
+        };
+        let sealed = match &data_tls {
+            Some(_) => " with TLS",
+            None => "",
         };
         log(&format!(
             "{me}: worker {rank} of {}, exchanging gradients by {}",
             d.workers,
             match &exchange {
                 Exchange::Allreduce(_) if d.transport == DataPlane::Tcp =>
-                    "ring allreduce over TCP".to_string(),
+                    format!("ring allreduce over TCP{sealed}"),
                 Exchange::Allreduce(_) => "ring allreduce over shared memory".to_string(),
                 _ if shm_shards => format!("{shards} parameter-server shards over shared memory"),
-                _ => format!("{shards} parameter-server shards over TCP"),
+                _ => format!("{shards} parameter-server shards over TCP{sealed}"),
             }
         ));
         spec.run_worker(Worker {
@@ -565,6 +601,7 @@ pub fn run_coordinator<K: JobKind>(
             world: world as u32,
             heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
             rendezvous_timeout: rendezvous,
+            tls: crate::tls::for_job(&d)?.map(|t| t.control),
         },
     )?;
     // The address bound (with port 0, the port the system picked), for whoever started

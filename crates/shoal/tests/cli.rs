@@ -631,6 +631,94 @@ fn distributed_runs_resume_exactly() {
     }
 }
 
+/// TLS on every plane (`--set dist.tls=true`): a 2-worker TCP allreduce job and a
+/// parameter-server job over TCP train the same bits as without it, their logs say the
+/// links are TLS, the per-job certificates are gone when the job is; certificates from
+/// files work the same, and a bad or missing directory is named before anything starts.
+#[test]
+fn tls_jobs_train_the_same_model() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 48);
+    let certs = d.path().join("certs");
+    let pem = shoal_comm::tls::Pem::generate().unwrap();
+    pem.write_dir(&certs).unwrap();
+    let certs_set = format!("dist.tls_dir={}", certs.display());
+    for (name, mode) in [
+        ("allreduce", &["--workers", "2"][..]),
+        ("ps", &["--workers", "2", "--ps", "1"][..]),
+    ] {
+        let mut base = vec![
+            "train",
+            "nmt",
+            "--data-dir",
+            ".",
+            "--no-eval",
+            "--max-steps",
+            "3",
+        ];
+        base.extend_from_slice(TINY);
+        base.extend_from_slice(mode);
+        base.extend_from_slice(&["--set", "dist.transport=tcp"]);
+        let go = |out: &str, extra: &[&str]| {
+            let mut a = base.clone();
+            a.extend_from_slice(&["--out", out]);
+            a.extend_from_slice(extra);
+            let o = shoal(d.path(), &a, None);
+            assert!(o.status.success(), "{name} {extra:?}: {}", text(&o.stderr));
+            std::fs::read(d.path().join(out).join("ckpt-00000003/model.safetensors")).unwrap()
+        };
+        let plain = go(&format!("{name}-plain"), &[]);
+        let sealed = go(&format!("{name}-tls"), &["--set", "dist.tls=true"]);
+        assert!(plain == sealed, "{name}: TLS changed the trained model");
+        let from_files = go(
+            &format!("{name}-files"),
+            &["--set", "dist.tls=true", "--set", &certs_set],
+        );
+        assert!(plain == from_files, "{name}: certificates from files");
+        for run in [format!("{name}-tls"), format!("{name}-files")] {
+            let logs = d.path().join(&run).join("job/logs");
+            let all: String = std::fs::read_dir(&logs)
+                .unwrap()
+                .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                .collect();
+            assert!(all.contains("over TCP with TLS"), "{run}: {all}");
+            assert!(
+                !d.path().join(&run).join("job/tls").exists(),
+                "{run}: the job's certificates outlived it"
+            );
+        }
+        let plain_logs: String = std::fs::read_dir(d.path().join(format!("{name}-plain/job/logs")))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(!plain_logs.contains("TLS"), "{plain_logs}");
+    }
+    // Files that are not there, or not certificates, are named up front.
+    let mut a = vec![
+        "train",
+        "nmt",
+        "--data-dir",
+        ".",
+        "--workers",
+        "2",
+        "--max-steps",
+        "1",
+    ];
+    a.extend_from_slice(TINY);
+    let missing = format!("dist.tls_dir={}", d.path().join("nowhere").display());
+    let mut m = a.clone();
+    m.extend_from_slice(&["--set", "dist.tls=true", "--set", &missing]);
+    assert_clear_error(&shoal(d.path(), &m, None), &["nowhere", "ca.pem"]);
+    std::fs::write(certs.join("key.pem"), "-----BEGIN PRIVATE KEY-----\nAAAA\n").unwrap();
+    let mut m = a.clone();
+    m.extend_from_slice(&["--set", "dist.tls=true", "--set", &certs_set]);
+    assert_clear_error(&shoal(d.path(), &m, None), &["key.pem"]);
+    // A directory without TLS on is a mistake, not silently ignored.
+    let mut m = a.clone();
+    m.extend_from_slice(&["--set", &certs_set]);
+    assert_clear_error(&shoal(d.path(), &m, None), &["dist.tls_dir", "dist.tls"]);
+}
+
 /// Validation BLEU during training (every 3 updates here): each evaluation is said and
 /// recorded (metrics.json, TensorBoard), the best checkpoint is `RUN/best`, survives
 /// the pruning of old checkpoints, is what `info` names and what `translate` takes;
@@ -1374,6 +1462,11 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
     let d = tempfile::tempdir().unwrap();
     slice(d.path(), 96);
     let criteo = Path::new(DATA).join("../ctr/criteo_sample.txt");
+    let certs = d.path().join("certs");
+    shoal_comm::tls::Pem::generate()
+        .unwrap()
+        .write_dir(&certs)
+        .unwrap();
     std::fs::write(
         d.path().join("ctr.toml"),
         format!(
@@ -1397,6 +1490,12 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
             ][..],
         ),
         ("ctr", &[][..]),
+        // Every pod with the job's certificates (SHOAL_TLS_DIR, as the Secret mounts
+        // them) and a configuration that asks for TLS.
+        (
+            "tls",
+            &["--set", "dist.mode=allreduce", "--set", "dist.tls=true"][..],
+        ),
     ] {
         let kind = if name == "ctr" { "ctr" } else { "nmt" };
         let cfg = format!("{name}.toml");
@@ -1423,6 +1522,9 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
                 .stderr(Stdio::piped());
             for (k, v) in envs {
                 c.env(k, v);
+            }
+            if name == "tls" {
+                c.env("SHOAL_TLS_DIR", &certs);
             }
             c.spawn().unwrap()
         };
@@ -1504,6 +1606,10 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
         assert!(co_err.contains("expecting 2 workers"), "{name}: {co_err}");
         if name == "ps" {
             assert!(outs[1].1.contains("hosts parameter-server shard 0"));
+        }
+        for (_, err) in &outs {
+            let sealed = err.contains("over TCP with TLS");
+            assert_eq!(sealed, name == "tls", "{name}: {err}");
         }
         let o = if kind == "nmt" {
             shoal(
@@ -1605,6 +1711,51 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
         &["default.nmt-demo", "not a job token", "--new-token"],
     );
     std::fs::remove_file(&kept).unwrap();
+    // `tls = true`: the certificates of a per-job CA go in the Secret, are mounted in
+    // every pod, are kept beside the token (the same on the next run) and are renewed
+    // with it; the configuration the pods get says dist.tls.
+    std::fs::write(
+        d.path().join("tls.toml"),
+        "name = \"nmt-tls\"\nimage = \"shoal:cpu\"\nkind = \"nmt\"\nconfig = \"nmt.toml\"\nworkers = 2\ntls = true\n[data]\nclaim = \"shoal-data\"\n",
+    )
+    .unwrap();
+    let t = shoal(d.path(), &["launch", "--k8s", "tls.toml"], None);
+    assert!(t.status.success(), "{}", text(&t.stderr));
+    let ty = text(&t.stdout);
+    let certs = d.path().join(".tokens/default.nmt-tls.tls");
+    let cert = std::fs::read_to_string(certs.join("cert.pem")).unwrap();
+    let body = cert.lines().nth(1).unwrap();
+    assert!(
+        ty.contains(body),
+        "the kept certificate is not in the Secret:\n{ty}"
+    );
+    for want in [
+        "ca.pem",
+        "key.pem",
+        "SHOAL_TLS_DIR",
+        "/etc/shoal-tls",
+        "tls = true",
+    ] {
+        assert!(ty.contains(want), "'{want}' not in:\n{ty}");
+    }
+    // Both pod templates (coordinator, workers) mount it; the plain job's have none.
+    assert_eq!(ty.matches("mountPath: /etc/shoal-tls").count(), 2, "{ty}");
+    assert!(!y.contains("SHOAL_TLS_DIR"), "{y}");
+    let again = shoal(d.path(), &["launch", "--k8s", "tls.toml"], None);
+    assert!(
+        again.stdout == t.stdout,
+        "a second run made other certificates"
+    );
+    let fresh = shoal(
+        d.path(),
+        &["launch", "--k8s", "tls.toml", "--new-token"],
+        None,
+    );
+    assert!(fresh.status.success(), "{}", text(&fresh.stderr));
+    assert!(
+        !text(&fresh.stdout).contains(body),
+        "--new-token kept the certificates"
+    );
     for want in [
         "kind: Secret",
         "kind: ConfigMap",

@@ -97,10 +97,17 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     // The training configuration the pods get: its [dist] section from the spec, the
     // data plane over TCP (pods share no memory). A python job has none: its command
     // is the whole of what the workers run.
+    // TLS: the spec's `tls`, or the configuration's `dist.tls` (whose `tls_dir` gives
+    // the certificates; the pods read theirs from the Secret instead).
+    let mut tls_dir = String::new();
+    let mut tls_on = spec.tls;
     let (config, ps_pods) = match &spec.config {
         None => (String::new(), 0),
         Some(path) => {
             let (config, dist) = super::job_config(&spec.kind, path, |d| {
+                d.tls |= spec.tls;
+                tls_on = d.tls;
+                tls_dir = std::mem::take(&mut d.tls_dir);
                 d.workers = spec.workers as usize;
                 d.ps = spec.ps as usize;
                 if d.ps > 0 && d.mode == DistMode::Allreduce {
@@ -129,11 +136,45 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         Err(_) if a.new_token => shoal_launch::manifest::new_token()?,
         Err(e) => return Err(e.into()),
     };
+    let generate = || -> shoal_launch::Result<[String; 3]> {
+        let p = shoal_comm::tls::Pem::generate()
+            .map_err(|e| shoal_launch::Error::Spec(e.to_string()))?;
+        Ok([p.ca, p.cert, p.key])
+    };
+    let tls: Option<[String; 3]> = match (tls_on, tls_dir.is_empty()) {
+        (false, _) => None,
+        (true, false) => {
+            let p = shoal_comm::tls::Pem::read_dir(std::path::Path::new(&tls_dir))?;
+            shoal_comm::tls::Tls::new(&p)?;
+            Some([p.ca, p.cert, p.key])
+        }
+        (true, true) => Some(match shoal_launch::manifest::token_dir() {
+            Ok(dir) => {
+                let t = shoal_launch::manifest::job_tls(
+                    &dir,
+                    &spec.namespace,
+                    &spec.name,
+                    a.new_token,
+                    generate,
+                )?;
+                eprintln!(
+                    "job TLS certificates kept in {} (a per-job CA; --new-token makes new ones)",
+                    dir.join(format!("{}.{}.tls", spec.namespace, spec.name))
+                        .display()
+                );
+                t
+            }
+            Err(_) => generate()?,
+        }),
+    };
     let objects = shoal_launch::objects(&shoal_launch::Plan {
         spec: &spec,
         config_toml: &config,
         ps_pods,
         token: &token,
+        tls: tls
+            .as_ref()
+            .map(|[ca, cert, key]| shoal_launch::manifest::TlsPems { ca, cert, key }),
     });
     if !a.apply {
         print!("{}", shoal_launch::yaml::documents(&objects));

@@ -24,6 +24,13 @@ pub(crate) struct RunArgs {
     /// A process silent for this long fails the job, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) heartbeat_timeout_s: f64,
+    /// TLS on the control plane, the TCP data plane and the sparse tables' links, with a
+    /// per-job CA (or the certificates in --tls-dir).
+    #[arg(long)]
+    pub(crate) tls: bool,
+    /// A directory with ca.pem, cert.pem and key.pem for --tls.
+    #[arg(long, requires = "tls")]
+    pub(crate) tls_dir: Option<std::path::PathBuf>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub(crate) command: Vec<String>,
@@ -45,6 +52,19 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             );
         }
     }
+    let d = shoal_runtime::dist::DistSection {
+        tls: a.tls,
+        tls_dir: a
+            .tls_dir
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    // A per-job CA in a fresh directory only this user may enter, removed at the end.
+    let at =
+        std::env::temp_dir().join(format!("shoal-tls-{}", shoal_runtime::launch::new_token()?));
+    let tls = shoal_runtime::tls::prepare(&d, &at)?;
     shoal_runtime::launch::run_command(
         a.np,
         a.ps,
@@ -52,6 +72,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         a.transport,
         a.threads_per_process,
         std::time::Duration::from_secs_f64(a.heartbeat_timeout_s),
+        tls.as_ref(),
     )?;
     Ok(())
 }
