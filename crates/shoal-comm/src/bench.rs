@@ -1,5 +1,5 @@
 //! Timing helpers for `bench/run allreduce` and `bench/run transport`: an allreduce, or
-//! a push + pull of a buffer between two ranks, over a transport with ranks as threads
+//! a push + pull of a buffer between two ranks, over a transport (TCP also with TLS) with ranks as threads
 //! of this process (or one rank of a shared-memory group of processes), and this
 //! machine's memcpy bandwidth as the reference ceiling.
 
@@ -16,6 +16,8 @@ pub enum Which {
     Local,
     Shm,
     Tcp,
+    /// TCP with TLS (a per-job CA made for the benchmark; feature `tls`).
+    TcpTls,
 }
 
 /// Seconds per allreduce of `values` values on one rank (after one warm-up).
@@ -82,7 +84,11 @@ pub fn group(which: Which, ranks: usize) -> Result<Vec<Box<dyn Transport>>> {
                 .map(|t| Box::new(t) as Box<dyn Transport>)
                 .collect()
         }
-        Which::Tcp => {
+        Which::Tcp | Which::TcpTls => {
+            let tls = match which {
+                Which::TcpTls => Some(crate::tls::Tls::new(&crate::tls::Pem::generate()?)?),
+                _ => None,
+            };
             let ls: Vec<TcpListener> = (0..ranks)
                 .map(|_| TcpListener::bind("127.0.0.1:0"))
                 .collect::<std::io::Result<_>>()
@@ -95,7 +101,7 @@ pub fn group(which: Which, ranks: usize) -> Result<Vec<Box<dyn Transport>>> {
                 .into_iter()
                 .enumerate()
                 .map(|(r, l)| {
-                    let addrs = addrs.clone();
+                    let (addrs, tls) = (addrs.clone(), tls.clone());
                     std::thread::spawn(move || {
                         TcpTransport::connect(
                             r,
@@ -103,6 +109,7 @@ pub fn group(which: Which, ranks: usize) -> Result<Vec<Box<dyn Transport>>> {
                             l,
                             &TcpOptions {
                                 token: "bench".into(),
+                                tls,
                                 ..Default::default()
                             },
                         )

@@ -169,9 +169,15 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// ring's provider with TLS 1.3's AES-128-GCM first (the default puts AES-256 first;
+/// 128-bit keys are as strong as the job needs and a third faster on the data plane).
 #[cfg(feature = "tls")]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    let first = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    p.cipher_suites.retain(|s| s.suite() != first.suite());
+    p.cipher_suites.insert(0, first);
+    Arc::new(p)
 }
 
 impl Tls {

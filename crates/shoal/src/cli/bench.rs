@@ -201,12 +201,14 @@ pub(crate) fn run(b: BenchCmd) -> Result<()> {
             for bytes in sizes_mb(&sizes)? {
                 let shm = push_pull_seconds(Which::Shm, bytes, iters)?;
                 let tcp = push_pull_seconds(Which::Tcp, bytes, iters)?;
+                let tls = push_pull_seconds(Which::TcpTls, bytes, iters)?;
                 let grpc = shoal_control::bench::grpc_push_pull_seconds(bytes, iters)?;
                 let gbs = |t: f64| 2.0 * bytes as f64 / t / 1e9;
                 println!(
                     "{}",
-                    serde_json::json!({"bytes": bytes, "shm_s": shm, "tcp_s": tcp, "grpc_s": grpc,
-                        "shm_gbps": gbs(shm), "tcp_gbps": gbs(tcp), "grpc_gbps": gbs(grpc)})
+                    serde_json::json!({"bytes": bytes, "shm_s": shm, "tcp_s": tcp, "tls_s": tls,
+                        "grpc_s": grpc, "shm_gbps": gbs(shm), "tcp_gbps": gbs(tcp),
+                        "tls_gbps": gbs(tls), "grpc_gbps": gbs(grpc)})
                 );
             }
         }
