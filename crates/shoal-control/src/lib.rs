@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod client;
 pub mod error;
+pub mod gate;
 pub mod server;
 pub mod tls;
 

@@ -273,7 +273,7 @@ impl Coordinator {
                         }
                     }
                 });
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let incoming = crate::gate::incoming(listener, world as usize);
                 let _ = builder
                     .add_service(CoordinatorServer::new(svc))
                     .serve_with_incoming_shutdown(incoming, async {

@@ -213,3 +213,33 @@ fn empty_job_tokens_are_refused() {
         .to_string();
     assert!(e.contains("token"), "{e}");
 }
+
+/// More connections that say nothing than the port holds at once, and one that sends
+/// garbage: the members still join (the strangers' deadlines free the places), and the
+/// coordinator closes every silent one instead of keeping it.
+#[test]
+fn silent_and_garbage_connections_are_dropped_and_members_still_join() {
+    use std::io::{Read, Write};
+    let c = coordinator(2, 120);
+    let url = format!("http://{}", c.addr);
+    let silent: Vec<std::net::TcpStream> = (0..shoal_control::gate::MAX_STRANGERS + 8)
+        .map(|_| std::net::TcpStream::connect(c.addr).unwrap())
+        .collect();
+    let mut garbage = std::net::TcpStream::connect(c.addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let members = join(&url, 2);
+    assert_eq!(members.len(), 2);
+    for (i, mut s) in silent.into_iter().enumerate() {
+        s.set_read_timeout(Some(HANG)).unwrap();
+        let mut b = [0u8; 16];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("silent connection {i} was not closed: {other:?}"),
+        }
+    }
+    for (cl, _) in members {
+        cl.leave().unwrap();
+    }
+    c.wait_finished().unwrap();
+}
