@@ -601,9 +601,9 @@ const MAX_STRANGERS: usize = 256;
 /// MAX_STRANGERS` connections are open at once.
 fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)>) {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let (workers, tls) = {
+    let (workers, tls, wait) = {
         let sh = st.0.lock().unwrap_or_else(|p| p.into_inner());
-        (sh.cfg.workers, sh.cfg.tls.clone())
+        (sh.cfg.workers, sh.cfg.tls.clone(), sh.cfg.timeout)
     };
     let open = Arc::new(AtomicUsize::new(0));
     loop {
@@ -658,6 +658,9 @@ fn accept_tcp(listener: TcpListener, len: usize, st: Arc<(Mutex<Shard>, Condvar)
                             }
                         },
                     };
+                    // A reply a worker does not take within the shard's wait fails
+                    // (its requests may be minutes apart: reads wait for them).
+                    let _ = s.tcp().set_write_timeout(Some(wait));
                     let r = TcpTransport::pair(s, 0, DEFAULT_MAX_PAYLOAD)
                         .and_then(|t| Link::new(Box::new(t), usize::MAX))
                         .and_then(|link| {

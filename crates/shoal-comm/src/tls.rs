@@ -36,6 +36,7 @@ impl std::fmt::Debug for Pem {
     }
 }
 
+#[cfg(feature = "tls")]
 fn tls_err(what: impl Into<String>) -> impl FnOnce(String) -> Error {
     let what = what.into();
     move |why| Error::Tls { what, why }

@@ -32,3 +32,26 @@ fn damaged_frames_are_refused_without_a_panic() {
     assert_eq!(read_all(&wire).unwrap(), 3);
     never_panics("frames", &damaged(&wire, 31, 500), read_all);
 }
+
+/// TLS files, damaged: the CA, the certificate and the key each refused with an error
+/// (or, where the damage spared them, accepted), never a panic.
+#[cfg(feature = "tls")]
+#[test]
+fn damaged_tls_files_are_refused_without_a_panic() {
+    use shoal_comm::tls::{Pem, Tls};
+    let good = Pem::generate().unwrap();
+    Tls::new(&good).unwrap();
+    for (i, part) in [&good.ca, &good.cert, &good.key].into_iter().enumerate() {
+        let inputs = damaged(part.as_bytes(), 40 + i as u64, 300);
+        never_panics("TLS files", &inputs, |b| {
+            let mut p = good.clone();
+            let text = String::from_utf8_lossy(b).into_owned();
+            match i {
+                0 => p.ca = text,
+                1 => p.cert = text,
+                _ => p.key = text,
+            }
+            Tls::new(&p).map(|_| ())
+        });
+    }
+}
