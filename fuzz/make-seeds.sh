@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 S=fuzz/seeds
 SHOAL=${SHOAL:-target/release/shoal}
 DATA=../shared/data
-rm -rf "$S" && mkdir -p "$S"/{frame,ps_messages,click_log,corpus,tokenizer,config,shoalz,onnx,ctr_model,cnn_model,idx,grpc}
+rm -rf "$S" && mkdir -p "$S"/{frame,ps_messages,click_log,corpus,tokenizer,config,shoalz,onnx,ctr_model,cnn_model,idx,grpc,tls_files}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -36,6 +36,9 @@ out = msg(2, f(*[1.0] * 6)) + msg(3, push) + msg(4, struct.pack("<Q", 1)) \
     + msg(5, struct.pack("<2Q", 42, 7)) + msg(7, b"") + msg(9, b"") + msg(6, b"")
 open(sys.argv[1], "wb").write(out)
 PY
+# TLS files: the per-job CA, certificate and key `shoal run --tls` makes, split by zero
+# bytes.
+"$SHOAL" run --tls -n 1 -- sh -c 'cat "$SHOAL_TLS_DIR/ca.pem"; printf "\000"; cat "$SHOAL_TLS_DIR/cert.pem"; printf "\000"; cat "$SHOAL_TLS_DIR/key.pem"' > "$S/tls_files/job"
 head -c 4000 "$DATA/ctr/criteo_sample.txt" > "$S/click_log/criteo.csv"
 head -c 4000 "$DATA/ctr/avazu_sample.txt" > "$S/click_log/avazu.csv"
 printf '1 0:12:1 1:7:1 2:99:0.5\n0 0:3:1 1:7:1 2:1:1\n1 0:12:1 1:8:1 2:5:1\n' > "$S/click_log/libffm"
