@@ -11,7 +11,7 @@ use shoal_comm::local::LocalTransport;
 use shoal_comm::shm::ShmTransport;
 use shoal_comm::tcp::{TcpOptions, TcpTransport};
 use shoal_comm::{Communicator, Transport};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::time::Duration;
 
 /// Runs `body` on `n` ranks (threads), each with its own transport.
@@ -34,23 +34,13 @@ fn run<T: Transport + 'static>(
 }
 
 fn tcp_group(n: usize, token: &str) -> Vec<TcpTransport> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let addrs = addrs.clone();
-            let opts = TcpOptions {
-                token: token.into(),
-                ..Default::default()
-            };
-            std::thread::spawn(move || TcpTransport::connect(r, &addrs, l, &opts).unwrap())
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::tcp_group(
+        n,
+        &TcpOptions {
+            token: token.into(),
+            ..Default::default()
+        },
+    )
 }
 
 fn check_all_collectives<T: Transport + 'static>(make: impl Fn(usize) -> Vec<T>) {

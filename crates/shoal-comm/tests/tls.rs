@@ -26,19 +26,7 @@ fn opts(tls: Option<Arc<Tls>>) -> TcpOptions {
 }
 
 fn tls_group(n: usize, tls: &Arc<Tls>) -> Vec<TcpTransport> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let (addrs, o) = (addrs.clone(), opts(Some(tls.clone())));
-            std::thread::spawn(move || TcpTransport::connect(r, &addrs, l, &o).unwrap())
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::tcp_group(n, &opts(Some(tls.clone())))
 }
 
 #[test]

@@ -1658,6 +1658,19 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
     assert_clear_error(&o, &[&format!("coordinator at {}", nobody.url()), NOT_UP]);
 }
 
+/// `shoal launch --k8s SPEC` run again prints what `first` printed (the kept token and
+/// certificates); returns what it prints with `--new-token`.
+fn again_then_renewed(dir: &Path, spec: &str, first: &Output) -> Output {
+    let again = shoal(dir, &["launch", "--k8s", spec], None);
+    assert!(
+        again.stdout == first.stdout,
+        "{spec}: a second run printed other objects"
+    );
+    let fresh = shoal(dir, &["launch", "--k8s", spec, "--new-token"], None);
+    assert!(fresh.status.success(), "{spec}: {}", text(&fresh.stderr));
+    fresh
+}
+
 /// `shoal launch --k8s` prints a job's Kubernetes objects (its training configuration
 /// inside, [dist] set from the spec, data plane over TCP); flags override the spec; a bad
 /// spec is a clear error and prints nothing.
@@ -1693,16 +1706,7 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
         let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let again = shoal(d.path(), &["launch", "--k8s", "job.toml"], None);
-    assert!(
-        again.stdout == o.stdout,
-        "a second dry run printed other objects"
-    );
-    let fresh = shoal(
-        d.path(),
-        &["launch", "--k8s", "job.toml", "--new-token"],
-        None,
-    );
+    let fresh = again_then_renewed(d.path(), "job.toml", &o);
     assert!(!text(&fresh.stdout).contains(&token));
     assert_ne!(std::fs::read_to_string(&kept).unwrap(), token);
     std::fs::write(&kept, "garbage").unwrap();
@@ -1741,17 +1745,7 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
     // Both pod templates (coordinator, workers) mount it; the plain job's have none.
     assert_eq!(ty.matches("mountPath: /etc/shoal-tls").count(), 2, "{ty}");
     assert!(!y.contains("SHOAL_TLS_DIR"), "{y}");
-    let again = shoal(d.path(), &["launch", "--k8s", "tls.toml"], None);
-    assert!(
-        again.stdout == t.stdout,
-        "a second run made other certificates"
-    );
-    let fresh = shoal(
-        d.path(),
-        &["launch", "--k8s", "tls.toml", "--new-token"],
-        None,
-    );
-    assert!(fresh.status.success(), "{}", text(&fresh.stderr));
+    let fresh = again_then_renewed(d.path(), "tls.toml", &t);
     assert!(
         !text(&fresh.stdout).contains(body),
         "--new-token kept the certificates"

@@ -37,3 +37,27 @@ pub fn require(available: bool, what: &str) -> bool {
     }
     available
 }
+
+/// `n` ranks connected over loopback TCP with `opts` (each rank connects on a thread).
+#[allow(dead_code)] // not every test file that includes this module needs it
+pub fn tcp_group(
+    n: usize,
+    opts: &shoal_comm::tcp::TcpOptions,
+) -> Vec<shoal_comm::tcp::TcpTransport> {
+    use std::net::{SocketAddr, TcpListener};
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let (addrs, opts) = (addrs.clone(), opts.clone());
+            std::thread::spawn(move || {
+                shoal_comm::tcp::TcpTransport::connect(r, &addrs, l, &opts).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
