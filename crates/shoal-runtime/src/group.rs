@@ -280,7 +280,13 @@ impl Group {
         let ctl = Arc::new(ctl);
         let dog = Watchdog::start(ctl.clone(), format!("rank {rank}"));
         let tls = tls.map(|t| t.data);
-        let timeout = crate::dist::DistSection::default().data_timeout();
+        // The coordinator's heartbeat timeout (it tells its members to beat four times
+        // within it) sets the data plane's deadline, as a workload's `[dist]` does.
+        let timeout = crate::dist::DistSection {
+            heartbeat_timeout_s: (4 * reg.heartbeat).as_secs_f64(),
+            ..Default::default()
+        }
+        .data_timeout();
         let comm = worker_plane(token, rank, &members, listener, tls.clone(), timeout)?;
         Ok(Group {
             rank,
