@@ -230,9 +230,13 @@ impl Coordinator {
             what: "reading the coordinator address".into(),
             why: e.to_string(),
         })?;
+        // HTTP/2 pings find a connection whose member is gone without closing it.
+        let plain = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(cfg.heartbeat_timeout))
+            .http2_keepalive_timeout(Some(cfg.heartbeat_timeout));
         let mut builder = match &cfg.tls {
-            Some(t) => crate::tls::server(tonic::transport::Server::builder(), t)?,
-            None => tonic::transport::Server::builder(),
+            Some(t) => crate::tls::server(plain, t)?,
+            None => plain,
         };
         let state = Arc::new(Mutex::new(State::default()));
         let changed = Arc::new(Notify::new());
@@ -305,7 +309,7 @@ impl Coordinator {
                     let who = st
                         .members
                         .get(f.rank as usize)
-                        .map(|m| format!("{} (rank {})", m.role, f.rank))
+                        .map(|m| format!("{} (rank {}, host {})", m.role, f.rank, m.host))
                         .unwrap_or_else(|| format!("rank {}", f.rank));
                     return Err(Error::PeerFailed {
                         rank: f.rank,
@@ -344,8 +348,20 @@ impl Drop for Coordinator {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+        // The server drains its connections before it stops; one to a member that is
+        // gone without closing it (a host cut off) would hold it for ever, so the wait
+        // is bounded and the rest is left to the process's end.
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let until = Instant::now() + DRAIN;
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
+
+/// How long a stopping coordinator waits for its connections to close.
+const DRAIN: Duration = Duration::from_secs(2);

@@ -2135,3 +2135,205 @@ fn generated_click_logs_go_into_a_folder_that_does_not_exist_yet() {
     assert_eq!(csv.lines().next(), Some("label,C1,C2,C3"));
     assert_eq!((csv.lines().count(), probs.lines().count()), (501, 500));
 }
+
+/// Hosts made of network namespaces: each has its own address on a bridge in the root
+/// namespace (`ip netns`, veth pairs); removed on drop.
+struct Hosts {
+    bridge: String,
+    names: Vec<String>,
+    /// The root side of each host's link (cutting it cuts the host off).
+    links: Vec<String>,
+    net: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Hosts {
+    /// `n` hosts at `10.N.0.2...`, the bridge (this namespace) at `10.N.0.1`; None where
+    /// namespaces cannot be made (not root, no iproute2).
+    fn make(n: usize) -> Option<Hosts> {
+        let id = std::process::id() % 100_000;
+        let net = format!("10.{}.{}", 100 + id % 150, id % 250);
+        let h = Hosts {
+            bridge: format!("shb{id}"),
+            names: (0..n).map(|i| format!("shoal-{id}-h{i}")).collect(),
+            links: (0..n).map(|i| format!("shv{id}x{i}")).collect(),
+            net,
+        };
+        let b = h.bridge.as_str();
+        let mut ok = ip(&["link", "add", b, "type", "bridge"])
+            && ip(&["addr", "add", &format!("{}.1/24", h.net), "dev", b])
+            && ip(&["link", "set", b, "up"]);
+        for (i, (ns, l)) in h.names.iter().zip(&h.links).enumerate() {
+            let peer = format!("{l}p");
+            ok = ok
+                && ip(&["netns", "add", ns])
+                && ip(&["link", "add", l, "type", "veth", "peer", "name", &peer])
+                && ip(&["link", "set", &peer, "netns", ns])
+                && ip(&["link", "set", l, "master", b])
+                && ip(&["link", "set", l, "up"])
+                && ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", h.addr(i)),
+                    "dev",
+                    &peer,
+                ])
+                && ip(&["-n", ns, "link", "set", &peer, "up"])
+                && ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ok.then_some(h)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.net, i + 2)
+    }
+
+    /// `shoal ARGS` run inside host `i`.
+    fn shoal(&self, i: usize, dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[i], env!("CARGO_BIN_EXE_shoal")])
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            ip(&["netns", "del", ns]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// Two hosts (network namespaces, each its own address, linked through a bridge): a
+/// 2-worker NMT job over TCP, the coordinator on the bridge's address and one worker on
+/// each host, trains the same bits as the local launcher's 2-worker TCP job; then a job
+/// whose second host is cut off mid-run stops within the heartbeat timeout, naming that
+/// host.
+#[test]
+fn two_hosts_train_like_one_and_a_cut_link_names_the_host() {
+    let Some(hosts) = Hosts::make(2) else {
+        require(false, "network namespaces (root and iproute2)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 48);
+    let mut args = vec!["train", "nmt", "--data-dir", ".", "--no-eval"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--workers", "2", "--set", "dist.transport=tcp"]);
+    args.extend_from_slice(&["--set", "dist.heartbeat_timeout_s=3"]);
+    // The local launcher's job: the reference.
+    let mut local = args.clone();
+    local.extend_from_slice(&["--max-steps", "3", "--out", "local"]);
+    let o = shoal(d.path(), &local, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let job = |name: &str, steps: &str, cut: bool| -> (Output, Vec<Output>) {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--max-steps", steps, "--print-config"]);
+        let o = shoal(d.path(), &a, None);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let cfg = format!("{name}.toml");
+        std::fs::write(d.path().join(&cfg), &o.stdout).unwrap();
+        let env = |c: &mut Command| {
+            c.env("SHOAL_JOB_TOKEN", "hosts-token")
+                .env("SHOAL_RUN_DIR", name)
+                .env("RAYON_NUM_THREADS", "1");
+        };
+        let mut coord = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        coord
+            .current_dir(d.path())
+            .args(["coordinator", "--kind", "nmt", "--config", &cfg, "--listen"])
+            .arg(format!("{}.1:0", hosts.net))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        env(&mut coord);
+        let mut coord = coord.spawn().unwrap();
+        let (lines, coord_err) = watch_stderr(&mut coord);
+        let said = wait_line(&lines, "coordinator listening on ", name);
+        let addr = said
+            .trim_start_matches("coordinator listening on ")
+            .trim()
+            .to_string();
+        let mut workers = Vec::new();
+        for i in 0..2 {
+            let mut c = hosts.shoal(i, d.path(), &["role"]);
+            env(&mut c);
+            c.env("SHOAL_ROLE", "worker")
+                .env("SHOAL_COORDINATOR", format!("http://{addr}"))
+                .env("SHOAL_HOST", hosts.addr(i))
+                .env("JOB_COMPLETION_INDEX", i.to_string());
+            let mut w = c.spawn().unwrap();
+            let (wl, we) = watch_stderr(&mut w);
+            workers.push((w, wl, we));
+        }
+        if cut {
+            // Once both train, host 1 loses its link.
+            for (_, wl, _) in &workers {
+                wait_line(wl, "exchanging gradients by ring allreduce over TCP", name);
+            }
+            assert!(ip(&["link", "set", &hosts.links[1], "down"]));
+        }
+        let outs: Vec<Output> = workers
+            .into_iter()
+            .map(|(w, _, we)| {
+                let mut o = wait_or_kill_output(w, name);
+                o.stderr = we.join().unwrap().into_bytes();
+                o
+            })
+            .collect();
+        let mut co = wait_or_kill_output(coord, name);
+        co.stderr = coord_err.join().unwrap().into_bytes();
+        (co, outs)
+    };
+    let (co, outs) = job("hosts", "3", false);
+    for o in &outs {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    assert!(co.status.success(), "{}", text(&co.stderr));
+    assert!(text(&outs[1].stderr).contains(&format!("registered from {}", hosts.addr(1))));
+    let f = "ckpt-00000003/model.safetensors";
+    let a = std::fs::read(d.path().join("local").join(f)).unwrap();
+    let b = std::fs::read(d.path().join("hosts").join(f)).unwrap();
+    assert!(
+        a == b,
+        "two hosts trained other bits than one host's two workers"
+    );
+    // The cut: the coordinator fails the job naming host 1 (its heartbeats stop), and
+    // no process is left running.
+    let (co, _outs) = job("cut", "100000", true);
+    assert!(!co.status.success(), "the job survived a cut link");
+    let e = text(&co.stderr);
+    assert!(e.contains(&format!("host {}", hosts.addr(1))), "{e}");
+    assert!(e.contains("no heartbeat"), "{e}");
+}
+
+/// Waits for `child` (bounded by [`HANG`]); kills it and fails naming `what` past that.
+fn wait_or_kill_output(mut child: std::process::Child, what: &str) -> Output {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(_s) = child.try_wait().unwrap() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > HANG {
+            let _ = child.kill();
+            panic!("{what}: a process hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
