@@ -395,7 +395,7 @@ pub fn job_token(
     name: &str,
     fresh: bool,
 ) -> crate::Result<String> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| crate::Error::Io { path, source }
@@ -420,18 +420,28 @@ pub fn job_token(
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     let token = new_token()?;
     let tmp = dir.join(format!(".{namespace}.{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    std::io::Write::write_all(&mut f, token.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io(&tmp))?;
+    let _ = std::fs::remove_file(&tmp);
+    write_owner_only(&tmp, &token)?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(token)
+}
+
+/// Writes `text` to the new file `path`, readable by its owner only, and syncs it.
+fn write_owner_only(path: &std::path::Path, text: &str) -> crate::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| crate::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(err)
 }
 
 /// The TLS certificates of job `name` in `namespace` (`ca.pem`, `cert.pem`, `key.pem`),
@@ -445,7 +455,7 @@ pub fn job_tls(
     fresh: bool,
     make: impl FnOnce() -> crate::Result<[String; 3]>,
 ) -> crate::Result<[String; 3]> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| crate::Error::Io { path, source }
@@ -476,16 +486,7 @@ pub fn job_tls(
         .create(&tmp)
         .map_err(io(&tmp))?;
     for (text, f) in made.iter().zip(FILES) {
-        let p = tmp.join(f);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(io(&p))?;
-        std::io::Write::write_all(&mut file, text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(&p))?;
+        write_owner_only(&tmp.join(f), text)?;
     }
     let _ = std::fs::remove_dir_all(&at);
     std::fs::rename(&tmp, &at).map_err(io(&at))?;

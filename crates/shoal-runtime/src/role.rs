@@ -188,14 +188,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
     STEP_LOG.lock().unwrap_or_else(|p| p.into_inner()).unit = K::UNIT;
     let spec = K::read(&job)?;
     let d = spec.dist().clone();
-    if d.tls && tls.is_none() {
-        return Err(Error::Config(format!(
-            "dist.tls is on but {} names no directory of certificates (the launcher sets \
-             it; a process started by hand needs it set)",
-            crate::tls::ENV_TLS_DIR
-        ))
-        .into());
-    }
+    crate::tls::check(&d, tls.as_ref())?;
     let data_tls = tls.as_ref().map(|t| t.data.clone());
     let shards_needed = spec.needs_shards();
     // A scheduler starts all workers from one template: with colocated shards, the

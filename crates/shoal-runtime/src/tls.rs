@@ -44,17 +44,23 @@ pub fn from_env() -> Result<Option<JobTls>> {
     }
 }
 
-/// As [`from_env`], for a process of a job whose configuration says `d`: TLS asked for
-/// with no directory given is an error naming both.
+/// As [`from_env`], for a process of a job whose configuration says `d` (see
+/// [`check`]).
 pub fn for_job(d: &DistSection) -> Result<Option<JobTls>> {
     let t = from_env()?;
+    check(d, t.as_ref())?;
+    Ok(t)
+}
+
+/// TLS asked for by `d` with none read from the environment is an error naming both.
+pub fn check(d: &DistSection, t: Option<&JobTls>) -> Result<()> {
     if d.tls && t.is_none() {
         return Err(Error::Config(format!(
             "dist.tls is on but {ENV_TLS_DIR} names no directory of certificates (the \
              launcher sets it; a process started by hand needs it set)"
         )));
     }
-    Ok(t)
+    Ok(())
 }
 
 /// The TLS directory a launcher hands its processes.

@@ -675,22 +675,21 @@ fn tls_jobs_train_the_same_model() {
             &["--set", "dist.tls=true", "--set", &certs_set],
         );
         assert!(plain == from_files, "{name}: certificates from files");
-        for run in [format!("{name}-tls"), format!("{name}-files")] {
-            let logs = d.path().join(&run).join("job/logs");
-            let all: String = std::fs::read_dir(&logs)
+        let logs = |run: &str| -> String {
+            std::fs::read_dir(d.path().join(run).join("job/logs"))
                 .unwrap()
                 .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-                .collect();
+                .collect()
+        };
+        for run in [format!("{name}-tls"), format!("{name}-files")] {
+            let all = logs(&run);
             assert!(all.contains("over TCP with TLS"), "{run}: {all}");
             assert!(
                 !d.path().join(&run).join("job/tls").exists(),
                 "{run}: the job's certificates outlived it"
             );
         }
-        let plain_logs: String = std::fs::read_dir(d.path().join(format!("{name}-plain/job/logs")))
-            .unwrap()
-            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-            .collect();
+        let plain_logs = logs(&format!("{name}-plain"));
         assert!(!plain_logs.contains("TLS"), "{plain_logs}");
     }
     // Files that are not there, or not certificates, are named up front.
