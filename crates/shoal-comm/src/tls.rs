@@ -199,10 +199,8 @@ impl Tls {
         };
         let ca = certs(&pem.ca, "the CA certificate (ca.pem)")?;
         let chain = certs(&pem.cert, "the certificate (cert.pem)")?;
-        let key = || {
-            PrivateKeyDer::from_pem_slice(pem.key.as_bytes())
-                .map_err(|e| tls_err("the private key (key.pem)")(e.to_string()))
-        };
+        let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes())
+            .map_err(|e| tls_err("the private key (key.pem)")(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in ca {
             roots
@@ -219,13 +217,13 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .map_err(bad("the server settings"))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key()?)
+            .with_single_cert(chain.clone(), key.clone_key())
             .map_err(bad("the certificate and key (cert.pem, key.pem)"))?;
         let client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(bad("the client settings"))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key()?)
+            .with_client_auth_cert(chain, key)
             .map_err(bad("the certificate and key (cert.pem, key.pem)"))?;
         Ok(Arc::new(Tls {
             client: Arc::new(client),

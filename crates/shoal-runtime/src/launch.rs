@@ -203,10 +203,6 @@ pub fn launch_job(
         let _ = std::fs::remove_dir_all(&at);
     }
     let tls_dir = crate::tls::prepare(d, &at)?;
-    let tls = match &tls_dir {
-        Some(t) => Some(crate::tls::JobTls::load(&t.path)?),
-        None => None,
-    };
     let coord = Coordinator::start(
         "127.0.0.1:0".parse().expect("literal address"),
         CoordinatorConfig {
@@ -214,7 +210,7 @@ pub fn launch_job(
             world: world as u32,
             heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
             rendezvous_timeout: Duration::from_secs(180),
-            tls: tls.map(|t| t.control),
+            tls: tls_dir.as_ref().map(|t| t.tls.control.clone()),
         },
     )?;
     let threads = threads_each(threads, d.workers);
@@ -315,10 +311,7 @@ pub fn run_command(
             world: n as u32,
             heartbeat_timeout,
             rendezvous_timeout: Duration::from_secs(180),
-            tls: match tls_dir {
-                Some(t) => Some(crate::tls::JobTls::load(&t.path)?.control),
-                None => None,
-            },
+            tls: tls_dir.map(|t| t.tls.control.clone()),
         },
     )?;
     // A free port for a script's own torch.distributed store, as torchrun gives one.

@@ -24,7 +24,11 @@ pub struct JobTls {
 impl JobTls {
     /// Reads and checks the files in `dir`.
     pub fn load(dir: &Path) -> Result<JobTls> {
-        let pem = Pem::read_dir(dir)?;
+        Self::from_pem(Pem::read_dir(dir)?)
+    }
+
+    /// Checks `pem` and makes the settings of every plane from it.
+    pub fn from_pem(pem: Pem) -> Result<JobTls> {
         Ok(JobTls {
             data: Tls::new(&pem)?,
             control: shoal_control::TlsPem {
@@ -67,6 +71,8 @@ pub fn check(d: &DistSection, t: Option<&JobTls>) -> Result<()> {
 #[derive(Debug)]
 pub struct TlsDir {
     pub path: PathBuf,
+    /// What the launcher's own side (its coordinator) uses, read once.
+    pub tls: JobTls,
     /// Made for this job (and removed with it).
     made: bool,
 }
@@ -89,13 +95,20 @@ pub fn prepare(d: &DistSection, at: &Path) -> Result<Option<TlsDir>> {
     if !d.tls_dir.is_empty() {
         let path = PathBuf::from(&d.tls_dir);
         // Fail here, naming the file, rather than in every process.
-        JobTls::load(&path)?;
+        let tls = JobTls::load(&path)?;
         let path = path.canonicalize().map_err(crate::io_err(&path))?;
-        return Ok(Some(TlsDir { path, made: false }));
+        return Ok(Some(TlsDir {
+            path,
+            tls,
+            made: false,
+        }));
     }
-    Pem::generate()?.write_dir(at)?;
+    let pem = Pem::generate()?;
+    let tls = JobTls::from_pem(pem.clone())?;
+    pem.write_dir(at)?;
     Ok(Some(TlsDir {
         path: at.to_path_buf(),
+        tls,
         made: true,
     }))
 }
