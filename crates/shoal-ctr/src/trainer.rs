@@ -139,6 +139,13 @@ impl CtrTrainConfig {
             return bad("evict_idle_steps", "too large");
         }
         d.validate()?;
+        if d.min_workers > 0 || d.max_restarts > 0 {
+            return Err(Error::Config(
+                "dist.min_workers, dist.max_restarts: CTR jobs do not restart yet (their \
+                 sparse rows have no periodic checkpoint); elastic jobs are NMT's for now"
+                    .into(),
+            ));
+        }
         if d.is_cluster() && (d.mode == shoal_runtime::dist::DistMode::Allreduce || d.ps == 0) {
             return bad(
                 "workers",

@@ -318,6 +318,19 @@ impl NmtTrainConfig {
             );
         }
         self.dist.validate()?;
+        if self.dist.max_restarts > 0 && self.train.checkpoint_every == 0 {
+            return bad(
+                "dist.max_restarts",
+                "a restart goes on from the last checkpoint: set train.checkpoint_every",
+            );
+        }
+        if (self.dist.max_restarts > 0 || self.dist.min_workers > 0) && !self.dist.is_cluster() {
+            return bad(
+                "dist.max_restarts / dist.min_workers",
+                "restarts are the launcher's, for jobs of several processes (dist.workers > 1 \
+                 or a ps mode)",
+            );
+        }
         self.train
             .optimizer_config()
             .validate()

@@ -149,6 +149,9 @@ pub fn launch(
 /// The NMT progress event of worker 0's report (tokens/s: the job's, added by the
 /// caller from the rates).
 fn nmt_event(r: &Report) -> Option<Event> {
+    if let Some(text) = r.membership_text() {
+        return Some(Event::Membership { text });
+    }
     Some(match r.clone() {
         Report::Started {
             rank: 0,
@@ -263,8 +266,8 @@ fn worker(
             step: *step,
             path: path.clone(),
         }),
-        // Refused in distributed jobs (config validation).
-        Event::Validation { .. } => {}
+        // Refused in distributed jobs (config validation); the launcher's own.
+        Event::Validation { .. } | Event::Membership { .. } => {}
     })?;
     if let Some(a) = t.detach() {
         a.close()?;

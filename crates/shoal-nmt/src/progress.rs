@@ -166,6 +166,7 @@ impl Progress {
                     }
                 ));
             }
+            Event::Membership { text } => self.bar.say(text),
             Event::Checkpoint { step, path } => {
                 self.events.record_on(&self.bar, *step, &[], true);
                 self.bar

@@ -79,6 +79,11 @@ pub enum Event {
         step: u64,
         path: PathBuf,
     },
+    /// A distributed job's membership changed or it recovered from a change (the
+    /// launcher's words, see `shoal_runtime::launch::Report::Membership`).
+    Membership {
+        text: String,
+    },
 }
 
 /// Why training stopped.
@@ -777,14 +782,11 @@ where
     /// how gradients meet); every worker then starts from rank 0's parameters (and, for
     /// parameter servers, optimizer state).
     pub fn attach(&mut self, a: Attachment) -> Result<()> {
-        if a.workers() != self.cfg.dist.workers {
-            return Err(Error::Cluster(format!(
-                "worker {} of a job of {} workers attached to a configuration of {}",
-                a.rank(),
-                a.workers(),
-                self.cfg.dist.workers
-            )));
-        }
+        // An elastic job may have fewer workers than it was configured with; the global
+        // batch stays the configured one.
+        self.cfg
+            .dist
+            .check_world(a.workers(), &format!("worker {}", a.rank()))?;
         self.rank = a.rank();
         self.learner.exchange = Some(a);
         self.learner.synchronise(self.pos.step)
@@ -964,8 +966,8 @@ where
                 self.pos.batch = 0;
                 continue;
             };
-            let (a, b) =
-                shoal_comm::collective::split_range(global.len(), self.cfg.dist.workers, self.rank);
+            let world = self.learner.exchange.as_ref().map_or(1, |a| a.workers());
+            let (a, b) = shoal_comm::collective::split_range(global.len(), world, self.rank);
             let mut batch = std::mem::take(&mut self.batch);
             let share = if a < b {
                 self.batcher.fill_batch(&global[a..b], &mut batch)?;

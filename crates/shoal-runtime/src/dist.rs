@@ -44,8 +44,18 @@ pub enum DataPlane {
 #[serde(deny_unknown_fields, default)]
 pub struct DistSection {
     /// Data-parallel workers; `train.batch_size` is per worker, so the global batch is
-    /// `workers * batch_size`.
+    /// `workers * batch_size`. In an elastic job (`min_workers` below it) the most
+    /// workers: the global batch stays `workers * batch_size` whatever the job's size
+    /// (each worker's share grows when it shrinks), so a membership change does not
+    /// change what is computed.
     pub workers: usize,
+    /// The fewest workers an elastic job goes on with (0: `workers`, not elastic). When
+    /// a worker fails the survivors restart from the last checkpoint without it, and a
+    /// replacement joins at the next checkpoint (`--workers MIN:MAX`).
+    pub min_workers: usize,
+    /// How many times a failed job restarts from its last checkpoint before it stops
+    /// (0: the first failure stops it).
+    pub max_restarts: u32,
     /// Parameter-server shards (ps modes).
     pub ps: usize,
     pub mode: DistMode,
@@ -68,6 +78,8 @@ impl Default for DistSection {
     fn default() -> Self {
         Self {
             workers: 1,
+            min_workers: 0,
+            max_restarts: 0,
             ps: 0,
             mode: DistMode::Allreduce,
             placement: Placement::Separate,
@@ -84,6 +96,9 @@ impl Default for DistSection {
 /// ask the launcher to start).
 pub const MAX_PROCESSES: usize = 4096;
 
+/// The most restarts a job may ask for.
+pub const MAX_RESTARTS: u32 = 1000;
+
 /// The longest heartbeat timeout (a day); longer ones are surely a mistake, and a
 /// silent peer would hold the job for ever.
 pub const MAX_HEARTBEAT_S: f64 = 86_400.0;
@@ -94,6 +109,18 @@ impl DistSection {
         let bad = |f: &str, why: String| Err(crate::Error::Config(format!("dist.{f}: {why}")));
         if self.workers == 0 || self.workers > MAX_PROCESSES {
             return bad("workers", format!("must be in 1..={MAX_PROCESSES}"));
+        }
+        if self.min_workers > self.workers {
+            return bad(
+                "min_workers",
+                format!(
+                    "{} is more than dist.workers ({}), the most workers",
+                    self.min_workers, self.workers
+                ),
+            );
+        }
+        if self.max_restarts > MAX_RESTARTS {
+            return bad("max_restarts", format!("must be at most {MAX_RESTARTS}"));
         }
         if self.ps > MAX_PROCESSES {
             return bad("ps", format!("must be at most {MAX_PROCESSES}"));
@@ -116,6 +143,19 @@ impl DistSection {
                 "colocated placement puts one shard in each of the first workers: at most \
                  dist.workers"
                     .into(),
+            );
+        }
+        if self.placement == Placement::Colocated
+            && self.mode != DistMode::Allreduce
+            && self.fewest_workers() < self.ps
+        {
+            return bad(
+                "min_workers",
+                format!(
+                    "{}: with colocated placement every shard lives in a worker, so an \
+                     elastic job keeps at least dist.ps ({}) workers",
+                    self.min_workers, self.ps
+                ),
             );
         }
         if !(self.heartbeat_timeout_s > 0.0 && self.heartbeat_timeout_s <= MAX_HEARTBEAT_S) {
@@ -142,6 +182,33 @@ impl DistSection {
     /// its closed connection or by the heartbeats).
     pub fn data_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64((6.0 * self.heartbeat_timeout_s).max(60.0))
+    }
+
+    /// The fewest workers the job goes on with (`min_workers`, or `workers` when 0).
+    pub fn fewest_workers(&self) -> usize {
+        match self.min_workers {
+            0 => self.workers,
+            m => m,
+        }
+    }
+
+    /// Checks that a job of `world` workers is one this configuration allows (what a
+    /// launcher or scheduler started; `who` names where the number came from).
+    pub fn check_world(&self, world: usize, who: &str) -> crate::Result<()> {
+        if world < self.fewest_workers() || world > self.workers {
+            return Err(crate::Error::Cluster(format!(
+                "{who}: {world} workers, but the job's configuration allows {}",
+                match self.fewest_workers() == self.workers {
+                    true => format!("exactly {} (dist.workers)", self.workers),
+                    false => format!(
+                        "{} to {} (dist.min_workers to dist.workers)",
+                        self.fewest_workers(),
+                        self.workers
+                    ),
+                }
+            )));
+        }
+        Ok(())
     }
 
     /// True when the job runs as several processes.

@@ -35,6 +35,12 @@ pub const ENV_HOST: &str = "SHOAL_HOST";
 /// This process's index within its role; Kubernetes' indexed Jobs set
 /// `JOB_COMPLETION_INDEX` and Volcano's env plugin `VC_TASK_INDEX`, read when this is unset.
 pub const ENV_INDEX: &str = "SHOAL_INDEX";
+/// The number of workers the job has now (an elastic job's launcher sets it on every
+/// (re)start; default `dist.workers`).
+pub const ENV_WORKERS: &str = "SHOAL_WORKERS";
+/// How many times the job has restarted (0 on its first start), as TorchElastic's
+/// `TORCHELASTIC_RESTART_COUNT`.
+pub const ENV_RESTART: &str = "SHOAL_RESTART_COUNT";
 /// How long to wait for the coordinator to be reachable, in seconds (default 60).
 pub const ENV_CONNECT_TIMEOUT: &str = "SHOAL_CONNECT_TIMEOUT_S";
 
@@ -79,6 +85,30 @@ pub enum Report {
         epoch: u64,
         scores: BTreeMap<String, f64>,
     },
+    /// A change of an elastic job's members, said by the launcher: a process failed
+    /// and the job restarted without it, or replacements joined at a checkpoint.
+    Membership {
+        /// `failed` or `joined`.
+        change: String,
+        /// The process that failed (its name, pid and how it ended), or who joined.
+        who: String,
+        /// Seconds since the job started.
+        at_s: f64,
+        workers_before: usize,
+        workers_after: usize,
+        /// The step of the checkpoint the job goes on from.
+        from_step: u64,
+        /// Updates made after that checkpoint, made again.
+        steps_lost: u64,
+        /// The restarts so far, this one counted.
+        restart: u32,
+    },
+    /// The first update after a membership change, said by the launcher: `seconds`
+    /// from the change to it.
+    Recovered {
+        step: u64,
+        seconds: f64,
+    },
     Done {
         rank: usize,
         steps: u64,
@@ -87,6 +117,33 @@ pub enum Report {
         timing: PhaseTimes,
         checkpoint: PathBuf,
     },
+}
+
+impl Report {
+    /// A membership change or recovery in words (None for the other reports): what
+    /// the progress displays print.
+    pub fn membership_text(&self) -> Option<String> {
+        Some(match self {
+            Report::Membership {
+                change,
+                who,
+                at_s,
+                workers_before,
+                workers_after,
+                from_step,
+                steps_lost,
+                restart,
+            } => format!(
+                "membership at {at_s:.1} s, {change}: {who}; restart {restart}: {workers_before} \
+                 -> {workers_after} workers from the checkpoint of step {from_step} \
+                 ({steps_lost} steps done again)"
+            ),
+            Report::Recovered { step, seconds } => {
+                format!("recovered: update {step} {seconds:.1} s after the change")
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// The outcome of a distributed run.
@@ -147,6 +204,8 @@ struct Proc {
     child: Child,
     /// Where its stderr goes (None: this process's own stderr).
     log: Option<PathBuf>,
+    /// A worker (else a parameter-server shard).
+    worker: bool,
 }
 
 fn log_tail(path: &Path) -> String {
@@ -185,6 +244,14 @@ fn set_tls_env(cmd: &mut Command, tls: Option<&crate::tls::TlsDir>) {
 /// configuration): the coordinator, `d.workers` workers and the separate shards, each
 /// worker with `threads` engine threads (0: cores / workers); relays every report with
 /// the workers' current rates until all have exited.
+///
+/// A job with `d.max_restarts` goes on after a process fails: every process stops and
+/// the job starts again from its last checkpoint (the commit), without the failed
+/// workers when `d.min_workers` allows (the global batch stays the same, so the
+/// computation does too), and grows back to `d.workers` at its next checkpoint: the
+/// replacements join there. Each change is relayed as a [`Report::Membership`], the
+/// first update after it as a [`Report::Recovered`], and both are appended to
+/// `RUN/membership.jsonl`.
 pub fn launch_job(
     d: &DistSection,
     threads: usize,
@@ -193,9 +260,6 @@ pub fn launch_job(
     mut on_report: impl FnMut(&Report, &[f64]),
 ) -> Result<ClusterSummary> {
     let job = run_dir.join("job");
-    let token = new_token()?;
-    let servers = d.separate_servers();
-    let world = d.workers + servers;
     // A per-job CA lives in the job's folder while the job runs (one left by a killed
     // launcher is replaced).
     let at = job.join("tls");
@@ -203,79 +267,302 @@ pub fn launch_job(
         let _ = std::fs::remove_dir_all(&at);
     }
     let tls_dir = crate::tls::prepare(d, &at)?;
-    let coord = Coordinator::start(
-        "127.0.0.1:0".parse().expect("literal address"),
-        CoordinatorConfig {
-            token: token.clone(),
-            world: world as u32,
-            heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
-            rendezvous_timeout: Duration::from_secs(180),
-            tls: tls_dir.as_ref().map(|t| t.tls.control.clone()),
-        },
-    )?;
-    let threads = threads_each(threads, d.workers);
-    let mut roles: Vec<(String, String, usize)> = Vec::new();
-    for i in 0..d.workers {
-        let hosts =
-            d.mode != DistMode::Allreduce && d.placement == Placement::Colocated && i < d.ps;
-        let role = if hosts { "worker+ps" } else { "worker" };
-        roles.push((role.into(), format!("worker-{i}"), threads));
-    }
-    for i in 0..servers {
-        roles.push(("ps".into(), format!("ps-{i}"), 1));
-    }
-    let (tx, rx) = mpsc::channel::<(usize, String)>();
-    let mut procs: Vec<Proc> = Vec::new();
-    for (idx, (role, name, threads)) in roles.iter().enumerate() {
-        let log = job.join("logs").join(format!("{name}.log"));
-        let err = std::fs::File::create(&log).map_err(crate::error::io_err(&log))?;
-        let mut cmd = Command::new(&opts.exe);
-        cmd.args(&opts.args)
-            .env(ENV_COORDINATOR, format!("http://{}", coord.addr))
-            .env(ENV_TOKEN, &token)
-            .env(ENV_ROLE, role)
-            .env(ENV_JOB, &job)
-            .env(ENV_RUN, run_dir)
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(err));
-        set_tls_env(&mut cmd, tls_dir.as_ref());
-        if let Some(r) = &opts.resume {
-            cmd.env(ENV_RESUME, r);
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
+    let began = Instant::now();
+    let mut world = d.workers;
+    let mut restarts = 0u32;
+    let mut resume = opts.resume.clone();
+    let mut watch = Watch::default();
+    let mut first_step = 0;
+    let mut log = MembershipLog::new(run_dir);
+    loop {
+        let mut attempt = Attempt::start(
+            d,
+            world,
+            restarts,
+            threads,
+            run_dir,
+            opts,
+            resume.as_deref(),
+            tls_dir.as_ref(),
+        )?;
+        // A smaller job than configured grows back at its first checkpoint.
+        let grow = world < d.workers;
+        let ended = supervise(&mut attempt, world, grow, &mut watch, &mut |r, rates| {
+            if let (Report::Step { rank: 0, step, .. }, Some(since)) = (r, log.pending) {
+                let rec = Report::Recovered {
+                    step: *step,
+                    seconds: since.elapsed().as_secs_f64(),
+                };
+                log.recovered(&rec);
+                on_report(&rec, rates);
+            }
+            on_report(r, rates)
+        });
+        let failure = match ended {
+            Ok(Ended::Finished(mut summary)) => {
+                // The whole job's, across its restarts.
+                if restarts > 0 {
+                    summary.steps = watch.last_step.saturating_sub(first_step);
+                    summary.seconds = began.elapsed().as_secs_f64();
+                }
+                return Ok(summary);
+            }
+            Ok(Ended::Commit) => None,
+            Ok(Ended::Failed(f)) => Some(f),
             Err(e) => {
-                kill_all(&mut procs);
-                return Err(Error::Cluster(format!(
-                    "starting {name} ({}): {e}",
-                    opts.exe.display()
-                )));
+                kill_all(&mut attempt.procs);
+                return Err(e);
             }
         };
-        if let Some(out) = child.stdout.take() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                    if tx.send((idx, line)).is_err() {
-                        break;
+        let at_step = watch.last_step;
+        if restarts == 0 {
+            first_step = watch.start_step;
+        }
+        kill_all(&mut attempt.procs);
+        let (from_step, from) = match &watch.commit {
+            Some((step, path)) => (*step, Some(path.clone())),
+            None => (watch.start_step, opts.resume.clone()),
+        };
+        let before = world;
+        let (change, who) = match failure {
+            None => {
+                world = d.workers;
+                (
+                    "joined",
+                    format!("{} replacement worker(s)", d.workers - before),
+                )
+            }
+            Some(f) => {
+                if restarts >= d.max_restarts {
+                    let mut e = f.error;
+                    if d.max_restarts > 0 {
+                        e = Error::Cluster(format!(
+                            "{}\n  the job had restarted {restarts} time(s), \
+                             dist.max_restarts = {}",
+                            cluster_text(e),
+                            d.max_restarts
+                        ));
                     }
+                    return Err(e);
                 }
+                world = before
+                    .saturating_sub(f.workers_failed)
+                    .max(d.fewest_workers());
+                ("failed", f.who)
+            }
+        };
+        restarts += 1;
+        let m = Report::Membership {
+            change: change.into(),
+            who,
+            at_s: began.elapsed().as_secs_f64(),
+            workers_before: before,
+            workers_after: world,
+            from_step,
+            steps_lost: at_step.saturating_sub(from_step),
+            restart: restarts,
+        };
+        log.changed(&m);
+        on_report(&m, &[]);
+        resume = from;
+        watch.start_step = from_step;
+        watch.last_step = from_step;
+    }
+}
+
+/// What the launcher follows of a job across its restarts: worker 0's last update and
+/// the last checkpoint it reported (the commit a restart goes on from).
+#[derive(Debug, Default)]
+struct Watch {
+    start_step: u64,
+    last_step: u64,
+    commit: Option<(u64, PathBuf)>,
+}
+
+/// How one start of a job's processes ended.
+enum Ended {
+    /// Every process finished.
+    Finished(ClusterSummary),
+    /// A job smaller than configured reached a checkpoint: the replacements join there.
+    Commit,
+    /// A process failed.
+    Failed(Failure),
+}
+
+/// A failed process (or the coordinator's word that one is): the error naming it, and
+/// how many workers are gone.
+struct Failure {
+    error: Error,
+    who: String,
+    workers_failed: usize,
+}
+
+/// The membership changes of a job, appended to `RUN/membership.jsonl` as they happen
+/// (a run's record of who failed and joined, and how long each recovery took).
+struct MembershipLog {
+    path: PathBuf,
+    /// The last change not yet followed by an update.
+    pending: Option<Instant>,
+}
+
+impl MembershipLog {
+    fn new(run_dir: &Path) -> Self {
+        Self {
+            path: run_dir.join("membership.jsonl"),
+            pending: None,
+        }
+    }
+
+    fn changed(&mut self, r: &Report) {
+        self.pending = Some(Instant::now());
+        self.append(r);
+    }
+
+    fn recovered(&mut self, r: &Report) {
+        self.pending = None;
+        self.append(r);
+    }
+
+    /// Appends one line (a log that cannot be written is said once on stderr; the job
+    /// goes on).
+    fn append(&self, r: &Report) {
+        use std::io::Write;
+        let line = serde_json::to_string(r).unwrap_or_default();
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            eprintln!(
+                "{}: {e} (the membership change is not recorded)",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// The text of a cluster error without its prefix (to add to it).
+fn cluster_text(e: Error) -> String {
+    match e {
+        Error::Cluster(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// One start of a job's processes: its coordinator, processes and their reports.
+struct Attempt {
+    coord: Coordinator,
+    procs: Vec<Proc>,
+    rx: mpsc::Receiver<(usize, String)>,
+}
+
+impl Attempt {
+    /// Starts the coordinator and the processes of a job of `world` workers (and the
+    /// separate shards), the `restart`th time, from `resume` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        d: &DistSection,
+        world: usize,
+        restart: u32,
+        threads: usize,
+        run_dir: &Path,
+        opts: &LaunchOptions,
+        resume: Option<&Path>,
+        tls_dir: Option<&crate::tls::TlsDir>,
+    ) -> Result<Attempt> {
+        let job = run_dir.join("job");
+        // A fresh token each time: it also names the shared-memory rings, so a restart
+        // never meets a ring of the processes before it.
+        let token = new_token()?;
+        let servers = d.separate_servers();
+        let coord = Coordinator::start(
+            "127.0.0.1:0".parse().expect("literal address"),
+            CoordinatorConfig {
+                token: token.clone(),
+                world: (world + servers) as u32,
+                heartbeat_timeout: Duration::from_secs_f64(d.heartbeat_timeout_s),
+                rendezvous_timeout: Duration::from_secs(180),
+                tls: tls_dir.map(|t| t.tls.control.clone()),
+            },
+        )?;
+        let threads = threads_each(threads, world);
+        let mut roles: Vec<(String, String, usize)> = Vec::new();
+        for i in 0..world {
+            let hosts =
+                d.mode != DistMode::Allreduce && d.placement == Placement::Colocated && i < d.ps;
+            let role = if hosts { "worker+ps" } else { "worker" };
+            roles.push((role.into(), format!("worker-{i}"), threads));
+        }
+        for i in 0..servers {
+            roles.push(("ps".into(), format!("ps-{i}"), 1));
+        }
+        let (tx, rx) = mpsc::channel::<(usize, String)>();
+        let mut procs: Vec<Proc> = Vec::new();
+        for (idx, (role, name, threads)) in roles.iter().enumerate() {
+            let log = job.join("logs").join(format!("{name}.log"));
+            // A restart appends: the log of a process that failed is kept.
+            let err = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(restart > 0)
+                .truncate(restart == 0)
+                .open(&log)
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    if restart > 0 {
+                        writeln!(f, "--- restart {restart}: a job of {world} workers ---")?;
+                    }
+                    Ok(f)
+                })
+                .map_err(crate::error::io_err(&log))?;
+            let mut cmd = Command::new(&opts.exe);
+            cmd.args(&opts.args)
+                .env(ENV_COORDINATOR, format!("http://{}", coord.addr))
+                .env(ENV_TOKEN, &token)
+                .env(ENV_ROLE, role)
+                .env(ENV_JOB, &job)
+                .env(ENV_RUN, run_dir)
+                .env(ENV_WORKERS, world.to_string())
+                .env(ENV_RESTART, restart.to_string())
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(err));
+            set_tls_env(&mut cmd, tls_dir);
+            match resume {
+                Some(r) => cmd.env(ENV_RESUME, r),
+                None => cmd.env_remove(ENV_RESUME),
+            };
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    kill_all(&mut procs);
+                    return Err(Error::Cluster(format!(
+                        "starting {name} ({}): {e}",
+                        opts.exe.display()
+                    )));
+                }
+            };
+            if let Some(out) = child.stdout.take() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                        if tx.send((idx, line)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            procs.push(Proc {
+                name: name.clone(),
+                child,
+                log: Some(log),
+                worker: role.starts_with("worker"),
             });
         }
-        procs.push(Proc {
-            name: name.clone(),
-            child,
-            log: Some(log),
-        });
+        Ok(Attempt { coord, procs, rx })
     }
-    drop(tx);
-    let result = supervise(&mut procs, &coord, &rx, d.workers, &mut on_report);
-    if result.is_err() {
-        kill_all(&mut procs);
-    }
-    result
 }
 
 /// Runs `n` copies of a command on this host as the processes of one job (`shoal run
@@ -351,6 +638,7 @@ pub fn run_command(
                 name: format!("rank {i}"),
                 child,
                 log: None,
+                worker: true,
             }),
             Err(e) => {
                 kill_all(&mut procs);
@@ -361,7 +649,8 @@ pub fn run_command(
     let mut exited = vec![false; n];
     let result = loop {
         match poll_exits(&mut procs, &mut exited) {
-            Err(e) | Ok(Some(e)) => break Err(e),
+            Err(e) => break Err(e),
+            Ok(Some(f)) => break Err(f.error),
             Ok(None) => {}
         }
         if let Some((rank, why)) = coord.failures().into_iter().next() {
@@ -414,57 +703,83 @@ impl RateMeter {
     }
 }
 
-/// Relays reports until every process has exited; fails on the first process that
-/// fails (or that the coordinator declares failed).
+/// Relays reports until every process has exited, a process fails (or the
+/// coordinator declares one failed), or, with `grow`, worker 0 reports a checkpoint.
 fn supervise(
-    procs: &mut [Proc],
-    coord: &Coordinator,
-    rx: &mpsc::Receiver<(usize, String)>,
+    at: &mut Attempt,
     workers: usize,
+    grow: bool,
+    watch: &mut Watch,
     on_report: &mut impl FnMut(&Report, &[f64]),
-) -> Result<ClusterSummary> {
+) -> Result<Ended> {
     let start = Instant::now();
     let mut meters = vec![RateMeter::default(); workers];
     let mut rates = vec![0.0f64; workers];
     let mut done: Vec<Option<Report>> = vec![None; workers];
-    let mut exited = vec![false; procs.len()];
+    let mut exited = vec![false; at.procs.len()];
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match at.rx.recv_timeout(Duration::from_millis(100)) {
             Ok((idx, line)) => {
                 let Ok(r) = serde_json::from_str::<Report>(&line) else {
                     // Anything else a process prints goes to our stderr.
-                    eprintln!("[{}] {line}", procs[idx].name);
+                    eprintln!("[{}] {line}", at.procs[idx].name);
                     continue;
                 };
+                let mut commit = false;
                 match &r {
-                    Report::Started { rank, .. } if *rank < workers => {
-                        meters[*rank].start(Instant::now())
+                    Report::Started {
+                        rank, start_step, ..
+                    } if *rank < workers => {
+                        meters[*rank].start(Instant::now());
+                        if *rank == 0 && watch.commit.is_none() {
+                            watch.start_step = *start_step;
+                            watch.last_step = *start_step;
+                        }
                     }
                     Report::Step {
-                        rank, tokens: t, ..
+                        rank,
+                        step,
+                        tokens: t,
+                        ..
                     } if *rank < workers => {
                         rates[*rank] = meters[*rank].add(Instant::now(), *t);
+                        if *rank == 0 {
+                            watch.last_step = *step;
+                        }
+                    }
+                    Report::Checkpoint { step, path } => {
+                        commit = grow && *step > watch.start_step;
+                        watch.commit = Some((*step, path.clone()));
                     }
                     Report::Done { rank, .. } if *rank < workers => done[*rank] = Some(r.clone()),
                     _ => {}
                 }
                 on_report(&r, &rates);
+                if commit {
+                    return Ok(Ended::Commit);
+                }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
-        if let Some(e) = poll_exits(procs, &mut exited)? {
-            return Err(e);
+        if let Some(f) = poll_exits(&mut at.procs, &mut exited)? {
+            return Ok(Ended::Failed(f));
         }
-        if let Some((rank, why)) = coord.failures().into_iter().next() {
-            return Err(Error::Cluster(format!(
-                "the coordinator declared process {rank} failed: {why}"
-            )));
+        if let Some((rank, why)) = at.coord.failures().into_iter().next() {
+            // The coordinator knows a member by its control rank, not its process:
+            // the job restarts at its size.
+            return Ok(Ended::Failed(Failure {
+                error: Error::Cluster(format!(
+                    "the coordinator declared process {rank} failed: {why}"
+                )),
+                who: format!("control rank {rank} ({why})"),
+                workers_failed: 0,
+            }));
         }
         if exited.iter().all(|&e| e) {
             // Drain what is left of the reports.
-            while let Ok((_, line)) = rx.try_recv() {
+            while let Ok((_, line)) = at.rx.try_recv() {
                 if let Ok(r @ Report::Done { rank, .. }) = serde_json::from_str::<Report>(&line) {
                     if rank < workers {
                         done[rank] = Some(r);
@@ -505,13 +820,13 @@ fn supervise(
         summary.worker_tokens_per_s.push(tokens_per_s);
         summary.timing.push(timing);
     }
-    Ok(summary)
+    Ok(Ended::Finished(summary))
 }
 
 /// Notes processes that exited; for a failure, waits a moment for the failures it
 /// causes and names the cause first (a process killed by a signal, else the first one
 /// seen) with the end of its log.
-fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> {
+fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Failure>> {
     use std::os::unix::process::ExitStatusExt;
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
     let mut deadline: Option<Instant> = None;
@@ -543,8 +858,33 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> 
         return Ok(None);
     }
     failed.sort_by_key(|(_, st)| st.signal().is_none());
+    // The causes: the processes killed by a signal (the others failed because they
+    // lost them), else the first seen.
+    let causes: Vec<usize> = match failed
+        .iter()
+        .filter(|(_, st)| st.signal().is_some())
+        .count()
+    {
+        0 => vec![failed[0].0],
+        n => failed[..n].iter().map(|(i, _)| *i).collect(),
+    };
     let (i, st) = failed[0];
     let p = &procs[i];
+    let who = causes
+        .iter()
+        .map(|&c| {
+            let p = &procs[c];
+            let st = failed.iter().find(|(j, _)| *j == c).map(|(_, s)| *s);
+            format!(
+                "{} (pid {}) {}",
+                p.name,
+                p.child.id(),
+                st.map_or_else(|| "ended".into(), describe)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let workers_failed = causes.iter().filter(|&&c| procs[c].worker).count();
     let mut msg = format!("{} (pid {}) {}", p.name, p.child.id(), describe(st));
     if let Some(log) = &p.log {
         let tail = log_tail(log);
@@ -565,7 +905,11 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Error>> 
             .collect();
         msg.push_str(&format!("\n  then: {}", then.join("; ")));
     }
-    Ok(Some(Error::Cluster(msg)))
+    Ok(Some(Failure {
+        error: Error::Cluster(msg),
+        who,
+        workers_failed,
+    }))
 }
 
 #[cfg(test)]

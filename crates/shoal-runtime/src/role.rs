@@ -11,7 +11,7 @@ use crate::exchange::{Attachment, Exchange};
 use crate::group::{bind, parse_addr, worker_plane, Watchdog, SHM_CONNECT_TIMEOUT};
 use crate::launch::{
     Report, ENV_CONNECT_TIMEOUT, ENV_COORDINATOR, ENV_HOST, ENV_INDEX, ENV_JOB, ENV_RESUME,
-    ENV_ROLE, ENV_RUN, ENV_TOKEN,
+    ENV_ROLE, ENV_RUN, ENV_TOKEN, ENV_WORKERS,
 };
 use crate::tls::JobTls;
 use crate::{Error, Result};
@@ -188,6 +188,17 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
     STEP_LOG.lock().unwrap_or_else(|p| p.into_inner()).unit = K::UNIT;
     let spec = K::read(&job)?;
     let d = spec.dist().clone();
+    // An elastic job's launcher says how many workers it has now.
+    let world = match std::env::var(ENV_WORKERS) {
+        Ok(v) => {
+            let n = v.trim().parse::<usize>().map_err(|_| {
+                Error::Cluster(format!("{ENV_WORKERS} is '{v}', not a number of workers"))
+            })?;
+            d.check_world(n, ENV_WORKERS)?;
+            n
+        }
+        Err(_) => d.workers,
+    };
     crate::tls::check(&d, tls.as_ref())?;
     let data_tls = tls.as_ref().map(|t| t.data.clone());
     let shards_needed = spec.needs_shards();
@@ -252,17 +263,17 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         .filter(|m| m.role.starts_with("worker"))
         .map(|m| m.rank)
         .collect();
-    if worker_ranks.len() != d.workers {
+    if worker_ranks.len() != world {
         return Err(Error::Cluster(format!(
-            "{} workers registered, the configuration asks for {}",
+            "{} workers registered, the job has {world}",
             worker_ranks.len(),
-            d.workers
         ))
         .into());
     }
     // This process's shard, if it hosts one.
     let (total, width) = spec.shard_shape()?;
     let mut shard_cfg = spec.shard_config(width, &token);
+    shard_cfg.workers = world;
     shard_cfg.tls = data_tls.clone();
     let ps_wait = shard_cfg.timeout;
     let shards = shard_hosts.len();
@@ -281,7 +292,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
                     (ShardPlane::Tcp(l), format!("{addr}{tls}"))
                 }
                 None => {
-                    let links = (0..d.workers)
+                    let links = (0..world)
                         .map(|w| {
                             let job = shm_job.clone();
                             Box::new(move || shm_link(&job, idx, w, 0, SHM_CONNECT_TIMEOUT))
@@ -353,8 +364,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
             None => "",
         };
         log(&format!(
-            "{me}: worker {rank} of {}, exchanging gradients by {}",
-            d.workers,
+            "{me}: worker {rank} of {world}, exchanging gradients by {}",
             match &exchange {
                 Exchange::Allreduce(_) if d.transport == DataPlane::Tcp =>
                     format!("ring allreduce over TCP{sealed}"),
@@ -366,7 +376,7 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         spec.run_worker(Worker {
             run_dir: run_dir.clone(),
             resume: resume.clone(),
-            attachment: Attachment::new(rank, d.workers, exchange)?,
+            attachment: Attachment::new(rank, world, exchange)?,
         })
     } else {
         Ok(())
@@ -526,6 +536,9 @@ impl StepLog {
                 );
                 (self.last, self.units, self.steps) = (Some(now), 0, 0);
                 line
+            }
+            r @ (Report::Membership { .. } | Report::Recovered { .. }) => {
+                r.membership_text().unwrap_or_default()
             }
             Report::EpochEnd { epoch, valid_loss } => {
                 format!("epoch {} done: validation loss {valid_loss:.4}", epoch + 1)

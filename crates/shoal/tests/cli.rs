@@ -631,6 +631,216 @@ fn distributed_runs_resume_exactly() {
     }
 }
 
+/// Kills (SIGKILL) the process of job `run` whose log is `RUN/job/logs/NAME.log` once
+/// the run has the checkpoint of `step`; returns its pid.
+fn kill_when_checkpointed(run: &Path, step: u64, name: &str) -> u32 {
+    let ckpt = run.join(format!("ckpt-{step:08}/meta.json"));
+    let log = run.join(format!("job/logs/{name}.log"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !ckpt.is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never came",
+            ckpt.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("fd/2")).is_ok_and(|l| l == log) {
+            let ok = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -9 {pid}");
+            return pid;
+        }
+    }
+    panic!("no process of {} was running", log.display());
+}
+
+/// The flat parameters of a run's checkpoint at `step`.
+fn params_at(run: &Path, step: u64) -> Vec<f32> {
+    let dir = run.join(format!("ckpt-{step:08}"));
+    shoal_nmt::checkpoint::load_resolved(&dir).unwrap().1.params
+}
+
+/// ||a - b|| / ||b||.
+fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+/// Elastic jobs (`--workers MIN:MAX --max-restarts N`): a worker killed with SIGKILL
+/// mid-run (allreduce) and a killed parameter-server shard end neither job; each goes
+/// on from its last checkpoint (the allreduce job with the 2 survivors, then 3 again
+/// when the replacement joins at the next checkpoint), records the changes in
+/// `RUN/membership.jsonl`, and ends with the parameters of one process trained on the
+/// same global batches without a fault (1e-5 relative: the global batch does not
+/// change with the job's size). Without restarts left, the failure stops the job and
+/// names the process.
+#[test]
+fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    slice(&dir, 480);
+    // 480 pairs in global batches of 48: 10 updates an epoch, 200 in 20 epochs, a
+    // checkpoint every 10; no dropout (its masks are drawn per worker).
+    let mut base = vec![
+        "train",
+        "nmt",
+        "--data-dir",
+        ".",
+        "--no-eval",
+        "--dropout",
+        "0",
+        "--epochs",
+        "20",
+        "--checkpoint-every",
+        "10",
+    ];
+    // TINY's flags but its batch size.
+    for pair in TINY.chunks(2).filter(|p| p[0] != "--batch-size") {
+        base.extend_from_slice(pair);
+    }
+    let mut one = base.clone();
+    one.extend_from_slice(&["--batch-size", "48", "--out", "one"]);
+    let o = shoal(&dir, &one, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let reference = params_at(&dir.join("one"), 200);
+    for (run, mode, victim) in [
+        (
+            "allreduce",
+            &["--workers", "2:3", "--max-restarts", "2"][..],
+            "worker-1",
+        ),
+        (
+            "ps",
+            &["--workers", "3", "--ps", "2", "--max-restarts", "1"][..],
+            "ps-1",
+        ),
+    ] {
+        let mut a = base.clone();
+        a.extend_from_slice(&["--batch-size", "16", "--out", run]);
+        a.extend_from_slice(mode);
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .current_dir(&dir)
+            .args(&a)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = kill_when_checkpointed(&dir.join(run), 20, victim);
+        let o = child.wait_with_output().unwrap();
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{run}: {err}");
+        assert!(
+            err.contains(&format!(
+                "failed: {victim} (pid {pid}) was killed by signal 9"
+            )),
+            "{run}: {err}"
+        );
+        let log = std::fs::read_to_string(dir.join(run).join("membership.jsonl")).unwrap();
+        let changes: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let failed = &changes[0];
+        assert_eq!(failed["change"], "failed", "{log}");
+        assert!(failed["who"].as_str().unwrap().starts_with(victim), "{log}");
+        // Gone on from a checkpoint, at most one checkpoint interval lost.
+        let from = failed["from_step"].as_u64().unwrap();
+        assert!(from >= 20 && from.is_multiple_of(10), "{log}");
+        assert!(failed["steps_lost"].as_u64().unwrap() <= 10, "{log}");
+        assert_eq!(changes[1]["ev"], "recovered", "{log}");
+        let sizes: Vec<(u64, u64)> = changes
+            .iter()
+            .filter(|c| c["ev"] == "membership")
+            .map(|c| {
+                (
+                    c["workers_before"].as_u64().unwrap(),
+                    c["workers_after"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        match run {
+            // The survivors go on, the replacement joins at the next checkpoint.
+            "allreduce" => {
+                assert_eq!(sizes, [(3, 2), (2, 3)], "{log}");
+                assert_eq!(changes[2]["change"], "joined", "{log}");
+                assert_eq!(
+                    changes[2]["from_step"].as_u64().unwrap(),
+                    from + 10,
+                    "{log}"
+                );
+            }
+            // A shard is restarted in place; the workers stay.
+            _ => assert_eq!(sizes, [(3, 3)], "{log}"),
+        }
+        let gap = relative_gap(&params_at(&dir.join(run), 200), &reference);
+        assert!(gap < 1e-5, "{run}: the elastic run ended {gap:e} away");
+    }
+    // No restarts left: the next failure stops the job, naming the process.
+    let mut a = base.clone();
+    a.extend_from_slice(&["--batch-size", "16", "--out", "stop", "--workers", "3"]);
+    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .current_dir(&dir)
+        .args(&a)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = kill_when_checkpointed(&dir.join("stop"), 10, "worker-2");
+    let o = child.wait_with_output().unwrap();
+    assert_clear_error(
+        &o,
+        &[&format!("worker-2 (pid {pid}) was killed by signal 9")],
+    );
+    // Shapes an elastic job cannot have are refused before anything starts.
+    for (bad, names) in [
+        (&["--workers", "3:2"][..], &["--workers", "MIN"][..]),
+        (&["--workers", "0:2"][..], &["--workers", "MIN"][..]),
+        (
+            &["--max-restarts", "1"][..],
+            &["dist.max_restarts", "several processes"][..],
+        ),
+        (
+            &[
+                "--workers",
+                "2",
+                "--max-restarts",
+                "1",
+                "--checkpoint-every",
+                "0",
+            ][..],
+            &["dist.max_restarts", "train.checkpoint_every"][..],
+        ),
+        (
+            &[
+                "--workers",
+                "1:2",
+                "--ps",
+                "2",
+                "--ps-placement",
+                "colocated",
+            ][..],
+            &["dist.min_workers", "dist.ps"][..],
+        ),
+    ] {
+        let mut a = vec!["train", "nmt", "--data-dir", ".", "--max-steps", "1"];
+        a.extend_from_slice(bad);
+        assert_clear_error(&shoal(&dir, &a, None), names);
+    }
+}
+
 /// TLS on every plane (`--set dist.tls=true`): a 2-worker TCP allreduce job and a
 /// parameter-server job over TCP train the same bits as without it, their logs say the
 /// links are TLS, the per-job certificates are gone when the job is; certificates from

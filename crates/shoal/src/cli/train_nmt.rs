@@ -68,9 +68,14 @@ pub(crate) struct NmtArgs {
     /// train.device: where the model trains (cpu, cuda, cuda:N).
     #[arg(long)]
     pub(crate) device: Option<String>,
-    /// dist.workers: data-parallel worker processes (train.batch_size is per worker).
+    /// dist.workers: data-parallel worker processes (train.batch_size is per worker);
+    /// MIN:MAX for an elastic job (dist.min_workers, dist.workers): it goes on with as
+    /// few as MIN after failures, restarting from its last checkpoint.
+    #[arg(long, value_parser = parse_workers, value_name = "N|MIN:MAX")]
+    pub(crate) workers: Option<(usize, Option<usize>)>,
+    /// dist.max_restarts: restarts from the last checkpoint after a failed process.
     #[arg(long)]
-    pub(crate) workers: Option<usize>,
+    pub(crate) max_restarts: Option<u32>,
     /// dist.ps: parameter-server shards (sets --mode ps-sync unless given).
     #[arg(long)]
     pub(crate) ps: Option<usize>,
@@ -98,6 +103,25 @@ pub(crate) struct NmtArgs {
     pub(crate) print_config: bool,
 }
 
+/// `--workers N` (N, no minimum) or `--workers MIN:MAX` (MAX, Some(MIN)).
+fn parse_workers(v: &str) -> std::result::Result<(usize, Option<usize>), String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("'{v}' is not N or MIN:MAX (numbers of workers)"))
+    };
+    match v.split_once(':') {
+        None => Ok((num(v)?, None)),
+        Some((min, max)) => {
+            let (min, max) = (num(min)?, num(max)?);
+            if min == 0 || min > max {
+                return Err(format!("'{v}': MIN must be in 1..=MAX"));
+            }
+            Ok((max, Some(min)))
+        }
+    }
+}
+
 /// The flags as configuration values (`section.key` and a typed value), laid over the
 /// defaults and `--config` and under `--set`, as `shoal train ctr` and `cnn` do.
 pub(crate) fn flags(a: &NmtArgs) -> Result<Vec<(&'static str, toml::Value)>> {
@@ -120,7 +144,12 @@ pub(crate) fn flags(a: &NmtArgs) -> Result<Vec<(&'static str, toml::Value)>> {
         ("train.seed", a.seed),
         ("train.checkpoint_every", a.checkpoint_every),
         ("eval.beam", a.beam.map(|v| v as u64)),
-        ("dist.workers", a.workers.map(|v| v as u64)),
+        ("dist.workers", a.workers.map(|(max, _)| max as u64)),
+        (
+            "dist.min_workers",
+            a.workers.and_then(|(_, min)| min).map(|v| v as u64),
+        ),
+        ("dist.max_restarts", a.max_restarts.map(u64::from)),
         ("dist.ps", a.ps.map(|v| v as u64)),
     ] {
         if let Some(v) = v {
