@@ -104,7 +104,7 @@ pub enum Report {
         restart: u32,
     },
     /// The first update after a membership change, said by the launcher: `seconds`
-    /// from the change to it.
+    /// from the moment it saw the failure (or decided the change) to it.
     Recovered {
         step: u64,
         seconds: f64,
@@ -268,6 +268,7 @@ pub fn launch_job(
     }
     let tls_dir = crate::tls::prepare(d, &at)?;
     let began = Instant::now();
+    let began_at = std::time::SystemTime::now();
     let mut world = d.workers;
     let mut restarts = 0u32;
     let mut resume = opts.resume.clone();
@@ -319,11 +320,19 @@ pub fn launch_job(
             first_step = watch.start_step;
         }
         kill_all(&mut attempt.procs);
+        // The newest complete checkpoint: the one worker 0 reported, or a later one it
+        // saved but died before reporting.
+        if let Some((step, path)) = newest_checkpoint(run_dir, began_at) {
+            if watch.commit.as_ref().is_none_or(|(s, _)| step > *s) && step > watch.start_step {
+                watch.commit = Some((step, path));
+            }
+        }
         let (from_step, from) = match &watch.commit {
             Some((step, path)) => (*step, Some(path.clone())),
             None => (watch.start_step, opts.resume.clone()),
         };
         let before = world;
+        let since = failure.as_ref().map_or_else(Instant::now, |f| f.seen);
         let (change, who) = match failure {
             None => {
                 world = d.workers;
@@ -362,7 +371,7 @@ pub fn launch_job(
             steps_lost: at_step.saturating_sub(from_step),
             restart: restarts,
         };
-        log.changed(&m);
+        log.changed(&m, since);
         on_report(&m, &[]);
         resume = from;
         watch.start_step = from_step;
@@ -395,6 +404,20 @@ struct Failure {
     error: Error,
     who: String,
     workers_failed: usize,
+    /// When the launcher saw it.
+    seen: Instant,
+}
+
+/// The run's newest complete checkpoint (what `RUN/latest` names, or the newest
+/// complete one) and its step, from its name, if this job wrote it (after `since`).
+fn newest_checkpoint(run_dir: &Path, since: std::time::SystemTime) -> Option<(u64, PathBuf)> {
+    let dir = crate::store::resolve(run_dir).ok()?;
+    if dir.metadata().and_then(|m| m.modified()).ok()? < since {
+        return None;
+    }
+    let name = dir.file_name()?.to_str()?;
+    let step = name.strip_prefix("ckpt-")?.parse().ok()?;
+    Some((step, dir))
 }
 
 /// The membership changes of a job, appended to `RUN/membership.jsonl` as they happen
@@ -413,8 +436,9 @@ impl MembershipLog {
         }
     }
 
-    fn changed(&mut self, r: &Report) {
-        self.pending = Some(Instant::now());
+    /// A change, whose recovery counts from `since` (when the failure was seen).
+    fn changed(&mut self, r: &Report, since: Instant) {
+        self.pending = Some(since);
         self.append(r);
     }
 
@@ -775,6 +799,7 @@ fn supervise(
                 )),
                 who: format!("control rank {rank} ({why})"),
                 workers_failed: 0,
+                seen: Instant::now(),
             }));
         }
         if exited.iter().all(|&e| e) {
@@ -830,6 +855,7 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Failure>
     use std::os::unix::process::ExitStatusExt;
     let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
     let mut deadline: Option<Instant> = None;
+    let seen = Instant::now();
     loop {
         for (i, p) in procs.iter_mut().enumerate() {
             if exited[i] {
@@ -909,6 +935,7 @@ fn poll_exits(procs: &mut [Proc], exited: &mut [bool]) -> Result<Option<Failure>
         error: Error::Cluster(msg),
         who,
         workers_failed,
+        seen,
     }))
 }
 
