@@ -113,6 +113,12 @@ pub struct TrainSection {
     /// Where the model trains (`cpu`, `cuda`, `cuda:N`); checkpoints are the same files
     /// on every device.
     pub device: DeviceSpec,
+    /// A Chrome trace of each process's phases per step (data, forward, backward,
+    /// exchange, optimizer, checkpoint, validation) written to this file as the run
+    /// goes (empty: none); opens in Perfetto or chrome://tracing.
+    pub timeline: String,
+    /// How many steps the timeline records, from each process's first.
+    pub timeline_steps: u64,
 }
 
 impl Default for TrainSection {
@@ -139,6 +145,8 @@ impl Default for TrainSection {
             keep_checkpoints: 2,
             threads: 0,
             device: DeviceSpec::Cpu,
+            timeline: String::new(),
+            timeline_steps: 1000,
         }
     }
 }
@@ -281,6 +289,12 @@ impl NmtTrainConfig {
         }
         if self.train.max_minutes < 0.0 {
             return bad("train.max_minutes", "must be >= 0");
+        }
+        if !self.train.timeline.is_empty() && self.train.timeline_steps == 0 {
+            return bad(
+                "train.timeline_steps",
+                "must be at least 1 when train.timeline is set",
+            );
         }
         if self.train.keep_checkpoints == 0 {
             return bad("train.keep_checkpoints", "must be at least 1");

@@ -21,6 +21,7 @@ use shoal_data::{
 use shoal_optim::{clip_grad_norm, LrSchedule, Optimizer};
 use shoal_runtime::data::locate;
 pub use shoal_runtime::exchange::{Attachment, Exchange, PhaseTimes};
+use shoal_runtime::timeline::Timeline;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -320,6 +321,49 @@ fn restore_model<B: Backend>(
     Ok((cfg, model, layout, tok))
 }
 
+/// When the phases of the last update began and ended (for a timeline).
+#[derive(Debug, Clone, Copy)]
+pub struct StepMarks {
+    pub start: Instant,
+    pub forward_end: Instant,
+    /// The gradients taken out of the engine.
+    pub backward_end: Instant,
+    /// The exchange with the other workers (start = end in one process).
+    pub exchange: (Instant, Instant),
+    /// The optimizer's pass (with the clipping; in a ps job, the clipping before the
+    /// push).
+    pub optimizer: (Instant, Instant),
+    /// The parameters written back into the model.
+    pub params: (Instant, Instant),
+}
+
+impl Default for StepMarks {
+    fn default() -> Self {
+        let t = Instant::now();
+        Self {
+            start: t,
+            forward_end: t,
+            backward_end: t,
+            exchange: (t, t),
+            optimizer: (t, t),
+            params: (t, t),
+        }
+    }
+}
+
+/// Records an update's phases in the timeline: the batch's preparation (`data`), then
+/// the learner's marks.
+fn record_step(t: &mut Timeline, step: u64, data: (Instant, Instant), m: &StepMarks) {
+    t.span("data", step, data.0, data.1);
+    t.span("forward", step, m.start, m.forward_end);
+    t.span("backward", step, m.forward_end, m.backward_end);
+    if m.exchange.0 != m.exchange.1 {
+        t.span("exchange", step, m.exchange.0, m.exchange.1);
+    }
+    t.span("optimizer", step, m.optimizer.0, m.optimizer.1);
+    t.span("params in", step, m.params.0, m.params.1);
+}
+
 /// The model with its flat parameter, gradient and optimizer buffers: one update is
 /// engine forward/backward, gradients out through the flat adapter, the exchange with
 /// the other workers (if any), clipping, the optimizer on flat buffers, and the
@@ -344,6 +388,8 @@ where
     pub exchange: Option<Attachment>,
     /// Seconds spent in each phase of the updates so far.
     pub timing: PhaseTimes,
+    /// The phases of the last update.
+    pub marks: StepMarks,
 }
 
 impl<B: TrainBackend> Learner<B>
@@ -371,6 +417,7 @@ where
             label_smoothing: 0.0,
             exchange: None,
             timing: PhaseTimes::default(),
+            marks: StepMarks::default(),
         }
     }
 
@@ -408,6 +455,7 @@ where
                     return Err(Error::Diverged { step, loss: value });
                 }
                 let t1 = Instant::now();
+                self.marks.forward_end = t1;
                 let mut grads = loss.backward();
                 let t2 = Instant::now();
                 self.layout
@@ -419,13 +467,21 @@ where
             }
             _ => {
                 self.grads.fill(0.0);
+                self.marks.forward_end = t0;
                 (0.0, 0)
             }
         };
         let t3 = Instant::now();
+        self.marks.start = t0;
+        self.marks.backward_end = t3;
+        self.marks.exchange = (t3, t3);
         let mut t_comm = 0.0;
         let grad_norm = match self.exchange.as_mut().map(Attachment::exchange) {
-            None => self.clip_and_step(lr)?,
+            None => {
+                let norm = self.clip_and_step(lr)?;
+                self.marks.optimizer = (t3, Instant::now());
+                norm
+            }
             Some(Exchange::Allreduce(comm)) => {
                 // Weighted by tokens, the summed gradients divided by the summed
                 // weights are the gradient of the global batch's per-token mean loss.
@@ -435,14 +491,18 @@ where
                 self.grads[total + 1] = value * w;
                 let tc = Instant::now();
                 comm.allreduce_sum(&mut self.grads)?;
-                t_comm = tc.elapsed().as_secs_f64();
+                let te = Instant::now();
+                t_comm = (te - tc).as_secs_f64();
+                self.marks.exchange = (tc, te);
                 let sum_w = self.grads[total];
                 if sum_w > 0.0 {
                     value = self.grads[total + 1] / sum_w;
                     let inv = 1.0 / sum_w;
                     self.grads[..total].iter_mut().for_each(|g| *g *= inv);
                 }
-                self.clip_and_step(lr)?
+                let norm = self.clip_and_step(lr)?;
+                self.marks.optimizer = (te, Instant::now());
+                norm
             }
             Some(Exchange::Ps(client)) => {
                 // Clipping is per worker here (the shards never see the whole gradient).
@@ -455,13 +515,17 @@ where
                 let tc = Instant::now();
                 client.push_weighted(step, lr, tokens as f32, g, None)?;
                 client.pull(step + 1, &mut self.params)?;
-                t_comm = tc.elapsed().as_secs_f64();
+                let te = Instant::now();
+                t_comm = (te - tc).as_secs_f64();
+                self.marks.exchange = (tc, te);
+                self.marks.optimizer = (t3, tc);
                 norm
             }
         };
         let t4 = Instant::now();
         self.model = self.layout.write_params(self.model.clone(), &self.params)?;
         let t5 = Instant::now();
+        self.marks.params = (t4, t5);
         let tm = &mut self.timing;
         tm.comm += t_comm;
         // Optimizer time excludes the exchange.
@@ -655,10 +719,12 @@ where
         same.train.keep_checkpoints = saved.train.keep_checkpoints;
         same.train.threads = saved.train.threads;
         same.train.device = saved.train.device;
+        same.train.timeline = saved.train.timeline.clone();
+        same.train.timeline_steps = saved.train.timeline_steps;
         same.eval = saved.eval.clone();
         if same != saved {
             return Err(Error::Config(
-                "--resume continues a run with its saved configuration; only epochs, max_steps, max_minutes, checkpoint_every, keep_checkpoints, threads, device and eval settings may change".into(),
+                "--resume continues a run with its saved configuration; only epochs, max_steps, max_minutes, checkpoint_every, keep_checkpoints, threads, device, timeline and eval settings may change".into(),
             ));
         }
         cfg.validate()?;
@@ -929,6 +995,7 @@ where
             batches_per_epoch: self.batcher.num_batches(),
             params: self.learner.layout.total,
         });
+        let mut timeline = self.join_timeline()?;
         let start = Instant::now();
         let base_seconds = self.train_seconds;
         let start_step = self.pos.step;
@@ -956,7 +1023,15 @@ where
             }
             let Some(global) = self.plan.get(self.pos.batch as usize) else {
                 if self.rank == 0 {
+                    let tv = Instant::now();
                     let valid_loss = self.valid_loss()?;
+                    let step = self.pos.step;
+                    if let Some(t) = timeline.as_mut() {
+                        if t.wants(step) {
+                            t.span("validation", step, tv, Instant::now());
+                            t.flush()?;
+                        }
+                    }
                     on_event(&Event::EpochEnd {
                         epoch: self.pos.epoch,
                         valid_loss,
@@ -969,12 +1044,14 @@ where
             let world = self.learner.exchange.as_ref().map_or(1, |a| a.workers());
             let (a, b) = shoal_comm::collective::split_range(global.len(), world, self.rank);
             let mut batch = std::mem::take(&mut self.batch);
+            let td = Instant::now();
             let share = if a < b {
                 self.batcher.fill_batch(&global[a..b], &mut batch)?;
                 Some(&batch)
             } else {
                 None
             };
+            let data = (td, Instant::now());
             let stats = self.train_step(share);
             self.batch = batch;
             let stats = stats?;
@@ -988,13 +1065,27 @@ where
                 stats,
                 tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             });
+            let mut recording = false;
+            if let Some(t) = timeline.as_mut() {
+                recording = t.wants(self.pos.step);
+                if recording {
+                    record_step(t, self.pos.step, data, &self.learner.marks);
+                }
+            }
             if self.rank == 0 && every > 0 && self.pos.step.is_multiple_of(every) {
+                let tc = Instant::now();
                 let path = self.save_checkpoint()?;
+                if let Some(t) = timeline.as_mut().filter(|_| recording) {
+                    t.span("checkpoint", self.pos.step, tc, Instant::now());
+                }
                 on_event(&Event::Checkpoint {
                     step: self.pos.step,
                     path: path.clone(),
                 });
                 last_ckpt = Some(path);
+            }
+            if let Some(t) = timeline.as_mut().filter(|_| recording) {
+                t.flush()?;
             }
             let by_steps = eval_steps > 0 && self.pos.step.is_multiple_of(eval_steps);
             let by_time = eval_minutes > 0.0 && self.train_seconds >= next_eval_s;
@@ -1046,6 +1137,11 @@ where
                 path
             }
         };
+        // Training alone, this process made the timeline and closes it (a job's
+        // launcher closes the job's).
+        if timeline.is_some() && self.learner.exchange.is_none() {
+            shoal_runtime::timeline::finish(Path::new(&self.cfg.train.timeline))?;
+        }
         Ok(RunSummary {
             steps: self.pos.step - start_step,
             stop,
@@ -1053,6 +1149,29 @@ where
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
             last_checkpoint,
         })
+    }
+
+    /// This process's recorder of `train.timeline` (None when unset): training alone it
+    /// makes the file; a worker joins the one its launcher made.
+    fn join_timeline(&self) -> Result<Option<Timeline>> {
+        let t = &self.cfg.train;
+        if t.timeline.is_empty() {
+            return Ok(None);
+        }
+        let path = Path::new(&t.timeline);
+        let label = match self.learner.exchange {
+            None => {
+                shoal_runtime::timeline::start(path)?;
+                "shoal train nmt".to_string()
+            }
+            Some(_) => format!("worker {}", self.rank),
+        };
+        Ok(Some(Timeline::join(
+            path,
+            self.rank,
+            &label,
+            t.timeline_steps,
+        )?))
     }
 
     /// The inference copy of the current model.

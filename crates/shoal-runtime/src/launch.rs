@@ -168,6 +168,9 @@ pub struct LaunchOptions {
     pub args: Vec<String>,
     /// Continue from this checkpoint (its configuration, adjusted, is `cfg`).
     pub resume: Option<PathBuf>,
+    /// The job's timeline file, which the workers append to: the launcher makes it,
+    /// marks each membership change in it and closes it when the job ends.
+    pub timeline: Option<PathBuf>,
 }
 
 /// Writes the job's kind (`RUN/job/kind`): what `shoal role` reads first.
@@ -267,6 +270,29 @@ pub fn launch_job(
         let _ = std::fs::remove_dir_all(&at);
     }
     let tls_dir = crate::tls::prepare(d, &at)?;
+    if let Some(t) = &opts.timeline {
+        crate::timeline::start(t)?;
+    }
+    let result = run_job(d, threads, run_dir, opts, tls_dir.as_ref(), &mut on_report);
+    if let Some(t) = &opts.timeline {
+        // Closed whatever the outcome: the workers have stopped.
+        let closed = crate::timeline::finish(t);
+        if result.is_ok() {
+            closed?;
+        }
+    }
+    result
+}
+
+/// [`launch_job`]'s restarts, each an [`Attempt`].
+fn run_job(
+    d: &DistSection,
+    threads: usize,
+    run_dir: &Path,
+    opts: &LaunchOptions,
+    tls_dir: Option<&crate::tls::TlsDir>,
+    on_report: &mut impl FnMut(&Report, &[f64]),
+) -> Result<ClusterSummary> {
     let began = Instant::now();
     let began_at = std::time::SystemTime::now();
     let mut world = d.workers;
@@ -284,7 +310,7 @@ pub fn launch_job(
             run_dir,
             opts,
             resume.as_deref(),
-            tls_dir.as_ref(),
+            tls_dir,
         )?;
         // A smaller job than configured grows back at its first checkpoint.
         let grow = world < d.workers;
@@ -372,6 +398,10 @@ pub fn launch_job(
             restart: restarts,
         };
         log.changed(&m, since);
+        if let (Some(t), Some(text)) = (&opts.timeline, m.membership_text()) {
+            // A timeline that cannot be marked loses a mark, not the job.
+            let _ = crate::timeline::mark(t, &text);
+        }
         on_report(&m, &[]);
         resume = from;
         watch.start_step = from_step;

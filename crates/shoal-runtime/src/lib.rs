@@ -26,6 +26,7 @@ pub mod role;
 pub mod store;
 pub mod sys;
 pub mod tensorboard;
+pub mod timeline;
 pub mod tls;
 
 pub use error::{io_err, Error, Result};

@@ -726,7 +726,8 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
         ),
     ] {
         let mut a = base.clone();
-        a.extend_from_slice(&["--batch-size", "16", "--out", run]);
+        let trace = format!("{run}.trace.json");
+        a.extend_from_slice(&["--batch-size", "16", "--out", run, "--timeline", &trace]);
         a.extend_from_slice(mode);
         let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .current_dir(&dir)
@@ -784,6 +785,16 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
             // A shard is restarted in place; the workers stay.
             _ => assert_eq!(sizes, [(3, 3)], "{log}"),
         }
+        // The job's timeline marks the change and is whole JSON after the restarts.
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(&trace)).unwrap()).unwrap();
+        assert!(
+            events.iter().any(|e| e["name"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("failed: {victim}"))),
+            "{run}: no membership mark in the timeline"
+        );
         let gap = relative_gap(&params_at(&dir.join(run), 200), &reference);
         assert!(gap < 1e-5, "{run}: the elastic run ended {gap:e} away");
     }
@@ -838,6 +849,93 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
         let mut a = vec!["train", "nmt", "--data-dir", ".", "--max-steps", "1"];
         a.extend_from_slice(bad);
         assert_clear_error(&shoal(&dir, &a, None), names);
+    }
+}
+
+/// `--timeline FILE`: one Chrome trace (Trace Event Format) for the whole job, strict
+/// JSON once it ends, each worker a process (`pid` = rank) whose spans cover each step
+/// of its window (`train.timeline_steps`) in order: data, forward, backward, exchange,
+/// optimizer, parameters in; checkpoints and validation on worker 0. Alone, the
+/// process writes the file itself, without an exchange.
+#[test]
+fn timeline_traces_every_process_step_by_step() {
+    let d = tempfile::tempdir().unwrap();
+    slice(d.path(), 96);
+    for (run, workers, exchange) in [("pair", "2", true), ("alone", "1", false)] {
+        let trace = format!("{run}/trace.json");
+        let mut a = vec!["train", "nmt", "--data-dir", ".", "--no-eval", "--out", run];
+        a.extend_from_slice(TINY);
+        a.extend_from_slice(&[
+            "--workers",
+            workers,
+            "--max-steps",
+            "12",
+            "--checkpoint-every",
+            "5",
+            "--timeline",
+            &trace,
+            "--set",
+            "train.timeline_steps=8",
+        ]);
+        let o = shoal(d.path(), &a, None);
+        assert!(o.status.success(), "{run}: {}", text(&o.stderr));
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join(&trace)).unwrap()).unwrap();
+        let n: usize = workers.parse().unwrap();
+        for pid in 0..n {
+            let spans: Vec<&serde_json::Value> = events
+                .iter()
+                .filter(|e| e["ph"] == "X" && e["pid"] == pid)
+                .collect();
+            let steps: std::collections::BTreeSet<u64> = spans
+                .iter()
+                .map(|e| e["args"]["step"].as_u64().unwrap())
+                .collect();
+            // The window: the first 8 of the 12 updates.
+            assert_eq!(steps, (1..=8).collect(), "{run} pid {pid}");
+            for step in 1..=8u64 {
+                let phase = |name: &str| -> Option<(u64, u64)> {
+                    spans
+                        .iter()
+                        .find(|e| e["name"] == name && e["args"]["step"] == step)
+                        .map(|e| {
+                            let ts = e["ts"].as_u64().unwrap();
+                            (ts, ts + e["dur"].as_u64().unwrap())
+                        })
+                };
+                let mut order = vec!["data", "forward", "backward"];
+                if exchange {
+                    order.push("exchange");
+                }
+                order.extend(["optimizer", "params in"]);
+                let mut at = 0;
+                for name in order {
+                    let (from, to) = phase(name)
+                        .unwrap_or_else(|| panic!("{run} pid {pid} step {step}: no {name}"));
+                    assert!(
+                        from >= at && to >= from,
+                        "{run} pid {pid} step {step}: {name}"
+                    );
+                    at = to;
+                }
+                assert_eq!(phase("exchange").is_some(), exchange, "{run}");
+            }
+            let named = |name: &str| spans.iter().filter(|e| e["name"] == name).count();
+            // Checkpoints at steps 5 (in the window) and 10 (past it) on worker 0 only.
+            assert_eq!(named("checkpoint"), (pid == 0) as usize, "{run} pid {pid}");
+        }
+        let label = events
+            .iter()
+            .find(|e| e["name"] == "process_name" && e["pid"] == 0)
+            .map(|e| e["args"]["name"].as_str().unwrap().to_string());
+        assert_eq!(
+            label.as_deref(),
+            Some(if exchange {
+                "worker 0"
+            } else {
+                "shoal train nmt"
+            })
+        );
     }
 }
 

@@ -312,6 +312,7 @@ pub(crate) fn train_ctr_cluster(
         exe: std::env::current_exe().context("finding this program's path")?,
         args: vec!["role".into()],
         resume,
+        timeline: None,
     };
     let mut last = std::time::Instant::now();
     let mut eval = None;

@@ -73,6 +73,10 @@ pub(crate) struct NmtArgs {
     /// few as MIN after failures, restarting from its last checkpoint.
     #[arg(long, value_parser = parse_workers, value_name = "N|MIN:MAX")]
     pub(crate) workers: Option<(usize, Option<usize>)>,
+    /// train.timeline: write a Chrome trace of every process's phases per step to
+    /// FILE (Perfetto, chrome://tracing); train.timeline_steps bounds it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) timeline: Option<PathBuf>,
     /// dist.max_restarts: restarts from the last checkpoint after a failed process.
     #[arg(long)]
     pub(crate) max_restarts: Option<u32>,
@@ -178,6 +182,9 @@ pub(crate) fn flags(a: &NmtArgs) -> Result<Vec<(&'static str, toml::Value)>> {
     }
     if let Some(d) = &a.device {
         f.push(("train.device", Value::String(d.clone())));
+    }
+    if let Some(t) = &a.timeline {
+        f.push(("train.timeline", Value::String(t.display().to_string())));
     }
     // --ps N alone means synchronous shards; --mode ps-* alone means one shard.
     use shoal_runtime::dist::DistMode;
@@ -357,6 +364,7 @@ pub(crate) fn train_nmt_cluster(
         exe: std::env::current_exe().context("finding this program's path")?,
         args: vec!["role".into()],
         resume,
+        timeline: (!cfg.train.timeline.is_empty()).then(|| PathBuf::from(&cfg.train.timeline)),
     };
     let mut progress = Progress::new(cfg.train.epochs, false);
     record_events(&mut progress, &run_dir)?;
