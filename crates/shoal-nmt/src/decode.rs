@@ -5,6 +5,7 @@ use crate::model::{ids_tensor, pad_mask, Seq2Seq};
 use crate::{Error, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// Token ids the decoder needs to know.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +32,35 @@ fn to_vec_i64<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<i6
         .convert::<i64>()
         .into_vec::<i64>()
         .map_err(|e| Error::Engine(format!("{e:?}")))
+}
+
+/// The row's `best.len()` largest logits as (log-probability, token), best first (ties:
+/// the lower token first): one pass keeping the best so far, the log-sum-exp over the
+/// whole row subtracted at the end. Fills `best` (at most the row's length).
+fn row_best(row: &[f32], best: &mut [(f32, u32)]) {
+    use shoal_kernels::host::math;
+    let take = best.len().min(row.len());
+    let mut n = 0;
+    for (t, &x) in row.iter().enumerate() {
+        // A NaN logit never displaces a number once the list is full.
+        if n == take && x.partial_cmp(&best[take - 1].0) != Some(std::cmp::Ordering::Greater) {
+            continue;
+        }
+        let mut i = n.min(take - 1);
+        if n < take {
+            n += 1;
+        }
+        while i > 0 && x > best[i - 1].0 {
+            best[i] = best[i - 1];
+            i -= 1;
+        }
+        best[i] = (x, t as u32);
+    }
+    let m = math::max(row);
+    let lse = m + math::sum_exp(row, m).ln();
+    for b in &mut best[..take] {
+        b.0 -= lse;
+    }
 }
 
 fn pad_batch(sources: &[Vec<u32>], pad: u32) -> (Vec<u32>, usize) {
@@ -79,9 +109,10 @@ pub fn greedy<B: FusedRnnBackend>(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut done: Vec<bool> = sources.iter().map(|s| s.is_empty()).collect();
     for step in 0..steps {
-        let (lp, st) = model.decode_step(&enc, prev, &state);
+        // The most likely token is the largest logit: no normalisation needed.
+        let (logits, st) = model.decode_step_logits(&enc, prev, &state);
         state = st;
-        let next = lp.argmax(1).reshape([n]);
+        let next = logits.argmax(1).reshape([n]);
         let ids = to_vec_i64(next.clone())?;
         for (i, &id) in ids.iter().enumerate() {
             if done[i] {
@@ -165,10 +196,18 @@ pub fn beam_search_batch<B: FusedRnnBackend>(
         device,
     );
     let mut step = 0usize;
+    // Each row's best `take` tokens with their log-probabilities, best first.
+    let mut tops: Vec<(f32, u32)> = Vec::new();
     while !rows.is_empty() {
-        let (lp, st) = model.decode_step(&enc, prev, &state);
-        let [_, v] = lp.dims();
-        let lp = to_vec_f32(lp)?;
+        let (logits, st) = model.decode_step_logits(&enc, prev, &state);
+        let [_, v] = logits.dims();
+        let take = (2 * k).min(v);
+        let logits = to_vec_f32(logits)?;
+        tops.clear();
+        tops.resize(rows.len() * take, (0.0, 0));
+        tops.par_chunks_mut(take)
+            .zip(logits.par_chunks(v))
+            .for_each(|(best, row)| row_best(row, best));
         let mut next_rows: Vec<(usize, usize)> = Vec::new();
         let mut parents: Vec<i32> = Vec::new();
         let mut last: Vec<i32> = Vec::new();
@@ -177,16 +216,10 @@ pub fn beam_search_batch<B: FusedRnnBackend>(
             let j = rows[r].0;
             let end = r + rows[r..].iter().take_while(|x| x.0 == j).count();
             // The best 2k candidates over this sentence's alive beams.
-            let take = (2 * k).min(v);
             let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity((end - r) * take);
-            let mut idx: Vec<usize> = Vec::with_capacity(v);
             for (row, &(_, b)) in rows.iter().enumerate().take(end).skip(r) {
-                let lrow = &lp[row * v..(row + 1) * v];
-                idx.clear();
-                idx.extend(0..v);
-                idx.select_nth_unstable_by(take - 1, |&x, &y| lrow[y].total_cmp(&lrow[x]));
-                for &t in &idx[..take] {
-                    cand.push((beams[j][b].1 + lrow[t], row, t as u32));
+                for &(lp, t) in &tops[row * take..(row + 1) * take] {
+                    cand.push((beams[j][b].1 + lp, row, t));
                 }
             }
             cand.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -257,4 +290,55 @@ pub fn beam_search_batch<B: FusedRnnBackend>(
             .unwrap_or_default();
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_best;
+
+    /// The one-pass selection equals sorting the whole row (by logit, then token) and
+    /// normalising it in f64, on rows with ties, rows shorter than the list and a wide
+    /// range of logits.
+    #[test]
+    fn row_best_is_the_sorted_head_of_the_log_softmax() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..200 {
+            let v = 1 + (next() % 300) as usize;
+            let take = 1 + (next() % 12) as usize;
+            let spread = [0.5f32, 8.0, 60.0][case % 3];
+            let row: Vec<f32> = (0..v)
+                .map(|_| {
+                    // A few distinct values make ties common in some rows.
+                    let x = (next() % 1000) as f32 / 1000.0 - 0.5;
+                    if case % 4 == 0 {
+                        (x * 4.0).round()
+                    } else {
+                        x * spread
+                    }
+                })
+                .collect();
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            let mut order: Vec<usize> = (0..v).collect();
+            // (-0.0 and 0.0 tie, as they do for the comparison under test.)
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            let take = take.min(v);
+            let mut best = vec![(0.0f32, 0u32); take];
+            row_best(&row, &mut best);
+            for (i, &(lp, t)) in best.iter().enumerate() {
+                assert_eq!(t as usize, order[i], "case {case}, place {i}");
+                let want = row[order[i]] as f64 - lse;
+                assert!(
+                    (lp as f64 - want).abs() < 1e-5,
+                    "case {case}: {lp} vs {want}"
+                );
+            }
+        }
+    }
 }

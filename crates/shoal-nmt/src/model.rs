@@ -580,6 +580,19 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
         prev: Tensor<B, 1, Int>,
         state: &DecoderState<B>,
     ) -> (Tensor<B, 2>, DecoderState<B>) {
+        let (logits, st) = self.decode_step_logits(enc, prev, state);
+        (log_softmax(logits, 1), st)
+    }
+
+    /// [`Seq2Seq::decode_step`] before the log-softmax: the output layer's logits
+    /// `[N, V]` (what greedy decoding and beam search need; they normalise only the
+    /// rows and tokens they keep).
+    pub fn decode_step_logits(
+        &self,
+        enc: &Encoded<B>,
+        prev: Tensor<B, 1, Int>,
+        state: &DecoderState<B>,
+    ) -> (Tensor<B, 2>, DecoderState<B>) {
         let [n] = prev.dims();
         let h = self.config.hidden;
         let e = Self::embed(&self.tgt_embed, prev.reshape([n, 1])).reshape([n, self.config.embed]);
@@ -610,7 +623,7 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
             }
             (None, _) => x,
         };
-        (log_softmax(self.project(top), 1), DecoderState { layers })
+        (self.project(top), DecoderState { layers })
     }
 }
 
