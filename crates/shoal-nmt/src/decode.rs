@@ -190,6 +190,7 @@ pub fn beam_search_batch<B: FusedRnnBackend>(
     // The rows of the current step: (sentence, beam), in order.
     let mut rows: Vec<(usize, usize)> = (0..srcs.len()).map(|j| (j, 0)).collect();
     let mut enc = enc_all.clone();
+    let mut enc_rows: Vec<i32> = (0..srcs.len() as i32).collect();
     let mut state = model.start_state(&enc);
     let mut prev = Tensor::<B, 1, Int>::from_data(
         TensorData::new(vec![sp.bos as i32; rows.len()], [rows.len()]),
@@ -269,11 +270,16 @@ pub fn beam_search_batch<B: FusedRnnBackend>(
         let m = next_rows.len();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(parents, [m]), device);
         state = st.select(idx);
+        // The encoder's rows follow the sentences, not the beams: gathered again only
+        // when a sentence's number of alive beams changed (or it ended).
         let sent: Vec<i32> = next_rows.iter().map(|x| x.0 as i32).collect();
-        enc = enc_all.select(Tensor::<B, 1, Int>::from_data(
-            TensorData::new(sent, [m]),
-            device,
-        ));
+        if sent != enc_rows {
+            enc = enc_all.select(Tensor::<B, 1, Int>::from_data(
+                TensorData::new(sent.clone(), [m]),
+                device,
+            ));
+            enc_rows = sent;
+        }
         prev = Tensor::from_data(TensorData::new(last, [m]), device);
         rows = next_rows;
     }
