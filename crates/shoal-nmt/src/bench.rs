@@ -187,6 +187,7 @@ pub fn nmt_train(opts: &NmtBenchOptions, mut log: impl FnMut(&str)) -> Result<Nm
         layer_norm: opts.layer_norm,
         dropout: 0.0,
         fused: opts.fused,
+        tie_embeddings: false,
     };
     use burn::tensor::backend::Backend;
     CpuTrain::seed(&Default::default(), 0);

@@ -23,6 +23,8 @@ pub struct ModelSection {
     pub dropout: f64,
     /// Fused whole-sequence recurrent operations (false: the step-by-step reference).
     pub fused: bool,
+    /// The output layer shares the target embedding's matrix (needs embed == hidden).
+    pub tie_embeddings: bool,
 }
 
 impl Default for ModelSection {
@@ -36,6 +38,7 @@ impl Default for ModelSection {
             layer_norm: false,
             dropout: 0.2,
             fused: true,
+            tie_embeddings: false,
         }
     }
 }
@@ -369,6 +372,7 @@ impl NmtTrainConfig {
             layer_norm: m.layer_norm,
             dropout: m.dropout as f32,
             fused: m.fused,
+            tie_embeddings: m.tie_embeddings,
         }
     }
 }

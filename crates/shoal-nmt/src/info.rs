@@ -109,7 +109,7 @@ fn describe_checkpoint(dir: &Path) -> Result<Option<Info>> {
     i.made(
         "model",
         format!(
-            "{}, {} layer{}, embed {}, hidden {}, attention {}{}, dropout {}; {params} parameters",
+            "{}, {} layer{}, embed {}, hidden {}, attention {}{}{}, dropout {}; {params} parameters",
             name(&md.cell),
             md.layers,
             if md.layers == 1 { "" } else { "s" },
@@ -117,6 +117,11 @@ fn describe_checkpoint(dir: &Path) -> Result<Option<Info>> {
             md.hidden,
             name(&md.attention),
             if md.layer_norm { ", layer norm" } else { "" },
+            if md.tie_embeddings {
+                ", tied embeddings"
+            } else {
+                ""
+            },
             md.dropout
         ),
     );

@@ -47,6 +47,9 @@ pub struct NmtConfig {
     /// Fused whole-sequence recurrent operations where supported (see
     /// [`crate::fused`]); `false` runs the step-by-step reference path.
     pub fused: bool,
+    /// The output layer's matrix is the target embedding's (Press & Wolf 2017; needs
+    /// `embed == hidden`): one `[tgt_vocab, embed]` matrix fewer to learn.
+    pub tie_embeddings: bool,
 }
 
 impl Default for NmtConfig {
@@ -62,6 +65,7 @@ impl Default for NmtConfig {
             layer_norm: false,
             dropout: 0.0,
             fused: true,
+            tie_embeddings: false,
         }
     }
 }
@@ -94,7 +98,8 @@ impl NmtConfig {
             AttentionKind::Bahdanau => 2 * h * h + h + 2 * h * h + h,
         };
         let (sv, tv) = (self.src_vocab as u128, self.tgt_vocab as u128);
-        (sv + tv) * e + stack(e) + stack(dec_in) + attn + tv * h + tv
+        let out = if self.tie_embeddings { 0 } else { tv * h };
+        (sv + tv) * e + stack(e) + stack(dec_in) + attn + out + tv
     }
 
     /// Checks that every size is usable.
@@ -114,6 +119,16 @@ impl NmtConfig {
         check("model.embed", self.embed)?;
         check("model.hidden", self.hidden)?;
         check("model.layers", self.layers)?;
+        if self.tie_embeddings && self.embed != self.hidden {
+            return Err(Error::Setting {
+                field: "model.tie_embeddings",
+                why: format!(
+                    "the output layer reads the decoder's {}-wide output, so the tied \
+                     target embedding must be as wide: model.embed is {}",
+                    self.hidden, self.embed
+                ),
+            });
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::Setting {
                 field: "model.dropout",
@@ -189,15 +204,24 @@ impl NmtConfig {
                 Distribution::Normal(0.0, 1.0),
                 device,
             )),
+            // Tied, it is also the output layer: N(0, 1/embed) as fairseq's shared
+            // embeddings, so the first logits are of the untied layer's size.
             tgt_embed: Param::from_tensor(Tensor::random(
                 [self.tgt_vocab, self.embed],
-                Distribution::Normal(0.0, 1.0),
+                Distribution::Normal(
+                    0.0,
+                    if self.tie_embeddings {
+                        1.0 / (self.embed as f64).sqrt()
+                    } else {
+                        1.0
+                    },
+                ),
                 device,
             )),
             encoder: stack(self.embed),
             decoder: stack(dec_in0),
             attn,
-            out_weight: uniform(self.tgt_vocab, h, kh),
+            out_weight: (!self.tie_embeddings).then(|| uniform(self.tgt_vocab, h, kh)),
             out_bias: Param::from_tensor(Tensor::zeros([self.tgt_vocab], device)),
             config: self.clone(),
         })
@@ -313,8 +337,8 @@ pub struct Seq2Seq<B: Backend> {
     pub encoder: Vec<RecurrentLayer<B>>,
     pub decoder: Vec<RecurrentLayer<B>>,
     pub attn: Option<Attention<B>>,
-    /// `[tgt_vocab, H]` (PyTorch `Linear` layout)
-    pub out_weight: Param<Tensor<B, 2>>,
+    /// `[tgt_vocab, H]` (PyTorch `Linear` layout); None when tied to `tgt_embed`.
+    pub out_weight: Option<Param<Tensor<B, 2>>>,
     pub out_bias: Param<Tensor<B, 1>>,
     #[module(skip)]
     config: NmtConfig,
@@ -427,8 +451,16 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
     }
 
     /// Output projection: `[N, H]` -> logits `[N, V]`.
+    /// The output layer's matrix `[tgt_vocab, H]`: its own, or the target embedding's.
+    fn output_matrix(&self) -> Tensor<B, 2> {
+        match &self.out_weight {
+            Some(w) => w.val(),
+            None => self.tgt_embed.val(),
+        }
+    }
+
     fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.out_weight.val().transpose()) + self.out_bias.val().unsqueeze_dim(0)
+        x.matmul(self.output_matrix().transpose()) + self.out_bias.val().unsqueeze_dim(0)
     }
 
     /// Teacher-forced decoder: `tgt_in` `[B, T]` -> logits `[B*T, V]`.
@@ -552,7 +584,7 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
                 .collect();
             return linear_cross_entropy(
                 top,
-                self.out_weight.val(),
+                self.output_matrix(),
                 self.out_bias.val(),
                 targets,
                 weights,

@@ -44,6 +44,7 @@ fn tiny(cell: CellKind, attention: AttentionKind, layer_norm: bool) -> NmtConfig
         layer_norm,
         dropout: 0.0,
         fused: true,
+        tie_embeddings: false,
     }
 }
 
@@ -63,15 +64,23 @@ fn scalar(t: Tensor<B, 1>) -> f64 {
 /// every model variant, on a sample of coordinates of every parameter.
 #[test]
 fn gradients_match_finite_differences() {
-    for (cell, att, ln) in [
-        (CellKind::Gru, AttentionKind::None, false),
-        (CellKind::Gru, AttentionKind::Luong, false),
-        (CellKind::Gru, AttentionKind::Bahdanau, false),
-        (CellKind::Lstm, AttentionKind::Luong, false),
-        (CellKind::Gru, AttentionKind::Luong, true),
-        (CellKind::Lstm, AttentionKind::None, true),
+    for (cell, att, ln, tie) in [
+        (CellKind::Gru, AttentionKind::None, false, false),
+        (CellKind::Gru, AttentionKind::Luong, false, false),
+        (CellKind::Gru, AttentionKind::Bahdanau, false, false),
+        (CellKind::Lstm, AttentionKind::Luong, false, false),
+        (CellKind::Gru, AttentionKind::Luong, true, false),
+        (CellKind::Lstm, AttentionKind::None, true, false),
+        // Tied embeddings: the target embedding's gradient sums both of its uses.
+        (CellKind::Gru, AttentionKind::Luong, false, true),
+        (CellKind::Lstm, AttentionKind::Bahdanau, false, true),
     ] {
-        let model = seeded(11, || tiny(cell, att, ln).init::<B>(&dev()).unwrap());
+        let cfg = NmtConfig {
+            embed: if tie { 5 } else { 6 },
+            tie_embeddings: tie,
+            ..tiny(cell, att, ln)
+        };
+        let model = seeded(11, || cfg.init::<B>(&dev()).unwrap());
         let layout = FlatLayout::of(&model);
         let mut params = vec![0.0; layout.total];
         layout.read_params(&model, &mut params).unwrap();
@@ -100,7 +109,7 @@ fn gradients_match_finite_differences() {
                 let err = (fd - an).abs();
                 assert!(
                     err < 2e-3 + 3e-2 * fd.abs().max(an.abs()),
-                    "{cell:?}/{att:?}/ln={ln}: {} [{}]: analytic {an}, finite difference {fd}",
+                    "{cell:?}/{att:?}/ln={ln}/tie={tie}: {} [{}]: analytic {an}, finite difference {fd}",
                     spec.name,
                     i - spec.offset
                 );
@@ -501,16 +510,26 @@ fn parameter_count_from_the_sizes_is_the_models() {
             AttentionKind::Luong,
             AttentionKind::Bahdanau,
         ] {
-            for ln in [false, true] {
+            for (ln, tie) in [(false, false), (true, false), (false, true)] {
                 let cfg = NmtConfig {
                     layers: 3,
+                    embed: 5,
+                    tie_embeddings: tie,
                     ..tiny(cell, att, ln)
                 };
                 let model = seeded(19, || cfg.init::<B>(&dev()).unwrap());
                 assert_eq!(
                     cfg.param_count(),
                     FlatLayout::of(&model).total as u128,
-                    "{cell:?}/{att:?}/ln={ln}"
+                    "{cell:?}/{att:?}/ln={ln}/tie={tie}"
+                );
+                // Tied, the output layer has no matrix of its own.
+                let names: Vec<String> =
+                    FlatLayout::of(&model).params.iter().map(|p| p.name.clone()).collect();
+                assert_eq!(
+                    names.iter().any(|n| n.contains("out_weight")),
+                    !tie,
+                    "{names:?}"
                 );
             }
         }

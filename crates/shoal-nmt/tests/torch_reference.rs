@@ -314,6 +314,7 @@ fn seq2seq_loss_and_gradients_match_pytorch() {
                 layer_norm: c["layer_norm"].as_bool().unwrap(),
                 dropout: 0.0,
                 fused,
+                tie_embeddings: false,
             };
             let model = cfg.init::<B>(&dev()).unwrap();
             let expect_fused = fused && !(cfg.cell == CellKind::Lstm && cfg.layer_norm);

@@ -65,6 +65,10 @@ pub(crate) struct NmtArgs {
     /// model.dropout
     #[arg(long)]
     pub(crate) dropout: Option<f32>,
+    /// model.tie_embeddings: the output layer shares the target embedding's matrix
+    /// (needs model.embed == model.hidden).
+    #[arg(long)]
+    pub(crate) tie_embeddings: bool,
     /// train.device: where the model trains (cpu, cuda, cuda:N).
     #[arg(long)]
     pub(crate) device: Option<String>,
@@ -179,6 +183,9 @@ pub(crate) fn flags(a: &NmtArgs) -> Result<Vec<(&'static str, toml::Value)>> {
     }
     if a.layer_norm {
         f.push(("model.layer_norm", Value::Boolean(true)));
+    }
+    if a.tie_embeddings {
+        f.push(("model.tie_embeddings", Value::Boolean(true)));
     }
     if let Some(d) = &a.device {
         f.push(("train.device", Value::String(d.clone())));
