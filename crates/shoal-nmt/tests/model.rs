@@ -524,8 +524,11 @@ fn parameter_count_from_the_sizes_is_the_models() {
                     "{cell:?}/{att:?}/ln={ln}/tie={tie}"
                 );
                 // Tied, the output layer has no matrix of its own.
-                let names: Vec<String> =
-                    FlatLayout::of(&model).params.iter().map(|p| p.name.clone()).collect();
+                let names: Vec<String> = FlatLayout::of(&model)
+                    .params
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect();
                 assert_eq!(
                     names.iter().any(|n| n.contains("out_weight")),
                     !tie,

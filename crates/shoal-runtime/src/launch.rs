@@ -415,6 +415,8 @@ fn run_job(
 struct Watch {
     start_step: u64,
     last_step: u64,
+    /// The step the run stops at (0: not known).
+    end_step: u64,
     commit: Option<(u64, PathBuf)>,
 }
 
@@ -782,9 +784,15 @@ fn supervise(
                 let mut commit = false;
                 match &r {
                     Report::Started {
-                        rank, start_step, ..
+                        rank,
+                        start_step,
+                        last_step,
+                        ..
                     } if *rank < workers => {
                         meters[*rank].start(Instant::now());
+                        if *rank == 0 {
+                            watch.end_step = *last_step;
+                        }
                         if *rank == 0 && watch.commit.is_none() {
                             watch.start_step = *start_step;
                             watch.last_step = *start_step;
@@ -802,7 +810,9 @@ fn supervise(
                         }
                     }
                     Report::Checkpoint { step, path } => {
-                        commit = grow && *step > watch.start_step;
+                        // Not at the run's last step: the job is about to end anyway.
+                        let last = watch.end_step > 0 && *step >= watch.end_step;
+                        commit = grow && *step > watch.start_step && !last;
                         watch.commit = Some((*step, path.clone()));
                     }
                     Report::Done { rank, .. } if *rank < workers => done[*rank] = Some(r.clone()),
