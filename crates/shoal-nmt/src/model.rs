@@ -641,7 +641,10 @@ impl<B: FusedRnnBackend> Seq2Seq<B> {
             None => e,
         };
         for (l, layer) in self.decoder.iter().enumerate() {
-            let st = layer.step(x, &state.layers[l]);
+            // A sequence of one step: the fused recurrence where the layer has it (one
+            // operation with the host kernels' vectorised gates), else the engine's cell.
+            let [_, d] = x.dims();
+            let (_, st) = layer.forward(x.reshape([n, 1, d]), None, state.layers[l].clone());
             x = st.h.clone();
             layers.push(st);
         }

@@ -136,7 +136,7 @@ impl Report {
             } => format!(
                 "membership at {at_s:.1} s, {change}: {who}; restart {restart}: {workers_before} \
                  -> {workers_after} workers from the checkpoint of step {from_step} \
-                 ({steps_lost} steps done again)"
+                 (updates done again: {steps_lost})"
             ),
             Report::Recovered { step, seconds } => {
                 format!("recovered: update {step} {seconds:.1} s after the change")

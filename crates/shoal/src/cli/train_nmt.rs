@@ -367,6 +367,16 @@ pub(crate) fn train_nmt_cluster(
         value_name(d.mode),
         run_dir.join("job/logs").display()
     );
+    if d.max_restarts > 0 || d.fewest_workers() < d.workers {
+        eprintln!(
+            "elastic: goes on with {} to {} workers, restarting from its last checkpoint up to \
+             {} time(s); changes in {}",
+            d.fewest_workers(),
+            d.workers,
+            d.max_restarts,
+            run_dir.join("membership.jsonl").display()
+        );
+    }
     let opts = shoal_runtime::launch::LaunchOptions {
         exe: std::env::current_exe().context("finding this program's path")?,
         args: vec!["role".into()],
