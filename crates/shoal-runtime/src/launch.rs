@@ -631,6 +631,12 @@ impl Attempt {
 /// (`OMP_NUM_THREADS`, 0: cores / n). Their output is this process's. Returns when all
 /// have exited; the first that fails (or that the coordinator declares failed) stops
 /// the others and is named in the error.
+///
+/// With `max_restarts` (torchrun's `--max-restarts`), a failed job starts all its
+/// processes again, up to that many times, with `SHOAL_RESTART_COUNT` and torchrun's
+/// `TORCHELASTIC_RESTART_COUNT` / `TORCHELASTIC_MAX_RESTARTS` set: the script resumes
+/// from its own checkpoint.
+#[allow(clippy::too_many_arguments)]
 pub fn run_command(
     n: usize,
     shards: Option<usize>,
@@ -639,13 +645,64 @@ pub fn run_command(
     threads: usize,
     heartbeat_timeout: Duration,
     tls_dir: Option<&crate::tls::TlsDir>,
+    max_restarts: u32,
 ) -> Result<()> {
-    let Some((program, args)) = command.split_first() else {
+    if command.is_empty() {
         return Err(Error::Cluster("no command to run".into()));
-    };
+    }
     if n == 0 {
         return Err(Error::Cluster("a job needs at least one process".into()));
     }
+    let mut restart = 0;
+    loop {
+        let failed = run_once(
+            n,
+            shards,
+            command,
+            transport,
+            threads,
+            heartbeat_timeout,
+            tls_dir,
+            (restart, max_restarts),
+        )?;
+        let Some(e) = failed else {
+            return Ok(());
+        };
+        if restart >= max_restarts {
+            return Err(match max_restarts {
+                0 => e,
+                m => Error::Cluster(format!(
+                    "{}\n  the job had restarted {restart} time(s), --max-restarts {m}",
+                    cluster_text(e)
+                )),
+            });
+        }
+        restart += 1;
+        eprintln!(
+            "shoal run: {}\nshoal run: restart {restart} of {max_restarts}: starting all {n} \
+             processes again (SHOAL_RESTART_COUNT={restart})",
+            cluster_text(e)
+        );
+    }
+}
+
+/// One start of [`run_command`]'s processes (`restart`: this start's number and the
+/// most): Ok(None) when all succeeded, Ok(Some(error)) when one failed (and the others
+/// were stopped), Err when the job could not be started.
+#[allow(clippy::too_many_arguments)]
+fn run_once(
+    n: usize,
+    shards: Option<usize>,
+    command: &[String],
+    transport: crate::dist::DataPlane,
+    threads: usize,
+    heartbeat_timeout: Duration,
+    tls_dir: Option<&crate::tls::TlsDir>,
+    restart: (u32, u32),
+) -> Result<Option<Error>> {
+    let Some((program, args)) = command.split_first() else {
+        return Err(Error::Cluster("no command to run".into()));
+    };
     let token = new_token()?;
     let coord = Coordinator::start(
         "127.0.0.1:0".parse().expect("literal address"),
@@ -684,6 +741,9 @@ pub fn run_command(
             .env("MASTER_PORT", master_port.to_string())
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string())
+            .env(ENV_RESTART, restart.0.to_string())
+            .env("TORCHELASTIC_RESTART_COUNT", restart.0.to_string())
+            .env("TORCHELASTIC_MAX_RESTARTS", restart.1.to_string())
             .stdin(Stdio::null());
         set_tls_env(&mut cmd, tls_dir);
         if let Some(m) = shards {
@@ -706,20 +766,20 @@ pub fn run_command(
     let result = loop {
         match poll_exits(&mut procs, &mut exited) {
             Err(e) => break Err(e),
-            Ok(Some(f)) => break Err(f.error),
+            Ok(Some(f)) => break Ok(Some(f.error)),
             Ok(None) => {}
         }
         if let Some((rank, why)) = coord.failures().into_iter().next() {
-            break Err(Error::Cluster(format!(
+            break Ok(Some(Error::Cluster(format!(
                 "the coordinator declared the process of control rank {rank} failed: {why}"
-            )));
+            ))));
         }
         if exited.iter().all(|&e| e) {
-            break Ok(());
+            break Ok(None);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    if result.is_err() {
+    if !matches!(result, Ok(None)) {
         kill_all(&mut procs);
     }
     result

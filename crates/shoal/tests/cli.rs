@@ -852,6 +852,72 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
     }
 }
 
+/// `shoal run --max-restarts N` (torchrun's): a process that fails stops the others and
+/// the job starts again, every process told which start it is (`SHOAL_RESTART_COUNT`,
+/// `TORCHELASTIC_RESTART_COUNT`, `TORCHELASTIC_MAX_RESTARTS`); a job that keeps failing
+/// stops after N restarts, naming the process; without the flag, the first failure ends
+/// it.
+#[test]
+fn shoal_run_restarts_a_failed_job() {
+    let d = tempfile::tempdir().unwrap();
+    // Rank 1 fails on the first start only; every start leaves a line in a file.
+    let script = "echo \"$RANK $SHOAL_RESTART_COUNT $TORCHELASTIC_RESTART_COUNT \
+                  $TORCHELASTIC_MAX_RESTARTS\" >> starts; \
+                  if [ \"$SHOAL_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ]; then exit 3; fi";
+    let o = shoal(
+        d.path(),
+        &[
+            "run",
+            "-n",
+            "2",
+            "--max-restarts",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("rank 1 (pid") && text(&o.stderr).contains("restart 1 of 2"),
+        "{}",
+        text(&o.stderr)
+    );
+    let mut starts: Vec<String> = std::fs::read_to_string(d.path().join("starts"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    starts.sort();
+    assert_eq!(starts, ["0 0 0 2", "0 1 1 2", "1 0 0 2", "1 1 1 2"]);
+    // Always failing: N restarts, then the error names the process and the limit.
+    let o = shoal(
+        d.path(),
+        &[
+            "run",
+            "-n",
+            "2",
+            "--max-restarts",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "exit 4",
+        ],
+        None,
+    );
+    assert_clear_error(&o, &["exited with status 4", "restarted 1 time(s)"]);
+    let o = shoal(
+        d.path(),
+        &["run", "-n", "2", "--", "sh", "-c", "exit 4"],
+        None,
+    );
+    assert_clear_error(&o, &["exited with status 4"]);
+    assert!(!text(&o.stderr).contains("restart"), "{}", text(&o.stderr));
+}
+
 /// `--timeline FILE`: one Chrome trace (Trace Event Format) for the whole job, strict
 /// JSON once it ends, each worker a process (`pid` = rank) whose spans cover each step
 /// of its window (`train.timeline_steps`) in order: data, forward, backward, exchange,

@@ -31,6 +31,11 @@ pub(crate) struct RunArgs {
     /// A directory with ca.pem, cert.pem and key.pem for --tls.
     #[arg(long, requires = "tls")]
     pub(crate) tls_dir: Option<std::path::PathBuf>,
+    /// After a failed process, stop the others and start all again, up to this many
+    /// times (torchrun's --max-restarts; the script resumes from its own checkpoint,
+    /// SHOAL_RESTART_COUNT and TORCHELASTIC_RESTART_COUNT tell it which start it is).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_restarts: u32,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub(crate) command: Vec<String>,
@@ -42,6 +47,13 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     }
     if !(a.heartbeat_timeout_s.is_finite() && (0.1..=86_400.0).contains(&a.heartbeat_timeout_s)) {
         bail!("--heartbeat-timeout-s must be 0.1 to 86400 seconds");
+    }
+    if a.max_restarts > shoal_runtime::dist::MAX_RESTARTS {
+        bail!(
+            "--max-restarts {}: at most {}",
+            a.max_restarts,
+            shoal_runtime::dist::MAX_RESTARTS
+        );
     }
     if let Some(m) = a.ps {
         if m == 0 || m > a.np {
@@ -73,6 +85,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         a.threads_per_process,
         std::time::Duration::from_secs_f64(a.heartbeat_timeout_s),
         tls.as_ref(),
+        a.max_restarts,
     )?;
     Ok(())
 }
