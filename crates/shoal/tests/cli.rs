@@ -682,8 +682,9 @@ fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
 /// when the replacement joins at the next checkpoint), records the changes in
 /// `RUN/membership.jsonl`, and ends with the parameters of one process trained on the
 /// same global batches without a fault (1e-5 relative: the global batch does not
-/// change with the job's size). Without restarts left, the failure stops the job and
-/// names the process.
+/// change with the job's size). With the launcher killed, the processes stop by
+/// themselves and the job resumes to the same model. Without restarts left, the failure
+/// stops the job and names the process.
 #[test]
 fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
     let d = tempfile::tempdir().unwrap();
@@ -798,6 +799,62 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
         let gap = relative_gap(&params_at(&dir.join(run), 200), &reference);
         assert!(gap < 1e-5, "{run}: the elastic run ended {gap:e} away");
     }
+    // The launcher (and the coordinator in it) killed: every process of the job stops
+    // by itself, the checkpoints stay whole, and `--resume` finishes the same model.
+    let mut a = base.clone();
+    a.extend_from_slice(&["--batch-size", "16", "--out", "orphan", "--workers", "3"]);
+    a.extend_from_slice(&["--set", "dist.heartbeat_timeout_s=2"]);
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .current_dir(&dir)
+        .args(&a)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = dir.join("orphan");
+    let ckpt = run.join("ckpt-00000020/meta.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !ckpt.is_file() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint 20");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    // The job's processes: those whose environment names its run directory.
+    let marker = format!("SHOAL_RUN_DIR={}", run.display());
+    let alive = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                let env = std::fs::read(e.path().join("environ")).ok()?;
+                env.split(|b| *b == 0)
+                    .any(|v| v == marker.as_bytes())
+                    .then_some(pid)
+            })
+            .collect()
+    };
+    // Within the heartbeat timeout and the watchdog's margin (bounded, not timed: the
+    // test fails only if they outlive a minute).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !alive().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes {:?} outlived their coordinator",
+            alive()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = shoal(
+        &dir,
+        &["train", "nmt", "--resume", "orphan", "--no-eval"],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let gap = relative_gap(&params_at(&run, 200), &reference);
+    assert!(gap < 1e-5, "resumed after the launcher died: {gap:e} away");
     // No restarts left: the next failure stops the job, naming the process.
     let mut a = base.clone();
     a.extend_from_slice(&["--batch-size", "16", "--out", "stop", "--workers", "3"]);
