@@ -43,6 +43,10 @@ pub struct Plan<'a> {
     pub ps_pods: usize,
     pub token: &'a str,
     pub tls: Option<TlsPems<'a>>,
+    /// Restarts of the whole job from its last checkpoint after a pod fails
+    /// (`dist.max_restarts`; Volcano's RestartJob, the only scheduler here that restarts
+    /// a job's pods together; 0: a failure aborts the job).
+    pub max_restarts: u32,
 }
 
 /// The host name of the coordinator's pod, as each scheduler names it, with the
@@ -167,6 +171,10 @@ fn pod(p: &Plan, role: &str, container: &str) -> Value {
     }
     if p.tls.is_some() {
         env.push(json!({"name": "SHOAL_TLS_DIR", "value": TLS_DIR}));
+    }
+    // A restarted job goes on from the run's last checkpoint (none yet: from the start).
+    if p.max_restarts > 0 {
+        env.push(json!({"name": "SHOAL_RESUME", "value": s.run_dir()}));
     }
     for (k, v) in &s.env {
         env.push(json!({"name": k, "value": v}));
@@ -310,17 +318,24 @@ pub fn objects(p: &Plan) -> Vec<Value> {
                     // Gang scheduling: every pod of the job or none.
                     "minAvailable": total,
                     "queue": s.queue.clone().unwrap_or_else(|| "default".into()),
-                    "maxRetry": 1,
+                    "maxRetry": p.max_restarts.max(1),
                     "plugins": {
                         // Headless service <job>, pod host names <job>-<task>-<index>.
                         "svc": ["--publish-not-ready-addresses=true"],
                         // VC_TASK_INDEX in every container.
                         "env": [],
                     },
-                    "policies": [
-                        {"event": "PodFailed", "action": "AbortJob"},
-                        {"event": "PodEvicted", "action": "AbortJob"},
-                    ],
+                    // Elastic: every pod restarts together, from the last checkpoint.
+                    "policies": match p.max_restarts {
+                        0 => json!([
+                            {"event": "PodFailed", "action": "AbortJob"},
+                            {"event": "PodEvicted", "action": "AbortJob"},
+                        ]),
+                        _ => json!([
+                            {"event": "PodFailed", "action": "RestartJob"},
+                            {"event": "PodEvicted", "action": "RestartJob"},
+                        ]),
+                    },
                     "tasks": tasks,
                 },
             }));

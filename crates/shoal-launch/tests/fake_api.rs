@@ -255,6 +255,7 @@ fn submit_follow_and_delete_a_job() {
         ps_pods: 1,
         token: "t",
         tls: None,
+        max_restarts: 0,
     });
     let applied = c.apply(&objs).unwrap();
     assert_eq!(
@@ -355,6 +356,7 @@ fn a_scheduler_the_cluster_lacks_is_refused_before_anything_is_submitted() {
             ps_pods: 1,
             token: "t",
             tls: None,
+            max_restarts: 0,
         });
         let e = c.apply(&objs).unwrap_err().to_string();
         assert!(

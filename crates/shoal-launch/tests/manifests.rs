@@ -54,6 +54,7 @@ fn generate(s: &JobSpec) -> Vec<Value> {
         ps_pods: s.ps as usize,
         token: "0123abcd",
         tls: None,
+        max_restarts: 0,
     })
 }
 
@@ -233,6 +234,7 @@ fn kubernetes_indexed_jobs_and_headless_service() {
         ps_pods: 0,
         token: "t",
         tls: None,
+        max_restarts: 0,
     });
     assert_eq!(colocated.len(), 5);
 }
@@ -343,6 +345,52 @@ fn volcano_gang_scheduled_job() {
             role,
             &format!("{job_name}-coordinator-0.{job_name}"),
         );
+    }
+}
+
+/// An elastic job (`dist.max_restarts`) on Volcano: a failed or evicted pod restarts
+/// every pod of the job together (RestartJob, at most that many times), and every pod
+/// is told to resume from the run directory (the workers go on from its last
+/// checkpoint; on the first start there is none). Without restarts: AbortJob, no resume.
+#[test]
+fn volcano_elastic_job_restarts_every_pod_from_the_last_checkpoint() {
+    let s = spec("volcano", "");
+    for restarts in [0u32, 3] {
+        let objs = objects(&Plan {
+            spec: &s,
+            config_toml: CONFIG,
+            ps_pods: s.ps as usize,
+            token: "t",
+            tls: None,
+            max_restarts: restarts,
+        });
+        let j: VcJob = typed(&objs[2]);
+        let want = if restarts > 0 {
+            VcAction::RestartJob
+        } else {
+            VcAction::AbortJob
+        };
+        for event in [VcEvent::PodFailed, VcEvent::PodEvicted] {
+            assert!(
+                j.spec
+                    .policies
+                    .iter()
+                    .any(|p| p.event == event && p.action == want),
+                "{restarts}: {:?}",
+                j.spec.policies
+            );
+        }
+        assert_eq!(j.spec.max_retry, restarts.max(1) as i32);
+        for t in &j.spec.tasks {
+            let c = &t.template.spec.as_ref().unwrap().containers[0];
+            let resume = env_of(c, "SHOAL_RESUME");
+            assert_eq!(
+                resume,
+                (restarts > 0).then(|| s.run_dir()),
+                "{restarts}: {}",
+                t.name
+            );
+        }
     }
 }
 
@@ -496,6 +544,7 @@ fn printed_yaml_reads_back_as_the_same_objects() {
                 ps_pods: 2,
                 token: "123456",
                 tls: None,
+                max_restarts: 0,
             });
             let text = yaml::documents(&objs);
             let back: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
@@ -609,6 +658,7 @@ fn python_jobs(s: &JobSpec) -> Vec<Job> {
         ps_pods: 0,
         token: "0123abcd",
         tls: None,
+        max_restarts: 0,
     })
     .iter()
     .filter(|o| o["kind"] == "Job")

@@ -186,6 +186,22 @@ pub fn run<K: JobKind>(j: Joined) -> std::result::Result<(), K::Error> {
         .into());
     }
     STEP_LOG.lock().unwrap_or_else(|p| p.into_inner()).unit = K::UNIT;
+    // A restarted job's pods are all told to resume from the run directory; on the
+    // first start it has no checkpoint yet (the coordinator has made the directory by
+    // now), and the job starts from the beginning.
+    let resume = resume.filter(|p| {
+        let fresh = p.is_dir()
+            && !p.join(crate::store::META_FILE).exists()
+            && !p.join(crate::store::LATEST).exists()
+            && crate::store::candidates(p).is_ok_and(|c| c.is_empty());
+        if fresh {
+            log(&format!(
+                "{ENV_RESUME}={}: no checkpoint there yet, starting from the beginning",
+                p.display()
+            ));
+        }
+        !fresh
+    });
     let spec = K::read(&job)?;
     let d = spec.dist().clone();
     // An elastic job's launcher says how many workers it has now.

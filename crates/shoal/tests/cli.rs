@@ -1956,6 +1956,11 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
             if name == "tls" {
                 c.env("SHOAL_TLS_DIR", &certs);
             }
+            // As an elastic job's pods are: resume from the run directory, which has no
+            // checkpoint on the first start.
+            if name == "allreduce" {
+                c.env("SHOAL_RESUME", &run);
+            }
             c.spawn().unwrap()
         };
         // One Service per pod (any would do; each stays closed until the coordinator
@@ -2036,6 +2041,10 @@ fn pods_find_the_coordinator_and_take_rank_from_their_index() {
         assert!(co_err.contains("expecting 2 workers"), "{name}: {co_err}");
         if name == "ps" {
             assert!(outs[1].1.contains("hosts parameter-server shard 0"));
+        }
+        for (_, err) in &outs {
+            let fresh = err.contains("no checkpoint there yet, starting from the beginning");
+            assert_eq!(fresh, name == "allreduce", "{name}: {err}");
         }
         for (_, err) in &outs {
             let sealed = err.contains("over TCP with TLS");
@@ -2145,6 +2154,48 @@ fn launch_prints_the_objects_and_refuses_bad_specs() {
         &["default.nmt-demo", "not a job token", "--new-token"],
     );
     std::fs::remove_file(&kept).unwrap();
+    // An elastic configuration: Volcano restarts every pod together and the pods resume
+    // from the run directory; the other schedulers cannot, and a shrinking job is refused.
+    let mut elastic_cfg = std::fs::read_to_string(d.path().join("nmt.toml")).unwrap();
+    elastic_cfg = elastic_cfg
+        .replace("[dist]\nworkers = 1", "[dist]\nworkers = 2")
+        .replace("max_restarts = 0", "max_restarts = 2");
+    std::fs::write(d.path().join("elastic.toml"), &elastic_cfg).unwrap();
+    for (scheduler, ok) in [("volcano", true), ("kubernetes", false)] {
+        std::fs::write(
+            d.path().join("el.toml"),
+            format!(
+                "name = \"nmt-el\"\nimage = \"shoal:cpu\"\nkind = \"nmt\"\nconfig = \"elastic.toml\"\n\
+                 workers = 2\nscheduler = \"{scheduler}\"\n[data]\nclaim = \"shoal-data\"\n"
+            ),
+        )
+        .unwrap();
+        let e = shoal(d.path(), &["launch", "--k8s", "el.toml"], None);
+        if ok {
+            assert!(e.status.success(), "{}", text(&e.stderr));
+            let ey = text(&e.stdout);
+            for want in ["action: RestartJob", "maxRetry: 2", "name: SHOAL_RESUME"] {
+                assert!(ey.contains(want), "'{want}' not in:\n{ey}");
+            }
+        } else {
+            assert_clear_error(&e, &["dist.max_restarts", "volcano"]);
+        }
+    }
+    std::fs::write(
+        d.path().join("elastic.toml"),
+        elastic_cfg.replace("min_workers = 0", "min_workers = 1"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("el.toml"),
+        "name = \"nmt-el\"\nimage = \"shoal:cpu\"\nkind = \"nmt\"\nconfig = \"elastic.toml\"\n\
+         workers = 2\nscheduler = \"volcano\"\n[data]\nclaim = \"shoal-data\"\n",
+    )
+    .unwrap();
+    assert_clear_error(
+        &shoal(d.path(), &["launch", "--k8s", "el.toml"], None),
+        &["dist.min_workers", "fixed number"],
+    );
     // `tls = true`: the certificates of a per-job CA go in the Secret, are mounted in
     // every pod, are kept beside the token (the same on the next run) and are renewed
     // with it; the configuration the pods get says dist.tls.

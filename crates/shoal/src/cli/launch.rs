@@ -101,6 +101,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
     // the certificates; the pods read theirs from the Secret instead).
     let mut tls_dir = String::new();
     let mut tls_on = spec.tls;
+    let (mut max_restarts, mut min_workers) = (0u32, 0usize);
     let (config, ps_pods) = match &spec.config {
         None => (String::new(), 0),
         Some(path) => {
@@ -117,11 +118,27 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
                     d.mode = DistMode::Allreduce;
                 }
                 d.transport = shoal_nmt::config::DataPlane::Tcp;
+                (max_restarts, min_workers) = (d.max_restarts, d.min_workers);
             })
             .with_context(|| format!("the training configuration {}", path.display()))?;
             (config, dist.separate_servers())
         }
     };
+    // A restarted job's pods must start again together: Volcano's RestartJob.
+    if max_restarts > 0 && spec.scheduler != Scheduler::Volcano {
+        bail!(
+            "dist.max_restarts = {max_restarts}: on Kubernetes a job restarts from its last \
+             checkpoint only with scheduler = \"volcano\" (its RestartJob policy restarts \
+             every pod together; Indexed Jobs and Kubeflow's JobSet would restart one pod \
+             alone)"
+        );
+    }
+    if min_workers > 0 {
+        bail!(
+            "dist.min_workers = {min_workers}: a Kubernetes job has a fixed number of worker \
+             pods; a job that shrinks is the local launcher's for now"
+        );
+    }
     let token = match shoal_launch::manifest::token_dir() {
         Ok(dir) => {
             let t =
@@ -175,6 +192,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<()> {
         tls: tls
             .as_ref()
             .map(|[ca, cert, key]| shoal_launch::manifest::TlsPems { ca, cert, key }),
+        max_restarts,
     });
     if !a.apply {
         print!("{}", shoal_launch::yaml::documents(&objects));
