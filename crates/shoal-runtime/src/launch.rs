@@ -621,51 +621,49 @@ impl Attempt {
     }
 }
 
-/// Runs `n` copies of a command on this host as the processes of one job (`shoal run
-/// -n N -- CMD`): a coordinator for them, and in each process's environment its rank
-/// and the job (`SHOAL_COORDINATOR`, `SHOAL_JOB_TOKEN`, `SHOAL_INDEX`,
+/// A job of copies of one command (`shoal run -n N -- CMD`): see [`run_command`].
+#[derive(Debug, Clone, Copy)]
+pub struct CommandJob<'a> {
+    /// How many processes.
+    pub n: usize,
+    /// The first this many host the parameter-server shards of a script's sparse
+    /// tables (`SHOAL_PS_SHARDS`; None: not set).
+    pub shards: Option<usize>,
+    /// The program and its arguments.
+    pub command: &'a [String],
+    pub transport: crate::dist::DataPlane,
+    /// Compute threads each (`OMP_NUM_THREADS`; 0: cores / n).
+    pub threads: usize,
+    pub heartbeat_timeout: Duration,
+    pub tls_dir: Option<&'a crate::tls::TlsDir>,
+    /// Starts of all the processes again after a failure (torchrun's `--max-restarts`).
+    pub max_restarts: u32,
+}
+
+/// Runs `job.n` copies of a command on this host as the processes of one job (`shoal
+/// run -n N -- CMD`): a coordinator for them, and in each process's environment its
+/// rank and the job (`SHOAL_COORDINATOR`, `SHOAL_JOB_TOKEN`, `SHOAL_INDEX`,
 /// `SHOAL_TRANSPORT`, and torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; `SHOAL_PS_SHARDS` when `shards`
-/// is given: the first that many processes host the parameter-server shards of a
-/// script's sparse tables), `threads` compute threads each
-/// (`OMP_NUM_THREADS`, 0: cores / n). Their output is this process's. Returns when all
-/// have exited; the first that fails (or that the coordinator declares failed) stops
-/// the others and is named in the error.
+/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; `SHOAL_PS_SHARDS` when
+/// `job.shards` is given), `job.threads` compute threads each. Their output is this
+/// process's. Returns when all have exited; the first that fails (or that the
+/// coordinator declares failed) stops the others and is named in the error.
 ///
-/// With `max_restarts` (torchrun's `--max-restarts`), a failed job starts all its
+/// With `job.max_restarts` (torchrun's `--max-restarts`), a failed job starts all its
 /// processes again, up to that many times, with `SHOAL_RESTART_COUNT` and torchrun's
 /// `TORCHELASTIC_RESTART_COUNT` / `TORCHELASTIC_MAX_RESTARTS` set: the script resumes
 /// from its own checkpoint.
-#[allow(clippy::too_many_arguments)]
-pub fn run_command(
-    n: usize,
-    shards: Option<usize>,
-    command: &[String],
-    transport: crate::dist::DataPlane,
-    threads: usize,
-    heartbeat_timeout: Duration,
-    tls_dir: Option<&crate::tls::TlsDir>,
-    max_restarts: u32,
-) -> Result<()> {
-    if command.is_empty() {
+pub fn run_command(job: &CommandJob) -> Result<()> {
+    if job.command.is_empty() {
         return Err(Error::Cluster("no command to run".into()));
     }
-    if n == 0 {
+    if job.n == 0 {
         return Err(Error::Cluster("a job needs at least one process".into()));
     }
+    let (n, max_restarts) = (job.n, job.max_restarts);
     let mut restart = 0;
     loop {
-        let failed = run_once(
-            n,
-            shards,
-            command,
-            transport,
-            threads,
-            heartbeat_timeout,
-            tls_dir,
-            (restart, max_restarts),
-        )?;
-        let Some(e) = failed else {
+        let Some(e) = run_once(job, restart)? else {
             return Ok(());
         };
         if restart >= max_restarts {
@@ -686,20 +684,20 @@ pub fn run_command(
     }
 }
 
-/// One start of [`run_command`]'s processes (`restart`: this start's number and the
-/// most): Ok(None) when all succeeded, Ok(Some(error)) when one failed (and the others
-/// were stopped), Err when the job could not be started.
-#[allow(clippy::too_many_arguments)]
-fn run_once(
-    n: usize,
-    shards: Option<usize>,
-    command: &[String],
-    transport: crate::dist::DataPlane,
-    threads: usize,
-    heartbeat_timeout: Duration,
-    tls_dir: Option<&crate::tls::TlsDir>,
-    restart: (u32, u32),
-) -> Result<Option<Error>> {
+/// One start of [`run_command`]'s processes, the `restart`th: Ok(None) when all
+/// succeeded, Ok(Some(error)) when one failed (and the others were stopped), Err when
+/// the job could not be started.
+fn run_once(job: &CommandJob, restart: u32) -> Result<Option<Error>> {
+    let CommandJob {
+        n,
+        shards,
+        command,
+        transport,
+        threads,
+        heartbeat_timeout,
+        tls_dir,
+        max_restarts,
+    } = *job;
     let Some((program, args)) = command.split_first() else {
         return Err(Error::Cluster("no command to run".into()));
     };
@@ -741,9 +739,9 @@ fn run_once(
             .env("MASTER_PORT", master_port.to_string())
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("RAYON_NUM_THREADS", threads.to_string())
-            .env(ENV_RESTART, restart.0.to_string())
-            .env("TORCHELASTIC_RESTART_COUNT", restart.0.to_string())
-            .env("TORCHELASTIC_MAX_RESTARTS", restart.1.to_string())
+            .env(ENV_RESTART, restart.to_string())
+            .env("TORCHELASTIC_RESTART_COUNT", restart.to_string())
+            .env("TORCHELASTIC_MAX_RESTARTS", max_restarts.to_string())
             .stdin(Stdio::null());
         set_tls_env(&mut cmd, tls_dir);
         if let Some(m) = shards {

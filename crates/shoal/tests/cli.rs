@@ -631,11 +631,29 @@ fn distributed_runs_resume_exactly() {
     }
 }
 
-/// Kills (SIGKILL) the process of job `run` whose log is `RUN/job/logs/NAME.log` once
-/// the run has the checkpoint of `step`; returns its pid.
-fn kill_when_checkpointed(run: &Path, step: u64, name: &str) -> u32 {
+/// Starts shoal in `dir` with `args`, its output captured (or dropped).
+fn spawn_shoal(dir: &Path, args: &[&str], capture: bool) -> std::process::Child {
+    let out = || {
+        if capture {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        }
+    };
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .current_dir(dir)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to 5 minutes, then fails) for the run's checkpoint of `step`.
+fn wait_for_checkpoint(run: &Path, step: u64) {
     let ckpt = run.join(format!("ckpt-{step:08}/meta.json"));
-    let log = run.join(format!("job/logs/{name}.log"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while !ckpt.is_file() {
         assert!(
@@ -645,6 +663,13 @@ fn kill_when_checkpointed(run: &Path, step: u64, name: &str) -> u32 {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Kills (SIGKILL) the process of job `run` whose log is `RUN/job/logs/NAME.log` once
+/// the run has the checkpoint of `step`; returns its pid.
+fn kill_when_checkpointed(run: &Path, step: u64, name: &str) -> u32 {
+    let log = run.join(format!("job/logs/{name}.log"));
+    wait_for_checkpoint(run, step);
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -730,15 +755,7 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
         let trace = format!("{run}.trace.json");
         a.extend_from_slice(&["--batch-size", "16", "--out", run, "--timeline", &trace]);
         a.extend_from_slice(mode);
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .current_dir(&dir)
-            .args(&a)
-            .env("RAYON_NUM_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_shoal(&dir, &a, true);
         let pid = kill_when_checkpointed(&dir.join(run), 20, victim);
         let o = child.wait_with_output().unwrap();
         let err = text(&o.stderr);
@@ -804,21 +821,9 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
     let mut a = base.clone();
     a.extend_from_slice(&["--batch-size", "16", "--out", "orphan", "--workers", "3"]);
     a.extend_from_slice(&["--set", "dist.heartbeat_timeout_s=2"]);
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .current_dir(&dir)
-        .args(&a)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut launcher = spawn_shoal(&dir, &a, false);
     let run = dir.join("orphan");
-    let ckpt = run.join("ckpt-00000020/meta.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !ckpt.is_file() {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint 20");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_checkpoint(&run, 20);
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     // The job's processes: those whose environment names its run directory.
@@ -858,14 +863,7 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
     // No restarts left: the next failure stops the job, naming the process.
     let mut a = base.clone();
     a.extend_from_slice(&["--batch-size", "16", "--out", "stop", "--workers", "3"]);
-    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .current_dir(&dir)
-        .args(&a)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_shoal(&dir, &a, true);
     let pid = kill_when_checkpointed(&dir.join("stop"), 10, "worker-2");
     let o = child.wait_with_output().unwrap();
     assert_clear_error(

@@ -77,15 +77,15 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     let at =
         std::env::temp_dir().join(format!("shoal-tls-{}", shoal_runtime::launch::new_token()?));
     let tls = shoal_runtime::tls::prepare(&d, &at)?;
-    shoal_runtime::launch::run_command(
-        a.np,
-        a.ps,
-        &a.command,
-        a.transport,
-        a.threads_per_process,
-        std::time::Duration::from_secs_f64(a.heartbeat_timeout_s),
-        tls.as_ref(),
-        a.max_restarts,
-    )?;
+    shoal_runtime::launch::run_command(&shoal_runtime::launch::CommandJob {
+        n: a.np,
+        shards: a.ps,
+        command: &a.command,
+        transport: a.transport,
+        threads: a.threads_per_process,
+        heartbeat_timeout: std::time::Duration::from_secs_f64(a.heartbeat_timeout_s),
+        tls_dir: tls.as_ref(),
+        max_restarts: a.max_restarts,
+    })?;
     Ok(())
 }
