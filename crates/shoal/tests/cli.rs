@@ -915,25 +915,25 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
 #[test]
 fn shoal_run_restarts_a_failed_job() {
     let d = tempfile::tempdir().unwrap();
-    // Rank 1 fails on the first start only; every start leaves a line in a file.
-    let script = "echo \"$RANK $SHOAL_RESTART_COUNT $TORCHELASTIC_RESTART_COUNT \
-                  $TORCHELASTIC_MAX_RESTARTS\" >> starts; \
-                  if [ \"$SHOAL_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ]; then exit 3; fi";
-    let o = shoal(
-        d.path(),
-        &[
+    let run_sh = |restarts: &str, script: &str| {
+        let args = [
             "run",
             "-n",
             "2",
             "--max-restarts",
-            "2",
+            restarts,
             "--",
             "sh",
             "-c",
             script,
-        ],
-        None,
-    );
+        ];
+        shoal(d.path(), &args, None)
+    };
+    // Rank 1 fails on the first start only; every start leaves a line in a file.
+    let script = "echo \"$RANK $SHOAL_RESTART_COUNT $TORCHELASTIC_RESTART_COUNT \
+                  $TORCHELASTIC_MAX_RESTARTS\" >> starts; \
+                  if [ \"$SHOAL_RESTART_COUNT\" = 0 ] && [ \"$RANK\" = 1 ]; then exit 3; fi";
+    let o = run_sh("2", script);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(
         text(&o.stderr).contains("rank 1 (pid") && text(&o.stderr).contains("restart 1 of 2"),
@@ -948,21 +948,7 @@ fn shoal_run_restarts_a_failed_job() {
     starts.sort();
     assert_eq!(starts, ["0 0 0 2", "0 1 1 2", "1 0 0 2", "1 1 1 2"]);
     // Always failing: N restarts, then the error names the process and the limit.
-    let o = shoal(
-        d.path(),
-        &[
-            "run",
-            "-n",
-            "2",
-            "--max-restarts",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "exit 4",
-        ],
-        None,
-    );
+    let o = run_sh("1", "exit 4");
     assert_clear_error(&o, &["exited with status 4", "restarted 1 time(s)"]);
     let o = shoal(
         d.path(),
