@@ -447,9 +447,7 @@ fn newest_checkpoint(run_dir: &Path, since: std::time::SystemTime) -> Option<(u6
     if dir.metadata().and_then(|m| m.modified()).ok()? < since {
         return None;
     }
-    let name = dir.file_name()?.to_str()?;
-    let step = name.strip_prefix("ckpt-")?.parse().ok()?;
-    Some((step, dir))
+    Some((crate::store::step_of(&dir)?, dir))
 }
 
 /// The membership changes of a job, appended to `RUN/membership.jsonl` as they happen

@@ -200,6 +200,15 @@ pub fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join(format!("ckpt-{step:08}"))
 }
 
+/// The step of a checkpoint directory named by [`step_dir`] (None for another name).
+pub fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("ckpt-")?
+        .parse()
+        .ok()
+}
+
 /// Points the run's `pointer` file (`latest`, `best`) at `ckpt` (atomic rename).
 fn point(run: &Path, pointer: &str, ckpt: &Path) -> Result<()> {
     let name = ckpt

@@ -675,12 +675,7 @@ fn kill_when_checkpointed(run: &Path, step: u64, name: &str) -> u32 {
             continue;
         };
         if std::fs::read_link(e.path().join("fd/2")).is_ok_and(|l| l == log) {
-            let ok = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "kill -9 {pid}");
+            unsafe_kill(pid);
             return pid;
         }
     }
@@ -827,18 +822,13 @@ fn elastic_jobs_survive_a_killed_worker_or_shard_and_train_the_same_model() {
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     // The job's processes: those whose environment names its run directory.
-    let marker = format!("SHOAL_RUN_DIR={}", run.display());
+    let run_text = run.display().to_string();
     let alive = || -> Vec<u32> {
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
-            .filter_map(|e| {
-                let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-                let env = std::fs::read(e.path().join("environ")).ok()?;
-                env.split(|b| *b == 0)
-                    .any(|v| v == marker.as_bytes())
-                    .then_some(pid)
-            })
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|&pid| env_of(pid, "SHOAL_RUN_DIR") == run_text)
             .collect()
     };
     // Within the heartbeat timeout and the watchdog's margin (bounded, not timed: the
@@ -1441,11 +1431,17 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn role(pid: u32) -> String {
+/// The value of `key` in a process's environment (empty when unset or unreadable).
+fn env_of(pid: u32, key: &str) -> String {
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let prefix = format!("{key}=");
     env.split(|&b| b == 0)
-        .find_map(|kv| kv.strip_prefix(b"SHOAL_ROLE=").map(text))
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()).map(text))
         .unwrap_or_default()
+}
+
+fn role(pid: u32) -> String {
+    env_of(pid, "SHOAL_ROLE")
 }
 
 /// Killing one process of a distributed job stops the whole job with an error naming it
